@@ -1,0 +1,20 @@
+//! Header names shared by edges and regions.
+
+/// Which region produced the response. Set by the region node.
+pub const REGION: &str = "x-meridian-region";
+/// Which app version produced the response. Set by the region node.
+pub const VERSION: &str = "x-meridian-version";
+/// Which edge routed the request. Set by the edge.
+pub const EDGE: &str = "x-meridian-edge";
+/// How many regions the edge tried before this response (1 = no retry).
+pub const ATTEMPTS: &str = "x-meridian-attempts";
+/// `<lat>,<lon>` of the client; honoured only by edges configured to trust it.
+pub const CLIENT_GEO: &str = "x-meridian-client-geo";
+/// ISO 3166-1 alpha-2 country of the client; honoured only when trusted.
+pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
+/// Set by a region on error responses caused by the app itself (deadline or
+/// memory limit exceeded). Such a failure would repeat identically in every
+/// region, so edges neither retry it nor count it against the region's health.
+pub const FAULT: &str = "x-meridian-fault";
+/// Prefix of paths a region reserves for its own API (health, install, ...).
+pub const RESERVED_PREFIX: &str = "/_meridian/";

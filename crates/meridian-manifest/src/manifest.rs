@@ -1,0 +1,516 @@
+//! Strict parsing of `meridian.toml`.
+//!
+//! The parser walks a span-preserving TOML document by hand instead of going
+//! through serde: serde stops at the first problem, while a user fixing a
+//! manifest wants the whole list, each with the line it is on.
+
+use meridian_core::topology::is_valid_name;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use toml_edit::{Document, Item, TableLike, Value};
+
+/// Resource limits applied to every invocation of a component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Wall-clock budget of one request, from instantiation to the end of the
+    /// response body.
+    pub deadline_ms: u64,
+    /// Linear memory the instance may grow to.
+    pub memory_mb: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { deadline_ms: 10_000, memory_mb: 128 }
+    }
+}
+
+pub const MAX_DEADLINE_MS: u64 = 300_000;
+pub const MAX_MEMORY_MB: u64 = 4096;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Component {
+    pub name: String,
+    /// Path of the `.wasm` file, relative to the app directory, `/`-separated.
+    pub source: String,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum RouteTarget {
+    /// Name of a component in [`Manifest::components`].
+    Component(String),
+    /// Directory of static files, relative to the app directory.
+    Static(String),
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    /// Path prefix; the longest matching prefix wins.
+    pub path: String,
+    pub target: RouteTarget,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub limits: Limits,
+    pub components: BTreeMap<String, Component>,
+    pub routes: Vec<Route>,
+}
+
+/// One problem in a manifest, located by line, column and dotted key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "`{}`: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} problem{} in the manifest:", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ManifestErrors {}
+
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ManifestError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) {
+        let offset = span.map(|s| s.start).unwrap_or(0).min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        self.errors.push(ManifestError {
+            file: self.file.to_string(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Reports keys of `table` not in `allowed`.
+    fn only_keys(&mut self, table: &dyn TableLike, prefix: &str, allowed: &[&str]) {
+        for (k, _) in table.iter() {
+            if !allowed.contains(&k) {
+                let span = table.get_key_value(k).and_then(|(key, _)| key.span());
+                self.error(
+                    span,
+                    &join(prefix, k),
+                    format!("unknown key; expected one of: {}", allowed.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn string(&mut self, table: &dyn TableLike, prefix: &str, key: &str) -> Option<String> {
+        let item = table.get(key)?;
+        match item.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.error(item_span(table, key), &join(prefix, key), "expected a string");
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, table: &dyn TableLike, prefix: &str, key: &str, range: Range<u64>) -> Option<u64> {
+        let item = table.get(key)?;
+        match item.as_integer() {
+            Some(i) if i >= range.start as i64 && i < range.end as i64 => Some(i as u64),
+            Some(i) => {
+                self.error(
+                    item_span(table, key),
+                    &join(prefix, key),
+                    format!("{i} is out of range {}..={}", range.start, range.end - 1),
+                );
+                None
+            }
+            None => {
+                self.error(item_span(table, key), &join(prefix, key), "expected an integer");
+                None
+            }
+        }
+    }
+
+    fn limits(&mut self, table: &dyn TableLike, prefix: &str, base: Limits) -> Limits {
+        Limits {
+            deadline_ms: self
+                .integer(table, prefix, "deadline_ms", 1..MAX_DEADLINE_MS + 1)
+                .unwrap_or(base.deadline_ms),
+            memory_mb: self
+                .integer(table, prefix, "memory_mb", 1..MAX_MEMORY_MB + 1)
+                .unwrap_or(base.memory_mb),
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// The span of a key's value, falling back to the key itself.
+fn item_span(table: &dyn TableLike, key: &str) -> Option<Range<usize>> {
+    let (k, item) = table.get_key_value(key)?;
+    item_own_span(item).or_else(|| k.span())
+}
+
+fn item_own_span(item: &Item) -> Option<Range<usize>> {
+    match item {
+        Item::Value(v) => v.span(),
+        other => other.span(),
+    }
+}
+
+/// Accepts `[table]` and inline `{ ... }` tables alike.
+fn as_table<'i>(item: &'i Item) -> Option<&'i dyn TableLike> {
+    item.as_table_like()
+}
+
+/// `[[routes]]` and `routes = [{...}, ...]` alike, each with its span.
+fn table_array(item: &Item) -> Option<Vec<(&dyn TableLike, Option<Range<usize>>)>> {
+    if let Some(aot) = item.as_array_of_tables() {
+        return Some(aot.iter().map(|t| (t as &dyn TableLike, t.span())).collect());
+    }
+    let arr = item.as_array()?;
+    arr.iter()
+        .map(|v| match v {
+            Value::InlineTable(t) => Some((t as &dyn TableLike, t.span())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A relative, `/`-separated path that stays inside the app directory.
+pub(crate) fn is_safe_relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+impl Manifest {
+    /// Parses and validates a manifest. `file` is only used in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> {
+        let mut c = Checker { file, text, errors: Vec::new() };
+        let doc = match Document::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                c.error(e.span(), "", format!("not valid TOML: {}", e.message()));
+                return Err(ManifestErrors(c.errors));
+            }
+        };
+        let root: &dyn TableLike = doc.as_table();
+        c.only_keys(root, "", &["app", "limits", "components", "routes"]);
+
+        let mut name = String::new();
+        match root.get("app").map(|i| (as_table(i), i)) {
+            None => c.error(Some(0..0), "app", "missing [app] table with the app's name"),
+            Some((None, _)) => c.error(item_span(root, "app"), "app", "expected a table"),
+            Some((Some(app), _)) => {
+                c.only_keys(app, "app", &["name"]);
+                match c.string(app, "app", "name") {
+                    Some(n) if is_valid_name(&n) => name = n,
+                    Some(n) => c.error(
+                        item_span(app, "name"),
+                        "app.name",
+                        format!("{n:?} must be 1-32 characters of a-z, 0-9 and '-'"),
+                    ),
+                    None if app.get("name").is_none() => {
+                        c.error(item_span(root, "app"), "app.name", "missing; every app needs a name")
+                    }
+                    None => {}
+                }
+            }
+        }
+
+        let mut limits = Limits::default();
+        if let Some(item) = root.get("limits") {
+            match as_table(item) {
+                Some(t) => {
+                    c.only_keys(t, "limits", &["deadline_ms", "memory_mb"]);
+                    limits = c.limits(t, "limits", limits);
+                }
+                None => c.error(item_span(root, "limits"), "limits", "expected a table"),
+            }
+        }
+
+        let mut components = BTreeMap::new();
+        if let Some(item) = root.get("components") {
+            match as_table(item) {
+                None => c.error(item_span(root, "components"), "components", "expected a table of components"),
+                Some(t) => {
+                    for (cname, citem) in t.iter() {
+                        let prefix = format!("components.{cname}");
+                        if !is_valid_name(cname) {
+                            c.error(
+                                t.get_key_value(cname).and_then(|(k, _)| k.span()),
+                                &prefix,
+                                "component names must be 1-32 characters of a-z, 0-9 and '-'",
+                            );
+                        }
+                        let Some(ct) = as_table(citem) else {
+                            c.error(item_span(t, cname), &prefix, "expected a table with `source`");
+                            continue;
+                        };
+                        c.only_keys(ct, &prefix, &["source", "deadline_ms", "memory_mb"]);
+                        let source = c.string(ct, &prefix, "source");
+                        match &source {
+                            None if ct.get("source").is_none() => c.error(
+                                item_span(t, cname),
+                                &format!("{prefix}.source"),
+                                "missing; the path of the component's .wasm file",
+                            ),
+                            Some(s) if !is_safe_relative_path(s) => c.error(
+                                item_span(ct, "source"),
+                                &format!("{prefix}.source"),
+                                format!("{s:?} must be a relative path inside the app directory"),
+                            ),
+                            _ => {}
+                        }
+                        let climits = c.limits(ct, &prefix, limits);
+                        if let Some(source) = source {
+                            components.insert(
+                                cname.to_string(),
+                                Component { name: cname.to_string(), source, limits: climits },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut routes = Vec::new();
+        match root.get("routes") {
+            None => c.error(Some(0..0), "routes", "missing; an app needs at least one [[routes]] entry"),
+            Some(item) => match table_array(item) {
+                None => c.error(item_span(root, "routes"), "routes", "expected an array of tables ([[routes]])"),
+                Some(entries) => {
+                    for (i, (rt, span)) in entries.into_iter().enumerate() {
+                        let prefix = format!("routes[{i}]");
+                        c.only_keys(rt, &prefix, &["path", "component", "static"]);
+                        let path = c.string(rt, &prefix, "path");
+                        let component = c.string(rt, &prefix, "component");
+                        let static_dir = c.string(rt, &prefix, "static");
+                        let Some(path) = path else {
+                            if rt.get("path").is_none() {
+                                c.error(span.clone(), &format!("{prefix}.path"), "missing; the URL path prefix this route serves");
+                            }
+                            continue;
+                        };
+                        if !path.starts_with('/') {
+                            c.error(item_span(rt, "path"), &format!("{prefix}.path"), format!("{path:?} must start with '/'"));
+                        } else if path.starts_with(meridian_core::headers::RESERVED_PREFIX.trim_end_matches('/')) {
+                            c.error(
+                                item_span(rt, "path"),
+                                &format!("{prefix}.path"),
+                                "paths under /_meridian are reserved for the platform",
+                            );
+                        }
+                        if routes.iter().any(|r: &Route| r.path == path) {
+                            c.error(item_span(rt, "path"), &format!("{prefix}.path"), format!("{path:?} is routed twice"));
+                        }
+                        let target = match (component, static_dir) {
+                            (Some(comp), None) => {
+                                if !components.contains_key(&comp)
+                                    && !root.get("components").and_then(as_table).is_some_and(|t| t.contains_key(&comp))
+                                {
+                                    c.error(
+                                        item_span(rt, "component"),
+                                        &format!("{prefix}.component"),
+                                        format!("no component named {comp:?} in [components]"),
+                                    );
+                                }
+                                RouteTarget::Component(comp)
+                            }
+                            (None, Some(dir)) => {
+                                if !is_safe_relative_path(&dir) {
+                                    c.error(
+                                        item_span(rt, "static"),
+                                        &format!("{prefix}.static"),
+                                        format!("{dir:?} must be a relative path inside the app directory"),
+                                    );
+                                }
+                                RouteTarget::Static(dir)
+                            }
+                            (Some(_), Some(_)) => {
+                                c.error(span.clone(), &prefix, "set either `component` or `static`, not both");
+                                continue;
+                            }
+                            (None, None) => {
+                                if rt.get("component").is_none() && rt.get("static").is_none() {
+                                    c.error(span.clone(), &prefix, "missing `component` or `static`");
+                                }
+                                continue;
+                            }
+                        };
+                        routes.push(Route { path, target });
+                    }
+                }
+            },
+        }
+
+        if c.errors.is_empty() {
+            Ok(Manifest { name, limits, components, routes })
+        } else {
+            Err(ManifestErrors(c.errors))
+        }
+    }
+
+    /// The route serving `path`: the longest prefix match, where a prefix
+    /// ending without '/' matches only at a segment boundary (`/api` serves
+    /// `/api` and `/api/x`, not `/apix`).
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| prefix_matches(&r.path, path))
+            .max_by_key(|r| r.path.len())
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[app]
+name = "shop"
+
+[limits]
+deadline_ms = 500
+memory_mb = 32
+
+[components.hello]
+source = "hello.wasm"
+memory_mb = 16
+
+[[routes]]
+path = "/api"
+component = "hello"
+
+[[routes]]
+path = "/"
+static = "public"
+"#;
+
+    #[test]
+    fn parses_a_complete_manifest() {
+        let m = Manifest::parse("meridian.toml", GOOD).unwrap();
+        assert_eq!(m.name, "shop");
+        assert_eq!(m.components["hello"].limits, Limits { deadline_ms: 500, memory_mb: 16 });
+        assert_eq!(m.route_for("/api/x").unwrap().path, "/api");
+        assert_eq!(m.route_for("/api").unwrap().path, "/api");
+        assert_eq!(m.route_for("/apix").unwrap().path, "/");
+        assert_eq!(m.route_for("/index.html").unwrap().target, RouteTarget::Static("public".into()));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line_and_key() {
+        let text = r#"[app]
+name = "Bad Name"
+colour = "red"
+
+[limits]
+deadline_ms = "soon"
+
+[components.hello]
+source = "../escape.wasm"
+
+[[routes]]
+path = "nope"
+component = "missing"
+
+[[routes]]
+static = "public"
+"#;
+        let errs = Manifest::parse("meridian.toml", text).unwrap_err().0;
+        let found: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (3, "app.colour"),
+                (2, "app.name"),
+                (6, "limits.deadline_ms"),
+                (9, "components.hello.source"),
+                (12, "routes[0].path"),
+                (13, "routes[0].component"),
+                (15, "routes[1].path"),
+            ],
+            "{errs:#?}"
+        );
+        let shown = ManifestErrors(errs).to_string();
+        assert!(shown.contains("meridian.toml:3:1: `app.colour`: unknown key"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_top_level_keys_are_errors() {
+        let text = format!("{GOOD}\n[extras]\nx = 1\n");
+        let errs = Manifest::parse("m", &text).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].key, "extras");
+    }
+
+    #[test]
+    fn invalid_toml_is_located() {
+        let errs = Manifest::parse("m", "[app]\nname = \n").unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, 2);
+        assert!(errs[0].message.contains("not valid TOML"));
+    }
+
+    #[test]
+    fn reserved_paths_and_out_of_range_limits_are_refused() {
+        let text = "[app]\nname='a'\n[limits]\nmemory_mb = 999999\n[[routes]]\npath='/_meridian/x'\nstatic='s'\n";
+        let keys: Vec<String> = Manifest::parse("m", text).unwrap_err().0.into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, vec!["limits.memory_mb", "routes[0].path"]);
+    }
+
+    #[test]
+    fn safe_paths() {
+        assert!(is_safe_relative_path("a/b.wasm"));
+        for bad in ["", "/abs", "a/../b", "./a", "a//b", "a\\b"] {
+            assert!(!is_safe_relative_path(bad), "{bad}");
+        }
+    }
+}

@@ -6,7 +6,6 @@
 //! `docs/world-file.md`; `format` is bumped on incompatible changes.
 
 use crate::geo::GeoPoint;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const WORLD_FILE: &str = "world.json";
@@ -113,29 +112,10 @@ impl WorldDescription {
     /// Replaces the file atomically, so a reader never sees half a file.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(&dir.join(WORLD_FILE), &json)
+        crate::fs::write_atomic(&dir.join(WORLD_FILE), &json)
     }
 
     pub fn token(&self) -> std::io::Result<String> {
         Ok(std::fs::read_to_string(&self.token_file)?.trim().to_string())
     }
-}
-
-/// Writes `bytes` to a temporary sibling, fsyncs it and renames it over
-/// `path`, then fsyncs the directory: after a crash `path` holds either the
-/// old or the new content, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }

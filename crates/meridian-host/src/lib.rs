@@ -1,1 +1,20 @@
+//! The function host: runs `wasi:http/proxy` components with wasmtime.
+//!
+//! * One [`Engine`](wasmtime::Engine) per process with the pooling instance
+//!   allocator: instantiation reuses pre-reserved slots instead of mmapping.
+//! * Components are compiled once, when a version is installed, and the
+//!   machine code is cached on disk keyed by the SHA-256 of the component and
+//!   the engine's compatibility hash ([`cache`]). Neither a request nor a
+//!   restart pays for compilation.
+//! * Every request gets a fresh instance from a pre-instantiated component,
+//!   a wall-clock deadline enforced by epoch interruption (a spinning guest
+//!   yields every tick so it cannot starve other requests on its thread, and
+//!   traps at the deadline), and a memory limit enforced by a resource limiter.
+//!
+//! This crate knows nothing of regions, routes or versions; it turns bytes
+//! into a [`Prepared`] component and requests into responses.
 
+mod cache;
+mod guest;
+
+pub use guest::{Fault, Host, HostConfig, HostError, Prepared, ResponseBody};

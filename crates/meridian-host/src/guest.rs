@@ -1,0 +1,311 @@
+//! Engine set-up, preparation of components and the per-request lifecycle.
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of every response the host produces: streamed from the guest or a
+/// small error message.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How often the epoch advances. A spinning guest yields to the scheduler
+/// this often and overshoots its deadline by at most this much.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+    /// Instances that may run at once; each needs a pooling-allocator slot.
+    pub max_instances: u32,
+    /// Largest memory any component may be given, in MiB. Sizes the pool.
+    pub max_memory_mb: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { cache_dir: PathBuf::from("cache"), max_instances: 1000, max_memory_mb: 1024 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot configure wasmtime: {0:#}")]
+    Engine(wasmtime::Error),
+    #[error("not a valid component: {0:#}")]
+    Compile(wasmtime::Error),
+    #[error("the component cannot run here: {0:#}")]
+    Link(wasmtime::Error),
+    #[error("memory_mb = {asked} exceeds this region's maximum of {max} MiB")]
+    MemoryTooLarge { asked: u64, max: u64 },
+}
+
+/// Why a guest did not produce a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Deadline,
+    Memory,
+    Trap,
+    NoResponse,
+}
+
+const FAULT_NONE: u8 = 0;
+const FAULT_DEADLINE: u8 = 1;
+const FAULT_MEMORY: u8 = 2;
+
+pub struct Host {
+    engine: Engine,
+    linker: Arc<Linker<GuestState>>,
+    config: HostConfig,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Host {
+    pub fn new(config: HostConfig) -> Result<Host, HostError> {
+        let mut pool = PoolingAllocationConfig::new();
+        let n = config.max_instances.max(1);
+        // A component made by wasm-tools from a core module and an adapter
+        // has a handful of core instances and two memories.
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(8))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(4))
+            .total_stacks(n)
+            .max_core_instances_per_component(32)
+            .max_memories_per_component(4)
+            .max_tables_per_component(16)
+            .max_memory_size((config.max_memory_mb as usize) << 20)
+            .max_unused_warm_slots(64.min(n));
+        let mut wc = Config::new();
+        wc.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true);
+        let engine = Engine::new(&wc).map_err(HostError::Engine)?;
+
+        let mut linker = Linker::<GuestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(HostError::Engine)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(HostError::Engine)?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.weak(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match e.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.to_string())))?;
+        Ok(Host { engine, linker: Arc::new(linker), config, stop_ticker })
+    }
+
+    /// Compiles (or loads from the cache) and pre-instantiates a component.
+    /// Slow on a cache miss; call it at install time, never per request.
+    pub fn prepare(
+        &self,
+        wasm: &[u8],
+        deadline: Duration,
+        memory_mb: u64,
+        env: Vec<(String, String)>,
+    ) -> Result<Prepared, HostError> {
+        if memory_mb > self.config.max_memory_mb {
+            return Err(HostError::MemoryTooLarge { asked: memory_mb, max: self.config.max_memory_mb });
+        }
+        let (component, cached) =
+            crate::cache::load_or_compile(&self.config.cache_dir, &self.engine, wasm).map_err(HostError::Compile)?;
+        tracing::debug!(cached, bytes = wasm.len(), "component ready");
+        let pre = self.linker.instantiate_pre(&component).map_err(HostError::Link)?;
+        let pre = ProxyPre::new(pre).map_err(|e| {
+            HostError::Link(e.context("it must export wasi:http/incoming-handler (the wasi:http/proxy world)"))
+        })?;
+        Ok(Prepared {
+            inner: Arc::new(PreparedInner { pre, deadline, memory_bytes: (memory_mb as usize) << 20, env }),
+            was_cached: cached,
+        })
+    }
+}
+
+struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: Default::default() }
+    }
+}
+
+struct MemoryLimiter {
+    max_bytes: usize,
+    fault: Arc<AtomicU8>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.fault.store(FAULT_MEMORY, Ordering::Relaxed);
+            // An error (rather than `Ok(false)`) traps the guest at once:
+            // a guest that ignores a failed allocation must not keep running.
+            wasmtime::bail!("memory limit of {} MiB exceeded", self.max_bytes >> 20);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+struct PreparedInner {
+    pre: ProxyPre<GuestState>,
+    deadline: Duration,
+    memory_bytes: usize,
+    env: Vec<(String, String)>,
+}
+
+/// A compiled, linked component, ready to serve requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Prepared {
+    inner: Arc<PreparedInner>,
+    /// Whether the compiled code came from the on-disk cache.
+    pub was_cached: bool,
+}
+
+impl Prepared {
+    pub fn deadline(&self) -> Duration {
+        self.inner.deadline
+    }
+
+    /// Runs one request in a fresh instance. Never fails: guest faults
+    /// become error responses, tagged with the [`Fault`] in the extensions.
+    pub async fn handle<B>(&self, req: hyper::Request<B>) -> hyper::Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let start = Instant::now();
+        let deadline = start + self.inner.deadline;
+        let fault = Arc::new(AtomicU8::new(FAULT_NONE));
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&self.inner.env);
+        let mut store = Store::new(
+            self.inner.pre.engine(),
+            GuestState {
+                wasi: wasi.build(),
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                limiter: MemoryLimiter { max_bytes: self.inner.memory_bytes, fault: fault.clone() },
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        let f = fault.clone();
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                f.store(FAULT_DEADLINE, Ordering::Relaxed);
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Let other requests on this thread run, then continue.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let setup = (|| -> wasmtime::Result<_> {
+            let req = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
+            let out = store.data_mut().http().new_response_outparam(tx)?;
+            Ok((req, out))
+        })();
+        let (req, out) = match setup {
+            Ok(x) => x,
+            Err(e) => return error_response(500, Fault::Trap, format!("cannot pass the request to the function: {e:#}")),
+        };
+        let pre = self.inner.pre.clone();
+        let f = fault.clone();
+        // The guest runs in its own task so it can keep streaming the body
+        // after the response head is returned. The deadline covers that too:
+        // at the deadline the task is dropped, whatever it is waiting on.
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+            };
+            match tokio::time::timeout_at(deadline.into(), run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    f.store(FAULT_DEADLINE, Ordering::Relaxed);
+                    Err(wasmtime::Error::msg("deadline exceeded"))
+                }
+            }
+        });
+
+        let limit_ms = self.inner.deadline.as_millis();
+        match rx.await {
+            Ok(Ok(resp)) => resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+            Ok(Err(code)) => error_response(500, Fault::Trap, format!("the function failed: {code:?}")),
+            Err(_) => {
+                // The guest dropped the response outparam: it trapped, hit a
+                // limit, or returned without answering. The task says which.
+                let err = match task.await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(e) => Some(e.to_string()),
+                };
+                match (fault.load(Ordering::Relaxed), err) {
+                    (FAULT_DEADLINE, _) => error_response(
+                        504,
+                        Fault::Deadline,
+                        format!("the function exceeded its deadline of {limit_ms} ms"),
+                    ),
+                    (FAULT_MEMORY, _) => error_response(
+                        500,
+                        Fault::Memory,
+                        format!("the function exceeded its memory limit of {} MiB", self.inner.memory_bytes >> 20),
+                    ),
+                    (_, Some(e)) => error_response(500, Fault::Trap, format!("the function trapped: {e}")),
+                    (_, None) => error_response(500, Fault::NoResponse, "the function returned without a response".into()),
+                }
+            }
+        }
+    }
+}
+
+fn error_response(status: u16, fault: Fault, message: String) -> hyper::Response<ResponseBody> {
+    tracing::info!(?fault, %message, "guest fault");
+    let mut resp = hyper::Response::new(
+        Full::new(Bytes::from(message + "\n")).map_err(|never| match never {}).boxed_unsync(),
+    );
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.extensions_mut().insert(fault);
+    resp
+}

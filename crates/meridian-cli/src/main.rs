@@ -1,1 +1,71 @@
-fn main(){}
+//! `meridian`: one binary for every role and for operating a world.
+//!
+//! The binary is thin: each verb lives in `commands/<verb>.rs` and calls into
+//! the library crates.
+
+mod api;
+mod commands;
+mod supervisor;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "Run a WebAssembly app in many regions at once")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local multi-region world (regions, edges, control plane) and deploy an app to it.
+    Dev(commands::dev::Args),
+    /// Ship an app directory as a new immutable version to every region.
+    Deploy(commands::deploy::Args),
+    /// Show what a running world is doing.
+    Status(commands::status::Args),
+    /// Inject faults into a running dev world: kill regions, cut links, add latency.
+    Chaos(commands::chaos::Args),
+    /// Run a region node (functions, static assets) from a config file.
+    Region(commands::roles::Args),
+    /// Run an edge router from a config file.
+    Edge(commands::roles::Args),
+    /// Run the control plane from a config file.
+    Control(commands::roles::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Dev(a) => commands::dev::run(a).await,
+            Command::Deploy(a) => commands::deploy::run(a).await,
+            Command::Status(a) => commands::status::run(a).await,
+            Command::Chaos(a) => commands::chaos::run(a).await,
+            Command::Region(a) => commands::roles::region(a).await,
+            Command::Edge(a) => commands::roles::edge(a).await,
+            Command::Control(a) => commands::roles::control(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

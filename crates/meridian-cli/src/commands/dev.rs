@@ -1,0 +1,378 @@
+//! `meridian dev`: a whole multi-region world on this machine.
+//!
+//! Starts a control plane, one region node per region of the topology and
+//! one edge per region location, each as its own OS process on a loopback
+//! address, with every edge→region and region→region connection going
+//! through an emulated link whose one-way delay is half the topology's round
+//! trip. Then deploys the app (the bundled example unless `--app` is given),
+//! writes `world.json` and waits for Ctrl-C.
+
+use crate::api::WorldArg;
+use crate::commands::roles::shutdown_signal;
+use crate::supervisor::{process_info, Supervisor};
+use anyhow::Context;
+use bytes::Bytes;
+use http::Method;
+use meridian_control::{ControlConfig, ControlRegion};
+use meridian_core::world::{EdgeInfo, LinkInfo, RegionInfo, WorldDescription, FORMAT, TOKEN_FILE};
+use meridian_core::Topology;
+use meridian_edge::health::HealthConfig;
+use meridian_edge::select::Policy;
+use meridian_edge::{EdgeConfig, RegionTarget};
+use meridian_region::RegionConfig;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub world: WorldArg,
+    /// Topology file replacing the built-in three-region world.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// App directory to deploy instead of the bundled example.
+    #[arg(long)]
+    pub app: Option<PathBuf>,
+    /// Do not deploy anything.
+    #[arg(long)]
+    pub no_deploy: bool,
+    /// First port of a consecutive range (edges first); 0 picks free ports.
+    #[arg(long, default_value_t = 7400)]
+    pub port_base: u16,
+    /// Active health-check interval of the edges.
+    #[arg(long, default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Routing policy of the edges.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Geo)]
+    pub policy: PolicyArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum PolicyArg {
+    Geo,
+    Latency,
+}
+
+/// The example app, compiled into the binary so `meridian dev` works from
+/// any directory.
+const EXAMPLE: &[(&str, &[u8])] = &[
+    ("meridian.toml", include_bytes!("../../../../examples/hello/meridian.toml")),
+    ("components/hello.wasm", include_bytes!("../../../../examples/hello/components/hello.wasm")),
+    ("static/index.html", include_bytes!("../../../../examples/hello/static/index.html")),
+    ("static/style.css", include_bytes!("../../../../examples/hello/static/style.css")),
+];
+
+struct Ports {
+    next: u16,
+}
+
+impl Ports {
+    /// The next port of the fixed layout, or port 0 (the kernel picks, the
+    /// process reports what it got) when `--port-base 0`.
+    fn take(&mut self) -> anyhow::Result<SocketAddr> {
+        let port = self.next;
+        if port != 0 {
+            self.next = self.next.checked_add(1).context("ran out of ports above --port-base")?;
+        }
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+}
+
+fn write_config<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<PathBuf> {
+    let path = dir.join("config").join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(value)?)?;
+    Ok(path)
+}
+
+fn new_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let dir = a.world.dir();
+    let topology = match &a.topology {
+        Some(p) => Topology::load(p)?,
+        None => Topology::default_world(),
+    };
+    if let Ok(old) = WorldDescription::read(&dir) {
+        let alive = old.processes.iter().find(|p| p.role == "supervisor").and_then(|p| p.pid).is_some_and(|pid| {
+            // SAFETY: signal 0 only checks that the PID exists.
+            unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+        });
+        if alive {
+            anyhow::bail!("a world is already running in {} (see world.json); stop it or pass --world DIR", dir.display());
+        }
+    }
+    for sub in ["config", "logs", "data", "run"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let token = new_token();
+    let token_file = dir.join(TOKEN_FILE);
+    std::fs::write(&token_file, &token)?;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+
+    let mut ports = Ports { next: a.port_base };
+    // Fixed layout: edges first, so users get stable URLs from the port base.
+    let edge_addrs: Vec<SocketAddr> = topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
+    let control_addr = ports.take()?;
+    let supervisor_addr = ports.take()?;
+    let region_addrs: Vec<SocketAddr> = topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
+
+    // The chaos API listens first so a script can act as soon as the world exists.
+    let listener = tokio::net::TcpListener::bind(supervisor_addr)
+        .await
+        .with_context(|| format!("cannot listen on {supervisor_addr} (is another world using --port-base {}?)", a.port_base))?;
+    let supervisor_addr = listener.local_addr()?;
+    let mut world = WorldDescription {
+        format: FORMAT,
+        ready: false,
+        dir: dir.clone(),
+        token_file: token_file.clone(),
+        control_url: String::new(),
+        supervisor_url: format!("http://{supervisor_addr}"),
+        processes: vec![process_info("supervisor", "supervisor", supervisor_addr.to_string(), None, None)],
+        edges: Vec::new(),
+        regions: Vec::new(),
+        links: Vec::new(),
+    };
+    world.processes[0].pid = Some(std::process::id());
+    let sup = Arc::new(Supervisor::new(dir.clone(), token.clone(), world)?);
+    let s = sup.clone();
+    let handler: meridian_http::Handler = Arc::new(move |req, _| {
+        let s = s.clone();
+        Box::pin(async move { s.handle(req).await })
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(meridian_http::serve(listener, handler, async { let _ = stop_rx.await; }, Duration::from_secs(1)));
+    let s = sup.clone();
+    tokio::spawn(async move { s.watch_children().await });
+
+    let plan = Plan { topology, edge_addrs, control_addr, region_addrs, token_file };
+    let result = tokio::select! {
+        r = bring_up(&sup, &a, plan, &mut ports, &token) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(e) = result {
+        sup.stop_all(Duration::from_secs(3));
+        let _ = std::fs::remove_file(dir.join(meridian_core::world::WORLD_FILE));
+        return Err(e.context(format!("the world did not start; logs are in {}", dir.join("logs").display())));
+    }
+    let world = {
+        let mut w = sup.world.lock().unwrap();
+        w.ready = true;
+        w.write(&dir)?;
+        w.clone()
+    };
+    print_summary(&world, &dir);
+
+    shutdown_signal().await;
+    eprintln!("\nstopping the world...");
+    sup.stop_all(Duration::from_secs(5));
+    let _ = stop_tx.send(());
+    let _ = api.await;
+    let _ = std::fs::remove_file(dir.join(meridian_core::world::WORLD_FILE));
+    eprintln!("stopped.");
+    Ok(())
+}
+
+struct Plan {
+    topology: Topology,
+    edge_addrs: Vec<SocketAddr>,
+    control_addr: SocketAddr,
+    region_addrs: Vec<SocketAddr>,
+    token_file: PathBuf,
+}
+
+/// Starts a role, waits until it serves, and pins the port it got in its
+/// config so a restart comes back on the same address.
+async fn start_role<T: serde::Serialize>(
+    sup: &Supervisor,
+    name: &str,
+    role: &str,
+    cfg: &mut T,
+    listen: impl Fn(&mut T) -> &mut SocketAddr,
+) -> anyhow::Result<SocketAddr> {
+    let path = write_config(&sup.dir, name, cfg)?;
+    sup.add_process(name, role, path.clone());
+    {
+        let mut w = sup.world.lock().unwrap();
+        w.processes.push(process_info(name, role, String::new(), Some(path), Some(sup.dir.join(format!("logs/{name}.log")))));
+    }
+    sup.start(name)?;
+    let addr = sup.wait_ready(name, Duration::from_secs(60)).await?;
+    if *listen(cfg) != addr {
+        *listen(cfg) = addr;
+        write_config(&sup.dir, name, cfg)?;
+    }
+    Ok(addr)
+}
+
+async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, token: &str) -> anyhow::Result<()> {
+    let dir = sup.dir.clone();
+    let t0 = Instant::now();
+    let topology = &plan.topology;
+
+    // Regions first: everything else points at them.
+    let mut region_addrs = Vec::new();
+    for (r, addr) in topology.regions.iter().zip(&plan.region_addrs) {
+        let mut cfg = RegionConfig {
+            name: r.name.clone(),
+            listen: *addr,
+            data_dir: dir.join("data").join(&r.name),
+            token_file: plan.token_file.clone(),
+            max_instances: 200,
+            max_memory_mb: 512,
+            max_bundle_mb: 256,
+        };
+        let addr = start_role(sup, &r.name, "region", &mut cfg, |c| &mut c.listen).await?;
+        region_addrs.push(addr);
+        sup.world.lock().unwrap().regions.push(RegionInfo {
+            name: r.name.clone(),
+            url: format!("http://{addr}"),
+            location: r.location,
+            jurisdiction: r.jurisdiction.clone(),
+        });
+    }
+
+    // Every edge->region and region->region connection crosses a link.
+    let mut links = Vec::new();
+    let mut edge_targets: Vec<Vec<RegionTarget>> = vec![Vec::new(); topology.regions.len()];
+    let pairs = topology.regions.iter().enumerate().flat_map(|(i, x)| topology.regions.iter().enumerate().map(move |(j, y)| (i, x, j, y)));
+    for (ei, at, ri, r) in pairs.clone() {
+        let (name, from) = (format!("edge-{}->{}", at.name, r.name), format!("edge-{}", at.name));
+        let delay = topology.rtt(&at.name, &r.name) / 2;
+        let link = sup.netem.add(&name, ports.take()?, region_addrs[ri], delay).await?;
+        edge_targets[ei].push(RegionTarget { name: r.name.clone(), url: format!("http://{}", link.listen), location: r.location });
+        links.push(LinkInfo {
+            name,
+            from,
+            to: r.name.clone(),
+            listen: link.listen.to_string(),
+            upstream: region_addrs[ri].to_string(),
+            one_way_delay_ms: delay.as_secs_f64() * 1000.0,
+        });
+    }
+    for (ai, ra, bi, rb) in pairs {
+        if ai == bi {
+            continue;
+        }
+        let name = format!("{}->{}", ra.name, rb.name);
+        let delay = topology.rtt(&ra.name, &rb.name) / 2;
+        let link = sup.netem.add(&name, ports.take()?, region_addrs[bi], delay).await?;
+        links.push(LinkInfo {
+            name,
+            from: ra.name.clone(),
+            to: rb.name.clone(),
+            listen: link.listen.to_string(),
+            upstream: region_addrs[bi].to_string(),
+            one_way_delay_ms: delay.as_secs_f64() * 1000.0,
+        });
+    }
+    sup.world.lock().unwrap().links = links;
+
+    let mut control_cfg = ControlConfig {
+        listen: plan.control_addr,
+        data_dir: dir.join("data").join("control"),
+        token_file: plan.token_file.clone(),
+        regions: topology
+            .regions
+            .iter()
+            .zip(&region_addrs)
+            .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("http://{addr}") })
+            .collect(),
+        reconcile_interval_ms: 1000,
+    };
+    let control_addr = start_role(sup, "control", "control", &mut control_cfg, |c| &mut c.listen).await?;
+    let control_url = format!("http://{control_addr}");
+    sup.world.lock().unwrap().control_url = control_url.clone();
+
+    let policy = match a.policy {
+        PolicyArg::Geo => Policy::Geo,
+        PolicyArg::Latency => Policy::Latency,
+    };
+    for ((at, addr), targets) in topology.regions.iter().zip(&plan.edge_addrs).zip(edge_targets) {
+        let name = format!("edge-{}", at.name);
+        let mut cfg = EdgeConfig {
+            name: name.clone(),
+            listen: *addr,
+            location: at.location,
+            policy,
+            trust_client_geo_headers: true,
+            geoip_db: None,
+            regions: targets,
+            health: HealthConfig { interval_ms: a.health_interval_ms, ..HealthConfig::default() },
+            max_retries: 2,
+            upstream_timeout_ms: 30_000,
+            max_body_kb: 8 * 1024,
+        };
+        let addr = start_role(sup, &name, "edge", &mut cfg, |c| &mut c.listen).await?;
+        sup.world.lock().unwrap().edges.push(EdgeInfo { name, url: format!("http://{addr}"), location: at.location });
+    }
+    let world = sup.world.lock().unwrap().clone();
+    world.write(&dir)?;
+    tracing::info!(elapsed = ?t0.elapsed(), "all processes serve");
+    if a.no_deploy {
+        return Ok(());
+    }
+    let app_dir = match &a.app {
+        Some(d) => d.clone(),
+        None => {
+            let d = dir.join("example-app");
+            for (rel, bytes) in EXAMPLE {
+                let p = d.join(rel);
+                std::fs::create_dir_all(p.parent().expect("files have a parent"))?;
+                std::fs::write(p, bytes)?;
+            }
+            d
+        }
+    };
+    let report = crate::commands::deploy::deploy_dir(&control_url, token, &app_dir).await?;
+    eprintln!("deployed {} version {}", report.app, report.version.short());
+    // Ready means routable: every edge sees every region healthy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for e in &world.edges {
+        loop {
+            let s = crate::api::call_ok(Method::GET, &format!("{}/_meridian/edge", e.url), token, Bytes::new(), Duration::from_secs(2)).await;
+            let all = s
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["regions"].as_array().map(|rs| rs.iter().all(|r| r[1]["healthy"].as_bool() == Some(true))))
+                .unwrap_or(false);
+            if all {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{} does not see every region healthy after 60 s", e.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(w: &WorldDescription, dir: &Path) {
+    println!("\nMeridian dev world is up: {} regions, {} edges.\n", w.regions.len(), w.edges.len());
+    println!("Edges (send users here):");
+    for e in &w.edges {
+        println!("  {:<22} {}", e.name, e.url);
+    }
+    println!("\nRegions (direct, bypassing edges and links):");
+    for r in &w.regions {
+        println!("  {:<22} {}  [{}]", r.name, r.url, r.jurisdiction);
+    }
+    let e = &w.edges[0];
+    println!("\nTry:");
+    println!("  curl -i {}/hello -H 'x-meridian-client-country: DE'", e.url);
+    println!("  curl -i {}/hello -H 'x-meridian-client-geo: 1.29,103.85'", e.url);
+    println!("  meridian status");
+    println!("  meridian chaos kill eu-west      # then watch traffic move");
+    println!("\nWorld description: {}", dir.join(meridian_core::world::WORLD_FILE).display());
+    println!("Logs:              {}", dir.join("logs").display());
+    println!("Ctrl-C stops every process.");
+}

@@ -1,0 +1,5 @@
+pub mod chaos;
+pub mod deploy;
+pub mod dev;
+pub mod roles;
+pub mod status;

@@ -1,0 +1,59 @@
+//! `meridian status`: versions per region and health as each edge sees it.
+
+use crate::api::{call_ok, WorldArg};
+use bytes::Bytes;
+use http::Method;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub world: WorldArg,
+    /// Print raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let (w, token) = a.world.load()?;
+    let t = Duration::from_secs(5);
+    let control = call_ok(Method::GET, &format!("{}/v1/status", w.control_url), &token, Bytes::new(), t).await?;
+    let control: serde_json::Value = serde_json::from_slice(&control)?;
+    let mut edges = Vec::new();
+    for e in &w.edges {
+        let s = call_ok(Method::GET, &format!("{}/_meridian/edge", e.url), &token, Bytes::new(), t).await;
+        edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
+    }
+    if a.json {
+        let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges}))?);
+        return Ok(());
+    }
+    let short = |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
+    println!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
+    println!("\nregions:");
+    for r in control["regions"].as_array().into_iter().flatten() {
+        let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
+        println!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+    }
+    println!("\nedges (health and smoothed probe RTT of each region):");
+    for (e, s) in &edges {
+        print!("  {:<20} {}", e.name, e.url);
+        match s {
+            None => println!("  DOWN"),
+            Some(s) => {
+                println!();
+                for pair in s["regions"].as_array().into_iter().flatten() {
+                    let (name, h) = (&pair[0], &pair[1]);
+                    println!(
+                        "      {:<16} {:<9} {:>8}",
+                        name.as_str().unwrap_or("?"),
+                        if h["healthy"].as_bool() == Some(true) { "healthy" } else { "EJECTED" },
+                        h["rtt_ms"].as_f64().map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The HTTP plumbing every role shares: one body type, small response
+//! builders, bearer-token checks, a bounded body reader, a pooled client and
+//! an accept loop that speaks HTTP/1.1 and HTTP/2 (h2c) with graceful
+//! shutdown. Only roles (region, edge, control, CLI) use it; the function host
+//! and the storage layers stay free of HTTP framing concerns beyond
+//! `wasi:http` itself.
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A plain-text response; `message` should say what went wrong and what to do.
+pub fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let mut m = message.into();
+    if !m.ends_with('\n') {
+        m.push('\n');
+    }
+    let mut r = Response::new(full(m));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(v) => {
+            let mut r = Response::new(full(v));
+            *r.status_mut() = status;
+            r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode response: {e}")),
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`. Compares in
+/// constant time so the token cannot be guessed byte by byte from timing.
+pub fn has_bearer<B>(req: &Request<B>, token: &str) -> bool {
+    let Some(v) = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(given) = v.strip_prefix("Bearer ") else { return false };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && !token.is_empty() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn unauthorized() -> Response<Body> {
+    text(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token: pass `Authorization: Bearer <token>` with the world's token",
+    )
+}
+
+#[derive(Debug)]
+pub enum ReadBodyError {
+    TooLarge(usize),
+    Failed(BoxError),
+}
+
+impl std::fmt::Display for ReadBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadBodyError::TooLarge(n) => write!(f, "request body is larger than {n} bytes"),
+            ReadBodyError::Failed(e) => write!(f, "cannot read request body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadBodyError {}
+
+impl ReadBodyError {
+    pub fn into_response(self) -> Response<Body> {
+        match &self {
+            ReadBodyError::TooLarge(_) => text(StatusCode::PAYLOAD_TOO_LARGE, self.to_string()),
+            ReadBodyError::Failed(_) => text(StatusCode::BAD_REQUEST, self.to_string()),
+        }
+    }
+}
+
+/// Collects a body of at most `limit` bytes.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ReadBodyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge(limit)),
+        Err(e) => Err(ReadBodyError::Failed(e)),
+    }
+}
+
+pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A pooled HTTP/1.1 client with TCP_NODELAY and a connect timeout.
+pub fn client(connect_timeout: Duration) -> Client {
+    let mut conn = hyper_util::client::legacy::connect::HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .build(conn)
+}
+
+/// A request handler shared by every connection.
+pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> BoxFuture<Response<Body>> + Send + Sync>;
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and
+/// waits up to `grace` for requests in flight to finish.
+pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Future<Output = ()>, grace: Duration) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let h = h.clone();
+            async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {grace:?}; closing them");
+    }
+}
+
+pub fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}

@@ -1,0 +1,168 @@
+//! Static assets of a version, held in memory and served with correct
+//! content types, strong ETags and conditional GET.
+//!
+//! Only files that are in the bundle can be served: a request path is looked
+//! up in a map, never joined onto a filesystem path, so `..` and friends
+//! cannot reach anything else. Paths with `..` segments are refused outright.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use meridian_http::{full, empty, text, Body};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+pub struct StaticFile {
+    body: Bytes,
+    content_type: HeaderValue,
+    etag: HeaderValue,
+}
+
+#[derive(Default)]
+pub struct StaticSite {
+    files: HashMap<String, StaticFile>,
+}
+
+impl StaticSite {
+    pub fn new<'a>(files: impl Iterator<Item = (&'a str, &'a [u8])>) -> StaticSite {
+        let files = files
+            .map(|(path, data)| {
+                let mime = mime_guess::from_path(path).first_or_octet_stream();
+                let ct = if mime.type_() == "text" || mime.essence_str() == "application/javascript" {
+                    format!("{}; charset=utf-8", mime.essence_str())
+                } else {
+                    mime.essence_str().to_string()
+                };
+                let digest = Sha256::digest(data);
+                let file = StaticFile {
+                    body: Bytes::copy_from_slice(data),
+                    content_type: HeaderValue::from_str(&ct).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+                    etag: HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12]))).expect("hex is a valid header"),
+                };
+                (path.to_string(), file)
+            })
+            .collect();
+        StaticSite { files }
+    }
+
+    /// Serves `rel` (the request path below the route's prefix).
+    pub fn serve<B>(&self, req: &Request<B>, rel: &str) -> Response<Body> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "static files answer GET and HEAD only");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let Some(decoded) = percent_decode(rel) else {
+            return text(StatusCode::BAD_REQUEST, "malformed percent-encoding in path");
+        };
+        let mut segments = Vec::new();
+        for seg in decoded.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => return text(StatusCode::BAD_REQUEST, "path segments `..` are not allowed"),
+                s if s.contains('\0') || s.contains('\\') => {
+                    return text(StatusCode::BAD_REQUEST, "path contains forbidden characters")
+                }
+                s => segments.push(s),
+            }
+        }
+        let mut key = segments.join("/");
+        if key.is_empty() || decoded.ends_with('/') {
+            key = if key.is_empty() { "index.html".into() } else { format!("{key}/index.html") };
+        }
+        let file = match self.files.get(&key) {
+            Some(f) => f,
+            // `/docs` serves `docs/index.html` like every static host does.
+            None => match self.files.get(&format!("{key}/index.html")) {
+                Some(f) => f,
+                None => return text(StatusCode::NOT_FOUND, format!("no file at {rel}")),
+            },
+        };
+        let not_modified = req
+            .headers()
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == file.etag));
+        let mut resp = if not_modified {
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        } else if req.method() == Method::HEAD {
+            Response::new(empty())
+        } else {
+            Response::new(full(file.body.clone()))
+        };
+        let h = resp.headers_mut();
+        h.insert(header::ETAG, file.etag.clone());
+        h.insert(header::CONTENT_TYPE, file.content_type.clone());
+        if !not_modified {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(file.body.len()));
+        }
+        resp
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn site() -> StaticSite {
+        StaticSite::new(
+            [("index.html", &b"<h1>hi</h1>"[..]), ("css/site.css", b"p{}"), ("docs/index.html", b"docs")].into_iter(),
+        )
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    async fn body(r: Response<Body>) -> String {
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn serves_files_with_content_types_and_index() {
+        let s = site();
+        let r = s.serve(&get("/"), "/");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        assert_eq!(body(r).await, "<h1>hi</h1>");
+        assert_eq!(s.serve(&get("/css/site.css"), "css/site.css").headers()[header::CONTENT_TYPE], "text/css; charset=utf-8");
+        assert_eq!(body(s.serve(&get("/docs"), "docs")).await, "docs");
+        assert_eq!(s.serve(&get("/nope"), "nope").status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn conditional_get_answers_304() {
+        let s = site();
+        let etag = s.serve(&get("/"), "").headers()[header::ETAG].clone();
+        let req = Request::get("/").header(header::IF_NONE_MATCH, etag).body(()).unwrap();
+        assert_eq!(s.serve(&req, "").status(), StatusCode::NOT_MODIFIED);
+    }
+
+    #[test]
+    fn traversal_is_refused() {
+        let s = site();
+        for p in ["../etc/passwd", "css/../../x", "%2e%2e/x", "a/%2E%2E/%2e%2E/b", "%zz"] {
+            let st = s.serve(&get("/"), p).status();
+            assert!(st == StatusCode::BAD_REQUEST, "{p}: {st}");
+        }
+    }
+}

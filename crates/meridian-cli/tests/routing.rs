@@ -65,3 +65,32 @@ async fn static_assets_functions_and_http2_work_through_the_edge() {
     assert_eq!(r.status, 200);
     assert_eq!(r.region(), "eu-west");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_policy_follows_measured_round_trips() {
+    let w = World::start(&["--policy", "latency"]);
+    let c = client();
+    let edge = w.edge("edge-eu-west");
+    // The client claims to be in Tokyo, but this policy ignores where the
+    // client is and picks the lowest probed round trip from the edge.
+    let tokyo = [("x-meridian-client-geo", "35.68,139.69")];
+    assert_eq!(get(&c, &format!("{edge}/hello"), &tokyo).await.region(), "eu-west");
+    // Make the local link slower than the transatlantic one (67 ms RTT).
+    w.chaos(&["latency", "edge-eu-west", "eu-west", "150"]);
+    let t = std::time::Instant::now();
+    loop {
+        let r = get(&c, &format!("{edge}/hello"), &tokyo).await;
+        assert_eq!(r.status, 200);
+        if r.region() == "us-east" {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "still on {} after 10 s", r.region());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    w.chaos(&["latency", "edge-eu-west", "eu-west", "0.5"]);
+    let t = std::time::Instant::now();
+    while get(&c, &format!("{edge}/hello"), &tokyo).await.region() != "eu-west" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Meridian benchmark harness: runs Meridian side by side with the peer a user
+would otherwise pick, in one run, on this machine, and prints ratios.
+
+    python3 bench/bench.py [all|host|edge|failover|deploy] [--duration S]
+
+Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
+`wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
+Every process it starts listens on 127.0.0.1 and is killed by PID at exit.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MERIDIAN = os.path.join(ROOT, "target", "release", "meridian")
+HELLO = os.path.join(ROOT, "guests", "hello.wasm")
+PROCS = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def start(cmd, log, **kw):
+    p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+    PROCS.append(p)
+    return p
+
+
+def stop_all():
+    for p in PROCS:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in PROCS:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_http(port, path="/", timeout=60, ok=lambda s: True):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            r = c.getresponse()
+            r.read()
+            if ok(r.status):
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port}{path}")
+
+
+def wrk(url, duration, conns=16, threads=1):
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", url],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99),
+            "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
+
+
+class Stack:
+    """A standalone control plane + one region (the multi-machine roles)."""
+
+    def __init__(self, work, app_dir):
+        self.work = work
+        self.token_file = os.path.join(work, "token")
+        with open(self.token_file, "w") as f:
+            f.write("bench-token")
+        self.region_port, self.control_port = free_port(), free_port()
+        region_cfg = os.path.join(work, "region.toml")
+        with open(region_cfg, "w") as f:
+            f.write(f'name = "bench"\nlisten = "127.0.0.1:{self.region_port}"\n'
+                    f'data_dir = "{work}/region-data"\ntoken_file = "{self.token_file}"\n')
+        control_cfg = os.path.join(work, "control.toml")
+        with open(control_cfg, "w") as f:
+            f.write(f'listen = "127.0.0.1:{self.control_port}"\ndata_dir = "{work}/control-data"\n'
+                    f'token_file = "{self.token_file}"\n'
+                    f'[[regions]]\nname = "bench"\nurl = "http://127.0.0.1:{self.region_port}"\n')
+        self.region = start([MERIDIAN, "region", "--config", region_cfg], os.path.join(work, "region.log"))
+        start([MERIDIAN, "control", "--config", control_cfg], os.path.join(work, "control.log"))
+        wait_http(self.region_port, "/_meridian/health")
+        wait_http(self.control_port, "/v1/status")
+        self.deploy(app_dir)
+
+    def deploy(self, app_dir):
+        subprocess.run([MERIDIAN, "deploy", app_dir, "--control", f"http://127.0.0.1:{self.control_port}",
+                        "--token-file", self.token_file], check=True, capture_output=True)
+
+
+def make_app(work, name="app", extra_static=""):
+    d = os.path.join(work, name)
+    os.makedirs(os.path.join(d, "static"), exist_ok=True)
+    shutil.copy(HELLO, os.path.join(d, "hello.wasm"))
+    with open(os.path.join(d, "static", "index.html"), "w") as f:
+        f.write("<h1>bench</h1>" + extra_static)
+    with open(os.path.join(d, "meridian.toml"), "w") as f:
+        f.write('[app]\nname = "bench"\n[components.hello]\nsource = "hello.wasm"\n'
+                '[[routes]]\npath = "/hello"\ncomponent = "hello"\n'
+                '[[routes]]\npath = "/"\nstatic = "static"\n')
+    return d
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def bench_host(work, duration):
+    """Region node vs `wasmtime serve`, same component, same load."""
+    stack = Stack(work, make_app(work))
+    wt_port = free_port()
+    start(["wasmtime", "serve", "--addr", f"127.0.0.1:{wt_port}", HELLO], os.path.join(work, "wasmtime.log"))
+    wait_http(wt_port, "/hello")
+    rows = []
+    for conns in (16, 64):
+        # Alternate to spread machine noise over both.
+        w1 = wrk(f"http://127.0.0.1:{wt_port}/hello", duration, conns)
+        m1 = wrk(f"http://127.0.0.1:{stack.region_port}/hello", duration, conns)
+        w2 = wrk(f"http://127.0.0.1:{wt_port}/hello", duration, conns)
+        m2 = wrk(f"http://127.0.0.1:{stack.region_port}/hello", duration, conns)
+        w = {k: (w1[k] + w2[k]) / 2 for k in ("rps", "p50_ms", "p99_ms")}
+        m = {k: (m1[k] + m2[k]) / 2 for k in ("rps", "p50_ms", "p99_ms")}
+        rows.append((conns, w, m, m1["errors"] + m2["errors"] + w1["errors"] + w2["errors"]))
+    print(f"\n## Function host: region node vs `wasmtime serve` ({os.path.basename(HELLO)}, "
+          f"{os.path.getsize(HELLO) // 1024} KiB C guest, wrk -t1, {duration}s x2 each)\n")
+    print("| connections | wasmtime serve req/s | meridian req/s | throughput ratio | wasmtime p99 ms | meridian p99 ms | p99 ratio | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for conns, w, m, errs in rows:
+        print(f"| {conns} | {w['rps']:.0f} | {m['rps']:.0f} | {ratio(m['rps'], w['rps'])} | "
+              f"{w['p99_ms']:.2f} | {m['p99_ms']:.2f} | {ratio(m['p99_ms'], w['p99_ms'])} | {errs} |")
+
+
+def bench_edge(work, duration):
+    """Edge in front of a region vs nginx in front of the same region."""
+    stack = Stack(work, make_app(work))
+    edge_port, nginx_port = free_port(), free_port()
+    edge_cfg = os.path.join(work, "edge.toml")
+    with open(edge_cfg, "w") as f:
+        f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\nlocation = {{ lat = 50.0, lon = 8.0 }}\n'
+                f'[[regions]]\nname = "bench"\nurl = "http://127.0.0.1:{stack.region_port}"\n'
+                f'location = {{ lat = 50.0, lon = 8.0 }}\n')
+    start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
+    wait_http(edge_port, "/", ok=lambda s: s == 200)
+    nginx_dir = os.path.join(work, "nginx")
+    os.makedirs(nginx_dir)
+    conf = os.path.join(nginx_dir, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes auto;
+daemon off;
+pid {nginx_dir}/nginx.pid;
+error_log {nginx_dir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream region {{ server 127.0.0.1:{stack.region_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{nginx_port};
+    location / {{
+      proxy_pass http://region;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }}
+  }}
+}}
+""")
+    start(["nginx", "-c", conf, "-p", nginx_dir], os.path.join(work, "nginx.log"))
+    wait_http(nginx_port, "/", ok=lambda s: s == 200)
+    print(f"\n## Edge router vs nginx reverse proxy (same region behind both, wrk -t1, {duration}s each)\n")
+    print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
+          "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in ("/index.html", "/hello"):
+        for conns in (1, 16):
+            d = wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns)
+            e = wrk(f"http://127.0.0.1:{edge_port}{path}", duration, conns)
+            n = wrk(f"http://127.0.0.1:{nginx_port}{path}", duration, conns)
+            print(f"| {path} | {conns} | {d['p50_ms']:.3f} | {e['p50_ms']:.3f} | {n['p50_ms']:.3f} | "
+                  f"{(e['p50_ms'] - d['p50_ms']) * 1000:.0f} | {(n['p50_ms'] - d['p50_ms']) * 1000:.0f} | "
+                  f"{(e['p99_ms'] - d['p99_ms']) * 1000:.0f} | {(n['p99_ms'] - d['p99_ms']) * 1000:.0f} | "
+                  f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} |")
+
+
+class Load:
+    """Closed-loop GET load from several threads, one keep-alive connection each."""
+
+    def __init__(self, port, path, headers, threads=4):
+        self.samples = []  # (start, end, ok, region)
+        self.lock = threading.Lock()
+        self.stop = False
+        self.threads = [threading.Thread(target=self.run, args=(port, path, headers)) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, port, path, headers):
+        c = None
+        while not self.stop:
+            t0 = time.monotonic()
+            try:
+                if c is None:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                c.request("GET", path, headers=headers)
+                r = c.getresponse()
+                r.read()
+                ok, region = r.status == 200, r.getheader("x-meridian-region", "")
+            except OSError:
+                ok, region, c = False, "", None
+            with self.lock:
+                self.samples.append((t0, time.monotonic(), ok, region))
+
+    def finish(self):
+        self.stop = True
+        for t in self.threads:
+            t.join()
+        return self.samples
+
+
+def dev_world(work, extra=()):
+    wdir = os.path.join(work, "world")
+    start([MERIDIAN, "dev", "--world", wdir, "--port-base", "0", *extra], os.path.join(work, "dev.log"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            w = json.load(open(os.path.join(wdir, "world.json")))
+            if w["ready"]:
+                return wdir, w
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("dev world did not start")
+
+
+def bench_failover(work, runs=5):
+    """SIGKILL of the nearest region -> first rerouted success, -> 100 % rerouted."""
+    wdir, w = dev_world(work)
+    edge = next(e for e in w["edges"] if e["name"] == "edge-eu-west")
+    port = int(edge["url"].rsplit(":", 1)[1])
+    firsts, fulls, failures, total = [], [], 0, 0
+    for i in range(runs):
+        load = Load(port, "/hello", {"x-meridian-client-geo": "48.86,2.35"})
+        time.sleep(1.0)
+        w = json.load(open(os.path.join(wdir, "world.json")))
+        pid = next(p["pid"] for p in w["processes"] if p["name"] == "eu-west")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(2.0)
+        samples = load.finish()
+        after = [s for s in samples if s[1] > killed]
+        rerouted = [s for s in after if s[2] and s[3] == "us-east"]
+        first = min(s[1] for s in rerouted) - killed
+        # 100 % rerouted: every request that started after this point went to us-east.
+        last_bad = max([s[0] for s in after if s[3] != "us-east"] + [killed])
+        full = next(s[0] for s in sorted(after) if s[0] > last_bad) - killed
+        firsts.append(first * 1000)
+        fulls.append(full * 1000)
+        failures += sum(1 for s in samples if not s[2])
+        total += len(samples)
+        subprocess.run([MERIDIAN, "chaos", "restart", "eu-west", "--world", wdir], check=True, capture_output=True)
+        # Wait until traffic is back on eu-west before the next run.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/hello", headers={"x-meridian-client-geo": "48.86,2.35"})
+            r = c.getresponse()
+            r.read()
+            if r.getheader("x-meridian-region") == "eu-west":
+                break
+            time.sleep(0.1)
+    print(f"\n## Failover: SIGKILL of eu-west under load from a European client ({runs} runs, health interval 500 ms)\n")
+    print("| metric | median ms | max ms | target |")
+    print("|---|---|---|---|")
+    print(f"| kill -> first success from us-east | {statistics.median(firsts):.1f} | {max(firsts):.1f} | < 1000 |")
+    print(f"| kill -> 100 % of new requests on us-east | {statistics.median(fulls):.1f} | {max(fulls):.1f} | < 1000 |")
+    print(f"\nFailed requests: {failures} of {total}. (Route 53 fast health checks: 30 s + DNS TTL.)")
+
+
+def bench_deploy(work, runs=10):
+    """First request after a deploy vs a warm request, straight to the region."""
+    stack = Stack(work, make_app(work))
+    def timed_get():
+        c = http.client.HTTPConnection("127.0.0.1", stack.region_port, timeout=10)
+        c.connect()
+        t0 = time.perf_counter()
+        c.request("GET", "/hello")
+        r = c.getresponse()
+        r.read()
+        dt = (time.perf_counter() - t0) * 1000
+        return dt, r.getheader("x-meridian-version")
+    firsts, warms = [], []
+    for i in range(runs):
+        app = make_app(work, f"app{i}", extra_static=f"<!-- {i} -->")
+        # A distinct component too (a custom section appended), so every
+        # version compiles its own code at deploy time.
+        with open(os.path.join(app, "hello.wasm"), "ab") as f:
+            name, payload = b"bench", f"{time.time()}-{i}".encode()
+            body = bytes([len(name)]) + name + payload
+            f.write(b"\x00" + bytes([len(body)]) + body)
+        stack.deploy(app)
+        first, v = timed_get()
+        firsts.append(first)
+        warm = [timed_get()[0] for _ in range(50)]
+        warms.append(statistics.median(warm))
+    print(f"\n## First request after deploy vs warm request ({runs} deploys, direct to the region)\n")
+    print("| first request p50 ms | first request max ms | warm request p50 ms | first - warm (p50) ms | target |")
+    print("|---|---|---|---|---|")
+    print(f"| {statistics.median(firsts):.2f} | {max(firsts):.2f} | {statistics.median(warms):.2f} | "
+          f"{statistics.median(firsts) - statistics.median(warms):.2f} | < 5 ms slower |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy"])
+    ap.add_argument("--duration", type=int, default=10)
+    a = ap.parse_args()
+    if not os.path.exists(MERIDIAN):
+        sys.exit("build first: cargo build --release")
+    print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
+    print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
+    try:
+        for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover), ("deploy", bench_deploy)]:
+            if a.which in ("all", name):
+                work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
+                if name in ("host", "edge"):
+                    fn(work, a.duration)
+                else:
+                    fn(work)
+                stop_all()
+                PROCS.clear()
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -91,6 +91,19 @@ impl World {
         assert!(ok, "meridian chaos {args:?} failed: {out}");
     }
 
+    /// Sends SIGINT (Ctrl-C) to the supervisor and waits for it to exit.
+    pub fn interrupt(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        unsafe { libc::kill(self.supervisor.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.supervisor.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn pid_of(&self, name: &str) -> Option<u32> {
         WorldDescription::read(self.dir.path()).unwrap().processes.iter().find(|p| p.name == name).and_then(|p| p.pid)
     }

@@ -9,6 +9,12 @@ mod supervisor;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the proxy and host paths
+/// allocate small, short-lived buffers on every request, where glibc's
+/// malloc showed up as ~15 % of the edge's CPU profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "meridian", version, about = "Run a WebAssembly app in many regions at once")]
 struct Cli {

@@ -224,13 +224,8 @@ impl Edge {
 
     /// Region indices to try, best first.
     fn plan(&self, client: GeoPoint) -> Vec<usize> {
-        let guards: Vec<_> = self.upstreams.iter().map(|u| u.health.lock().unwrap().clone()).collect();
-        let cands: Vec<Candidate<'_>> = self
-            .upstreams
-            .iter()
-            .zip(&guards)
-            .map(|(u, h)| Candidate { location: u.target.location, health: h })
-            .collect();
+        let cands: Vec<Candidate> =
+            self.upstreams.iter().map(|u| Candidate::new(u.target.location, &u.health.lock().unwrap())).collect();
         rank(self.config.policy, client, &cands)
     }
 
@@ -241,9 +236,14 @@ impl Edge {
         let client = self.locate(&req, peer.ip());
         let order = self.plan(client.point());
         let (parts, body) = req.into_parts();
-        let body = match meridian_http::read_body(body, self.config.max_body_kb << 10).await {
-            Ok(b) => b,
-            Err(e) => return self.finish(e.into_response(), 0),
+        // Buffered so it can be replayed on another region.
+        let body = if http_body::Body::is_end_stream(&body) {
+            Bytes::new()
+        } else {
+            match meridian_http::read_body(body, self.config.max_body_kb << 10).await {
+                Ok(b) => b,
+                Err(e) => return self.finish(e.into_response(), 0),
+            }
         };
         let idempotent = matches!(
             parts.method,

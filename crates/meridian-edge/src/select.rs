@@ -13,9 +13,19 @@ pub enum Policy {
     Latency,
 }
 
-pub struct Candidate<'a> {
+/// What ranking needs to know of a region: a copy, so no lock is held
+/// while sorting.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
     pub location: GeoPoint,
-    pub health: &'a RegionHealth,
+    pub healthy: bool,
+    pub rtt_ms: Option<f64>,
+}
+
+impl Candidate {
+    pub fn new(location: GeoPoint, health: &RegionHealth) -> Candidate {
+        Candidate { location, healthy: health.healthy, rtt_ms: health.rtt_ms }
+    }
 }
 
 /// Indices of `regions` in the order to try them: healthy regions by the
@@ -23,22 +33,27 @@ pub struct Candidate<'a> {
 /// unhealthy region beats failing outright when every region looks down
 /// (the probes may be what is broken), and costs nothing otherwise because
 /// retries stop at the first success.
-pub fn rank(policy: Policy, client: GeoPoint, regions: &[Candidate<'_>]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..regions.len()).collect();
-    let key = |i: usize| -> f64 {
-        match policy {
-            Policy::Geo => client.distance_km(&regions[i].location),
-            Policy::Latency => regions[i].health.rtt_ms.unwrap_or(f64::INFINITY),
-        }
-    };
-    order.sort_by(|&a, &b| {
-        (!regions[a].health.healthy)
-            .cmp(&!regions[b].health.healthy)
-            .then(key(a).total_cmp(&key(b)))
-            // Ties (equal distance, unknown latency) fall back to distance,
+pub fn rank(policy: Policy, client: GeoPoint, regions: &[Candidate]) -> Vec<usize> {
+    // Keys are computed once per region: great-circle distance is trig-heavy
+    // and this runs on every request.
+    let keys: Vec<(bool, f64, f64, usize)> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let distance = client.distance_km(&c.location);
+            let primary = match policy {
+                Policy::Geo => distance,
+                Policy::Latency => c.rtt_ms.unwrap_or(f64::INFINITY),
+            };
+            // Ties (equal latency, unknown latency) fall back to distance,
             // then to configuration order, so ranking is deterministic.
-            .then(client.distance_km(&regions[a].location).total_cmp(&client.distance_km(&regions[b].location)))
-            .then(a.cmp(&b))
+            (!c.healthy, primary, distance, i)
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ka, kb) = (&keys[a], &keys[b]);
+        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1)).then(ka.2.total_cmp(&kb.2)).then(ka.3.cmp(&kb.3))
     });
     order
 }
@@ -65,9 +80,9 @@ mod tests {
     fn geo_prefers_the_nearest_healthy_region() {
         let (a, b, c) = (healthy(1), healthy(1), healthy(1));
         let regions = [
-            Candidate { location: VIRGINIA, health: &a },
-            Candidate { location: DUBLIN, health: &b },
-            Candidate { location: SINGAPORE, health: &c },
+            Candidate::new(VIRGINIA, &a),
+            Candidate::new(DUBLIN, &b),
+            Candidate::new(SINGAPORE, &c),
         ];
         assert_eq!(rank(Policy::Geo, PARIS, &regions), vec![1, 0, 2]);
         assert_eq!(rank(Policy::Geo, TOKYO, &regions)[0], 2);
@@ -78,9 +93,9 @@ mod tests {
         let (a, mut b, c) = (healthy(1), healthy(1), healthy(1));
         b.connection_failed();
         let regions = [
-            Candidate { location: VIRGINIA, health: &a },
-            Candidate { location: DUBLIN, health: &b },
-            Candidate { location: SINGAPORE, health: &c },
+            Candidate::new(VIRGINIA, &a),
+            Candidate::new(DUBLIN, &b),
+            Candidate::new(SINGAPORE, &c),
         ];
         assert_eq!(rank(Policy::Geo, PARIS, &regions), vec![0, 2, 1]);
     }
@@ -89,9 +104,9 @@ mod tests {
     fn latency_prefers_the_fastest_probe() {
         let (a, b, c) = (healthy(70), healthy(5), healthy(170));
         let regions = [
-            Candidate { location: VIRGINIA, health: &a },
-            Candidate { location: DUBLIN, health: &b },
-            Candidate { location: SINGAPORE, health: &c },
+            Candidate::new(VIRGINIA, &a),
+            Candidate::new(DUBLIN, &b),
+            Candidate::new(SINGAPORE, &c),
         ];
         assert_eq!(rank(Policy::Latency, TOKYO, &regions), vec![1, 0, 2]);
     }

@@ -216,6 +216,7 @@ class Load:
 
     def __init__(self, port, path, headers, threads=4):
         self.samples = []  # (start, end, ok, region)
+        self.errors = []
         self.lock = threading.Lock()
         self.stop = False
         self.threads = [threading.Thread(target=self.run, args=(port, path, headers)) for _ in range(threads)]
@@ -231,10 +232,13 @@ class Load:
                     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                 c.request("GET", path, headers=headers)
                 r = c.getresponse()
-                r.read()
+                body = r.read()
                 ok, region = r.status == 200, r.getheader("x-meridian-region", "")
-            except OSError:
+                if not ok:
+                    self.errors.append(f"{r.status} {body[:200]!r}")
+            except (OSError, http.client.HTTPException) as e:
                 ok, region, c = False, "", None
+                self.errors.append(repr(e))
             with self.lock:
                 self.samples.append((t0, time.monotonic(), ok, region))
 

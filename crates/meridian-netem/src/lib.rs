@@ -177,7 +177,17 @@ async fn proxy_connection(s: &Shared, client: TcpStream, upstream: SocketAddr) {
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    tokio::join!(pump(s, cr, sw), pump(s, sr, cw));
+    let up = pump(s, cr, sw);
+    let down = pump(s, sr, cw);
+    tokio::pin!(up, down);
+    tokio::select! {
+        // The server closed (or died): once that reached the client, close
+        // the whole connection. Waiting for more bytes from the client
+        // would leave a request written into a dead server hanging.
+        _ = &mut down => {}
+        // The client half-closed: let the response flow back.
+        _ = &mut up => down.await,
+    }
 }
 
 /// Copies one direction through the delay line until end of stream, an
@@ -189,6 +199,9 @@ async fn pump(s: &Shared, mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
     let mut down = s.state.subscribe();
     let clean = {
         let reader = async {
+            // Owned here so the writer sees the channel close when the
+            // reader stops for any reason, including an error.
+            let tx = tx;
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let chunk = match from.read(&mut buf).await {
@@ -325,6 +338,27 @@ mod tests {
         let mut buf = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut buf)).await.unwrap().unwrap();
         assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn when_the_server_goes_away_the_client_connection_closes() {
+        // A server that dies with a request unread in its socket, as a
+        // SIGKILLed process does: the kernel answers with a reset.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (c, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(c);
+        });
+        let link = Link::start("a->b", "127.0.0.1:0".parse().unwrap(), up, Duration::from_millis(1)).await.unwrap();
+        let mut c = TcpStream::connect(link.listen).await.unwrap();
+        c.write_all(b"ping").await.unwrap();
+        // The client keeps its side open and waits for an answer: it must
+        // learn promptly that none will come.
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("client left hanging");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     }
 
     #[tokio::test]

@@ -177,8 +177,13 @@ impl Region {
             .ok_or_else(|| format!("version {} is not installed here; install it first", id.short()))?;
         meridian_core::fs::write_atomic(&self.active_file(), id.as_str().as_bytes())
             .map_err(|e| format!("cannot record the active version: {e}"))?;
-        self.active.store(Some(d));
-        tracing::info!(version = id.short(), "activated");
+        let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
+        // Keep the new and the previous version in memory (a rollback is a
+        // pointer swap); older ones are dropped once their last request ends.
+        // Their bundles and compiled code stay on disk, so reinstalling one
+        // costs no compilation.
+        self.installed.lock().unwrap().retain(|v, _| v == id || Some(v) == previous.as_ref());
+        tracing::info!(version = id.short(), previous = previous.as_ref().map(|p| p.short()), "activated");
         Ok(())
     }
 

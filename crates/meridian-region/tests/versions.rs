@@ -1,0 +1,61 @@
+//! A region installs versions ahead of time, keeps only what it needs in
+//! memory, and comes back after a restart serving the same version without
+//! compiling.
+
+use bytes::Bytes;
+use meridian_manifest::Bundle;
+use meridian_region::{Region, RegionConfig};
+use std::path::Path;
+
+fn app(dir: &Path, page: &str) -> Bundle {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    std::fs::create_dir_all(dir.join("components")).unwrap();
+    std::fs::create_dir_all(dir.join("static")).unwrap();
+    for f in ["meridian.toml", "components/hello.wasm", "static/style.css"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("static/index.html"), page).unwrap();
+    Bundle::from_dir(dir).unwrap()
+}
+
+fn config(data: &Path) -> RegionConfig {
+    std::fs::write(data.join("token"), "t").unwrap();
+    RegionConfig {
+        name: "test".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.join("region"),
+        token_file: data.join("token"),
+        max_instances: 20,
+        max_memory_mb: 128,
+        max_bundle_mb: 64,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_switch_old_ones_leave_memory_and_a_restart_needs_no_compilation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundles: Vec<Bundle> = (0..3).map(|i| app(&tmp.path().join(format!("app{i}")), &format!("v{i}"))).collect();
+    {
+        let region = Region::open(config(tmp.path())).await.unwrap();
+        assert!(region.active().is_none());
+        for b in &bundles {
+            region.install(&b.id, Bytes::from(b.to_tar())).await.unwrap();
+            region.activate(&b.id).unwrap();
+            assert_eq!(region.active().unwrap().id, b.id);
+        }
+        let status = region.status();
+        assert_eq!(status.installed.len(), 2, "only the active and previous versions stay loaded");
+        assert!(status.installed.contains(&bundles[1].id) && status.installed.contains(&bundles[2].id));
+        // Activating something not installed is refused and changes nothing.
+        assert!(region.activate(&bundles[0].id).is_err());
+        assert_eq!(region.active().unwrap().id, bundles[2].id);
+        // A tar that does not hash to the id it was sent as is refused.
+        let err = region.install(&bundles[0].id, Bytes::from(bundles[1].to_tar())).await.err().unwrap();
+        assert!(err.to_string().contains("hashes to"), "{err}");
+    }
+    // Restart: the active version comes back from disk, compiled code from the cache.
+    let region = Region::open(config(tmp.path())).await.unwrap();
+    let active = region.active().expect("active version restored");
+    assert_eq!(active.id, bundles[2].id);
+    assert!(active.all_cached, "a restart recompiled the component");
+}

@@ -19,11 +19,10 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     let samples = Arc::new(Mutex::new(Vec::<(Instant, u16, String)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
-    for (i, e) in w.desc.edges.iter().enumerate() {
+    for e in &w.desc.edges {
         let (url, samples, stop) = (format!("{}/hello", e.url), samples.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             let c = client();
-            let _ = i;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = Instant::now();
                 let r = get(&c, &url, &[]).await;
@@ -43,7 +42,7 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     let v2 = get(&c, &format!("{edge}/hello"), &[]).await.header("x-meridian-version");
     assert_ne!(v1, v2);
     assert!(out.contains(&v2), "deploy output names the version: {out}");
-    let samples = samples.lock().unwrap();
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
     let statuses: BTreeSet<u16> = samples.iter().map(|s| s.1).collect();
     assert_eq!(statuses, BTreeSet::from([200]), "failed requests during deploy");
     let versions: BTreeSet<&str> = samples.iter().map(|s| s.2.as_str()).collect();
@@ -52,7 +51,6 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     assert!(!after.is_empty());
     assert!(after.iter().all(|s| s.2 == v2), "v1 served after the deploy returned");
     assert_eq!(get(&c, &format!("{edge}/"), &[]).await.body, "<h1>version two</h1>");
-    drop(samples);
 
     // --- a broken component is refused; v2 keeps serving ----------------
     let broken = example_app_copy();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use support::*;
 
 fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the PID exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 

@@ -196,12 +196,15 @@ fn item_own_span(item: &Item) -> Option<Range<usize>> {
 }
 
 /// Accepts `[table]` and inline `{ ... }` tables alike.
-fn as_table<'i>(item: &'i Item) -> Option<&'i dyn TableLike> {
+fn as_table(item: &Item) -> Option<&dyn TableLike> {
     item.as_table_like()
 }
 
 /// `[[routes]]` and `routes = [{...}, ...]` alike, each with its span.
-fn table_array(item: &Item) -> Option<Vec<(&dyn TableLike, Option<Range<usize>>)>> {
+/// A table of an array, with the span of its header or braces.
+type Located<'a> = (&'a dyn TableLike, Option<Range<usize>>);
+
+fn table_array(item: &Item) -> Option<Vec<Located<'_>>> {
     if let Some(aot) = item.as_array_of_tables() {
         return Some(aot.iter().map(|t| (t as &dyn TableLike, t.span())).collect());
     }

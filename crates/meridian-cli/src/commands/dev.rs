@@ -189,6 +189,26 @@ struct Plan {
     token_file: PathBuf,
 }
 
+async fn add_link(
+    sup: &Supervisor,
+    ports: &mut Ports,
+    from: &str,
+    to: &str,
+    upstream: SocketAddr,
+    delay: Duration,
+) -> anyhow::Result<LinkInfo> {
+    let name = format!("{from}->{to}");
+    let link = sup.netem.add(&name, ports.take()?, upstream, delay).await?;
+    Ok(LinkInfo {
+        name,
+        from: from.to_string(),
+        to: to.to_string(),
+        listen: link.listen.to_string(),
+        upstream: upstream.to_string(),
+        one_way_delay_ms: delay.as_secs_f64() * 1000.0,
+    })
+}
+
 /// Starts a role, waits until it serves, and pins the port it got in its
 /// config so a restart comes back on the same address.
 async fn start_role<T: serde::Serialize>(
@@ -240,39 +260,24 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
         });
     }
 
-    // Every edge->region and region->region connection crosses a link.
+    // Every edge->region and region->region connection crosses a link whose
+    // one-way delay is half the topology's round trip between the places.
     let mut links = Vec::new();
     let mut edge_targets: Vec<Vec<RegionTarget>> = vec![Vec::new(); topology.regions.len()];
-    let pairs = topology.regions.iter().enumerate().flat_map(|(i, x)| topology.regions.iter().enumerate().map(move |(j, y)| (i, x, j, y)));
-    for (ei, at, ri, r) in pairs.clone() {
-        let (name, from) = (format!("edge-{}->{}", at.name, r.name), format!("edge-{}", at.name));
-        let delay = topology.rtt(&at.name, &r.name) / 2;
-        let link = sup.netem.add(&name, ports.take()?, region_addrs[ri], delay).await?;
-        edge_targets[ei].push(RegionTarget { name: r.name.clone(), url: format!("http://{}", link.listen), location: r.location });
-        links.push(LinkInfo {
-            name,
-            from,
-            to: r.name.clone(),
-            listen: link.listen.to_string(),
-            upstream: region_addrs[ri].to_string(),
-            one_way_delay_ms: delay.as_secs_f64() * 1000.0,
-        });
-    }
-    for (ai, ra, bi, rb) in pairs {
-        if ai == bi {
-            continue;
+    for (ei, at) in topology.regions.iter().enumerate() {
+        for (ri, r) in topology.regions.iter().enumerate() {
+            let from = format!("edge-{}", at.name);
+            let link = add_link(sup, ports, &from, &r.name, region_addrs[ri], topology.rtt(&at.name, &r.name) / 2).await?;
+            edge_targets[ei].push(RegionTarget { name: r.name.clone(), url: format!("http://{}", link.listen), location: r.location });
+            links.push(link);
         }
-        let name = format!("{}->{}", ra.name, rb.name);
-        let delay = topology.rtt(&ra.name, &rb.name) / 2;
-        let link = sup.netem.add(&name, ports.take()?, region_addrs[bi], delay).await?;
-        links.push(LinkInfo {
-            name,
-            from: ra.name.clone(),
-            to: rb.name.clone(),
-            listen: link.listen.to_string(),
-            upstream: region_addrs[bi].to_string(),
-            one_way_delay_ms: delay.as_secs_f64() * 1000.0,
-        });
+    }
+    for ra in &topology.regions {
+        for (bi, rb) in topology.regions.iter().enumerate() {
+            if ra.name != rb.name {
+                links.push(add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], topology.rtt(&ra.name, &rb.name) / 2).await?);
+            }
+        }
     }
     sup.world.lock().unwrap().links = links;
 

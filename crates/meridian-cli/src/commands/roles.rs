@@ -45,35 +45,37 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// Announces the bound address, then serves until SIGINT/SIGTERM and drains.
+async fn serve(a: &Args, what: &str, listener: tokio::net::TcpListener, handler: Handler) -> anyhow::Result<()> {
+    announce(&a.ready_file, &listener)?;
+    tracing::info!(addr = %listener.local_addr()?, "{what} serving");
+    meridian_http::serve(listener, handler, shutdown_signal(), Duration::from_secs(10)).await;
+    Ok(())
+}
+
 pub async fn region(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_region::RegionConfig = load(&a.config)?;
     let listener = bind(cfg.listen).await?;
-    let name = cfg.name.clone();
+    let what = format!("region {}", cfg.name);
     let region = meridian_region::Region::open(cfg).await?;
-    announce(&a.ready_file, &listener)?;
-    tracing::info!(region = %name, addr = %listener.local_addr()?, "region serving");
     let handler: Handler = Arc::new(move |req, _peer| {
         let r = region.clone();
         Box::pin(async move { r.handle(req).await })
     });
-    meridian_http::serve(listener, handler, shutdown_signal(), Duration::from_secs(10)).await;
-    Ok(())
+    serve(&a, &what, listener, handler).await
 }
 
 pub async fn edge(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_edge::EdgeConfig = load(&a.config)?;
     let listener = bind(cfg.listen).await?;
-    let name = cfg.name.clone();
+    let what = cfg.name.clone();
     let edge = meridian_edge::Edge::new(cfg)?;
     tokio::spawn(edge.clone().run_health_checks());
-    announce(&a.ready_file, &listener)?;
-    tracing::info!(edge = %name, addr = %listener.local_addr()?, "edge serving");
     let handler: Handler = Arc::new(move |req, peer| {
         let e = edge.clone();
         Box::pin(async move { e.handle(req, peer).await })
     });
-    meridian_http::serve(listener, handler, shutdown_signal(), Duration::from_secs(10)).await;
-    Ok(())
+    serve(&a, &what, listener, handler).await
 }
 
 pub async fn control(a: Args) -> anyhow::Result<()> {
@@ -81,12 +83,9 @@ pub async fn control(a: Args) -> anyhow::Result<()> {
     let listener = bind(cfg.listen).await?;
     let control = meridian_control::Control::open(cfg)?;
     tokio::spawn(control.clone().reconcile_loop());
-    announce(&a.ready_file, &listener)?;
-    tracing::info!(addr = %listener.local_addr()?, "control plane serving");
     let handler: Handler = Arc::new(move |req, _peer| {
         let c = control.clone();
         Box::pin(async move { c.handle(req).await })
     });
-    meridian_http::serve(listener, handler, shutdown_signal(), Duration::from_secs(10)).await;
-    Ok(())
+    serve(&a, "control plane", listener, handler).await
 }

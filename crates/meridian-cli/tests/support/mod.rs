@@ -93,6 +93,7 @@ impl World {
 
     /// Sends SIGINT (Ctrl-C) to the supervisor and waits for it to exit.
     pub fn interrupt(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own unreaped child.
         unsafe { libc::kill(self.supervisor.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -113,6 +114,7 @@ impl Drop for World {
     fn drop(&mut self) {
         // SIGTERM lets the supervisor stop its children; SIGKILL if it hangs.
         // Children also die with the supervisor (PR_SET_PDEATHSIG).
+        // SAFETY: kill(2) on our own unreaped child.
         unsafe { libc::kill(self.supervisor.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -20,6 +20,7 @@
 //! only knowledge of regions is its config and its own probes.
 
 pub mod health;
+mod pool;
 pub mod select;
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use health::{HealthConfig, RegionHealth};
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use meridian_core::{geo::country_centroid, headers, GeoPoint};
-use meridian_http::{full, json, text, Body, Client};
+use meridian_http::{full, json, text, Body};
 use select::{rank, Candidate, Policy};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -87,13 +88,13 @@ pub struct RegionTarget {
 struct Upstream {
     target: RegionTarget,
     authority: http::uri::Authority,
+    pool: Arc<pool::Pool>,
     health: Mutex<RegionHealth>,
 }
 
 pub struct Edge {
     config: EdgeConfig,
     upstreams: Vec<Upstream>,
-    client: Client,
     geoip: Option<maxminddb::Reader<Vec<u8>>>,
     edge_header: HeaderValue,
 }
@@ -139,7 +140,8 @@ impl Edge {
                     (Some("http"), Some(a)) => a.clone(),
                     _ => return Err(EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() }),
                 };
-                Ok(Upstream { target: r.clone(), authority, health: Mutex::new(RegionHealth::new()) })
+                let pool = pool::Pool::new(authority.to_string(), Duration::from_millis(config.health.timeout_ms.max(100)));
+                Ok(Upstream { target: r.clone(), authority, pool, health: Mutex::new(RegionHealth::new()) })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let geoip = match &config.geoip_db {
@@ -150,8 +152,7 @@ impl Edge {
             ),
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
-        let client = meridian_http::client(Duration::from_millis(config.health.timeout_ms.max(100)));
-        Ok(Arc::new(Edge { config, upstreams, client, geoip, edge_header }))
+        Ok(Arc::new(Edge { config, upstreams, geoip, edge_header }))
     }
 
     /// Probes every region forever at the configured interval.
@@ -176,7 +177,7 @@ impl Edge {
         let req = Request::get(uri).body(meridian_http::empty()).expect("valid probe request");
         let start = Instant::now();
         let timeout = Duration::from_millis(self.config.health.timeout_ms);
-        let ok = match tokio::time::timeout(timeout, self.client.request(req)).await {
+        let ok = match tokio::time::timeout(timeout, u.pool.send(req)).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status() == StatusCode::OK;
                 // Drain so the connection returns to the pool.
@@ -256,7 +257,7 @@ impl Edge {
             let last = n + 1 == attempts;
             let req = self.upstream_request(&parts, body.clone(), &u.authority, peer.ip());
             let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
-            match tokio::time::timeout(timeout, self.client.request(req)).await {
+            match tokio::time::timeout(timeout, u.pool.send(req)).await {
                 Ok(Ok(resp)) => {
                     let platform_error =
                         resp.status().is_server_error() && !resp.headers().contains_key(headers::FAULT);
@@ -270,11 +271,10 @@ impl Edge {
                     } else {
                         u.health.lock().unwrap().request_ok();
                     }
-                    let resp = resp.map(|b| b.map_err(|e| Box::new(e) as meridian_http::BoxError).boxed_unsync());
                     return self.finish(resp, n + 1);
                 }
                 Ok(Err(e)) => {
-                    let connect = e.is_connect();
+                    let connect = matches!(e, pool::SendError::Connect(_));
                     u.health.lock().unwrap().connection_failed();
                     last_error = format!("{}: {e}", u.target.name);
                     tracing::info!(region = %u.target.name, error = %e, connect, "region failed; ejected");

@@ -1,0 +1,186 @@
+//! Keep-alive connections from an edge to one region.
+//!
+//! A deliberately small pool over hyper's HTTP/1 connection API, used instead
+//! of hyper-util's general-purpose client: one lock-protected stack of idle
+//! senders per region, no background tasks beyond each connection's own
+//! driver. A connection goes back on the stack when its response body has
+//! been read to the end; a connection whose body was abandoned is dropped.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use meridian_http::Body;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Idle connections older than this are not reused: the region's server
+/// closes idle keep-alive connections after 30 s, and reusing one that is
+/// about to close would fail a request that never reached the region.
+const MAX_IDLE: Duration = Duration::from_secs(20);
+
+pub struct Pool {
+    addr: String,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Nothing was sent: the request may be retried elsewhere whatever its method.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The request may have reached the region.
+    #[error("{0}")]
+    Request(#[from] hyper::Error),
+}
+
+impl Pool {
+    pub fn new(addr: String, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool { addr, connect_timeout, idle: Mutex::new(Vec::new()) })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| SendError::Connect(format!("no connection within {:?}", self.connect_timeout)))?
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap();
+        while let Some((s, since)) = idle.pop() {
+            if !s.is_closed() && since.elapsed() < MAX_IDLE {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let mut sender = loop {
+            match self.checkout() {
+                // Released after its body ended, so ready at once or as soon
+                // as the connection task has seen the end of the message.
+                Some(mut s) => {
+                    if s.ready().await.is_ok() {
+                        break s;
+                    }
+                }
+                None => break self.connect().await?,
+            }
+        };
+        let resp = sender.send_request(req).await?;
+        let pool = self.clone();
+        Ok(resp.map(|inner| {
+            let body = PooledBody { inner, sender: Some(sender), pool };
+            http_body_util::BodyExt::boxed_unsync(body)
+        }))
+    }
+}
+
+struct PooledBody {
+    inner: Incoming,
+    sender: Option<SendRequest<Body>>,
+    pool: Arc<Pool>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(s) = self.sender.take() {
+            self.pool.idle.lock().unwrap().push((s, Instant::now()));
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = meridian_http::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.sender = None,
+            _ => {}
+        }
+        r.map(|o| o.map(|res| res.map_err(|e| Box::new(e) as meridian_http::BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A server that counts the connections it accepts.
+    async fn server() -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(meridian_http::full("hello")))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/").body(meridian_http::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_once_a_body_is_read_and_not_before() {
+        let (addr, conns) = server().await;
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        for _ in 0..5 {
+            let r = pool.send(get()).await.unwrap();
+            assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hello");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "sequential requests share one connection");
+        // Two responses held at once need two connections.
+        let a = pool.send(get()).await.unwrap();
+        let b = pool.send(get()).await.unwrap();
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+        drop((a, b));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        assert!(matches!(pool.send(get()).await, Err(SendError::Connect(_))));
+    }
+}

@@ -78,3 +78,35 @@ async fn killing_the_nearest_region_fails_no_request_and_traffic_returns_after_r
     // After it is back, it stays back.
     assert!(samples.iter().filter(|s| s.started > back_at + Duration::from_millis(100)).all(|s| s.region == "eu-west"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_takes_its_region_out_of_rotation_until_healed() {
+    let w = World::start(&[]);
+    let c = client();
+    let url = format!("{}/hello", w.edge("edge-eu-west"));
+    let paris = [("x-meridian-client-geo", "48.86,2.35")];
+    assert_eq!(get(&c, &url, &paris).await.region(), "eu-west");
+    // A black hole, not a dead process: only the probes can tell.
+    w.chaos(&["cut", "edge-eu-west", "eu-west"]);
+    let status_url = format!("{}/_meridian/edge", w.edge("edge-eu-west"));
+    let t = Instant::now();
+    loop {
+        let s: serde_json::Value = serde_json::from_str(&get(&c, &status_url, &[]).await.body).unwrap();
+        let eu = s["regions"].as_array().unwrap().iter().find(|r| r[0] == "eu-west").unwrap().clone();
+        if eu[1]["healthy"] == false {
+            assert_eq!(eu[1]["ejected_for"], "probes_failed");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "eu-west still healthy behind a cut link");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&c, &url, &paris).await.region(), "us-east");
+    // Other edges still reach eu-west: only that one link is cut.
+    assert_eq!(get(&c, &format!("{}/hello", w.edge("edge-us-east")), &paris).await.region(), "eu-west");
+    w.chaos(&["heal", "edge-eu-west", "eu-west"]);
+    let t = Instant::now();
+    while get(&c, &url, &paris).await.region() != "eu-west" {
+        assert!(t.elapsed() < Duration::from_secs(10), "traffic did not return after heal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

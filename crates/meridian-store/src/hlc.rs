@@ -1,0 +1,91 @@
+//! Hybrid logical clocks (Kulkarni et al., 2014): timestamps that follow
+//! physical time closely, never go backwards, and order every write after
+//! the writes its region had seen.
+
+use std::sync::Mutex;
+
+/// A point in hybrid logical time. Ordered by wall time, then the logical
+/// counter; equal timestamps from different regions are ordered by the
+/// caller with the region name as tie-break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp {
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    pub logical: u32,
+}
+
+/// A clock for one region. The physical clock is a parameter so tests can
+/// drive it.
+pub struct Hlc<C: Fn() -> u64 = fn() -> u64> {
+    physical: C,
+    last: Mutex<Timestamp>,
+}
+
+pub fn system_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Hlc {
+    pub fn system() -> Hlc {
+        Hlc::new(system_ms)
+    }
+}
+
+impl<C: Fn() -> u64> Hlc<C> {
+    pub fn new(physical: C) -> Self {
+        Hlc { physical, last: Mutex::new(Timestamp::default()) }
+    }
+
+    /// A timestamp for a local event, greater than every one issued or
+    /// observed before.
+    pub fn now(&self) -> Timestamp {
+        let pt = (self.physical)();
+        let mut last = self.last.lock().unwrap();
+        *last = if pt > last.wall_ms {
+            Timestamp { wall_ms: pt, logical: 0 }
+        } else {
+            Timestamp { wall_ms: last.wall_ms, logical: last.logical + 1 }
+        };
+        *last
+    }
+
+    /// Takes a remote timestamp into account, so later local events order
+    /// after it even if this region's physical clock is behind.
+    pub fn observe(&self, remote: Timestamp) {
+        let mut last = self.last.lock().unwrap();
+        if remote > *last {
+            *last = remote;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn timestamps_never_go_backwards_even_when_the_clock_does() {
+        let t = Arc::new(AtomicU64::new(1000));
+        let t2 = t.clone();
+        let hlc = Hlc::new(move || t2.load(Ordering::SeqCst));
+        let a = hlc.now();
+        t.store(900, Ordering::SeqCst);
+        let b = hlc.now();
+        assert!(b > a);
+        assert_eq!(b, Timestamp { wall_ms: 1000, logical: 1 });
+        t.store(2000, Ordering::SeqCst);
+        assert_eq!(hlc.now(), Timestamp { wall_ms: 2000, logical: 0 });
+    }
+
+    #[test]
+    fn events_after_a_remote_one_order_after_it() {
+        let hlc = Hlc::new(|| 100);
+        hlc.observe(Timestamp { wall_ms: 5000, logical: 7 });
+        assert_eq!(hlc.now(), Timestamp { wall_ms: 5000, logical: 8 });
+    }
+}

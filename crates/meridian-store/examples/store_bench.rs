@@ -1,0 +1,61 @@
+//! Durable writes through `Store` vs raw redb with the same fsync policy, in
+//! one run, and the latency of a local `get`.
+//!
+//!     cargo run --release -p meridian-store --example store_bench [-- WRITES]
+
+use meridian_store::Store;
+use redb::{Database, TableDefinition};
+use std::time::Instant;
+
+const RAW: TableDefinition<&[u8], &[u8]> = TableDefinition::new("raw");
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let value = vec![7u8; 100];
+    let mut rounds = Vec::new();
+    // Alternate the two so machine noise lands on both.
+    for round in 0..2 {
+        let raw_db = Database::create(dir.path().join(format!("raw{round}.redb"))).expect("raw db");
+        let t = Instant::now();
+        for i in 0..n {
+            let txn = raw_db.begin_write().expect("txn");
+            {
+                let mut table = txn.open_table(RAW).expect("table");
+                let key = format!("sessions\0key-{i}");
+                table.insert(key.as_bytes(), value.as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit"); // Durability::Immediate: fsync
+        }
+        let raw = n as f64 / t.elapsed().as_secs_f64();
+
+        let store = Store::open(&dir.path().join(format!("store{round}.redb")), "eu-west").expect("store");
+        let t = Instant::now();
+        for i in 0..n {
+            store.put("sessions", format!("key-{i}").as_bytes(), value.clone()).expect("put");
+        }
+        let ours = n as f64 / t.elapsed().as_secs_f64();
+        rounds.push((raw, ours));
+
+        // Local reads of existing keys.
+        let mut lat: Vec<f64> = (0..n)
+            .map(|i| {
+                let k = format!("key-{}", (i * 7919) % n);
+                let t = Instant::now();
+                let r = store.get("sessions", k.as_bytes()).expect("get");
+                let dt = t.elapsed().as_secs_f64() * 1e6;
+                assert!(r.is_some());
+                dt
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "round {round}: raw redb {raw:.0} writes/s, Store::put {ours:.0} writes/s ({:.2}x); Store::get p50 {:.1} µs, p99 {:.1} µs",
+            ours / raw,
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
+    }
+    let (raw, ours): (f64, f64) = rounds.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
+    println!("mean: raw {:.0} writes/s, Store {:.0} writes/s, ratio {:.2}x (target >= 0.8x)", raw / 2.0, ours / 2.0, ours / raw);
+}

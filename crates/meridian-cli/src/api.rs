@@ -28,7 +28,13 @@ impl WorldArg {
     }
 }
 
-pub async fn call(method: Method, url: &str, token: &str, body: Bytes, timeout: Duration) -> anyhow::Result<(StatusCode, Bytes)> {
+pub async fn call(
+    method: Method,
+    url: &str,
+    token: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let client = meridian_http::client(Duration::from_secs(5));
     let req = Request::builder()
         .method(method)
@@ -40,7 +46,8 @@ pub async fn call(method: Method, url: &str, token: &str, body: Bytes, timeout: 
         .with_context(|| format!("{url} did not answer within {timeout:?}"))?
         .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("reading the answer of {url}: {e}"))?.to_bytes();
+    let body =
+        resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("reading the answer of {url}: {e}"))?.to_bytes();
     Ok((status, body))
 }
 

@@ -36,7 +36,14 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(dir: PathBuf, token: String, world: WorldDescription) -> anyhow::Result<Supervisor> {
         let exe = std::env::current_exe().context("cannot find the meridian executable")?;
-        Ok(Supervisor { dir, token, exe, world: Mutex::new(world), procs: Mutex::new(BTreeMap::new()), netem: Netem::new() })
+        Ok(Supervisor {
+            dir,
+            token,
+            exe,
+            world: Mutex::new(world),
+            procs: Mutex::new(BTreeMap::new()),
+            netem: Netem::new(),
+        })
     }
 
     pub fn add_process(&self, name: &str, role: &str, config: PathBuf) {
@@ -56,7 +63,14 @@ impl Supervisor {
         let ready = self.ready_file(name);
         let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(&self.exe);
-        cmd.arg(&p.role).arg("--config").arg(&p.config).arg("--ready-file").arg(&ready).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.arg(&p.role)
+            .arg("--config")
+            .arg(&p.config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         // SAFETY: the closure runs in the forked child before exec and only
         // calls prctl(2), which is async-signal-safe and touches no memory
         // shared with the parent. It makes the kernel SIGKILL the child when
@@ -86,7 +100,8 @@ impl Supervisor {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(s) = std::fs::read_to_string(self.ready_file(name)) {
-                let addr: std::net::SocketAddr = s.trim().parse().with_context(|| format!("{name} wrote a bad address {s:?}"))?;
+                let addr: std::net::SocketAddr =
+                    s.trim().parse().with_context(|| format!("{name} wrote a bad address {s:?}"))?;
                 let mut w = self.world.lock().unwrap();
                 if let Some(p) = w.processes.iter_mut().find(|p| p.name == name) {
                     p.listen = addr.to_string();
@@ -176,7 +191,9 @@ impl Supervisor {
                 loop {
                     match c.try_wait() {
                         Ok(Some(_)) => break,
-                        Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                        Ok(None) if std::time::Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
                         _ => {
                             let _ = c.kill();
                             let _ = c.wait();
@@ -204,7 +221,10 @@ impl Supervisor {
             (Method::GET, ["links"]) => json(StatusCode::OK, &self.netem.status()),
             (Method::POST, ["regions", name, action]) => {
                 if !self.region_names().iter().any(|n| n == name) {
-                    return text(StatusCode::NOT_FOUND, format!("no region named {name:?}; regions: {}", self.region_names().join(", ")));
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("no region named {name:?}; regions: {}", self.region_names().join(", ")),
+                    );
                 }
                 let r = match *action {
                     "kill" => self.kill(name).map(|pid| serde_json::json!({"region": name, "killed_pid": pid})),
@@ -283,6 +303,12 @@ pub struct LinkChange {
     pub one_way_delay_ms: Option<f64>,
 }
 
-pub fn process_info(name: &str, role: &str, listen: String, config: Option<PathBuf>, log: Option<PathBuf>) -> ProcessInfo {
+pub fn process_info(
+    name: &str,
+    role: &str,
+    listen: String,
+    config: Option<PathBuf>,
+    log: Option<PathBuf>,
+) -> ProcessInfo {
     ProcessInfo { role: role.into(), name: name.into(), pid: None, listen, config, log }
 }

@@ -66,7 +66,9 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     // --- a malformed manifest is reported in full, with lines -----------
     let bad = example_app_copy();
     let manifest = std::fs::read_to_string(bad.path().join("meridian.toml")).unwrap();
-    let manifest = manifest.replace("name = \"hello\"", "name = \"hello\"\ncolour = \"blue\"").replace("memory_mb = 64", "memory_mb = -1");
+    let manifest = manifest
+        .replace("name = \"hello\"", "name = \"hello\"\ncolour = \"blue\"")
+        .replace("memory_mb = 64", "memory_mb = -1");
     std::fs::write(bad.path().join("meridian.toml"), manifest).unwrap();
     let (ok, out) = w.cli(&["deploy", bad.path().to_str().unwrap()]);
     assert!(!ok);
@@ -77,9 +79,15 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     // --- the control API refuses calls without the token -----------------
     let r = request(&c, "POST", &format!("{}/v1/deploy", w.desc.control_url), &[], "x").await.unwrap();
     assert_eq!(r.status, 401);
-    let r = request(&c, "PUT", &format!("{}/_meridian/active", w.region_url("us-east")), &[("authorization", "Bearer nope")], &v1)
-        .await
-        .unwrap();
+    let r = request(
+        &c,
+        "PUT",
+        &format!("{}/_meridian/active", w.region_url("us-east")),
+        &[("authorization", "Bearer nope")],
+        &v1,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 401);
 }
 
@@ -88,7 +96,8 @@ async fn a_hostile_function_is_contained_and_not_retried_across_regions() {
     let w = World::start(&[]);
     let app = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(app.path().join("c")).unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/hostile.wasm"), app.path().join("c/hostile.wasm")).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/hostile.wasm"), app.path().join("c/hostile.wasm"))
+        .unwrap();
     std::fs::write(
         app.path().join("meridian.toml"),
         "[app]\nname = \"hostile\"\n[limits]\ndeadline_ms = 300\nmemory_mb = 16\n[components.h]\nsource = \"c/hostile.wasm\"\n[[routes]]\npath = \"/\"\ncomponent = \"h\"\n",

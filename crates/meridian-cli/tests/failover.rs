@@ -47,7 +47,13 @@ async fn killing_the_nearest_region_fails_no_request_and_traffic_returns_after_r
     w.chaos(&["restart", "eu-west"]);
     // Wait for traffic to come back to eu-west.
     let back_at = loop {
-        let last = samples.lock().unwrap().iter().rev().find(|s| s.started > restarted_at && s.region == "eu-west").map(|s| s.started);
+        let last = samples
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|s| s.started > restarted_at && s.region == "eu-west")
+            .map(|s| s.started);
         if let Some(t) = last {
             break t;
         }
@@ -61,14 +67,22 @@ async fn killing_the_nearest_region_fails_no_request_and_traffic_returns_after_r
     }
     let samples = samples.lock().unwrap();
     let failed: Vec<_> = samples.iter().filter(|s| !s.ok).map(|s| &s.detail).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), samples.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        samples.len(),
+        &failed[..failed.len().min(5)]
+    );
     let before: Vec<_> = samples.iter().filter(|s| s.started < killed_at).collect();
     assert!(before.len() > 20 && before.iter().all(|s| s.region == "eu-west"));
     // Within 1 s of the kill, every request is served by the next-nearest region.
-    let moved: Vec<_> = samples.iter().filter(|s| s.started > killed_at + Duration::from_secs(1) && s.started < restarted_at).collect();
+    let moved: Vec<_> =
+        samples.iter().filter(|s| s.started > killed_at + Duration::from_secs(1) && s.started < restarted_at).collect();
     assert!(moved.len() > 20, "too few samples during the outage: {}", moved.len());
     assert!(moved.iter().all(|s| s.region == "us-east"), "{:?}", moved.iter().map(|s| &s.region).collect::<Vec<_>>());
-    let first_rerouted = samples.iter().find(|s| s.started > killed_at && s.region == "us-east").map(|s| s.started - killed_at);
+    let first_rerouted =
+        samples.iter().find(|s| s.started > killed_at && s.region == "us-east").map(|s| s.started - killed_at);
     eprintln!(
         "{} requests, 0 failed; first us-east response started {:?} after the kill; back on eu-west {:?} after restart",
         samples.len(),

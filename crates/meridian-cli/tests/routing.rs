@@ -8,12 +8,12 @@ async fn clients_are_served_by_the_region_nearest_to_them() {
     let w = World::start(&[]);
     let c = client();
     let places = [
-        ("48.86,2.35", "eu-west"),      // Paris
-        ("52.52,13.40", "eu-west"),     // Berlin
-        ("35.68,139.69", "ap-southeast"), // Tokyo
+        ("48.86,2.35", "eu-west"),         // Paris
+        ("52.52,13.40", "eu-west"),        // Berlin
+        ("35.68,139.69", "ap-southeast"),  // Tokyo
         ("-33.87,151.21", "ap-southeast"), // Sydney
-        ("41.88,-87.63", "us-east"),    // Chicago
-        ("-23.55,-46.63", "us-east"),   // Sao Paulo
+        ("41.88,-87.63", "us-east"),       // Chicago
+        ("-23.55,-46.63", "us-east"),      // Sao Paulo
     ];
     for edge in &w.desc.edges {
         for (geo, want) in places {
@@ -25,12 +25,21 @@ async fn clients_are_served_by_the_region_nearest_to_them() {
             assert_eq!(r.header("x-meridian-version").len(), 12);
         }
     }
-    for (country, want) in [("DE", "eu-west"), ("ie", "eu-west"), ("SG", "ap-southeast"), ("JP", "ap-southeast"), ("US", "us-east"), ("MX", "us-east")] {
+    for (country, want) in [
+        ("DE", "eu-west"),
+        ("ie", "eu-west"),
+        ("SG", "ap-southeast"),
+        ("JP", "ap-southeast"),
+        ("US", "us-east"),
+        ("MX", "us-east"),
+    ] {
         let r = get(&c, &format!("{}/hello", w.edge("edge-us-east")), &[("x-meridian-client-country", country)]).await;
         assert_eq!(r.region(), want, "client in {country}");
     }
     // Without location headers a client is assumed near the edge it reached.
-    for (edge, want) in [("edge-eu-west", "eu-west"), ("edge-ap-southeast", "ap-southeast"), ("edge-us-east", "us-east")] {
+    for (edge, want) in
+        [("edge-eu-west", "eu-west"), ("edge-ap-southeast", "ap-southeast"), ("edge-us-east", "us-east")]
+    {
         assert_eq!(get(&c, &format!("{}/hello", w.edge(edge)), &[]).await.region(), want);
     }
 }

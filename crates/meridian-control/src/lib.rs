@@ -14,8 +14,8 @@
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use meridian_core::{headers, VersionId};
 use meridian_http::{full, has_bearer, json, text, unauthorized, Body, Client};
 use meridian_manifest::Bundle;
@@ -116,7 +116,14 @@ impl Control {
         self.config.data_dir.join("bundles").join(format!("{id}.tar"))
     }
 
-    async fn call(&self, region: &ControlRegion, method: Method, path: &str, body: Bytes, timeout: Duration) -> RegionCall {
+    async fn call(
+        &self,
+        region: &ControlRegion,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> RegionCall {
         let uri = format!("{}{}{}", region.url.trim_end_matches('/'), headers::RESERVED_PREFIX, path);
         let req = match Request::builder()
             .method(method)
@@ -187,7 +194,8 @@ impl Control {
             if s.history.last() != Some(&id) {
                 s.history.push(id.clone());
             }
-            self.save_state(&s).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the deploy: {e}")))?;
+            self.save_state(&s)
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the deploy: {e}")))?;
         }
         // Phase 2: switch each region that holds it.
         let mut report = Vec::new();
@@ -196,7 +204,9 @@ impl Control {
                 RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: err }
             } else {
                 match self.call(r, Method::PUT, "active", Bytes::from(id.to_string()), Duration::from_secs(10)).await {
-                    RegionCall::Ok(_) => RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() },
+                    RegionCall::Ok(_) => {
+                        RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() }
+                    }
                     RegionCall::Unreachable(e) | RegionCall::Refused(e) => {
                         RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: e }
                     }
@@ -234,11 +244,13 @@ impl Control {
         if status["active"].as_str() == Some(desired.as_str()) {
             return Ok(());
         }
-        let installed = status["installed"].as_array().is_some_and(|a| a.iter().any(|v| v.as_str() == Some(desired.as_str())));
+        let installed =
+            status["installed"].as_array().is_some_and(|a| a.iter().any(|v| v.as_str() == Some(desired.as_str())));
         if !installed {
             let tar = std::fs::read(self.bundle_path(desired)).map_err(|e| e.to_string())?;
-            if let RegionCall::Unreachable(e) | RegionCall::Refused(e) =
-                self.call(r, Method::PUT, &format!("versions/{desired}"), Bytes::from(tar), Duration::from_secs(300)).await
+            if let RegionCall::Unreachable(e) | RegionCall::Refused(e) = self
+                .call(r, Method::PUT, &format!("versions/{desired}"), Bytes::from(tar), Duration::from_secs(300))
+                .await
             {
                 return Err(e);
             }
@@ -258,7 +270,10 @@ impl Control {
             (s.app.clone(), s.desired.clone())
         };
         let calls = futures::future::join_all(
-            self.config.regions.iter().map(|r| self.call(r, Method::GET, "status", Bytes::new(), Duration::from_secs(2))),
+            self.config
+                .regions
+                .iter()
+                .map(|r| self.call(r, Method::GET, "status", Bytes::new(), Duration::from_secs(2))),
         )
         .await;
         let regions: Vec<_> = self
@@ -299,4 +314,3 @@ impl Control {
         }
     }
 }
-

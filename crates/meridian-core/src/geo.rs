@@ -65,10 +65,7 @@ impl fmt::Display for GeoPoint {
 /// to its own location.
 pub fn country_centroid(code: &str) -> Option<GeoPoint> {
     let code = code.trim().to_ascii_uppercase();
-    COUNTRY_CENTROIDS
-        .iter()
-        .find(|(c, _, _)| *c == code)
-        .map(|&(_, lat, lon)| GeoPoint { lat, lon })
+    COUNTRY_CENTROIDS.iter().find(|(c, _, _)| *c == code).map(|&(_, lat, lon)| GeoPoint { lat, lon })
 }
 
 #[rustfmt::skip]

@@ -110,8 +110,7 @@ impl Topology {
 
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| TopologyError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Io { path: p.clone(), source })?;
         Self::parse(&p, &text)
     }
 
@@ -125,16 +124,12 @@ impl Topology {
         let mut regions: Vec<Region> = Vec::new();
         for r in file.region {
             if !is_valid_name(&r.name) {
-                return Err(invalid(format!(
-                    "region name {:?} must be 1-32 characters of a-z, 0-9 and '-'",
-                    r.name
-                )));
+                return Err(invalid(format!("region name {:?} must be 1-32 characters of a-z, 0-9 and '-'", r.name)));
             }
             if regions.iter().any(|x| x.name == r.name) {
                 return Err(invalid(format!("region {:?} is declared twice", r.name)));
             }
-            let location = GeoPoint::new(r.lat, r.lon)
-                .map_err(|e| invalid(format!("region {:?}: {e}", r.name)))?;
+            let location = GeoPoint::new(r.lat, r.lon).map_err(|e| invalid(format!("region {:?}: {e}", r.name)))?;
             regions.push(Region { name: r.name, city: r.city, location, jurisdiction: r.jurisdiction });
         }
         let mut rtt = BTreeMap::new();
@@ -155,8 +150,7 @@ impl Topology {
         for a in &regions {
             for b in &regions {
                 if a.name < b.name {
-                    rtt.entry(pair(&a.name, &b.name))
-                        .or_insert_with(|| estimated_rtt(&a.location, &b.location));
+                    rtt.entry(pair(&a.name, &b.name)).or_insert_with(|| estimated_rtt(&a.location, &b.location));
                 }
             }
         }

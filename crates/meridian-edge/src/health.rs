@@ -23,7 +23,13 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { interval_ms: 500, timeout_ms: 1000, unhealthy_after: 2, healthy_after: 3, max_consecutive_5xx: 3 }
+        HealthConfig {
+            interval_ms: 500,
+            timeout_ms: 1000,
+            unhealthy_after: 2,
+            healthy_after: 3,
+            max_consecutive_5xx: 3,
+        }
     }
 }
 

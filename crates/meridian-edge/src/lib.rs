@@ -26,6 +26,7 @@ pub mod select;
 use bytes::Bytes;
 use health::{HealthConfig, RegionHealth};
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meridian_core::{geo::country_centroid, headers, GeoPoint};
 use meridian_http::{full, json, text, Body};
@@ -34,7 +35,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use http_body_util::BodyExt;
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -135,12 +135,14 @@ impl Edge {
             .regions
             .iter()
             .map(|r| {
-                let uri: Uri = r.url.parse().map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
+                let uri: Uri =
+                    r.url.parse().map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
                 let authority = match (uri.scheme_str(), uri.authority()) {
                     (Some("http"), Some(a)) => a.clone(),
                     _ => return Err(EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() }),
                 };
-                let pool = pool::Pool::new(authority.to_string(), Duration::from_millis(config.health.timeout_ms.max(100)));
+                let pool =
+                    pool::Pool::new(authority.to_string(), Duration::from_millis(config.health.timeout_ms.max(100)));
                 Ok(Upstream { target: r.clone(), authority, pool, health: Mutex::new(RegionHealth::new()) })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -280,7 +282,13 @@ impl Edge {
                     tracing::info!(region = %u.target.name, error = %e, connect, "region failed; ejected");
                     if !(connect || idempotent) {
                         return self.finish(
-                            text(StatusCode::BAD_GATEWAY, format!("region {} failed mid-request: {e}; not retried because {} is not idempotent", u.target.name, parts.method)),
+                            text(
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "region {} failed mid-request: {e}; not retried because {} is not idempotent",
+                                    u.target.name, parts.method
+                                ),
+                            ),
                             n + 1,
                         );
                     }
@@ -318,9 +326,11 @@ impl Edge {
                 h.append(k.clone(), v.clone());
             }
         }
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let original_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(host) = original_host {
             h.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
@@ -349,11 +359,7 @@ impl Edge {
         EdgeStatus {
             edge: self.config.name.clone(),
             policy: self.config.policy,
-            regions: self
-                .upstreams
-                .iter()
-                .map(|u| (u.target.name.clone(), u.health.lock().unwrap().clone()))
-                .collect(),
+            regions: self.upstreams.iter().map(|u| (u.target.name.clone(), u.health.lock().unwrap().clone())).collect(),
         }
     }
 }

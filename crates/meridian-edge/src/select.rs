@@ -79,11 +79,7 @@ mod tests {
     #[test]
     fn geo_prefers_the_nearest_healthy_region() {
         let (a, b, c) = (healthy(1), healthy(1), healthy(1));
-        let regions = [
-            Candidate::new(VIRGINIA, &a),
-            Candidate::new(DUBLIN, &b),
-            Candidate::new(SINGAPORE, &c),
-        ];
+        let regions = [Candidate::new(VIRGINIA, &a), Candidate::new(DUBLIN, &b), Candidate::new(SINGAPORE, &c)];
         assert_eq!(rank(Policy::Geo, PARIS, &regions), vec![1, 0, 2]);
         assert_eq!(rank(Policy::Geo, TOKYO, &regions)[0], 2);
     }
@@ -92,22 +88,14 @@ mod tests {
     fn unhealthy_regions_go_last_but_stay_in_the_list() {
         let (a, mut b, c) = (healthy(1), healthy(1), healthy(1));
         b.connection_failed();
-        let regions = [
-            Candidate::new(VIRGINIA, &a),
-            Candidate::new(DUBLIN, &b),
-            Candidate::new(SINGAPORE, &c),
-        ];
+        let regions = [Candidate::new(VIRGINIA, &a), Candidate::new(DUBLIN, &b), Candidate::new(SINGAPORE, &c)];
         assert_eq!(rank(Policy::Geo, PARIS, &regions), vec![0, 2, 1]);
     }
 
     #[test]
     fn latency_prefers_the_fastest_probe() {
         let (a, b, c) = (healthy(70), healthy(5), healthy(170));
-        let regions = [
-            Candidate::new(VIRGINIA, &a),
-            Candidate::new(DUBLIN, &b),
-            Candidate::new(SINGAPORE, &c),
-        ];
+        let regions = [Candidate::new(VIRGINIA, &a), Candidate::new(DUBLIN, &b), Candidate::new(SINGAPORE, &c)];
         assert_eq!(rank(Policy::Latency, TOKYO, &regions), vec![1, 0, 2]);
     }
 }

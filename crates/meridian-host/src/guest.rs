@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -247,7 +249,9 @@ impl Prepared {
         })();
         let (req, out) = match setup {
             Ok(x) => x,
-            Err(e) => return error_response(500, Fault::Trap, format!("cannot pass the request to the function: {e:#}")),
+            Err(e) => {
+                return error_response(500, Fault::Trap, format!("cannot pass the request to the function: {e:#}"))
+            }
         };
         let pre = self.inner.pre.clone();
         let f = fault.clone();
@@ -292,7 +296,9 @@ impl Prepared {
                         format!("the function exceeded its memory limit of {} MiB", self.inner.memory_bytes >> 20),
                     ),
                     (_, Some(e)) => error_response(500, Fault::Trap, format!("the function trapped: {e}")),
-                    (_, None) => error_response(500, Fault::NoResponse, "the function returned without a response".into()),
+                    (_, None) => {
+                        error_response(500, Fault::NoResponse, "the function returned without a response".into())
+                    }
                 }
             }
         }
@@ -301,9 +307,8 @@ impl Prepared {
 
 fn error_response(status: u16, fault: Fault, message: String) -> hyper::Response<ResponseBody> {
     tracing::info!(?fault, %message, "guest fault");
-    let mut resp = hyper::Response::new(
-        Full::new(Bytes::from(message + "\n")).map_err(|never| match never {}).boxed_unsync(),
-    );
+    let mut resp =
+        hyper::Response::new(Full::new(Bytes::from(message + "\n")).map_err(|never| match never {}).boxed_unsync());
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp.extensions_mut().insert(fault);

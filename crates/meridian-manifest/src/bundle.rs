@@ -150,12 +150,7 @@ fn read(p: &Path) -> Result<Vec<u8>, BundleError> {
     std::fs::read(p).map_err(|source| BundleError::Io { path: p.into(), source })
 }
 
-fn collect_dir(
-    root: &Path,
-    dir: &Path,
-    rel: &str,
-    files: &mut BTreeMap<String, Vec<u8>>,
-) -> Result<(), BundleError> {
+fn collect_dir(root: &Path, dir: &Path, rel: &str, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), BundleError> {
     let io = |source| BundleError::Io { path: dir.into(), source };
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
     entries.sort_by_key(|e| e.file_name());

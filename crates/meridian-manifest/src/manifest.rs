@@ -123,11 +123,7 @@ impl Checker<'_> {
         for (k, _) in table.iter() {
             if !allowed.contains(&k) {
                 let span = table.get_key_value(k).and_then(|(key, _)| key.span());
-                self.error(
-                    span,
-                    &join(prefix, k),
-                    format!("unknown key; expected one of: {}", allowed.join(", ")),
-                );
+                self.error(span, &join(prefix, k), format!("unknown key; expected one of: {}", allowed.join(", ")));
             }
         }
     }
@@ -164,12 +160,8 @@ impl Checker<'_> {
 
     fn limits(&mut self, table: &dyn TableLike, prefix: &str, base: Limits) -> Limits {
         Limits {
-            deadline_ms: self
-                .integer(table, prefix, "deadline_ms", 1..MAX_DEADLINE_MS + 1)
-                .unwrap_or(base.deadline_ms),
-            memory_mb: self
-                .integer(table, prefix, "memory_mb", 1..MAX_MEMORY_MB + 1)
-                .unwrap_or(base.memory_mb),
+            deadline_ms: self.integer(table, prefix, "deadline_ms", 1..MAX_DEADLINE_MS + 1).unwrap_or(base.deadline_ms),
+            memory_mb: self.integer(table, prefix, "memory_mb", 1..MAX_MEMORY_MB + 1).unwrap_or(base.memory_mb),
         }
     }
 }
@@ -331,12 +323,20 @@ impl Manifest {
                         let static_dir = c.string(rt, &prefix, "static");
                         let Some(path) = path else {
                             if rt.get("path").is_none() {
-                                c.error(span.clone(), &format!("{prefix}.path"), "missing; the URL path prefix this route serves");
+                                c.error(
+                                    span.clone(),
+                                    &format!("{prefix}.path"),
+                                    "missing; the URL path prefix this route serves",
+                                );
                             }
                             continue;
                         };
                         if !path.starts_with('/') {
-                            c.error(item_span(rt, "path"), &format!("{prefix}.path"), format!("{path:?} must start with '/'"));
+                            c.error(
+                                item_span(rt, "path"),
+                                &format!("{prefix}.path"),
+                                format!("{path:?} must start with '/'"),
+                            );
                         } else if path.starts_with(meridian_core::headers::RESERVED_PREFIX.trim_end_matches('/')) {
                             c.error(
                                 item_span(rt, "path"),
@@ -345,7 +345,11 @@ impl Manifest {
                             );
                         }
                         if routes.iter().any(|r: &Route| r.path == path) {
-                            c.error(item_span(rt, "path"), &format!("{prefix}.path"), format!("{path:?} is routed twice"));
+                            c.error(
+                                item_span(rt, "path"),
+                                &format!("{prefix}.path"),
+                                format!("{path:?} is routed twice"),
+                            );
                         }
                         let target = match (component, static_dir) {
                             (Some(comp), None) => {
@@ -398,10 +402,7 @@ impl Manifest {
     /// ending without '/' matches only at a segment boundary (`/api` serves
     /// `/api` and `/api/x`, not `/apix`).
     pub fn route_for(&self, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .filter(|r| prefix_matches(&r.path, path))
-            .max_by_key(|r| r.path.len())
+        self.routes.iter().filter(|r| prefix_matches(&r.path, path)).max_by_key(|r| r.path.len())
     }
 }
 

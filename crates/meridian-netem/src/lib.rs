@@ -91,10 +91,13 @@ impl Link {
         upstream: SocketAddr,
         one_way_delay: Duration,
     ) -> Result<Link, NetemError> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| NetemError::Bind { name: name.into(), addr: listen, source })?;
-        let listen = listener.local_addr().map_err(|source| NetemError::Bind { name: name.into(), addr: listen, source })?;
+        let listener = TcpListener::bind(listen).await.map_err(|source| NetemError::Bind {
+            name: name.into(),
+            addr: listen,
+            source,
+        })?;
+        let listen =
+            listener.local_addr().map_err(|source| NetemError::Bind { name: name.into(), addr: listen, source })?;
         let shared = Arc::new(Shared {
             delay_us: AtomicU64::new(one_way_delay.as_micros() as u64),
             state: watch::channel(LinkState::Up).0,

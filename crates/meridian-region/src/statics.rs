@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use meridian_http::{full, empty, text, Body};
+use meridian_http::{empty, full, text, Body};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -35,8 +35,10 @@ impl StaticSite {
                 let digest = Sha256::digest(data);
                 let file = StaticFile {
                     body: Bytes::copy_from_slice(data),
-                    content_type: HeaderValue::from_str(&ct).unwrap_or(HeaderValue::from_static("application/octet-stream")),
-                    etag: HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12]))).expect("hex is a valid header"),
+                    content_type: HeaderValue::from_str(&ct)
+                        .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+                    etag: HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12])))
+                        .expect("hex is a valid header"),
                 };
                 (path.to_string(), file)
             })
@@ -77,11 +79,10 @@ impl StaticSite {
                 None => return text(StatusCode::NOT_FOUND, format!("no file at {rel}")),
             },
         };
-        let not_modified = req
-            .headers()
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == file.etag));
+        let not_modified =
+            req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+                v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == file.etag)
+            });
         let mut resp = if not_modified {
             let mut r = Response::new(empty());
             *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -144,7 +145,10 @@ mod tests {
         let r = s.serve(&get("/"), "/");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
         assert_eq!(body(r).await, "<h1>hi</h1>");
-        assert_eq!(s.serve(&get("/css/site.css"), "css/site.css").headers()[header::CONTENT_TYPE], "text/css; charset=utf-8");
+        assert_eq!(
+            s.serve(&get("/css/site.css"), "css/site.css").headers()[header::CONTENT_TYPE],
+            "text/css; charset=utf-8"
+        );
         assert_eq!(body(s.serve(&get("/docs"), "docs")).await, "docs");
         assert_eq!(s.serve(&get("/nope"), "nope").status(), StatusCode::NOT_FOUND);
     }

@@ -57,5 +57,10 @@ fn main() {
         );
     }
     let (raw, ours): (f64, f64) = rounds.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
-    println!("mean: raw {:.0} writes/s, Store {:.0} writes/s, ratio {:.2}x (target >= 0.8x)", raw / 2.0, ours / 2.0, ours / raw);
+    println!(
+        "mean: raw {:.0} writes/s, Store {:.0} writes/s, ratio {:.2}x (target >= 0.8x)",
+        raw / 2.0,
+        ours / 2.0,
+        ours / raw
+    );
 }

@@ -18,7 +18,10 @@ pub enum Value {
     /// A counter as a PN-counter: total increments and decrements made by
     /// each region. Merging takes the per-region maximum, so concurrent
     /// increments in different regions all count, exactly once.
-    Counter { incs: BTreeMap<String, u64>, decs: BTreeMap<String, u64> },
+    Counter {
+        incs: BTreeMap<String, u64>,
+        decs: BTreeMap<String, u64>,
+    },
 }
 
 impl Value {

@@ -101,7 +101,12 @@ impl Store {
     }
 
     /// Reads, changes and writes one key in one durable transaction.
-    fn update(&self, ns: &str, key: &[u8], f: impl FnOnce(Option<Record>) -> Option<Record>) -> Result<Option<Record>, StoreError> {
+    fn update(
+        &self,
+        ns: &str,
+        key: &[u8],
+        f: impl FnOnce(Option<Record>) -> Option<Record>,
+    ) -> Result<Option<Record>, StoreError> {
         let k = full_key(ns, key)?;
         let txn = self.db.begin_write().map_err(engine)?;
         let out = {
@@ -200,7 +205,8 @@ impl Store {
 }
 
 fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
-    Record::decode(bytes).map_err(|source| StoreError::Decode { key: String::from_utf8_lossy(key).into_owned(), source })
+    Record::decode(bytes)
+        .map_err(|source| StoreError::Decode { key: String::from_utf8_lossy(key).into_owned(), source })
 }
 
 #[cfg(test)]

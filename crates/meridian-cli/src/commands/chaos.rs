@@ -46,13 +46,19 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let out = match a.action {
         Action::Kill { region } => post(format!("/regions/{region}/kill"), serde_json::Value::Null).await?,
         Action::Restart { region } => post(format!("/regions/{region}/restart"), serde_json::Value::Null).await?,
-        Action::Cut { a, b } => post("/links/set".into(), serde_json::json!({"a": a, "b": b, "state": "partitioned"})).await?,
-        Action::Down { a, b } => post("/links/set".into(), serde_json::json!({"a": a, "b": b, "state": "down"})).await?,
+        Action::Cut { a, b } => {
+            post("/links/set".into(), serde_json::json!({"a": a, "b": b, "state": "partitioned"})).await?
+        }
+        Action::Down { a, b } => {
+            post("/links/set".into(), serde_json::json!({"a": a, "b": b, "state": "down"})).await?
+        }
         Action::Heal { a, b } => post("/links/set".into(), serde_json::json!({"a": a, "b": b, "state": "up"})).await?,
         Action::Latency { a, b, ms } => {
             post("/links/set".into(), serde_json::json!({"a": a, "b": b, "one_way_delay_ms": ms})).await?
         }
-        Action::Isolate { node } => post("/links/set".into(), serde_json::json!({"a": node, "state": "partitioned"})).await?,
+        Action::Isolate { node } => {
+            post("/links/set".into(), serde_json::json!({"a": node, "state": "partitioned"})).await?
+        }
         Action::Links => call_ok(Method::GET, &format!("{base}/links"), &token, Bytes::new(), t).await?,
     };
     println!("{}", String::from_utf8_lossy(&out).trim());

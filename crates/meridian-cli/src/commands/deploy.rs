@@ -26,9 +26,10 @@ pub struct Args {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, token) = match (&a.control, &a.token_file) {
-        (Some(url), Some(tf)) => {
-            (url.clone(), std::fs::read_to_string(tf).with_context(|| format!("cannot read {}", tf.display()))?.trim().to_string())
-        }
+        (Some(url), Some(tf)) => (
+            url.clone(),
+            std::fs::read_to_string(tf).with_context(|| format!("cannot read {}", tf.display()))?.trim().to_string(),
+        ),
         _ => {
             let (w, token) = a.world.load()?;
             (a.control.clone().unwrap_or(w.control_url), token)

@@ -106,7 +106,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
         });
         if alive {
-            anyhow::bail!("a world is already running in {} (see world.json); stop it or pass --world DIR", dir.display());
+            anyhow::bail!(
+                "a world is already running in {} (see world.json); stop it or pass --world DIR",
+                dir.display()
+            );
         }
     }
     for sub in ["config", "logs", "data", "run"] {
@@ -125,9 +128,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let region_addrs: Vec<SocketAddr> = topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
 
     // The chaos API listens first so a script can act as soon as the world exists.
-    let listener = tokio::net::TcpListener::bind(supervisor_addr)
-        .await
-        .with_context(|| format!("cannot listen on {supervisor_addr} (is another world using --port-base {}?)", a.port_base))?;
+    let listener = tokio::net::TcpListener::bind(supervisor_addr).await.with_context(|| {
+        format!("cannot listen on {supervisor_addr} (is another world using --port-base {}?)", a.port_base)
+    })?;
     let supervisor_addr = listener.local_addr()?;
     let mut world = WorldDescription {
         format: FORMAT,
@@ -149,7 +152,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Box::pin(async move { s.handle(req).await })
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let api = tokio::spawn(meridian_http::serve(listener, handler, async { let _ = stop_rx.await; }, Duration::from_secs(1)));
+    let api = tokio::spawn(meridian_http::serve(
+        listener,
+        handler,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(1),
+    ));
     let s = sup.clone();
     tokio::spawn(async move { s.watch_children().await });
 
@@ -222,7 +232,13 @@ async fn start_role<T: serde::Serialize>(
     sup.add_process(name, role, path.clone());
     {
         let mut w = sup.world.lock().unwrap();
-        w.processes.push(process_info(name, role, String::new(), Some(path), Some(sup.dir.join(format!("logs/{name}.log")))));
+        w.processes.push(process_info(
+            name,
+            role,
+            String::new(),
+            Some(path),
+            Some(sup.dir.join(format!("logs/{name}.log"))),
+        ));
     }
     sup.start(name)?;
     let addr = sup.wait_ready(name, Duration::from_secs(60)).await?;
@@ -267,15 +283,23 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
     for (ei, at) in topology.regions.iter().enumerate() {
         for (ri, r) in topology.regions.iter().enumerate() {
             let from = format!("edge-{}", at.name);
-            let link = add_link(sup, ports, &from, &r.name, region_addrs[ri], topology.rtt(&at.name, &r.name) / 2).await?;
-            edge_targets[ei].push(RegionTarget { name: r.name.clone(), url: format!("http://{}", link.listen), location: r.location });
+            let link =
+                add_link(sup, ports, &from, &r.name, region_addrs[ri], topology.rtt(&at.name, &r.name) / 2).await?;
+            edge_targets[ei].push(RegionTarget {
+                name: r.name.clone(),
+                url: format!("http://{}", link.listen),
+                location: r.location,
+            });
             links.push(link);
         }
     }
     for ra in &topology.regions {
         for (bi, rb) in topology.regions.iter().enumerate() {
             if ra.name != rb.name {
-                links.push(add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], topology.rtt(&ra.name, &rb.name) / 2).await?);
+                links.push(
+                    add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], topology.rtt(&ra.name, &rb.name) / 2)
+                        .await?,
+                );
             }
         }
     }
@@ -343,11 +367,20 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
     let deadline = Instant::now() + Duration::from_secs(60);
     for e in &world.edges {
         loop {
-            let s = crate::api::call_ok(Method::GET, &format!("{}/_meridian/edge", e.url), token, Bytes::new(), Duration::from_secs(2)).await;
+            let s = crate::api::call_ok(
+                Method::GET,
+                &format!("{}/_meridian/edge", e.url),
+                token,
+                Bytes::new(),
+                Duration::from_secs(2),
+            )
+            .await;
             let all = s
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["regions"].as_array().map(|rs| rs.iter().all(|r| r[1]["healthy"].as_bool() == Some(true))))
+                .and_then(|v| {
+                    v["regions"].as_array().map(|rs| rs.iter().all(|r| r[1]["healthy"].as_bool() == Some(true)))
+                })
                 .unwrap_or(false);
             if all {
                 break;

@@ -29,7 +29,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges}))?);
         return Ok(());
     }
-    let short = |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
+    let short =
+        |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
     println!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
     println!("\nregions:");
     for r in control["regions"].as_array().into_iter().flatten() {

@@ -165,7 +165,13 @@ pub fn client() -> Client {
         .build(hyper_util::client::legacy::connect::HttpConnector::new())
 }
 
-pub async fn request(c: &Client, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Result<Resp, String> {
+pub async fn request(
+    c: &Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Resp, String> {
     let mut b = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -177,7 +183,11 @@ pub async fn request(c: &Client, method: &str, url: &str, headers: &[(&str, &str
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Resp { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 pub async fn get(c: &Client, url: &str, headers: &[(&str, &str)]) -> Resp {

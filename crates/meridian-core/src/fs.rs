@@ -2,6 +2,11 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Makes temporary names unique within the process, so two threads
+/// replacing the same file never write into one temporary file.
+static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `bytes` to a temporary sibling, fsyncs it and renames it over
 /// `path`, then fsyncs the directory: after a crash `path` holds either the
@@ -9,9 +14,10 @@ use std::path::Path;
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
+        ".{}.tmp.{}.{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
+        std::process::id(),
+        NEXT_TMP.fetch_add(1, Ordering::Relaxed)
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -20,4 +26,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn concurrent_replacements_of_one_file_never_fail_or_mix() {
+        let dir = std::env::temp_dir().join(format!("meridian-fs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("active");
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        super::write_atomic(&path, &[t; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let content = std::fs::read(&path).unwrap();
+        assert_eq!(content.len(), 4096);
+        assert!(content.iter().all(|b| *b == content[0]), "a file mixed two writes");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use meridian_core::{headers, VersionId};
+use meridian_core::{headers, wire::RegionStatus, VersionId};
 use meridian_http::{full, has_bearer, json, text, unauthorized, Body, Client};
 use meridian_manifest::Bundle;
 use std::path::PathBuf;
@@ -240,12 +240,11 @@ impl Control {
             RegionCall::Ok(b) => b,
             RegionCall::Unreachable(e) | RegionCall::Refused(e) => return Err(e),
         };
-        let status: serde_json::Value = serde_json::from_str(&status).map_err(|e| e.to_string())?;
-        if status["active"].as_str() == Some(desired.as_str()) {
+        let status: RegionStatus = serde_json::from_str(&status).map_err(|e| format!("unreadable status: {e}"))?;
+        if status.active.as_ref() == Some(desired) {
             return Ok(());
         }
-        let installed =
-            status["installed"].as_array().is_some_and(|a| a.iter().any(|v| v.as_str() == Some(desired.as_str())));
+        let installed = status.installed.contains(desired);
         if !installed {
             let tar = std::fs::read(self.bundle_path(desired)).map_err(|e| e.to_string())?;
             if let RegionCall::Unreachable(e) | RegionCall::Refused(e) = self
@@ -283,8 +282,10 @@ impl Control {
             .zip(calls)
             .map(|(r, c)| match c {
                 RegionCall::Ok(b) => {
-                    let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
-                    serde_json::json!({"region": r.name, "reachable": true, "active": v["active"]})
+                    match serde_json::from_str::<RegionStatus>(&b) {
+                        Ok(s) => serde_json::json!({"region": r.name, "reachable": true, "active": s.active}),
+                        Err(e) => serde_json::json!({"region": r.name, "reachable": true, "error": format!("unreadable status: {e}")}),
+                    }
                 }
                 RegionCall::Unreachable(e) | RegionCall::Refused(e) => {
                     serde_json::json!({"region": r.name, "reachable": false, "error": e})

@@ -16,5 +16,7 @@ pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
 /// memory limit exceeded). Such a failure would repeat identically in every
 /// region, so edges neither retry it nor count it against the region's health.
 pub const FAULT: &str = "x-meridian-fault";
+/// An edge's own status (health and RTT of every region, as JSON).
+pub const EDGE_STATUS_PATH: &str = "/_meridian/edge";
 /// Prefix of paths a region reserves for its own API (health, install, ...).
 pub const RESERVED_PREFIX: &str = "/_meridian/";

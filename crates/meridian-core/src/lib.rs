@@ -10,6 +10,7 @@ pub mod geo;
 pub mod headers;
 pub mod topology;
 pub mod version;
+pub mod wire;
 pub mod world;
 
 pub use geo::GeoPoint;

@@ -233,7 +233,7 @@ impl Edge {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        if req.uri().path() == "/_meridian/edge" {
+        if req.uri().path() == headers::EDGE_STATUS_PATH {
             return json(StatusCode::OK, &self.status());
         }
         let client = self.locate(&req, peer.ip());

@@ -168,7 +168,3 @@ pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Futur
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
 }
-
-pub fn status(code: u16) -> StatusCode {
-    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}

@@ -21,6 +21,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+pub use meridian_core::wire::RegionStatus;
 use meridian_core::{headers, VersionId};
 use meridian_host::{Host, HostConfig, Prepared};
 use meridian_http::{has_bearer, json, text, unauthorized, Body};
@@ -316,13 +317,6 @@ impl Region {
             installed,
         }
     }
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct RegionStatus {
-    pub region: String,
-    pub active: Option<VersionId>,
-    pub installed: Vec<VersionId>,
 }
 
 /// Compiles every component and loads every static directory of a bundle.

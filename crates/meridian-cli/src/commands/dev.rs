@@ -369,7 +369,7 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
         loop {
             let s = crate::api::call_ok(
                 Method::GET,
-                &format!("{}/_meridian/edge", e.url),
+                &format!("{}{}", e.url, meridian_core::headers::EDGE_STATUS_PATH),
                 token,
                 Bytes::new(),
                 Duration::from_secs(2),

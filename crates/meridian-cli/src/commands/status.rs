@@ -21,7 +21,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let control: serde_json::Value = serde_json::from_slice(&control)?;
     let mut edges = Vec::new();
     for e in &w.edges {
-        let s = call_ok(Method::GET, &format!("{}/_meridian/edge", e.url), &token, Bytes::new(), t).await;
+        let s = call_ok(
+            Method::GET,
+            &format!("{}{}", e.url, meridian_core::headers::EDGE_STATUS_PATH),
+            &token,
+            Bytes::new(),
+            t,
+        )
+        .await;
         edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
     }
     if a.json {

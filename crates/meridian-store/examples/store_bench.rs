@@ -33,7 +33,7 @@ fn main() {
         let store = Store::open(&dir.path().join(format!("store{round}.redb")), "eu-west").expect("store");
         let t = Instant::now();
         for i in 0..n {
-            store.put("sessions", format!("key-{i}").as_bytes(), value.clone()).expect("put");
+            store.put_blocking("sessions", format!("key-{i}").as_bytes(), value.clone()).expect("put");
         }
         let ours = n as f64 / t.elapsed().as_secs_f64();
         rounds.push((raw, ours));

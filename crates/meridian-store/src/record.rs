@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 /// Format version of an encoded record. Bumped on any incompatible change;
 /// a decoder refuses versions it does not know instead of guessing.
-pub const FORMAT_V1: u8 = 1;
+/// (Version 1 lacked `seen`; it never left development.)
+pub const RECORD_FORMAT: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Value {
@@ -41,12 +42,31 @@ pub struct Record {
     pub ts: Timestamp,
     /// Region that made the write; breaks timestamp ties deterministically.
     pub origin: String,
+    /// Timestamp of the version this write replaced where it was made
+    /// (zero if the key was new there). A write that replaced a version at
+    /// least as new as another one has seen it; otherwise the two were
+    /// concurrent, and whichever loses the merge is a conflict.
+    pub seen: Timestamp,
 }
 
 impl Record {
     /// Last-writer-wins order: timestamp, then origin name.
     fn lww_cmp(&self, other: &Record) -> Ordering {
         self.ts.cmp(&other.ts).then_with(|| self.origin.cmp(&other.origin))
+    }
+
+    /// If merging `other` into `self` discards a write that the winner had
+    /// not seen, the discarded record: a conflict. Counters never conflict.
+    pub fn conflict_loser<'a>(&'a self, other: &'a Record) -> Option<&'a Record> {
+        if matches!((&self.value, &other.value), (Value::Counter { .. }, Value::Counter { .. })) {
+            return None;
+        }
+        let (winner, loser) = match self.lww_cmp(other) {
+            Ordering::Less => (other, self),
+            Ordering::Greater => (self, other),
+            Ordering::Equal => return None,
+        };
+        (winner.origin != loser.origin && winner.seen < loser.ts).then_some(loser)
     }
 
     /// The merge of two versions of the same key. Commutative, associative
@@ -58,6 +78,7 @@ impl Record {
                 value: Value::Counter { incs: max_merge(ai, bi), decs: max_merge(ad, bd) },
                 ts: newer.ts,
                 origin: newer.origin.clone(),
+                seen: newer.seen,
             },
             _ => newer.clone(),
         }
@@ -65,7 +86,7 @@ impl Record {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.origin.len());
-        out.push(FORMAT_V1);
+        out.push(RECORD_FORMAT);
         out.push(match self.value {
             Value::Bytes(_) => 0,
             Value::Tombstone => 1,
@@ -73,6 +94,8 @@ impl Record {
         });
         out.extend_from_slice(&self.ts.wall_ms.to_le_bytes());
         out.extend_from_slice(&self.ts.logical.to_le_bytes());
+        out.extend_from_slice(&self.seen.wall_ms.to_le_bytes());
+        out.extend_from_slice(&self.seen.logical.to_le_bytes());
         put_str(&mut out, &self.origin);
         match &self.value {
             Value::Bytes(b) => {
@@ -96,11 +119,12 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         let mut r = Reader { b: bytes };
         let version = r.u8()?;
-        if version != FORMAT_V1 {
+        if version != RECORD_FORMAT {
             return Err(DecodeError::Version(version));
         }
         let kind = r.u8()?;
         let ts = Timestamp { wall_ms: r.u64()?, logical: r.u32()? };
+        let seen = Timestamp { wall_ms: r.u64()?, logical: r.u32()? };
         let origin = r.str()?;
         let value = match kind {
             0 => {
@@ -127,7 +151,7 @@ impl Record {
         if !r.b.is_empty() {
             return Err(DecodeError::Corrupt("trailing bytes after the record"));
         }
-        Ok(Record { value, ts, origin })
+        Ok(Record { value, ts, origin, seen })
     }
 }
 
@@ -147,7 +171,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("record format version {0} is not supported (this build reads version {FORMAT_V1})")]
+    #[error("record format version {0} is not supported (this build reads version {RECORD_FORMAT})")]
     Version(u8),
     #[error("record is truncated")]
     Truncated,
@@ -191,7 +215,7 @@ mod tests {
     use super::*;
 
     fn rec(v: Value, wall_ms: u64, origin: &str) -> Record {
-        Record { value: v, ts: Timestamp { wall_ms, logical: 0 }, origin: origin.into() }
+        Record { value: v, ts: Timestamp { wall_ms, logical: 0 }, origin: origin.into(), seen: Timestamp::default() }
     }
 
     fn counter(incs: &[(&str, u64)]) -> Value {
@@ -226,11 +250,30 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_overwrites_are_conflicts_and_causal_ones_are_not() {
+        let a = rec(Value::Bytes(b"a".to_vec()), 10, "eu-west");
+        let mut b = rec(Value::Bytes(b"b".to_vec()), 12, "us-east");
+        // b was written without having seen a: whichever order they merge
+        // in, a is the conflict's loser.
+        assert_eq!(a.conflict_loser(&b), Some(&a));
+        assert_eq!(b.conflict_loser(&a), Some(&a));
+        // b written after its region had a (or something newer): no conflict.
+        b.seen = a.ts;
+        assert_eq!(a.conflict_loser(&b), None);
+        assert_eq!(a.conflict_loser(&a), None);
+    }
+
+    #[test]
     fn encoding_round_trips() {
         let mut decs = BTreeMap::new();
         decs.insert("us-east".to_string(), 2);
         for v in [Value::Bytes(b"hello".to_vec()), Value::Tombstone, Value::Counter { incs: BTreeMap::new(), decs }] {
-            let r = Record { value: v, ts: Timestamp { wall_ms: 123, logical: 4 }, origin: "eu-west".into() };
+            let r = Record {
+                value: v,
+                ts: Timestamp { wall_ms: 123, logical: 4 },
+                origin: "eu-west".into(),
+                seen: Timestamp { wall_ms: 99, logical: 1 },
+            };
             assert_eq!(Record::decode(&r.encode()).unwrap(), r);
         }
     }
@@ -241,9 +284,9 @@ mod tests {
         for n in 0..r.len() {
             assert_eq!(Record::decode(&r[..n]), Err(DecodeError::Truncated), "prefix of {n} bytes");
         }
-        let mut v2 = r.clone();
-        v2[0] = 2;
-        assert_eq!(Record::decode(&v2), Err(DecodeError::Version(2)));
+        let mut v1 = r.clone();
+        v1[0] = 1;
+        assert_eq!(Record::decode(&v1), Err(DecodeError::Version(1)));
         let mut kind = r.clone();
         kind[1] = 9;
         assert!(matches!(Record::decode(&kind), Err(DecodeError::Corrupt(_))));

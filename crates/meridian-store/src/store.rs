@@ -1,21 +1,44 @@
-//! Records of every namespace of one region in one redb database.
+//! Records of every namespace of one region in one redb database, written
+//! by one thread with group commit.
 //!
 //! redb: a pure-Rust, ACID, copy-on-write B-tree; a commit returns only
 //! after the data is fsynced, which is the durability a write must have
-//! before it is acknowledged. Keys are `namespace \0 key`, values are
-//! encoded [`Record`]s; the format version is kept in a meta table and
-//! checked on open.
+//! before it is acknowledged. All writes go through one writer thread:
+//! it takes every job waiting in its queue, applies them in one transaction
+//! and answers them all after the one fsync (group commit). Reads run on the
+//! caller's thread against a snapshot.
+//!
+//! Tables:
+//! - `records`: `namespace \0 key` → encoded [`Record`];
+//! - `log`: sequence number → encoded [`Change`], every write made here, in
+//!   order: the replication stream to peers, trimmed once they all have it;
+//! - `applied`: origin region → (its incarnation, last sequence applied here);
+//! - `cursors`: peer region → last sequence of our log it acknowledged;
+//! - `conflicts`: `namespace \0 key \0 ts origin` → the overwritten record;
+//! - `meta`: format, next sequence, incarnation, conflict count.
 
-use crate::hlc::Hlc;
+use crate::hlc::{Hlc, Timestamp};
 use crate::record::{DecodeError, Record, Value};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::wire::{Change, WireError, MAX_KEY};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// On-disk layout version (keys and record encoding).
-pub const DISK_FORMAT: u64 = 1;
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const APPLIED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("applied");
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+const CONFLICTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conflicts");
+/// On-disk layout version (tables, keys and record encoding).
+pub const DISK_FORMAT: u64 = 2;
+/// Buckets of the anti-entropy digest of a namespace.
+pub const DIGEST_BUCKETS: usize = 16;
+/// Most jobs one commit takes.
+const MAX_GROUP: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -23,36 +46,132 @@ pub enum StoreError {
     Engine(String),
     #[error("stored record for {key:?} is unreadable: {source}")]
     Decode { key: String, source: DecodeError },
+    #[error("stored log entry {seq} is unreadable: {source}")]
+    Log { seq: u64, source: WireError },
     #[error("data directory has on-disk format {0}; this build reads format {DISK_FORMAT}")]
     Format(u64),
     #[error("namespace {0:?} is not a valid name")]
     Namespace(String),
+    #[error("key is {0} bytes; the largest allowed is {MAX_KEY}")]
+    KeyTooLong(usize),
+    #[error("the key holds a value, not a counter")]
+    NotACounter,
+    #[error("the store is shut down")]
+    Closed,
 }
 
 fn engine<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Engine(e.into().to_string())
 }
 
-/// What merging a remote record did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// The key was new here.
-    Inserted,
-    /// The stored version changed.
-    Merged,
-    /// The remote record added nothing (already seen, or older).
-    Unchanged,
+/// What a write job asks for.
+#[derive(Debug)]
+enum Op {
+    Put { ns: String, key: Vec<u8>, value: Vec<u8> },
+    Delete { ns: String, key: Vec<u8> },
+    Increment { ns: String, key: Vec<u8>, delta: i64 },
+    Swap { ns: String, key: Vec<u8>, expected: Option<Timestamp>, value: Vec<u8> },
+    Push { origin: String, incarnation: u64, prev_seq: u64, last_seq: u64, changes: Vec<Change> },
+    Snapshot { origin: String, incarnation: u64, upto_seq: u64, complete: bool, changes: Vec<Change> },
+    Merge { changes: Vec<Change> },
+    Ack { peer: String, seq: u64 },
+    Trim { upto: u64 },
 }
 
-pub struct Store {
+/// A local write, durable when returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub record: Record,
+    /// Position in this region's log (what a causality token names).
+    pub seq: u64,
+}
+
+/// What applying remote changes did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Records that changed something here.
+    pub changed: usize,
+    /// Records already known (duplicates, or older than what is here).
+    pub unchanged: usize,
+    /// Writes overwritten by concurrent ones (see [`Record::conflict_loser`]).
+    pub conflicts: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Applied(ApplyReport),
+    /// The message starts after what we have from that origin: we hold
+    /// `have` (of the sender's current incarnation; 0 if none). Nothing changed.
+    Gap { have: u64 },
+}
+
+/// Result of a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Swapped {
+    Done(Written),
+    /// The key changed since `expected`; this is what it holds now.
+    Stale(Option<Record>),
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Written(Written),
+    Counter(Written, i64),
+    Swapped(Swapped),
+    Pushed(PushOutcome),
+    Merged(ApplyReport),
+    Done,
+}
+
+struct Job {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+struct Inner {
     db: Database,
     region: String,
+    incarnation: u64,
     hlc: Hlc,
+    /// Last sequence number written to the log (replicators wait on it).
+    last_seq: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever remote changes are applied (causality waits).
+    applied_gen: tokio::sync::watch::Sender<u64>,
+    conflicts: AtomicU64,
+    commits: AtomicU64,
 }
 
-fn full_key(ns: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+/// A region's store. Cheap to clone; the writer thread stops when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    // Dropped first: joins the writer, which holds its own `inner`.
+    handle: Arc<WriterHandle>,
+    inner: Arc<Inner>,
+}
+
+struct WriterHandle {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    /// Closing the queue stops the writer once it has answered every job;
+    /// joining it means the database is closed when the last `Store` is.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn full_key(ns: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
     if ns.is_empty() || ns.contains('\0') {
         return Err(StoreError::Namespace(ns.to_string()));
+    }
+    if key.len() > MAX_KEY {
+        return Err(StoreError::KeyTooLong(key.len()));
     }
     let mut k = Vec::with_capacity(ns.len() + 1 + key.len());
     k.extend_from_slice(ns.as_bytes());
@@ -65,139 +184,354 @@ impl Store {
     pub fn open(path: &Path, region: &str) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(engine)?;
         let txn = db.begin_write().map_err(engine)?;
-        {
+        let (next_seq, incarnation, conflicts) = {
             let mut meta = txn.open_table(META).map_err(engine)?;
             let found = meta.get("format").map_err(engine)?.map(|v| v.value());
             match found {
                 None => {
                     meta.insert("format", DISK_FORMAT).map_err(engine)?;
+                    meta.insert("next_seq", 1).map_err(engine)?;
+                    // A fresh store is a new incarnation: peers that knew a
+                    // previous one (before a wipe) start over with this one.
+                    meta.insert("incarnation", rand::random::<u64>() | 1).map_err(engine)?;
                 }
                 Some(DISK_FORMAT) => {}
                 Some(other) => return Err(StoreError::Format(other)),
             }
-            txn.open_table(RECORDS).map_err(engine)?;
-        }
+            let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
+            (get("next_seq")?, get("incarnation")?, get("conflicts")?)
+        };
+        txn.open_table(RECORDS).map_err(engine)?;
+        txn.open_table(LOG).map_err(engine)?;
+        txn.open_table(APPLIED).map_err(engine)?;
+        txn.open_table(CURSORS).map_err(engine)?;
+        txn.open_table(CONFLICTS).map_err(engine)?;
         txn.commit().map_err(engine)?;
-        let store = Store { db, region: region.to_string(), hlc: Hlc::system() };
+        let inner = Arc::new(Inner {
+            db,
+            region: region.to_string(),
+            incarnation,
+            hlc: Hlc::system(),
+            last_seq: tokio::sync::watch::channel(next_seq.saturating_sub(1)).0,
+            applied_gen: tokio::sync::watch::channel(0).0,
+            conflicts: AtomicU64::new(conflicts),
+            commits: AtomicU64::new(0),
+        });
         // Never issue a timestamp below one already stored, even if the
         // clock went back across a restart.
-        let max = store.scan_all()?.into_iter().map(|(_, r)| r.ts).max();
+        let max = inner.scan_prefix(b"", None, usize::MAX)?.into_iter().map(|(_, r)| r.ts).max();
         if let Some(ts) = max {
-            store.hlc.observe(ts);
+            inner.hlc.observe(ts);
         }
-        Ok(store)
+        let (tx, rx) = mpsc::channel();
+        let w = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kv-writer-{region}"))
+            .spawn(move || writer(w, rx))
+            .map_err(|e| StoreError::Engine(e.to_string()))?;
+        Ok(Store { handle: Arc::new(WriterHandle { jobs: Some(tx), thread: Some(thread) }), inner })
     }
 
     pub fn region(&self) -> &str {
-        &self.region
+        &self.inner.region
+    }
+
+    /// Random identity of this store's data, new after a wipe.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// Last sequence number of the local log; changes when writes commit.
+    pub fn last_seq(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.last_seq.subscribe()
+    }
+
+    /// Changes whenever remote writes are applied.
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.applied_gen.subscribe()
+    }
+
+    /// Conflicts detected here since the store was created.
+    pub fn conflict_count(&self) -> u64 {
+        self.inner.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Transactions committed since the store was opened.
+    pub fn commit_count(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    async fn run(&self, op: Op) -> Result<Outcome, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
+        jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn run_blocking(&self, op: Op) -> Result<Outcome, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
+        jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes a value; durable on disk when this returns.
+    pub async fn put(&self, ns: &str, key: &[u8], value: Vec<u8>) -> Result<Written, StoreError> {
+        full_key(ns, key)?;
+        match self.run(Op::Put { ns: ns.into(), key: key.into(), value }).await? {
+            Outcome::Written(w) => Ok(w),
+            o => unreachable!("put answered {o:?}"),
+        }
+    }
+
+    /// Deletes by writing a tombstone; durable on disk when this returns.
+    pub async fn delete(&self, ns: &str, key: &[u8]) -> Result<Written, StoreError> {
+        full_key(ns, key)?;
+        match self.run(Op::Delete { ns: ns.into(), key: key.into() }).await? {
+            Outcome::Written(w) => Ok(w),
+            o => unreachable!("delete answered {o:?}"),
+        }
+    }
+
+    /// Adds `delta` to a counter (a missing or deleted key starts at 0).
+    /// Returns the write and the counter's new value here.
+    pub async fn increment(&self, ns: &str, key: &[u8], delta: i64) -> Result<(Written, i64), StoreError> {
+        full_key(ns, key)?;
+        match self.run(Op::Increment { ns: ns.into(), key: key.into(), delta }).await? {
+            Outcome::Counter(w, total) => Ok((w, total)),
+            o => unreachable!("increment answered {o:?}"),
+        }
+    }
+
+    /// Writes `value` if the key still holds the version `expected` (its
+    /// timestamp; `None`: absent or deleted). Atomic in this region.
+    pub async fn swap(
+        &self,
+        ns: &str,
+        key: &[u8],
+        expected: Option<Timestamp>,
+        value: Vec<u8>,
+    ) -> Result<Swapped, StoreError> {
+        full_key(ns, key)?;
+        match self.run(Op::Swap { ns: ns.into(), key: key.into(), expected, value }).await? {
+            Outcome::Swapped(s) => Ok(s),
+            o => unreachable!("swap answered {o:?}"),
+        }
+    }
+
+    /// Applies a peer's log entries `(prev_seq, last_seq]`, all or nothing.
+    pub async fn apply_push(
+        &self,
+        origin: &str,
+        incarnation: u64,
+        prev_seq: u64,
+        last_seq: u64,
+        changes: Vec<Change>,
+    ) -> Result<PushOutcome, StoreError> {
+        let op = Op::Push { origin: origin.into(), incarnation, prev_seq, last_seq, changes };
+        match self.run(op).await? {
+            Outcome::Pushed(p) => Ok(p),
+            o => unreachable!("push answered {o:?}"),
+        }
+    }
+
+    /// Applies one part of a peer's snapshot.
+    pub async fn apply_snapshot(
+        &self,
+        origin: &str,
+        incarnation: u64,
+        upto_seq: u64,
+        complete: bool,
+        changes: Vec<Change>,
+    ) -> Result<ApplyReport, StoreError> {
+        let op = Op::Snapshot { origin: origin.into(), incarnation, upto_seq, complete, changes };
+        match self.run(op).await? {
+            Outcome::Merged(r) => Ok(r),
+            o => unreachable!("snapshot answered {o:?}"),
+        }
+    }
+
+    /// Merges records found by anti-entropy.
+    pub async fn merge(&self, changes: Vec<Change>) -> Result<ApplyReport, StoreError> {
+        match self.run(Op::Merge { changes }).await? {
+            Outcome::Merged(r) => Ok(r),
+            o => unreachable!("merge answered {o:?}"),
+        }
+    }
+
+    /// Records that `peer` has our log up to `seq`.
+    pub async fn ack(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
+        self.run(Op::Ack { peer: peer.into(), seq }).await.map(|_| ())
+    }
+
+    /// Drops log entries up to `upto` (every peer has them).
+    pub async fn trim_log(&self, upto: u64) -> Result<(), StoreError> {
+        self.run(Op::Trim { upto }).await.map(|_| ())
+    }
+
+    /// Blocking form of [`Store::put`] for code outside a runtime.
+    pub fn put_blocking(&self, ns: &str, key: &[u8], value: Vec<u8>) -> Result<Written, StoreError> {
+        full_key(ns, key)?;
+        match self.run_blocking(Op::Put { ns: ns.into(), key: key.into(), value })? {
+            Outcome::Written(w) => Ok(w),
+            o => unreachable!("put answered {o:?}"),
+        }
     }
 
     pub fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Record>, StoreError> {
         let k = full_key(ns, key)?;
-        let txn = self.db.begin_read().map_err(engine)?;
+        let txn = self.inner.db.begin_read().map_err(engine)?;
         let table = txn.open_table(RECORDS).map_err(engine)?;
         let v = table.get(k.as_slice()).map_err(engine)?;
         v.map(|v| decode(&k, v.value())).transpose()
     }
 
-    /// Reads, changes and writes one key in one durable transaction.
-    fn update(
-        &self,
-        ns: &str,
-        key: &[u8],
-        f: impl FnOnce(Option<Record>) -> Option<Record>,
-    ) -> Result<Option<Record>, StoreError> {
-        let k = full_key(ns, key)?;
-        let txn = self.db.begin_write().map_err(engine)?;
-        let out = {
-            let mut table = txn.open_table(RECORDS).map_err(engine)?;
-            let old = table.get(k.as_slice()).map_err(engine)?.map(|v| decode(&k, v.value())).transpose()?;
-            let new = f(old.clone());
-            if let Some(r) = &new {
-                if Some(r) != old.as_ref() {
-                    table.insert(k.as_slice(), r.encode().as_slice()).map_err(engine)?;
-                }
-            }
-            new
-        };
-        txn.commit().map_err(engine)?;
-        Ok(out)
-    }
-
-    fn local(&self, value: Value) -> Record {
-        Record { value, ts: self.hlc.now(), origin: self.region.clone() }
-    }
-
-    /// Writes a value; durable on disk when this returns.
-    pub fn put(&self, ns: &str, key: &[u8], value: Vec<u8>) -> Result<Record, StoreError> {
-        let rec = self.local(Value::Bytes(value));
-        self.update(ns, key, |_| Some(rec.clone()))?;
-        Ok(rec)
-    }
-
-    /// Deletes by writing a tombstone; durable on disk when this returns.
-    pub fn delete(&self, ns: &str, key: &[u8]) -> Result<Record, StoreError> {
-        let rec = self.local(Value::Tombstone);
-        self.update(ns, key, |_| Some(rec.clone()))?;
-        Ok(rec)
-    }
-
-    /// Adds `delta` to a counter (a key that holds no counter starts at 0).
-    /// Returns the new record and the counter's value.
-    pub fn increment(&self, ns: &str, key: &[u8], delta: i64) -> Result<(Record, i64), StoreError> {
-        let ts = self.hlc.now();
-        let region = self.region.clone();
-        let rec = self
-            .update(ns, key, move |old| {
-                let (mut incs, mut decs) = match old.map(|r| r.value) {
-                    Some(Value::Counter { incs, decs }) => (incs, decs),
-                    _ => (BTreeMap::new(), BTreeMap::new()),
-                };
-                let side = if delta >= 0 { &mut incs } else { &mut decs };
-                *side.entry(region.clone()).or_insert(0) += delta.unsigned_abs();
-                Some(Record { value: Value::Counter { incs, decs }, ts, origin: region })
-            })?
-            .expect("increment always writes");
-        let total = rec.value.counter_total().unwrap_or(0);
-        Ok((rec, total))
-    }
-
-    /// Merges a record written elsewhere.
-    pub fn apply_remote(&self, ns: &str, key: &[u8], remote: &Record) -> Result<Applied, StoreError> {
-        self.hlc.observe(remote.ts);
-        let mut applied = Applied::Unchanged;
-        self.update(ns, key, |old| match old {
-            None => {
-                applied = Applied::Inserted;
-                Some(remote.clone())
-            }
-            Some(old) => {
-                let merged = old.merge(remote);
-                if merged != old {
-                    applied = Applied::Merged;
-                }
-                Some(merged)
-            }
-        })?;
-        Ok(applied)
-    }
-
-    /// Every record of a namespace, in key order.
-    pub fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Record)>, StoreError> {
+    /// Records of a namespace in key order, starting after `after`, at most
+    /// `limit` of them (tombstones included).
+    pub fn scan(&self, ns: &str, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Record)>, StoreError> {
         let prefix = full_key(ns, b"")?;
+        let after = after.map(|a| full_key(ns, a)).transpose()?;
         Ok(self
-            .scan_all()?
+            .inner
+            .scan_prefix(&prefix, after.as_deref(), limit)?
             .into_iter()
-            .filter_map(|(k, r)| k.strip_prefix(prefix.as_slice()).map(|key| (key.to_vec(), r)))
+            .map(|(k, r)| (k[prefix.len()..].to_vec(), r))
             .collect())
     }
 
-    fn scan_all(&self) -> Result<Vec<(Vec<u8>, Record)>, StoreError> {
+    /// Names of the namespaces that hold at least one record.
+    pub fn namespaces(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(RECORDS).map_err(engine)?;
+        let mut out: Vec<String> = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut range = table.range(from.as_slice()..).map_err(engine)?;
+            let Some(entry) = range.next() else { break };
+            let (k, _) = entry.map_err(engine)?;
+            let k = k.value();
+            let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+            out.push(String::from_utf8_lossy(&k[..end]).into_owned());
+            // Skip to the first key after this namespace.
+            from = k[..end].to_vec();
+            from.push(1);
+        }
+        Ok(out)
+    }
+
+    /// Log entries after `after`, at most `limit`.
+    pub fn log_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Change)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(LOG).map_err(engine)?;
+        let mut out = Vec::new();
+        for entry in table.range(after.saturating_add(1)..).map_err(engine)?.take(limit) {
+            let (seq, v) = entry.map_err(engine)?;
+            let seq = seq.value();
+            out.push((seq, Change::decode(v.value()).map_err(|source| StoreError::Log { seq, source })?));
+        }
+        Ok(out)
+    }
+
+    /// First sequence number still in the log (`last_seq + 1` if empty).
+    pub fn log_start(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(LOG).map_err(engine)?;
+        let first = table.first().map_err(engine)?.map(|(k, _)| k.value());
+        Ok(first.unwrap_or(*self.inner.last_seq.borrow() + 1))
+    }
+
+    pub fn log_len(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        txn.open_table(LOG).map_err(engine)?.len().map_err(engine)
+    }
+
+    /// How far `peer` has acknowledged our log.
+    pub fn cursor(&self, peer: &str) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let t = txn.open_table(CURSORS).map_err(engine)?;
+        Ok(t.get(peer).map_err(engine)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// What we hold of `origin`'s log: (its incarnation, last sequence).
+    pub fn applied(&self, origin: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let t = txn.open_table(APPLIED).map_err(engine)?;
+        Ok(t.get(origin).map_err(engine)?.map(|v| v.value()))
+    }
+
+    /// Overwritten conflicting records of a namespace (most recent last),
+    /// with the key each was written to.
+    pub fn conflicts(&self, ns: &str, limit: usize) -> Result<Vec<(Vec<u8>, Record)>, StoreError> {
+        let prefix = full_key(ns, b"")?;
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let t = txn.open_table(CONFLICTS).map_err(engine)?;
+        let mut out = Vec::new();
+        for entry in t.range(prefix.as_slice()..).map_err(engine)? {
+            let (k, v) = entry.map_err(engine)?;
+            let Some(rest) = k.value().strip_prefix(prefix.as_slice()) else { break };
+            let key_end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            out.push((rest[..key_end].to_vec(), decode(k.value(), v.value())?));
+        }
+        out.sort_by_key(|(_, r)| r.ts);
+        let skip = out.len().saturating_sub(limit);
+        Ok(out.split_off(skip))
+    }
+
+    /// Anti-entropy digest of a namespace: per bucket of keys, the XOR of the
+    /// SHA-256 of every (key, record). Equal digests mean equal content.
+    pub fn digest(&self, ns: &str) -> Result<[[u8; 32]; DIGEST_BUCKETS], StoreError> {
+        let mut out = [[0u8; 32]; DIGEST_BUCKETS];
+        for (key, rec) in self.scan(ns, None, usize::MAX)? {
+            let b = bucket_of(&key);
+            let mut h = Sha256::new();
+            h.update((key.len() as u32).to_le_bytes());
+            h.update(&key);
+            h.update(rec.encode());
+            for (o, x) in out[b].iter_mut().zip(h.finalize()) {
+                *o ^= x;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record of one digest bucket of a namespace.
+    pub fn bucket(&self, ns: &str, bucket: usize) -> Result<Vec<Change>, StoreError> {
+        Ok(self
+            .scan(ns, None, usize::MAX)?
+            .into_iter()
+            .filter(|(k, _)| bucket_of(k) == bucket)
+            .map(|(key, record)| Change { ns: ns.to_string(), key, record })
+            .collect())
+    }
+}
+
+pub fn bucket_of(key: &[u8]) -> usize {
+    Sha256::digest(key)[0] as usize % DIGEST_BUCKETS
+}
+
+impl Inner {
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Record)>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(RECORDS).map_err(engine)?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(engine)? {
+        let range = match after {
+            Some(a) => table.range::<&[u8]>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => table.range::<&[u8]>(prefix..),
+        }
+        .map_err(engine)?;
+        for entry in range {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = entry.map_err(engine)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
             out.push((k.value().to_vec(), decode(k.value(), v.value())?));
         }
         Ok(out)
@@ -209,56 +543,384 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
         .map_err(|source| StoreError::Decode { key: String::from_utf8_lossy(key).into_owned(), source })
 }
 
+/// The writer thread: group commit.
+fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
+    let mut pending: Vec<Job> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(j) => pending.push(j),
+                Err(_) => return,
+            }
+        }
+        while pending.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => pending.push(j),
+                Err(_) => break,
+            }
+        }
+        let jobs = std::mem::take(&mut pending);
+        match commit_group(&inner, &jobs) {
+            Ok(Group { outcomes, last_seq, applied_remote }) => {
+                inner.commits.fetch_add(1, Ordering::Relaxed);
+                if let Some(seq) = last_seq {
+                    inner.last_seq.send_replace(seq);
+                }
+                if applied_remote {
+                    inner.applied_gen.send_modify(|g| *g += 1);
+                }
+                for (job, out) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(Ok(out));
+                }
+            }
+            Err((failed, e)) => {
+                // One job failed: it gets the error, the others are retried
+                // in the next transaction (nothing of this one was kept).
+                tracing_error(&inner.region, &e);
+                let mut jobs = jobs;
+                let bad = jobs.remove(failed);
+                let _ = bad.reply.send(Err(e));
+                pending = jobs;
+            }
+        }
+    }
+}
+
+fn tracing_error(region: &str, e: &StoreError) {
+    eprintln!("kv store of {region}: write failed: {e}");
+}
+
+struct Group {
+    outcomes: Vec<Outcome>,
+    last_seq: Option<u64>,
+    applied_remote: bool,
+}
+
+/// Runs every job in one transaction. On failure, the index of the job that
+/// failed (or 0 if the commit itself failed: then all fail in turn).
+fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError)> {
+    let txn = inner.db.begin_write().map_err(|e| (0, engine(e)))?;
+    let mut w = Writer { inner, txn: &txn, wrote_log: false, applied_remote: false, next_seq: 0 };
+    w.next_seq = w.meta("next_seq").map_err(|e| (0, e))?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        outcomes.push(w.apply(&job.op).map_err(|e| (i, e))?);
+    }
+    let (wrote_log, applied_remote, next_seq) = (w.wrote_log, w.applied_remote, w.next_seq);
+    if wrote_log {
+        let mut meta = txn.open_table(META).map_err(|e| (0, engine(e)))?;
+        meta.insert("next_seq", next_seq).map_err(|e| (0, engine(e)))?;
+        meta.insert("conflicts", inner.conflicts.load(Ordering::Relaxed)).map_err(|e| (0, engine(e)))?;
+    }
+    txn.commit().map_err(|e| (0, engine(e)))?;
+    Ok(Group { outcomes, last_seq: wrote_log.then(|| next_seq - 1), applied_remote })
+}
+
+struct Writer<'a> {
+    inner: &'a Inner,
+    txn: &'a WriteTransaction,
+    next_seq: u64,
+    wrote_log: bool,
+    applied_remote: bool,
+}
+
+impl Writer<'_> {
+    fn meta(&self, k: &str) -> Result<u64, StoreError> {
+        let meta = self.txn.open_table(META).map_err(engine)?;
+        let v = meta.get(k).map_err(engine)?.map(|v| v.value()).unwrap_or(0);
+        Ok(v)
+    }
+
+    fn read(&self, k: &[u8]) -> Result<Option<Record>, StoreError> {
+        let table = self.txn.open_table(RECORDS).map_err(engine)?;
+        let v = table.get(k).map_err(engine)?.map(|v| decode(k, v.value())).transpose()?;
+        Ok(v)
+    }
+
+    /// Stores a local write and appends it to the log.
+    fn local(&mut self, ns: &str, key: &[u8], value: Value, old: Option<&Record>) -> Result<Written, StoreError> {
+        let k = full_key(ns, key)?;
+        let record = Record {
+            value,
+            ts: self.inner.hlc.now(),
+            origin: self.inner.region.clone(),
+            seen: old.map(|r| r.ts).unwrap_or_default(),
+        };
+        self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), record.encode().as_slice()).map_err(engine)?;
+        let seq = self.next_seq;
+        let change = Change { ns: ns.to_string(), key: key.to_vec(), record };
+        self.txn.open_table(LOG).map_err(engine)?.insert(seq, change.encode().as_slice()).map_err(engine)?;
+        self.next_seq += 1;
+        self.wrote_log = true;
+        Ok(Written { record: change.record, seq })
+    }
+
+    /// Merges a remote record into what is stored.
+    fn merge(&mut self, c: &Change, report: &mut ApplyReport) -> Result<(), StoreError> {
+        let k = full_key(&c.ns, &c.key)?;
+        self.inner.hlc.observe(c.record.ts);
+        let old = self.read(&k)?;
+        let new = match &old {
+            None => c.record.clone(),
+            Some(old) => {
+                if let Some(loser) = old.conflict_loser(&c.record) {
+                    let mut ck = k.clone();
+                    ck.push(0);
+                    ck.extend_from_slice(&loser.ts.wall_ms.to_be_bytes());
+                    ck.extend_from_slice(&loser.ts.logical.to_be_bytes());
+                    ck.extend_from_slice(loser.origin.as_bytes());
+                    let mut t = self.txn.open_table(CONFLICTS).map_err(engine)?;
+                    if t.insert(ck.as_slice(), loser.encode().as_slice()).map_err(engine)?.is_none() {
+                        self.inner.conflicts.fetch_add(1, Ordering::Relaxed);
+                        report.conflicts += 1;
+                    }
+                }
+                old.merge(&c.record)
+            }
+        };
+        if Some(&new) == old.as_ref() {
+            report.unchanged += 1;
+        } else {
+            self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), new.encode().as_slice()).map_err(engine)?;
+            report.changed += 1;
+        }
+        self.applied_remote = true;
+        // The conflict count is persisted with the next commit that logs;
+        // make sure one does.
+        if report.conflicts > 0 {
+            self.wrote_log = true;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<Outcome, StoreError> {
+        Ok(match op {
+            Op::Put { ns, key, value } => {
+                let old = self.read(&full_key(ns, key)?)?;
+                Outcome::Written(self.local(ns, key, Value::Bytes(value.clone()), old.as_ref())?)
+            }
+            Op::Delete { ns, key } => {
+                let old = self.read(&full_key(ns, key)?)?;
+                Outcome::Written(self.local(ns, key, Value::Tombstone, old.as_ref())?)
+            }
+            Op::Increment { ns, key, delta } => {
+                let old = self.read(&full_key(ns, key)?)?;
+                let (mut incs, mut decs) = match old.as_ref().map(|r| &r.value) {
+                    Some(Value::Counter { incs, decs }) => (incs.clone(), decs.clone()),
+                    None | Some(Value::Tombstone) => (BTreeMap::new(), BTreeMap::new()),
+                    Some(Value::Bytes(_)) => return Err(StoreError::NotACounter),
+                };
+                let side = if *delta >= 0 { &mut incs } else { &mut decs };
+                *side.entry(self.inner.region.clone()).or_insert(0) += delta.unsigned_abs();
+                let w = self.local(ns, key, Value::Counter { incs, decs }, old.as_ref())?;
+                let total = w.record.value.counter_total().unwrap_or(0);
+                Outcome::Counter(w, total)
+            }
+            Op::Swap { ns, key, expected, value } => {
+                let old = self.read(&full_key(ns, key)?)?;
+                let current = old.as_ref().filter(|r| !matches!(r.value, Value::Tombstone)).map(|r| r.ts);
+                if current != *expected {
+                    Outcome::Swapped(Swapped::Stale(old))
+                } else {
+                    Outcome::Swapped(Swapped::Done(self.local(ns, key, Value::Bytes(value.clone()), old.as_ref())?))
+                }
+            }
+            Op::Push { origin, incarnation, prev_seq, last_seq, changes } => {
+                let have = {
+                    let t = self.txn.open_table(APPLIED).map_err(engine)?;
+                    let v = t.get(origin.as_str()).map_err(engine)?.map(|v| v.value());
+                    match v {
+                        Some((inc, seq)) if inc == *incarnation => seq,
+                        _ => 0,
+                    }
+                };
+                if *prev_seq > have {
+                    return Ok(Outcome::Pushed(PushOutcome::Gap { have }));
+                }
+                let mut report = ApplyReport::default();
+                for c in changes {
+                    self.merge(c, &mut report)?;
+                }
+                if *last_seq > have {
+                    self.txn
+                        .open_table(APPLIED)
+                        .map_err(engine)?
+                        .insert(origin.as_str(), (*incarnation, *last_seq))
+                        .map_err(engine)?;
+                }
+                self.applied_remote = true;
+                Outcome::Pushed(PushOutcome::Applied(report))
+            }
+            Op::Snapshot { origin, incarnation, upto_seq, complete, changes } => {
+                let mut report = ApplyReport::default();
+                for c in changes {
+                    self.merge(c, &mut report)?;
+                }
+                if *complete {
+                    self.txn
+                        .open_table(APPLIED)
+                        .map_err(engine)?
+                        .insert(origin.as_str(), (*incarnation, *upto_seq))
+                        .map_err(engine)?;
+                }
+                self.applied_remote = true;
+                Outcome::Merged(report)
+            }
+            Op::Merge { changes } => {
+                let mut report = ApplyReport::default();
+                for c in changes {
+                    self.merge(c, &mut report)?;
+                }
+                Outcome::Merged(report)
+            }
+            Op::Ack { peer, seq } => {
+                self.txn.open_table(CURSORS).map_err(engine)?.insert(peer.as_str(), *seq).map_err(engine)?;
+                Outcome::Done
+            }
+            Op::Trim { upto } => {
+                let mut t = self.txn.open_table(LOG).map_err(engine)?;
+                t.retain_in(..=*upto, |_, _| false).map_err(engine)?;
+                Outcome::Done
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
 
     #[test]
     fn acknowledged_writes_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.redb");
-        let (put, del);
+        let (put, del, inc);
         {
             let s = Store::open(&path, "eu-west").unwrap();
-            put = s.put("sessions", b"a", b"1".to_vec()).unwrap();
-            s.put("sessions", b"b", b"2".to_vec()).unwrap();
-            del = s.delete("sessions", b"b").unwrap();
-            s.increment("hits", b"home", 5).unwrap();
-            s.increment("hits", b"home", -2).unwrap();
+            (put, del, inc) = rt().block_on(async {
+                let put = s.put("sessions", b"a", b"1".to_vec()).await.unwrap();
+                s.put("sessions", b"b", b"2".to_vec()).await.unwrap();
+                let del = s.delete("sessions", b"b").await.unwrap();
+                s.increment("hits", b"home", 5).await.unwrap();
+                let inc = s.increment("hits", b"home", -2).await.unwrap();
+                (put, del, inc)
+            });
+            assert_eq!(inc.1, 3);
         }
         let s = Store::open(&path, "eu-west").unwrap();
-        assert_eq!(s.get("sessions", b"a").unwrap(), Some(put));
-        assert_eq!(s.get("sessions", b"b").unwrap().as_ref(), Some(&del));
+        assert_eq!(s.get("sessions", b"a").unwrap(), Some(put.record));
+        assert_eq!(s.get("sessions", b"b").unwrap(), Some(del.record.clone()));
         assert_eq!(s.get("hits", b"home").unwrap().unwrap().value.counter_total(), Some(3));
-        assert_eq!(s.scan("sessions").unwrap().len(), 2);
+        assert_eq!(s.scan("sessions", None, 100).unwrap().len(), 2);
+        assert_eq!(s.scan("sessions", Some(b"a"), 100).unwrap().len(), 1);
         assert!(s.get("other", b"a").unwrap().is_none());
+        assert_eq!(s.namespaces().unwrap(), vec!["hits".to_string(), "sessions".to_string()]);
+        // The log holds every write in order, and sequence numbers go on.
+        let log = s.log_after(0, 100).unwrap();
+        assert_eq!(log.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(inc.0.seq, 5);
+        let next = s.put_blocking("sessions", b"c", vec![]).unwrap();
+        assert_eq!(next.seq, 6);
         // Timestamps keep increasing across the restart.
-        assert!(s.put("sessions", b"c", vec![]).unwrap().ts > del.ts);
+        assert!(next.record.ts > del.record.ts);
     }
 
     #[test]
-    fn replicas_converge_whatever_order_records_arrive_in() {
+    fn concurrent_writers_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("kv"), "eu-west").unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..200)
+                .map(|i| {
+                    let s = s.clone();
+                    tokio::spawn(async move { s.put("n", format!("k{i}").as_bytes(), vec![1]).await.unwrap() })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        assert_eq!(s.scan("n", None, 1000).unwrap().len(), 200);
+        assert!(s.commit_count() < 200, "{} commits for 200 concurrent writes", s.commit_count());
+        let seqs: std::collections::BTreeSet<u64> = s.log_after(0, 1000).unwrap().iter().map(|(q, _)| *q).collect();
+        assert_eq!(seqs, (1..=200).collect());
+    }
+
+    #[test]
+    fn replicas_converge_whatever_order_records_arrive_in_and_count_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let eu = Store::open(&dir.path().join("eu"), "eu-west").unwrap();
         let us = Store::open(&dir.path().join("us"), "us-east").unwrap();
-        // Concurrent writes to the same keys in both regions.
-        let mut from_eu = vec![eu.put("s", b"k", b"eu".to_vec()).unwrap()];
-        let mut from_us = vec![us.put("s", b"k", b"us".to_vec()).unwrap()];
-        from_eu.push(eu.increment("c", b"n", 4).unwrap().0);
-        from_us.push(us.increment("c", b"n", 3).unwrap().0);
-        // Exchange in opposite orders.
-        for (r, (ns, key)) in from_us.iter().zip([("s", b"k"), ("c", b"n")]) {
-            eu.apply_remote(ns, key, r).unwrap();
-        }
-        for (r, (ns, key)) in from_eu.iter().zip([("s", b"k"), ("c", b"n")]).rev() {
-            us.apply_remote(ns, key, r).unwrap();
-        }
-        for ns in ["s", "c"] {
-            assert_eq!(eu.scan(ns).unwrap(), us.scan(ns).unwrap(), "namespace {ns}");
-        }
-        assert_eq!(eu.get("c", b"n").unwrap().unwrap().value.counter_total(), Some(7));
-        // Applying the same record again changes nothing.
-        assert_eq!(eu.apply_remote("s", b"k", &from_us[0]).unwrap(), Applied::Unchanged);
+        rt().block_on(async {
+            // Concurrent writes to the same keys in both regions.
+            eu.put("s", b"k", b"eu".to_vec()).await.unwrap();
+            us.put("s", b"k", b"us".to_vec()).await.unwrap();
+            eu.increment("c", b"n", 4).await.unwrap();
+            us.increment("c", b"n", 3).await.unwrap();
+            let from_eu: Vec<Change> = eu.log_after(0, 10).unwrap().into_iter().map(|(_, c)| c).collect();
+            let mut from_us: Vec<Change> = us.log_after(0, 10).unwrap().into_iter().map(|(_, c)| c).collect();
+            let r = us.apply_push("eu-west", eu.incarnation(), 0, 2, from_eu.clone()).await.unwrap();
+            // The counter changed; eu's value lost to us's later, concurrent one.
+            assert_eq!(r, PushOutcome::Applied(ApplyReport { changed: 1, unchanged: 1, conflicts: 1 }));
+            from_us.reverse();
+            eu.merge(from_us.clone()).await.unwrap();
+            for ns in ["s", "c"] {
+                assert_eq!(eu.scan(ns, None, 10).unwrap(), us.scan(ns, None, 10).unwrap(), "namespace {ns}");
+                assert_eq!(eu.digest(ns).unwrap(), us.digest(ns).unwrap());
+            }
+            assert_eq!(eu.get("c", b"n").unwrap().unwrap().value.counter_total(), Some(7));
+            // Both regions saw the same conflict and kept the loser.
+            assert_eq!(eu.conflict_count(), 1);
+            assert_eq!(us.conflict_count(), 1);
+            assert_eq!(eu.conflicts("s", 10).unwrap(), us.conflicts("s", 10).unwrap());
+            // Applying the same records again changes nothing.
+            let again = eu.merge(from_us).await.unwrap();
+            assert_eq!(again, ApplyReport { changed: 0, unchanged: 2, conflicts: 0 });
+            // A push that skips entries is refused and changes nothing.
+            let gap = us.apply_push("eu-west", eu.incarnation(), 5, 6, from_eu.clone()).await.unwrap();
+            assert_eq!(gap, PushOutcome::Gap { have: 2 });
+            // A new incarnation of the origin (wiped) starts from zero.
+            let gap = us.apply_push("eu-west", 12345, 2, 3, from_eu).await.unwrap();
+            assert_eq!(gap, PushOutcome::Gap { have: 0 });
+        });
+    }
+
+    #[test]
+    fn compare_and_swap_sees_concurrent_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("kv"), "eu-west").unwrap();
+        rt().block_on(async {
+            let w = match s.swap("n", b"k", None, b"1".to_vec()).await.unwrap() {
+                Swapped::Done(w) => w,
+                other => panic!("{other:?}"),
+            };
+            // A second writer that also expected "absent" loses.
+            assert_eq!(s.swap("n", b"k", None, b"2".to_vec()).await.unwrap(), Swapped::Stale(Some(w.record.clone())));
+            assert!(matches!(s.swap("n", b"k", Some(w.record.ts), b"3".to_vec()).await.unwrap(), Swapped::Done(_)));
+            // Counters and values do not mix.
+            assert!(matches!(s.increment("n", b"k", 1).await, Err(StoreError::NotACounter)));
+        });
+    }
+
+    #[test]
+    fn trimmed_log_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("kv"), "eu-west").unwrap();
+        rt().block_on(async {
+            for i in 0..5u8 {
+                s.put("n", &[i], vec![i]).await.unwrap();
+            }
+            s.ack("us-east", 3).await.unwrap();
+            s.trim_log(3).await.unwrap();
+        });
+        assert_eq!(s.cursor("us-east").unwrap(), 3);
+        assert_eq!(s.log_start().unwrap(), 4);
+        assert_eq!(s.log_len().unwrap(), 2);
     }
 
     #[test]

@@ -16,13 +16,22 @@ adapter=$(ls "$reg"wasi-preview1-component-adapter-provider-*/artefacts/wasi_sna
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 wit-bindgen c "$wit" --world wasi:http/proxy --out-dir "$work/gen" >/dev/null
-for g in hello hostile; do
+# Guests that use key-value data: wasi:http/proxy + wasi:keyvalue (wit/world.wit).
+mkdir -p "$work/kvwit/deps/keyvalue"
+cp "$here/wit/world.wit" "$work/kvwit/"
+cp "$wit"/deps/*.wit "$work/kvwit/deps/"
+cp "$root"/crates/meridian-host/wit/keyvalue/*.wit "$work/kvwit/deps/keyvalue/"
+wit-bindgen c "$work/kvwit" --world meridian:guests/proxy --out-dir "$work/kvgen" >/dev/null
+for g in hello hostile kv; do
+  gen="$work/gen"
+  [ "$g" = kv ] && gen="$work/kvgen"
   clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Werror -Wno-unused-function \
-    -I "$work/gen" -I "$here/src" \
-    "$here/src/$g.c" "$work/gen/proxy.c" "$work/gen/proxy_component_type.o" \
+    -I "$gen" -I "$here/src" \
+    "$here/src/$g.c" "$gen/proxy.c" "$gen/proxy_component_type.o" \
     -o "$work/$g.core.wasm"
   wasm-tools component new "$work/$g.core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$here/$g.wasm"
   wasm-tools validate "$here/$g.wasm"
   echo "built guests/$g.wasm ($(stat -c %s "$here/$g.wasm") bytes)"
 done
 cp "$here/hello.wasm" "$root/examples/hello/components/hello.wasm"
+cp "$here/kv.wasm" "$root/examples/hello/components/kv.wasm"

@@ -10,6 +10,7 @@ use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline,
 };
+use crate::kv::KvBackend;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -103,6 +104,11 @@ impl Host {
         let mut linker = Linker::<GuestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(HostError::Engine)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(HostError::Engine)?;
+        crate::kv::add_to_linker(&mut linker, |s: &mut GuestState| crate::kv::KvView {
+            table: &mut s.table,
+            backend: s.kv.as_ref(),
+        })
+        .map_err(HostError::Engine)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.weak(), stop_ticker.clone());
@@ -152,6 +158,7 @@ struct GuestState {
     http: WasiHttpCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
+    kv: Option<Arc<dyn KvBackend>>,
 }
 
 impl WasiView for GuestState {
@@ -209,7 +216,13 @@ impl Prepared {
 
     /// Runs one request in a fresh instance. Never fails: guest faults
     /// become error responses, tagged with the [`Fault`] in the extensions.
-    pub async fn handle<B>(&self, req: hyper::Request<B>) -> hyper::Response<ResponseBody>
+    /// `kv` is what the guest's `wasi:keyvalue` calls reach (none: every
+    /// bucket is unknown).
+    pub async fn handle<B>(
+        &self,
+        req: hyper::Request<B>,
+        kv: Option<Arc<dyn KvBackend>>,
+    ) -> hyper::Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -226,6 +239,7 @@ impl Prepared {
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
                 limiter: MemoryLimiter { max_bytes: self.inner.memory_bytes, fault: fault.clone() },
+                kv,
             },
         );
         store.limiter(|s| &mut s.limiter);

@@ -10,11 +10,15 @@
 //!   a wall-clock deadline enforced by epoch interruption (a spinning guest
 //!   yields every tick so it cannot starve other requests on its thread, and
 //!   traps at the deadline), and a memory limit enforced by a resource limiter.
+//! * Guests reach key-value data through `wasi:keyvalue@0.2.0-draft2`
+//!   ([`kv`]), backed by whatever [`KvBackend`] the caller passes per request.
 //!
 //! This crate knows nothing of regions, routes or versions; it turns bytes
 //! into a [`Prepared`] component and requests into responses.
 
 mod cache;
 mod guest;
+pub mod kv;
 
 pub use guest::{Fault, Host, HostConfig, HostError, Prepared, ResponseBody};
+pub use kv::{CasVersion, KvBackend, KvError, KvResult};

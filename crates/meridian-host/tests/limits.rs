@@ -21,7 +21,7 @@ fn get(path: &str) -> hyper::Request<http_body_util::combinators::UnsyncBoxBody<
 }
 
 async fn call(p: &Prepared, path: &str) -> (u16, Option<Fault>, String) {
-    let resp = p.handle(get(path)).await;
+    let resp = p.handle(get(path), None).await;
     let status = resp.status().as_u16();
     let fault = resp.extensions().get::<Fault>().copied();
     let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();

@@ -7,4 +7,4 @@ mod bundle;
 mod manifest;
 
 pub use bundle::{Bundle, BundleError, MANIFEST_FILE};
-pub use manifest::{Component, Limits, Manifest, ManifestError, ManifestErrors, Route, RouteTarget};
+pub use manifest::{Component, KvMode, Limits, Manifest, ManifestError, ManifestErrors, Namespace, Route, RouteTarget};

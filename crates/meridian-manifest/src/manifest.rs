@@ -52,12 +52,45 @@ pub struct Route {
     pub target: RouteTarget,
 }
 
+/// Where a key-value namespace's data lives and how it is kept consistent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum KvMode {
+    /// Multi-active: every region holds the data, reads and writes are
+    /// local, changes replicate asynchronously; last writer wins.
+    Global,
+    /// Data lives only in the regions of a jurisdiction (or a list of
+    /// regions); other regions forward operations to the nearest of them.
+    Regional {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jurisdiction: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        regions: Vec<String>,
+    },
+    /// Linearizable, replicated by consensus across the listed regions.
+    Strong {
+        regions: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leader: Option<String>,
+    },
+}
+
+/// A key-value namespace: what a function opens as a `wasi:keyvalue` bucket.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(flatten)]
+    pub mode: KvMode,
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     pub name: String,
     pub limits: Limits,
     pub components: BTreeMap<String, Component>,
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub kv: BTreeMap<String, Namespace>,
 }
 
 /// One problem in a manifest, located by line, column and dotted key.
@@ -166,6 +199,115 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    fn string_list(&mut self, table: &dyn TableLike, prefix: &str, key: &str) -> Option<Vec<String>> {
+        let item = table.get(key)?;
+        let list = item.as_array().and_then(|a| a.iter().map(|v| v.as_str().map(String::from)).collect());
+        if list.is_none() {
+            self.error(item_span(table, key), &join(prefix, key), "expected a list of strings");
+        }
+        list
+    }
+
+    fn namespaces(&mut self, t: &dyn TableLike) -> BTreeMap<String, Namespace> {
+        let mut out = BTreeMap::new();
+        for (name, item) in t.iter() {
+            let prefix = format!("kv.{name}");
+            if !is_valid_name(name) {
+                self.error(
+                    t.get_key_value(name).and_then(|(k, _)| k.span()),
+                    &prefix,
+                    "namespace names must be 1-32 characters of a-z, 0-9 and '-'",
+                );
+            }
+            let Some(nt) = as_table(item) else {
+                self.error(item_span(t, name), &prefix, "expected a table with `mode`");
+                continue;
+            };
+            self.only_keys(nt, &prefix, &["mode", "jurisdiction", "regions", "leader"]);
+            let mode = self.string(nt, &prefix, "mode");
+            let jurisdiction = self.string(nt, &prefix, "jurisdiction");
+            let regions = self.string_list(nt, &prefix, "regions");
+            let leader = self.string(nt, &prefix, "leader");
+            for r in regions.iter().flatten() {
+                if !is_valid_name(r) {
+                    self.error(item_span(nt, "regions"), &format!("{prefix}.regions"), format!("{r:?} is not a region name"));
+                }
+            }
+            let not_for = |c: &mut Self, key: &str, mode: &str| {
+                if nt.contains_key(key) {
+                    c.error(item_span(nt, key), &format!("{prefix}.{key}"), format!("not used by mode = \"{mode}\""));
+                }
+            };
+            let mode = match mode.as_deref() {
+                None => {
+                    if nt.get("mode").is_none() {
+                        self.error(
+                            item_span(t, name),
+                            &format!("{prefix}.mode"),
+                            "missing; one of \"global\", \"regional\", \"strong\"",
+                        );
+                    }
+                    continue;
+                }
+                Some("global") => {
+                    for k in ["jurisdiction", "regions", "leader"] {
+                        not_for(self, k, "global");
+                    }
+                    KvMode::Global
+                }
+                Some("regional") => {
+                    not_for(self, "leader", "regional");
+                    let regions = regions.unwrap_or_default();
+                    match (&jurisdiction, regions.is_empty()) {
+                        (Some(_), false) | (None, true) => self.error(
+                            item_span(t, name),
+                            &prefix,
+                            "a regional namespace needs exactly one of `jurisdiction` or `regions`",
+                        ),
+                        _ => {}
+                    }
+                    KvMode::Regional { jurisdiction, regions }
+                }
+                Some("strong") => {
+                    not_for(self, "jurisdiction", "strong");
+                    let regions = regions.unwrap_or_default();
+                    let mut unique = regions.clone();
+                    unique.sort();
+                    unique.dedup();
+                    if unique.len() < 3 || unique.len() != regions.len() {
+                        self.error(
+                            item_span(nt, "regions").or_else(|| item_span(t, name)),
+                            &format!("{prefix}.regions"),
+                            "a strong namespace needs `regions`: three or more distinct regions (it must survive losing one)",
+                        );
+                    }
+                    if let Some(l) = &leader {
+                        if !regions.contains(l) {
+                            self.error(
+                                item_span(nt, "leader"),
+                                &format!("{prefix}.leader"),
+                                format!("{l:?} is not one of the namespace's regions"),
+                            );
+                        }
+                    }
+                    KvMode::Strong { regions, leader }
+                }
+                Some(other) => {
+                    self.error(
+                        item_span(nt, "mode"),
+                        &format!("{prefix}.mode"),
+                        format!("{other:?} is not a mode; expected \"global\", \"regional\" or \"strong\""),
+                    );
+                    continue;
+                }
+            };
+            out.insert(name.to_string(), Namespace { name: name.to_string(), mode });
+        }
+        out
+    }
+}
+
 fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()
@@ -230,7 +372,7 @@ impl Manifest {
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        c.only_keys(root, "", &["app", "limits", "components", "routes"]);
+        c.only_keys(root, "", &["app", "limits", "components", "routes", "kv"]);
 
         let mut name = String::new();
         match root.get("app").map(|i| (as_table(i), i)) {
@@ -391,8 +533,19 @@ impl Manifest {
             },
         }
 
+        let kv = match root.get("kv") {
+            None => BTreeMap::new(),
+            Some(item) => match as_table(item) {
+                None => {
+                    c.error(item_span(root, "kv"), "kv", "expected a table of namespaces ([kv.NAME])");
+                    BTreeMap::new()
+                }
+                Some(t) => c.namespaces(t),
+            },
+        };
+
         if c.errors.is_empty() {
-            Ok(Manifest { name, limits, components, routes })
+            Ok(Manifest { name, limits, components, routes, kv })
         } else {
             Err(ManifestErrors(c.errors))
         }
@@ -508,6 +661,55 @@ static = "public"
         let text = "[app]\nname='a'\n[limits]\nmemory_mb = 999999\n[[routes]]\npath='/_meridian/x'\nstatic='s'\n";
         let keys: Vec<String> = Manifest::parse("m", text).unwrap_err().0.into_iter().map(|e| e.key).collect();
         assert_eq!(keys, vec!["limits.memory_mb", "routes[0].path"]);
+    }
+
+    #[test]
+    fn key_value_namespaces() {
+        let text = r#"
+[app]
+name = "shop"
+[[routes]]
+path = "/"
+static = "site"
+[kv.sessions]
+mode = "global"
+[kv.profiles]
+mode = "regional"
+jurisdiction = "eu"
+[kv.ledger]
+mode = "strong"
+regions = ["us-east", "eu-west", "ap-southeast"]
+leader = "us-east"
+"#;
+        let m = Manifest::parse("meridian.toml", text).unwrap();
+        assert_eq!(m.kv["sessions"].mode, KvMode::Global);
+        assert_eq!(m.kv["profiles"].mode, KvMode::Regional { jurisdiction: Some("eu".into()), regions: vec![] });
+        assert!(matches!(&m.kv["ledger"].mode, KvMode::Strong { regions, leader: Some(l) } if regions.len() == 3 && l == "us-east"));
+
+        let bad = r#"[app]
+name = "shop"
+[[routes]]
+path = "/"
+static = "site"
+[kv.a]
+mode = "eventual"
+[kv.b]
+mode = "regional"
+[kv.c]
+mode = "strong"
+regions = ["us-east", "eu-west"]
+[kv.d]
+mode = "global"
+jurisdiction = "eu"
+[kv.e]
+"#;
+        let errs = Manifest::parse("meridian.toml", bad).unwrap_err().0;
+        let keys: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            vec![("kv.a.mode", 7), ("kv.b", 8), ("kv.c.regions", 12), ("kv.d.jurisdiction", 15), ("kv.e.mode", 16)],
+            "{errs:#?}"
+        );
     }
 
     #[test]

@@ -227,7 +227,7 @@ impl Region {
                 let h = req.headers_mut();
                 h.insert(headers::REGION, self.region_header.clone());
                 h.insert(headers::VERSION, version.version_header.clone());
-                let mut resp = component.handle(req).await;
+                let mut resp = component.handle(req, None).await;
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
                     resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                 }

@@ -30,6 +30,8 @@ enum Command {
     Deploy(commands::deploy::Args),
     /// Show what a running world is doing.
     Status(commands::status::Args),
+    /// Read and write key-value namespaces; see their replication.
+    Kv(commands::kv::Args),
     /// Inject faults into a running dev world: kill regions, cut links, add latency.
     Chaos(commands::chaos::Args),
     /// Run a region node (functions, static assets) from a config file.
@@ -62,6 +64,7 @@ fn main() -> std::process::ExitCode {
             Command::Deploy(a) => commands::deploy::run(a).await,
             Command::Status(a) => commands::status::run(a).await,
             Command::Chaos(a) => commands::chaos::run(a).await,
+            Command::Kv(a) => commands::kv::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,
             Command::Control(a) => commands::roles::control(a).await,

@@ -20,3 +20,10 @@ pub const FAULT: &str = "x-meridian-fault";
 pub const EDGE_STATUS_PATH: &str = "/_meridian/edge";
 /// Prefix of paths a region reserves for its own API (health, install, ...).
 pub const RESERVED_PREFIX: &str = "/_meridian/";
+/// Causality token of the writes a response followed (`origin:incarnation:seq`,
+/// comma-separated). Sent back by clients as this header or as the cookie
+/// [`CAUSALITY_COOKIE`]; a region serves them only once it has those writes.
+pub const CAUSALITY: &str = "x-meridian-causality";
+pub const CAUSALITY_COOKIE: &str = "meridian-causality";
+/// Set on a request a region forwarded to another one (never forwarded again).
+pub const FORWARDED: &str = "x-meridian-forwarded";

@@ -135,10 +135,7 @@ impl KvView<'_> {
 
 fn check_value(v: &[u8]) -> Result<(), store::Error> {
     if v.len() > MAX_VALUE {
-        return Err(store::Error::Other(format!(
-            "value is {} bytes; the largest allowed is {MAX_VALUE}",
-            v.len()
-        )));
+        return Err(store::Error::Other(format!("value is {} bytes; the largest allowed is {MAX_VALUE}", v.len())));
     }
     Ok(())
 }
@@ -200,11 +197,7 @@ impl atomics::Host for KvView<'_> {
         Ok(backend.increment(&name, &key, delta).await.map_err(to_wit))
     }
 
-    async fn swap(
-        &mut self,
-        cas: Resource<Cas>,
-        value: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), atomics::CasError>> {
+    async fn swap(&mut self, cas: Resource<Cas>, value: Vec<u8>) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let c = self.table.delete(cas)?;
         let backend = match self.backend() {
             Ok(b) => b,
@@ -242,11 +235,7 @@ impl atomics::HostCas for KvView<'_> {
 }
 
 impl batch::Host for KvView<'_> {
-    async fn get_many(
-        &mut self,
-        b: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> WitResult<Vec<Option<(String, Vec<u8>)>>> {
+    async fn get_many(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> WitResult<Vec<Option<(String, Vec<u8>)>>> {
         let (backend, name) = (tri!(self.backend()), self.bucket(&b)?);
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {

@@ -231,7 +231,11 @@ impl Checker<'_> {
             let leader = self.string(nt, &prefix, "leader");
             for r in regions.iter().flatten() {
                 if !is_valid_name(r) {
-                    self.error(item_span(nt, "regions"), &format!("{prefix}.regions"), format!("{r:?} is not a region name"));
+                    self.error(
+                        item_span(nt, "regions"),
+                        &format!("{prefix}.regions"),
+                        format!("{r:?} is not a region name"),
+                    );
                 }
             }
             let not_for = |c: &mut Self, key: &str, mode: &str| {
@@ -684,7 +688,9 @@ leader = "us-east"
         let m = Manifest::parse("meridian.toml", text).unwrap();
         assert_eq!(m.kv["sessions"].mode, KvMode::Global);
         assert_eq!(m.kv["profiles"].mode, KvMode::Regional { jurisdiction: Some("eu".into()), regions: vec![] });
-        assert!(matches!(&m.kv["ledger"].mode, KvMode::Strong { regions, leader: Some(l) } if regions.len() == 3 && l == "us-east"));
+        assert!(
+            matches!(&m.kv["ledger"].mode, KvMode::Strong { regions, leader: Some(l) } if regions.len() == 3 && l == "us-east")
+        );
 
         let bad = r#"[app]
 name = "shop"

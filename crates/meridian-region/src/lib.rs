@@ -15,13 +15,16 @@
 //! is public; install, activate and status need the world's token). All other
 //! paths belong to the app.
 
+pub mod kv;
+pub mod repl;
 mod statics;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-pub use meridian_core::wire::RegionStatus;
+pub use meridian_core::wire::{Peer, RegionStatus};
 use meridian_core::{headers, VersionId};
 use meridian_host::{Host, HostConfig, Prepared};
 use meridian_http::{has_bearer, json, text, unauthorized, Body};
@@ -46,6 +49,27 @@ pub struct RegionConfig {
     pub max_memory_mb: u64,
     #[serde(default = "default_max_bundle_mb")]
     pub max_bundle_mb: u64,
+    /// Jurisdiction this region is in (residency rules name these).
+    #[serde(default)]
+    pub jurisdiction: String,
+    /// Regions to replicate with. Can also be set at runtime
+    /// (`PUT /_meridian/peers`).
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// How often anti-entropy compares digests with each peer.
+    #[serde(default = "default_anti_entropy_ms")]
+    pub anti_entropy_ms: u64,
+    /// How long a request with a causality token waits for the writes it
+    /// names before it is forwarded to the region that made them.
+    #[serde(default = "default_causality_wait_ms")]
+    pub causality_wait_ms: u64,
+}
+
+fn default_anti_entropy_ms() -> u64 {
+    3000
+}
+fn default_causality_wait_ms() -> u64 {
+    500
 }
 
 fn default_max_instances() -> u32 {
@@ -70,12 +94,17 @@ pub enum InstallError {
     Io(#[from] std::io::Error),
     #[error("compilation task failed: {0}")]
     Join(String),
+    #[error("namespace {0:?}: strong (consensus-replicated) namespaces are not supported by this build yet")]
+    Unsupported(String),
+    #[error("cannot open the key-value store: {0}")]
+    Store(#[from] meridian_store::StoreError),
 }
 
 /// An installed version, ready to serve.
 pub struct Deployed {
     pub id: VersionId,
     pub manifest: Manifest,
+    namespaces: kv::Namespaces,
     components: HashMap<String, Prepared>,
     statics: HashMap<String, StaticSite>,
     version_header: HeaderValue,
@@ -93,6 +122,7 @@ pub struct Region {
     /// Installs compile on the blocking pool; one at a time keeps a deploy
     /// from starving the request path of CPU on small machines.
     install_lock: tokio::sync::Mutex<()>,
+    pub kv: Arc<kv::KvService>,
 }
 
 impl Region {
@@ -110,7 +140,22 @@ impl Region {
             max_memory_mb: config.max_memory_mb,
         })?;
         let region_header = HeaderValue::from_str(&config.name)?;
+        let store = meridian_store::Store::open(&config.data_dir.join("kv.redb"), &config.name)?;
+        let repl = repl::Replication::default();
+        *repl.anti_entropy_interval.lock().unwrap() = Duration::from_millis(config.anti_entropy_ms.max(50));
+        let kv = Arc::new(kv::KvService {
+            region: config.name.clone(),
+            jurisdiction: config.jurisdiction.clone(),
+            store,
+            peers: Default::default(),
+            namespaces: Default::default(),
+            token: token.clone(),
+            client: meridian_http::client(Duration::from_secs(2)),
+            repl,
+            causality_wait: Duration::from_millis(config.causality_wait_ms),
+        });
         let region = Arc::new(Region {
+            kv,
             config,
             token,
             host: Arc::new(host),
@@ -127,6 +172,7 @@ impl Region {
             region.activate(&id).map_err(anyhow::Error::msg)?;
             tracing::info!(version = id.short(), elapsed = ?t.elapsed(), "restored active version");
         }
+        region.kv.set_peers(region.config.peers.clone());
         Ok(region)
     }
 
@@ -151,6 +197,11 @@ impl Region {
         let bundle = Bundle::from_tar(&tar)?;
         if &bundle.id != claimed {
             return Err(InstallError::IdMismatch { claimed: claimed.clone(), actual: bundle.id });
+        }
+        if let Some(ns) =
+            bundle.manifest.kv.values().find(|n| matches!(n.mode, meridian_manifest::KvMode::Strong { .. }))
+        {
+            return Err(InstallError::Unsupported(ns.name.clone()));
         }
         let host = self.host.clone();
         let region = self.config.name.clone();
@@ -178,6 +229,7 @@ impl Region {
             .ok_or_else(|| format!("version {} is not installed here; install it first", id.short()))?;
         meridian_core::fs::write_atomic(&self.active_file(), id.as_str().as_bytes())
             .map_err(|e| format!("cannot record the active version: {e}"))?;
+        self.kv.namespaces.store(d.namespaces.clone());
         let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
         // Keep the new and the previous version in memory (a rollback is a
         // pointer swap); older ones are dropped once their last request ends.
@@ -198,6 +250,17 @@ impl Region {
             r.headers_mut().insert(headers::REGION, self.region_header.clone());
             return r;
         };
+        // Causality: serve a request that follows a write only where that
+        // write is applied: wait a little, else hand it to the region that
+        // made the write.
+        let token = causality_token(&req);
+        if !token.is_empty() && !req.headers().contains_key(headers::FORWARDED) && !self.kv.wait_for(&token).await {
+            let origin = token.iter().find(|e| !self.kv.has_applied(std::slice::from_ref(e))).map(|e| e.origin.clone());
+            let peer = origin.and_then(|o| self.kv.peers.load().iter().find(|p| p.name == o).cloned());
+            if let Some(peer) = peer {
+                return self.forward_request(&peer, req).await;
+            }
+        }
         let mut resp = self.serve_app(&version, req).await;
         let h = resp.headers_mut();
         h.insert(headers::REGION, self.region_header.clone());
@@ -227,9 +290,30 @@ impl Region {
                 let h = req.headers_mut();
                 h.insert(headers::REGION, self.region_header.clone());
                 h.insert(headers::VERSION, version.version_header.clone());
-                let mut resp = component.handle(req, None).await;
+                let kv = Arc::new(kv::RequestKv {
+                    svc: self.kv.clone(),
+                    namespaces: version.namespaces.clone(),
+                    token: Mutex::new(causality_token(&req)),
+                });
+                let written = kv.token.lock().unwrap().len();
+                let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
                     resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
+                }
+                // A response that followed writes carries their token (merged
+                // with the one the request brought), as a header and a cookie.
+                let token = kv.token.lock().unwrap().clone();
+                if token.len() > written || (!token.is_empty() && kv_wrote(&token, &self.config.name)) {
+                    let t = kv::format_token(&token);
+                    if let Ok(v) = HeaderValue::from_str(&t) {
+                        resp.headers_mut().insert(headers::CAUSALITY, v);
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&format!(
+                        "{}={t}; Path=/; Max-Age=600; SameSite=Lax",
+                        headers::CAUSALITY_COOKIE
+                    )) {
+                        resp.headers_mut().append(http::header::SET_COOKIE, v);
+                    }
                 }
                 resp
             }
@@ -245,7 +329,11 @@ impl Region {
         if !has_bearer(&req, &self.token) {
             return unauthorized();
         }
-        match (method, path.split('/').collect::<Vec<_>>().as_slice()) {
+        let parts: Vec<&str> = path.split('/').collect();
+        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers")) {
+            return self.kv.admin(req, &parts).await;
+        }
+        match (method, parts.as_slice()) {
             (Method::GET, ["status"]) => json(StatusCode::OK, &self.status()),
             (Method::PUT, ["versions", id]) => {
                 let id: VersionId = match id.parse() {
@@ -289,6 +377,37 @@ impl Region {
                 }
             }
             _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
+        }
+    }
+
+    /// Hands an app request to another region (its answer comes back as is).
+    async fn forward_request(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = match meridian_http::read_body(body, 8 << 20).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut b = Request::builder().method(parts.method.clone()).uri(format!("{}{pq}", peer.url));
+        for (k, v) in parts.headers.iter() {
+            if k != http::header::HOST {
+                b = b.header(k, v);
+            }
+        }
+        b = b.header(headers::FORWARDED, self.config.name.as_str());
+        let Ok(out) = b.body(meridian_http::full(body)) else {
+            return text(StatusCode::BAD_REQUEST, "cannot forward this request");
+        };
+        tracing::debug!(to = %peer.name, "forwarding a request whose causality token is not applied here yet");
+        match tokio::time::timeout(Duration::from_secs(30), self.kv.client.request(out)).await {
+            Ok(Ok(resp)) => {
+                let (parts, body) = resp.into_parts();
+                Response::from_parts(parts, body.map_err(|e| Box::new(e) as meridian_http::BoxError).boxed_unsync())
+            }
+            Ok(Err(e)) => {
+                text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
+            }
+            Err(_) => text(StatusCode::GATEWAY_TIMEOUT, format!("{} did not answer a forwarded request", peer.name)),
         }
     }
 
@@ -342,5 +461,71 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
         }
     }
     let version_header = HeaderValue::from_str(bundle.id.short()).expect("hex is a valid header");
-    Ok(Deployed { id: bundle.id, manifest: bundle.manifest, components, statics, version_header, all_cached })
+    let namespaces = Arc::new(bundle.manifest.kv.clone());
+    Ok(Deployed {
+        id: bundle.id,
+        manifest: bundle.manifest,
+        namespaces,
+        components,
+        statics,
+        version_header,
+        all_cached,
+    })
+}
+
+/// Whether a token names a write made in `region` (so the response must carry it).
+fn kv_wrote(token: &[kv::TokenEntry], region: &str) -> bool {
+    token.iter().any(|e| e.origin == region)
+}
+
+/// The causality token a request carries (header, else cookie).
+fn causality_token<B>(req: &Request<B>) -> Vec<kv::TokenEntry> {
+    if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
+        return kv::parse_token(v);
+    }
+    for v in req.headers().get_all(http::header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for c in v.split(';') {
+            if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
+                return kv::parse_token(t);
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// One request to another role, with the world's token; the whole answer.
+pub(crate) async fn call(
+    client: &meridian_http::Client,
+    method: Method,
+    url: &str,
+    token: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), String> {
+    call_with(client, method, url, token, body, timeout, &[]).await
+}
+
+pub(crate) async fn call_with(
+    client: &meridian_http::Client,
+    method: Method,
+    url: &str,
+    token: &str,
+    body: Bytes,
+    timeout: Duration,
+    extra: &[(&str, &str)],
+) -> Result<(StatusCode, Bytes), String> {
+    let mut b =
+        Request::builder().method(method).uri(url).header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(meridian_http::full(body)).map_err(|e| e.to_string())?;
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| format!("{e}"))?;
+        let status = resp.status();
+        let body = meridian_http::read_body(resp.into_body(), 256 << 20).await.map_err(|e| e.to_string())?;
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from {url} within {timeout:?}"))?
 }

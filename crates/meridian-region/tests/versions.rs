@@ -11,7 +11,7 @@ fn app(dir: &Path, page: &str) -> Bundle {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
     std::fs::create_dir_all(dir.join("components")).unwrap();
     std::fs::create_dir_all(dir.join("static")).unwrap();
-    for f in ["meridian.toml", "components/hello.wasm", "static/style.css"] {
+    for f in ["meridian.toml", "components/hello.wasm", "components/kv.wasm", "static/style.css"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("static/index.html"), page).unwrap();
@@ -28,6 +28,10 @@ fn config(data: &Path) -> RegionConfig {
         max_instances: 20,
         max_memory_mb: 128,
         max_bundle_mb: 64,
+        jurisdiction: "eu".into(),
+        peers: Vec::new(),
+        anti_entropy_ms: 1000,
+        causality_wait_ms: 100,
     }
 }
 

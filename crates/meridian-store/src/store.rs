@@ -102,7 +102,9 @@ pub enum PushOutcome {
     Applied(ApplyReport),
     /// The message starts after what we have from that origin: we hold
     /// `have` (of the sender's current incarnation; 0 if none). Nothing changed.
-    Gap { have: u64 },
+    Gap {
+        have: u64,
+    },
 }
 
 /// Result of a compare-and-swap.
@@ -646,7 +648,11 @@ impl Writer<'_> {
             origin: self.inner.region.clone(),
             seen: old.map(|r| r.ts).unwrap_or_default(),
         };
-        self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), record.encode().as_slice()).map_err(engine)?;
+        self.txn
+            .open_table(RECORDS)
+            .map_err(engine)?
+            .insert(k.as_slice(), record.encode().as_slice())
+            .map_err(engine)?;
         let seq = self.next_seq;
         let change = Change { ns: ns.to_string(), key: key.to_vec(), record };
         self.txn.open_table(LOG).map_err(engine)?.insert(seq, change.encode().as_slice()).map_err(engine)?;
@@ -681,7 +687,11 @@ impl Writer<'_> {
         if Some(&new) == old.as_ref() {
             report.unchanged += 1;
         } else {
-            self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), new.encode().as_slice()).map_err(engine)?;
+            self.txn
+                .open_table(RECORDS)
+                .map_err(engine)?
+                .insert(k.as_slice(), new.encode().as_slice())
+                .map_err(engine)?;
             report.changed += 1;
         }
         self.applied_remote = true;

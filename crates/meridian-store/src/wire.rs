@@ -111,7 +111,11 @@ impl Message {
 
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         if bytes.len() < 6 {
-            return Err(if MAGIC.starts_with(&bytes[..bytes.len().min(4)]) { WireError::Truncated } else { WireError::Magic });
+            return Err(if MAGIC.starts_with(&bytes[..bytes.len().min(4)]) {
+                WireError::Truncated
+            } else {
+                WireError::Magic
+            });
         }
         if &bytes[..4] != MAGIC {
             return Err(WireError::Magic);

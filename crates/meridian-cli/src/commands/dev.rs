@@ -48,6 +48,9 @@ pub struct Args {
     /// Routing policy of the edges.
     #[arg(long, value_enum, default_value_t = PolicyArg::Geo)]
     pub policy: PolicyArg,
+    /// How often regions compare key-value digests with each peer.
+    #[arg(long, default_value_t = 3000)]
+    pub anti_entropy_ms: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -61,6 +64,7 @@ pub enum PolicyArg {
 const EXAMPLE: &[(&str, &[u8])] = &[
     ("meridian.toml", include_bytes!("../../../../examples/hello/meridian.toml")),
     ("components/hello.wasm", include_bytes!("../../../../examples/hello/components/hello.wasm")),
+    ("components/kv.wasm", include_bytes!("../../../../examples/hello/components/kv.wasm")),
     ("static/index.html", include_bytes!("../../../../examples/hello/static/index.html")),
     ("static/style.css", include_bytes!("../../../../examples/hello/static/style.css")),
 ];
@@ -256,6 +260,7 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
 
     // Regions first: everything else points at them.
     let mut region_addrs = Vec::new();
+    let mut region_cfgs = Vec::new();
     for (r, addr) in topology.regions.iter().zip(&plan.region_addrs) {
         let mut cfg = RegionConfig {
             name: r.name.clone(),
@@ -265,8 +270,13 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
             max_instances: 200,
             max_memory_mb: 512,
             max_bundle_mb: 256,
+            jurisdiction: r.jurisdiction.clone(),
+            peers: Vec::new(),
+            anti_entropy_ms: a.anti_entropy_ms,
+            causality_wait_ms: 500,
         };
         let addr = start_role(sup, &r.name, "region", &mut cfg, |c| &mut c.listen).await?;
+        region_cfgs.push(cfg);
         region_addrs.push(addr);
         sup.world.lock().unwrap().regions.push(RegionInfo {
             name: r.name.clone(),
@@ -293,15 +303,34 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
             links.push(link);
         }
     }
-    for ra in &topology.regions {
+    // Regions replicate with each other through their links.
+    for (ai, ra) in topology.regions.iter().enumerate() {
+        let mut peers = Vec::new();
         for (bi, rb) in topology.regions.iter().enumerate() {
             if ra.name != rb.name {
-                links.push(
-                    add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], topology.rtt(&ra.name, &rb.name) / 2)
-                        .await?,
-                );
+                let rtt = topology.rtt(&ra.name, &rb.name);
+                let link = add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], rtt / 2).await?;
+                peers.push(meridian_region::Peer {
+                    name: rb.name.clone(),
+                    url: format!("http://{}", link.listen),
+                    jurisdiction: rb.jurisdiction.clone(),
+                    rtt_ms: rtt.as_secs_f64() * 1000.0,
+                });
+                links.push(link);
             }
         }
+        // In the config for restarts, and at once through the admin API.
+        region_cfgs[ai].peers = peers.clone();
+        write_config(&dir, &ra.name, &region_cfgs[ai])?;
+        crate::api::call_ok(
+            Method::PUT,
+            &format!("http://{}/_meridian/peers", region_addrs[ai]),
+            token,
+            Bytes::from(serde_json::to_vec(&peers)?),
+            Duration::from_secs(5),
+        )
+        .await
+        .with_context(|| format!("cannot give {} its peers", ra.name))?;
     }
     sup.world.lock().unwrap().links = links;
 

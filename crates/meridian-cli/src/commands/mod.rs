@@ -1,5 +1,6 @@
 pub mod chaos;
 pub mod deploy;
 pub mod dev;
+pub mod kv;
 pub mod roles;
 pub mod status;

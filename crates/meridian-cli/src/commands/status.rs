@@ -31,9 +31,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .await;
         edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
     }
+    let kv = crate::commands::kv::statuses(&w, &token).await;
     if a.json {
         let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges, "kv": kv}))?
+        );
         return Ok(());
     }
     let short =
@@ -63,5 +67,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
+    println!("\nkey-value replication (-> pushing to a peer, <- applied from an origin):");
+    crate::commands::kv::print_status(&kv);
     Ok(())
 }

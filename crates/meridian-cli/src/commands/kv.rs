@@ -1,0 +1,238 @@
+//! `meridian kv`: read and write a world's key-value namespaces, and see
+//! their replication.
+//!
+//! Operations go to one region's API (`--region`, default the first): a
+//! namespace that region may not hold is forwarded by it to the nearest
+//! region that may, exactly as a function's calls are.
+
+use crate::api::{call_ok, WorldArg};
+use anyhow::Context;
+use bytes::Bytes;
+use http::Method;
+use meridian_core::wire::KvStatus;
+use meridian_region::kv::{Op, OpResult};
+use std::io::Read;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub world: WorldArg,
+    #[command(subcommand)]
+    pub op: KvCommand,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Namespace (a `[kv.NAME]` of the app's manifest).
+    #[arg(long)]
+    pub ns: String,
+    /// Region to ask (default: the world's first region).
+    #[arg(long)]
+    pub region: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value.
+    Get {
+        #[command(flatten)]
+        t: Target,
+        key: String,
+    },
+    /// Store a value ("-" reads it from stdin).
+    Put {
+        #[command(flatten)]
+        t: Target,
+        key: String,
+        value: String,
+    },
+    /// Delete a key.
+    Delete {
+        #[command(flatten)]
+        t: Target,
+        key: String,
+    },
+    /// Add to a counter.
+    Incr {
+        #[command(flatten)]
+        t: Target,
+        key: String,
+        #[arg(default_value_t = 1, allow_hyphen_values = true)]
+        delta: i64,
+    },
+    /// List the keys of a namespace.
+    List {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Show writes overwritten by concurrent ones (last-writer-wins losers).
+    Conflicts {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Replication state of every region: lag, pending entries, conflicts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn region_url(w: &meridian_core::world::WorldDescription, region: Option<&str>) -> anyhow::Result<(String, String)> {
+    let r = match region {
+        Some(name) => {
+            w.regions.iter().find(|r| r.name == name).with_context(|| format!("no region {name:?} in this world"))?
+        }
+        None => w.regions.first().context("the world has no regions")?,
+    };
+    Ok((r.name.clone(), r.url.clone()))
+}
+
+async fn op(a: &WorldArg, region: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
+    let (w, token) = a.load()?;
+    let (_, url) = region_url(&w, region)?;
+    let body = call_ok(
+        Method::POST,
+        &format!("{url}/_meridian/kv/op"),
+        &token,
+        Bytes::from(serde_json::to_vec(&op)?),
+        Duration::from_secs(15),
+    )
+    .await?;
+    let r: OpResult = serde_json::from_slice(&body)?;
+    if let Some(e) = r.error {
+        anyhow::bail!("{e}");
+    }
+    Ok(r)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let w = &a.world;
+    match a.op {
+        KvCommand::Get { t, key } => {
+            let r = op(w, t.region.as_deref(), Op::Get { ns: t.ns, key }).await?;
+            match r.value_hex {
+                Some(h) => {
+                    let v = hex::decode(h)?;
+                    println!("{}", String::from_utf8_lossy(&v));
+                }
+                None => anyhow::bail!("not found (asked {})", r.region),
+            }
+        }
+        KvCommand::Put { t, key, value } => {
+            let value = if value == "-" {
+                let mut v = Vec::new();
+                std::io::stdin().read_to_end(&mut v)?;
+                v
+            } else {
+                value.into_bytes()
+            };
+            let r = op(w, t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
+            println!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
+        }
+        KvCommand::Delete { t, key } => {
+            let r = op(w, t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
+            println!("deleted in {}", r.region);
+        }
+        KvCommand::Incr { t, key, delta } => {
+            let r = op(w, t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
+            println!("{}", r.total.unwrap_or_default());
+        }
+        KvCommand::List { t } => {
+            let mut cursor = None;
+            loop {
+                let r = op(w, t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
+                for k in r.keys {
+                    println!("{k}");
+                }
+                match r.cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        KvCommand::Conflicts { t } => {
+            let (world, token) = w.load()?;
+            let (_, url) = region_url(&world, t.region.as_deref())?;
+            let body = call_ok(
+                Method::GET,
+                &format!("{url}/_meridian/kv/conflicts/{}", t.ns),
+                &token,
+                Bytes::new(),
+                Duration::from_secs(10),
+            )
+            .await?;
+            let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+            for c in &list {
+                let v = c["value_hex"].as_str().and_then(|h| hex::decode(h).ok());
+                println!(
+                    "{}  lost value {:?} written in {} at {} ms",
+                    c["key"].as_str().unwrap_or("?"),
+                    v.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "(delete)".into()),
+                    c["origin"].as_str().unwrap_or("?"),
+                    c["ts_ms"]
+                );
+            }
+            println!("{} conflict(s)", list.len());
+        }
+        KvCommand::Status { json } => {
+            let (world, token) = w.load()?;
+            let all = statuses(&world, &token).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_status(&all);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Key-value status of every region (a region that does not answer is left out).
+pub async fn statuses(w: &meridian_core::world::WorldDescription, token: &str) -> Vec<KvStatus> {
+    let mut out = Vec::new();
+    for r in &w.regions {
+        let s = call_ok(
+            Method::GET,
+            &format!("{}/_meridian/kv/status", r.url),
+            token,
+            Bytes::new(),
+            Duration::from_secs(5),
+        )
+        .await;
+        if let Some(s) = s.ok().and_then(|b| serde_json::from_slice::<KvStatus>(&b).ok()) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+pub fn print_status(all: &[KvStatus]) {
+    for s in all {
+        println!(
+            "  {:<16} writes logged {:>8}  log {:>7}  conflicts {:>5}  rejected msgs {}",
+            s.region, s.last_seq, s.log_len, s.conflicts, s.rejected_messages
+        );
+        for p in &s.peers {
+            println!(
+                "      -> {:<14} acked {:>8}  pending {:>6}  snapshots {}  repaired {}{}",
+                p.peer,
+                p.acked_seq,
+                p.pending,
+                p.snapshots_sent,
+                p.repaired,
+                p.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
+            );
+        }
+        for o in &s.origins {
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
+            println!(
+                "      <- {:<14} applied {:>8}  lag p50 {:>7}  p99 {:>7}",
+                o.origin,
+                o.applied_seq,
+                f(o.lag_ms_p50),
+                f(o.lag_ms_p99)
+            );
+        }
+    }
+}

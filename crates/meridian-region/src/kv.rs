@@ -1,0 +1,599 @@
+//! Key-value namespaces in a region: placement (local or forwarded),
+//! the operations functions and operators call, causality tokens, and the
+//! HTTP endpoints other regions and the CLI use.
+//!
+//! Placement of a namespace, from the app's manifest:
+//! - `global`: every region holds it; operations are local and replicate
+//!   asynchronously ([`crate::repl`]);
+//! - `regional`: only the allowed regions (a jurisdiction or a list) hold
+//!   it. Elsewhere every operation is forwarded to the nearest allowed
+//!   region; nothing of it is stored, logged or replicated here.
+//!
+//! Residency invariant: a value of a regional namespace is never written to
+//! the store of a region outside its allowed set, never sent to one by
+//! replication, and never logged. Values are not logged anywhere.
+
+use crate::repl::Replication;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use meridian_core::wire::{KvStatus, Peer};
+use meridian_host::{CasVersion, KvBackend, KvError, KvResult};
+use meridian_http::{json, text, Body};
+use meridian_manifest::{KvMode, Namespace};
+use meridian_store::{Store, Swapped, Timestamp, Value, Written};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub type Namespaces = Arc<BTreeMap<String, Namespace>>;
+
+/// Where a namespace's operations go from this region.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Placement {
+    Local,
+    /// Allowed regions, nearest first.
+    Forward(Vec<Peer>),
+}
+
+pub struct KvService {
+    pub region: String,
+    pub jurisdiction: String,
+    pub store: Store,
+    pub peers: ArcSwap<Vec<Peer>>,
+    /// Namespaces of the active version (replication follows these).
+    pub namespaces: ArcSwap<BTreeMap<String, Namespace>>,
+    pub token: String,
+    pub client: meridian_http::Client,
+    pub repl: Replication,
+    /// How long a request carrying a causality token waits for this region
+    /// to apply the writes it names before it is forwarded to their origin.
+    pub causality_wait: Duration,
+}
+
+/// Whether `region` (of `jurisdiction`) may hold namespace `ns`.
+pub fn allowed_in(ns: &Namespace, region: &str, jurisdiction: &str) -> bool {
+    match &ns.mode {
+        KvMode::Global => true,
+        KvMode::Regional { jurisdiction: Some(j), .. } => j == jurisdiction,
+        KvMode::Regional { jurisdiction: None, regions } => regions.iter().any(|r| r == region),
+        KvMode::Strong { regions, .. } => regions.iter().any(|r| r == region),
+    }
+}
+
+/// A causality token entry: `origin`'s write number `seq` of incarnation `incarnation`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub origin: String,
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+pub fn format_token(entries: &[TokenEntry]) -> String {
+    entries.iter().map(|e| format!("{}:{:x}:{}", e.origin, e.incarnation, e.seq)).collect::<Vec<_>>().join(",")
+}
+
+/// Parses a token; malformed entries are ignored (a token is a hint about
+/// freshness, never a reason to fail a request).
+pub fn parse_token(s: &str) -> Vec<TokenEntry> {
+    s.split(',')
+        .filter_map(|e| {
+            let mut p = e.trim().splitn(3, ':');
+            let origin = p.next()?.to_string();
+            let incarnation = u64::from_str_radix(p.next()?, 16).ok()?;
+            let seq = p.next()?.parse().ok()?;
+            meridian_core::topology::is_valid_name(&origin).then_some(TokenEntry { origin, incarnation, seq })
+        })
+        .take(16)
+        .collect()
+}
+
+/// Adds `e` to a token, keeping the newest entry per origin.
+pub fn merge_token(entries: &mut Vec<TokenEntry>, e: TokenEntry) {
+    match entries.iter_mut().find(|x| x.origin == e.origin) {
+        Some(x) if x.incarnation == e.incarnation => x.seq = x.seq.max(e.seq),
+        Some(x) => *x = e,
+        None => entries.push(e),
+    }
+}
+
+fn other<E: std::fmt::Display>(e: E) -> KvError {
+    KvError::Other(e.to_string())
+}
+
+/// A stored record as a guest sees it: counters read as decimal text.
+fn visible(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::Bytes(b) => Some(b),
+        Value::Tombstone => None,
+        Value::Counter { .. } => v.counter_total().map(|t| t.to_string().into_bytes()),
+    }
+}
+
+fn encode_version(ts: Option<Timestamp>) -> CasVersion {
+    match ts {
+        None => Vec::new(),
+        Some(t) => {
+            let mut v = t.wall_ms.to_le_bytes().to_vec();
+            v.extend_from_slice(&t.logical.to_le_bytes());
+            v
+        }
+    }
+}
+
+fn decode_version(v: &[u8]) -> KvResult<Option<Timestamp>> {
+    match v.len() {
+        0 => Ok(None),
+        12 => Ok(Some(Timestamp {
+            wall_ms: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+            logical: u32::from_le_bytes(v[8..].try_into().expect("4 bytes")),
+        })),
+        _ => Err(KvError::Other("not a version this region issued".into())),
+    }
+}
+
+/// One key-value operation, as forwarded between regions and sent by the CLI.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Get { ns: String, key: String },
+    Set { ns: String, key: String, value_hex: String },
+    Delete { ns: String, key: String },
+    Increment { ns: String, key: String, delta: i64 },
+    List { ns: String, cursor: Option<String>, limit: Option<usize> },
+    ReadVersioned { ns: String, key: String },
+    Swap { ns: String, key: String, version_hex: String, value_hex: String },
+}
+
+impl Op {
+    fn ns(&self) -> &str {
+        match self {
+            Op::Get { ns, .. }
+            | Op::Set { ns, .. }
+            | Op::Delete { ns, .. }
+            | Op::Increment { ns, .. }
+            | Op::List { ns, .. }
+            | Op::ReadVersioned { ns, .. }
+            | Op::Swap { ns, .. } => ns,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct OpResult {
+    /// Region that executed the operation.
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_hex: Option<String>,
+    /// For a swap: whether it was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swapped: Option<bool>,
+    /// Causality token of a write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+}
+
+fn unhex(s: &str) -> KvResult<Vec<u8>> {
+    hex::decode(s).map_err(|_| KvError::Other("value is not hex".into()))
+}
+
+impl KvService {
+    pub fn placement(&self, namespaces: &BTreeMap<String, Namespace>, ns: &str) -> KvResult<Placement> {
+        let n = namespaces.get(ns).ok_or(KvError::NoSuchStore)?;
+        if matches!(n.mode, KvMode::Strong { .. }) {
+            return Err(KvError::Other("strong namespaces are not available in this build".into()));
+        }
+        if allowed_in(n, &self.region, &self.jurisdiction) {
+            return Ok(Placement::Local);
+        }
+        let mut ps: Vec<Peer> =
+            self.peers.load().iter().filter(|p| allowed_in(n, &p.name, &p.jurisdiction)).cloned().collect();
+        if ps.is_empty() {
+            return Err(KvError::Other(format!("no region this one knows may hold namespace {ns:?}")));
+        }
+        ps.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
+        Ok(Placement::Forward(ps))
+    }
+
+    /// Whether `peer` may receive namespace `ns` by replication.
+    pub fn replicates_to(&self, ns: &str, peer: &Peer) -> bool {
+        let nss = self.namespaces.load();
+        match nss.get(ns) {
+            Some(n) => !matches!(n.mode, KvMode::Strong { .. }) && allowed_in(n, &peer.name, &peer.jurisdiction),
+            // Unknown here (an older version's namespace): not sent, so a
+            // residency rule can never be bypassed by a manifest change.
+            None => false,
+        }
+    }
+
+    /// Whether this region may store records of `ns` it receives.
+    pub fn may_hold(&self, ns: &str) -> Result<(), String> {
+        let nss = self.namespaces.load();
+        match nss.get(ns) {
+            Some(n) if matches!(n.mode, KvMode::Strong { .. }) => {
+                Err(format!("namespace {ns:?} is strong; it is not replicated this way"))
+            }
+            Some(n) if allowed_in(n, &self.region, &self.jurisdiction) => Ok(()),
+            Some(_) => Err(format!("residency: namespace {ns:?} may not be stored in {}", self.region)),
+            None => Err(format!("namespace {ns:?} is not declared by the app active here")),
+        }
+    }
+
+    fn token_of(&self, w: &Written) -> TokenEntry {
+        TokenEntry { origin: self.region.clone(), incarnation: self.store.incarnation(), seq: w.seq }
+    }
+
+    /// Runs an operation here (the namespace must be local).
+    async fn run_local(&self, op: &Op) -> KvResult<(OpResult, Option<TokenEntry>)> {
+        let mut r = OpResult { region: self.region.clone(), ..Default::default() };
+        let mut token = None;
+        match op {
+            Op::Get { ns, key } => {
+                let rec = self.store.get(ns, key.as_bytes()).map_err(other)?;
+                r.value_hex = rec.and_then(|r| visible(r.value)).map(hex::encode);
+            }
+            Op::Set { ns, key, value_hex } => {
+                let w = self.store.put(ns, key.as_bytes(), unhex(value_hex)?).await.map_err(other)?;
+                token = Some(self.token_of(&w));
+            }
+            Op::Delete { ns, key } => {
+                let w = self.store.delete(ns, key.as_bytes()).await.map_err(other)?;
+                token = Some(self.token_of(&w));
+            }
+            Op::Increment { ns, key, delta } => {
+                let (w, total) = self.store.increment(ns, key.as_bytes(), *delta).await.map_err(other)?;
+                token = Some(self.token_of(&w));
+                r.total = Some(total);
+            }
+            Op::List { ns, cursor, limit } => {
+                let limit = limit.unwrap_or(meridian_host::kv::LIST_PAGE).clamp(1, 10_000);
+                let mut after = cursor.clone().map(String::into_bytes);
+                // Tombstones are skipped, so a page may need several scans.
+                loop {
+                    let batch = self.store.scan(ns, after.as_deref(), limit + 1).map_err(other)?;
+                    let more = batch.len() > limit;
+                    for (k, rec) in batch.into_iter().take(limit) {
+                        after = Some(k.clone());
+                        if matches!(rec.value, Value::Tombstone) {
+                            continue;
+                        }
+                        // Keys written through wasi:keyvalue are strings.
+                        if let Ok(k) = String::from_utf8(k) {
+                            r.keys.push(k);
+                        }
+                        if r.keys.len() == limit {
+                            break;
+                        }
+                    }
+                    if !more || r.keys.len() == limit {
+                        r.cursor = if more { after.and_then(|a| String::from_utf8(a).ok()) } else { None };
+                        break;
+                    }
+                }
+            }
+            Op::ReadVersioned { ns, key } => {
+                let rec = self.store.get(ns, key.as_bytes()).map_err(other)?;
+                let live = rec.filter(|r| !matches!(r.value, Value::Tombstone));
+                r.version_hex = Some(hex::encode(encode_version(live.as_ref().map(|r| r.ts))));
+                r.value_hex = live.and_then(|r| visible(r.value)).map(hex::encode);
+            }
+            Op::Swap { ns, key, version_hex, value_hex } => {
+                let expected = decode_version(&unhex(version_hex)?)?;
+                match self.store.swap(ns, key.as_bytes(), expected, unhex(value_hex)?).await.map_err(other)? {
+                    Swapped::Done(w) => {
+                        token = Some(self.token_of(&w));
+                        r.swapped = Some(true);
+                    }
+                    Swapped::Stale(cur) => {
+                        let live = cur.filter(|r| !matches!(r.value, Value::Tombstone));
+                        r.swapped = Some(false);
+                        r.version_hex = Some(hex::encode(encode_version(live.as_ref().map(|r| r.ts))));
+                        r.value_hex = live.and_then(|r| visible(r.value)).map(hex::encode);
+                    }
+                }
+            }
+        }
+        r.token = token.as_ref().map(|t| format_token(std::slice::from_ref(t)));
+        Ok((r, token))
+    }
+
+    /// Sends an operation to the nearest allowed region that answers.
+    async fn forward(&self, peers: &[Peer], op: &Op) -> KvResult<(OpResult, Option<TokenEntry>)> {
+        let body = serde_json::to_vec(op).map_err(other)?;
+        let mut last = String::new();
+        for p in peers {
+            let url = format!("{}/_meridian/kv/op", p.url);
+            match crate::call(
+                &self.client,
+                Method::POST,
+                &url,
+                &self.token,
+                body.clone().into(),
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok((status, bytes)) => {
+                    let r: OpResult = match serde_json::from_slice(&bytes) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            last = format!("{}: HTTP {status}", p.name);
+                            continue;
+                        }
+                    };
+                    if let Some(e) = r.error.clone() {
+                        return Err(match r.error_kind.as_deref() {
+                            Some("no_such_store") => KvError::NoSuchStore,
+                            Some("access_denied") => KvError::AccessDenied,
+                            _ => KvError::Other(format!("{}: {e}", p.name)),
+                        });
+                    }
+                    let token = r.token.as_deref().map(parse_token).and_then(|t| t.into_iter().next());
+                    return Ok((r, token));
+                }
+                Err(e) => last = format!("{}: {e}", p.name),
+            }
+        }
+        Err(KvError::Other(format!("no allowed region answered ({last})")))
+    }
+
+    /// Runs an operation wherever its namespace lives.
+    pub async fn execute(
+        &self,
+        namespaces: &BTreeMap<String, Namespace>,
+        op: &Op,
+    ) -> KvResult<(OpResult, Option<TokenEntry>)> {
+        match self.placement(namespaces, op.ns())? {
+            Placement::Local => self.run_local(op).await,
+            Placement::Forward(peers) => self.forward(&peers, op).await,
+        }
+    }
+
+    /// `POST /_meridian/kv/op`: one operation from another region or the CLI.
+    /// Executed here only if the namespace is local: a forwarded operation
+    /// is never forwarded again.
+    pub async fn handle_op(&self, body: Bytes) -> Response<Body> {
+        let op: Op = match serde_json::from_slice(&body) {
+            Ok(op) => op,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("not a key-value operation: {e}")),
+        };
+        let nss = self.namespaces.load_full();
+        let result = match self.placement(&nss, op.ns()) {
+            Ok(Placement::Local) => self.run_local(&op).await,
+            Ok(Placement::Forward(peers)) => self.forward(&peers, &op).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((r, _)) => json(StatusCode::OK, &r),
+            Err(e) => {
+                let kind = match e {
+                    KvError::NoSuchStore => "no_such_store",
+                    KvError::AccessDenied => "access_denied",
+                    KvError::Other(_) => "other",
+                };
+                json(
+                    StatusCode::OK,
+                    &OpResult {
+                        region: self.region.clone(),
+                        error: Some(e.to_string()),
+                        error_kind: Some(kind.into()),
+                        ..Default::default()
+                    },
+                )
+            }
+        }
+    }
+
+    /// Whether this region has applied every write `token` names.
+    pub fn has_applied(&self, token: &[TokenEntry]) -> bool {
+        token.iter().all(|e| {
+            if e.origin == self.region {
+                return true;
+            }
+            match self.store.applied(&e.origin) {
+                Ok(Some((inc, seq))) => inc == e.incarnation && seq >= e.seq,
+                _ => false,
+            }
+        })
+    }
+
+    /// Waits (bounded) until the writes of `token` are applied here.
+    pub async fn wait_for(&self, token: &[TokenEntry]) -> bool {
+        let mut changes = self.store.applied_changes();
+        let deadline = tokio::time::Instant::now() + self.causality_wait;
+        loop {
+            if self.has_applied(token) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.has_applied(token),
+            }
+        }
+    }
+
+    pub fn status(&self) -> KvStatus {
+        let store = &self.store;
+        KvStatus {
+            region: self.region.clone(),
+            incarnation: store.incarnation(),
+            last_seq: *store.last_seq().borrow(),
+            log_len: store.log_len().unwrap_or(0),
+            conflicts: store.conflict_count(),
+            commits: store.commit_count(),
+            peers: self.repl.peer_status(store),
+            origins: self.repl.origin_status(store),
+            rejected_messages: self.repl.rejected(),
+        }
+    }
+
+    /// Admin API under `/_meridian/kv/` and `/_meridian/repl/` (token checked by the caller).
+    pub async fn admin(self: &Arc<Self>, req: Request<hyper::body::Incoming>, path: &[&str]) -> Response<Body> {
+        let method = req.method().clone();
+        match (method, path) {
+            (Method::POST, ["kv", "op"]) => match meridian_http::read_body(req.into_body(), 16 << 20).await {
+                Ok(b) => self.handle_op(b).await,
+                Err(e) => e.into_response(),
+            },
+            (Method::GET, ["kv", "status"]) => json(StatusCode::OK, &self.status()),
+            (Method::GET, ["kv", "conflicts", ns]) => match self.store.conflicts(ns, 1000) {
+                Ok(list) => {
+                    let out: Vec<serde_json::Value> = list
+                        .into_iter()
+                        .map(|(k, r)| {
+                            serde_json::json!({
+                                "key": String::from_utf8_lossy(&k),
+                                "origin": r.origin,
+                                "ts_ms": r.ts.wall_ms,
+                                "value_hex": visible(r.value).map(hex::encode),
+                            })
+                        })
+                        .collect();
+                    json(StatusCode::OK, &out)
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+            },
+            (Method::GET, ["kv", "digest", ns]) => match self.store.digest(ns) {
+                Ok(d) => json(StatusCode::OK, &d.iter().map(hex::encode).collect::<Vec<_>>()),
+                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+            },
+            (Method::PUT, ["peers"]) => match meridian_http::read_body(req.into_body(), 1 << 20).await {
+                Ok(b) => match serde_json::from_slice::<Vec<Peer>>(&b) {
+                    Ok(peers) => {
+                        self.set_peers(peers);
+                        json(StatusCode::OK, &*self.peers.load_full())
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("expected a list of peers: {e}")),
+                },
+                Err(e) => e.into_response(),
+            },
+            (_, ["repl", ..]) => self.repl.handle(self, req, path).await,
+            _ => text(StatusCode::NOT_FOUND, format!("no such API: {}", path.join("/"))),
+        }
+    }
+
+    /// Replaces the set of peers and restarts replication with them.
+    pub fn set_peers(self: &Arc<Self>, peers: Vec<Peer>) {
+        let peers: Vec<Peer> = peers.into_iter().filter(|p| p.name != self.region).collect();
+        self.peers.store(Arc::new(peers));
+        self.repl.restart(self.clone());
+    }
+}
+
+/// What one request's `wasi:keyvalue` calls reach: the region's namespaces
+/// as declared by the version serving the request. Collects the causality
+/// token of the writes it makes.
+pub struct RequestKv {
+    pub svc: Arc<KvService>,
+    pub namespaces: Namespaces,
+    pub token: Mutex<Vec<TokenEntry>>,
+}
+
+impl RequestKv {
+    async fn exec(&self, op: Op) -> KvResult<OpResult> {
+        let (r, token) = self.svc.execute(&self.namespaces, &op).await?;
+        if let Some(t) = token {
+            merge_token(&mut self.token.lock().unwrap(), t);
+        }
+        Ok(r)
+    }
+}
+
+#[async_trait::async_trait]
+impl KvBackend for RequestKv {
+    fn open(&self, bucket: &str) -> KvResult<()> {
+        self.svc.placement(&self.namespaces, bucket).map(|_| ())
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> KvResult<Option<Vec<u8>>> {
+        let r = self.exec(Op::Get { ns: bucket.into(), key: key.into() }).await?;
+        r.value_hex.map(|h| unhex(&h)).transpose()
+    }
+
+    async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> KvResult<()> {
+        self.exec(Op::Set { ns: bucket.into(), key: key.into(), value_hex: hex::encode(value) }).await.map(|_| ())
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> KvResult<()> {
+        self.exec(Op::Delete { ns: bucket.into(), key: key.into() }).await.map(|_| ())
+    }
+
+    async fn list(&self, bucket: &str, cursor: Option<String>) -> KvResult<(Vec<String>, Option<String>)> {
+        let r = self.exec(Op::List { ns: bucket.into(), cursor, limit: None }).await?;
+        Ok((r.keys, r.cursor))
+    }
+
+    async fn increment(&self, bucket: &str, key: &str, delta: i64) -> KvResult<i64> {
+        let r = self.exec(Op::Increment { ns: bucket.into(), key: key.into(), delta }).await?;
+        r.total.ok_or_else(|| KvError::Other("increment returned no total".into()))
+    }
+
+    async fn read_versioned(&self, bucket: &str, key: &str) -> KvResult<(Option<Vec<u8>>, CasVersion)> {
+        let r = self.exec(Op::ReadVersioned { ns: bucket.into(), key: key.into() }).await?;
+        let version = unhex(r.version_hex.as_deref().unwrap_or(""))?;
+        Ok((r.value_hex.map(|h| unhex(&h)).transpose()?, version))
+    }
+
+    async fn swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: &CasVersion,
+        value: Vec<u8>,
+    ) -> KvResult<Option<(Option<Vec<u8>>, CasVersion)>> {
+        let op = Op::Swap {
+            ns: bucket.into(),
+            key: key.into(),
+            version_hex: hex::encode(version),
+            value_hex: hex::encode(value),
+        };
+        let r = self.exec(op).await?;
+        if r.swapped == Some(true) {
+            return Ok(None);
+        }
+        let version = unhex(r.version_hex.as_deref().unwrap_or(""))?;
+        Ok(Some((r.value_hex.map(|h| unhex(&h)).transpose()?, version)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_ignore_garbage() {
+        let t = vec![
+            TokenEntry { origin: "eu-west".into(), incarnation: 0xabc, seq: 12 },
+            TokenEntry { origin: "us-east".into(), incarnation: 1, seq: 3 },
+        ];
+        assert_eq!(parse_token(&format_token(&t)), t);
+        assert_eq!(parse_token("eu-west:zz:1,, :1:2,Bad Name:1:1,us-east:1:x"), vec![]);
+        let mut m = t.clone();
+        merge_token(&mut m, TokenEntry { origin: "eu-west".into(), incarnation: 0xabc, seq: 5 });
+        assert_eq!(m, t, "an older write does not move a token back");
+    }
+
+    #[test]
+    fn residency_placement() {
+        let ns = |mode| Namespace { name: "n".into(), mode };
+        let eu = ns(KvMode::Regional { jurisdiction: Some("eu".into()), regions: vec![] });
+        assert!(allowed_in(&eu, "eu-west", "eu"));
+        assert!(!allowed_in(&eu, "us-east", "us"));
+        let listed = ns(KvMode::Regional { jurisdiction: None, regions: vec!["ap-southeast".into()] });
+        assert!(allowed_in(&listed, "ap-southeast", "sg"));
+        assert!(!allowed_in(&listed, "eu-west", "eu"));
+        assert!(allowed_in(&ns(KvMode::Global), "anywhere", ""));
+    }
+}

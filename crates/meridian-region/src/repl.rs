@@ -1,0 +1,491 @@
+//! Replication of `global` (and allowed `regional`) namespaces between
+//! regions.
+//!
+//! Push: every region streams its own log to every peer, in order, from the
+//! peer's cursor (persisted when the peer acknowledges), so the stream
+//! survives restarts of either side. The receiver tracks, per origin and
+//! origin incarnation, the last sequence it applied; a message that starts
+//! beyond that is refused with what the receiver has ("gap"), and the sender
+//! rewinds, or sends a full snapshot if its log no longer reaches back that
+//! far (a wiped or new region is rebuilt this way).
+//!
+//! Anti-entropy: every few seconds each region compares per-namespace
+//! digests (16 buckets of XORed record hashes) with each peer and pulls the
+//! records of buckets that differ. Merging is idempotent and commutative, so
+//! both sides converge whatever was lost.
+//!
+//! Residency: a change is put in a message to a peer only if the peer may
+//! hold its namespace; a receiver refuses (and logs) a message carrying a
+//! namespace it may not hold, applying nothing of it.
+
+use crate::kv::KvService;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use meridian_core::wire::{OriginReplication, Peer, PeerReplication};
+use meridian_http::{json, text, Body};
+use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, DIGEST_BUCKETS};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Log entries per push message.
+const BATCH: usize = 1024;
+/// Records per snapshot message.
+const SNAPSHOT_CHUNK: usize = 1024;
+/// Lag samples kept per origin.
+const LAG_WINDOW: usize = 20_000;
+const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Default)]
+struct PeerStats {
+    pushes: u64,
+    push_errors: u64,
+    snapshots_sent: u64,
+    repaired: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct OriginStats {
+    applied_records: u64,
+    lags_ms: VecDeque<f64>,
+    samples: u64,
+}
+
+#[derive(Default)]
+pub struct Replication {
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    peers: Mutex<HashMap<String, PeerStats>>,
+    origins: Mutex<BTreeMap<String, OriginStats>>,
+    rejected: AtomicU64,
+    pub anti_entropy_interval: Mutex<Duration>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PushReply {
+    /// Last sequence of the sender's log the receiver holds.
+    have: u64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i.min(sorted.len() - 1)])
+}
+
+impl Replication {
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn peer_status(&self, store: &Store) -> Vec<PeerReplication> {
+        let last = *store.last_seq().borrow();
+        let stats = self.peers.lock().unwrap();
+        let mut out: Vec<PeerReplication> = stats
+            .iter()
+            .map(|(name, s)| {
+                let acked = store.cursor(name).unwrap_or(0);
+                PeerReplication {
+                    peer: name.clone(),
+                    acked_seq: acked,
+                    pending: last.saturating_sub(acked),
+                    pushes: s.pushes,
+                    push_errors: s.push_errors,
+                    snapshots_sent: s.snapshots_sent,
+                    repaired: s.repaired,
+                    last_error: s.last_error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+
+    pub fn origin_status(&self, store: &Store) -> Vec<OriginReplication> {
+        let origins = self.origins.lock().unwrap();
+        origins
+            .iter()
+            .map(|(name, s)| {
+                let (incarnation, applied_seq) = store.applied(name).ok().flatten().unwrap_or((0, 0));
+                let mut lags: Vec<f64> = s.lags_ms.iter().copied().collect();
+                lags.sort_by(f64::total_cmp);
+                OriginReplication {
+                    origin: name.clone(),
+                    incarnation,
+                    applied_seq,
+                    applied_records: s.applied_records,
+                    lag_ms_p50: percentile(&lags, 0.5),
+                    lag_ms_p99: percentile(&lags, 0.99),
+                    lag_samples: s.samples,
+                }
+            })
+            .collect()
+    }
+
+    fn note_peer(&self, peer: &str, f: impl FnOnce(&mut PeerStats)) {
+        f(self.peers.lock().unwrap().entry(peer.to_string()).or_default());
+    }
+
+    /// Records replication lag of freshly applied changes from `origin`.
+    fn note_applied(&self, origin: &str, changes: &[Change], live: bool) {
+        let now = system_ms() as f64;
+        let mut origins = self.origins.lock().unwrap();
+        let s = origins.entry(origin.to_string()).or_default();
+        s.applied_records += changes.len() as u64;
+        if !live {
+            return;
+        }
+        for c in changes.iter().filter(|c| c.record.origin == origin) {
+            s.lags_ms.push_back((now - c.record.ts.wall_ms as f64).max(0.0));
+            s.samples += 1;
+            if s.lags_ms.len() > LAG_WINDOW {
+                s.lags_ms.pop_front();
+            }
+        }
+    }
+
+    /// Stops the loops and starts them again for the current peers.
+    pub fn restart(&self, svc: Arc<KvService>) {
+        let mut tasks = self.tasks.lock().unwrap();
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        let peers = svc.peers.load_full();
+        for p in peers.iter() {
+            self.note_peer(&p.name, |_| {});
+            tasks.push(tokio::spawn(push_loop(svc.clone(), p.clone())));
+            tasks.push(tokio::spawn(anti_entropy_loop(svc.clone(), p.clone())));
+        }
+        tasks.push(tokio::spawn(trim_loop(svc.clone())));
+    }
+
+    /// `/_meridian/repl/...` endpoints.
+    pub async fn handle(
+        &self,
+        svc: &Arc<KvService>,
+        req: Request<hyper::body::Incoming>,
+        path: &[&str],
+    ) -> Response<Body> {
+        let method = req.method().clone();
+        match (method, path) {
+            (Method::POST, ["repl", "push"]) => {
+                let body = match meridian_http::read_body(req.into_body(), MAX_MESSAGE).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                self.receive(svc, &body).await
+            }
+            (Method::GET, ["repl", "bucket", ns, i]) => {
+                let Ok(i) = i.parse::<usize>() else {
+                    return text(StatusCode::BAD_REQUEST, "bucket must be a number");
+                };
+                if i >= DIGEST_BUCKETS {
+                    return text(StatusCode::BAD_REQUEST, "no such bucket");
+                }
+                // Only namespaces the asking peer may hold leave this region.
+                let Some(peer) = svc.peers.load().iter().find(|p| Some(p.name.as_str()) == peer_of(&req)).cloned()
+                else {
+                    return text(StatusCode::FORBIDDEN, "unknown peer");
+                };
+                if !svc.replicates_to(ns, &peer) {
+                    return text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {}", peer.name));
+                }
+                match svc.store.bucket(ns, i) {
+                    Ok(changes) => {
+                        let m = Message::Snapshot {
+                            origin: svc.region.clone(),
+                            incarnation: svc.store.incarnation(),
+                            upto_seq: 0,
+                            complete: false,
+                            changes,
+                        };
+                        let mut r = Response::new(meridian_http::full(m.encode()));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/x-meridian-replication"),
+                        );
+                        r
+                    }
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, format!("no such API: {}", path.join("/"))),
+        }
+    }
+
+    fn reject(&self, status: StatusCode, why: String) -> Response<Body> {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(reason = %why, "replication message rejected; nothing applied");
+        text(status, why)
+    }
+
+    /// Applies a pushed message, all or nothing.
+    async fn receive(&self, svc: &Arc<KvService>, body: &[u8]) -> Response<Body> {
+        let msg = match Message::decode(body) {
+            Ok(m) => m,
+            Err(e) => return self.reject(StatusCode::BAD_REQUEST, format!("undecodable replication message: {e}")),
+        };
+        let (origin, changes) = match &msg {
+            Message::Push { origin, changes, .. } | Message::Snapshot { origin, changes, .. } => (origin, changes),
+        };
+        if origin == &svc.region || !svc.peers.load().iter().any(|p| &p.name == origin) {
+            return self.reject(StatusCode::FORBIDDEN, format!("replication message from unknown region {origin:?}"));
+        }
+        for c in changes {
+            if let Err(why) = svc.may_hold(&c.ns) {
+                // A namespace not yet declared here (the new version is not
+                // active yet) is retried by the sender; a residency breach
+                // is refused outright. Either way nothing is applied.
+                let status =
+                    if why.starts_with("residency") { StatusCode::FORBIDDEN } else { StatusCode::SERVICE_UNAVAILABLE };
+                return self.reject(status, format!("message from {origin}: {why}"));
+            }
+        }
+        match msg {
+            Message::Push { origin, incarnation, prev_seq, last_seq, changes } => {
+                let n = changes.len();
+                let snapshot_for_stats = changes.clone();
+                match svc.store.apply_push(&origin, incarnation, prev_seq, last_seq, changes).await {
+                    Ok(PushOutcome::Applied(report)) => {
+                        self.note_applied(&origin, &snapshot_for_stats, true);
+                        tracing::debug!(%origin, n, changed = report.changed, conflicts = report.conflicts, "applied push");
+                        json(StatusCode::OK, &PushReply { have: last_seq })
+                    }
+                    Ok(PushOutcome::Gap { have }) => json(StatusCode::CONFLICT, &PushReply { have }),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot apply: {e}")),
+                }
+            }
+            Message::Snapshot { origin, incarnation, upto_seq, complete, changes } => {
+                let stats = changes.clone();
+                match svc.store.apply_snapshot(&origin, incarnation, upto_seq, complete, changes).await {
+                    Ok(_) => {
+                        self.note_applied(&origin, &stats, false);
+                        json(StatusCode::OK, &PushReply { have: if complete { upto_seq } else { 0 } })
+                    }
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot apply: {e}")),
+                }
+            }
+        }
+    }
+}
+
+fn peer_of<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get("x-meridian-peer").and_then(|v| v.to_str().ok())
+}
+
+async fn post(svc: &KvService, peer: &Peer, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes), String> {
+    crate::call(
+        &svc.client,
+        Method::POST,
+        &format!("{}{path}", peer.url),
+        &svc.token,
+        body.into(),
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// Streams our log to one peer, forever.
+async fn push_loop(svc: Arc<KvService>, peer: Peer) {
+    let mut last_seq = svc.store.last_seq();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = push_once(&svc, &peer).await;
+        match result {
+            Ok(true) => {
+                backoff = Duration::from_millis(100);
+                continue; // more to send
+            }
+            Ok(false) => {
+                backoff = Duration::from_millis(100);
+                // Up to date: wait for a new write (or re-check now and then).
+                let _ = tokio::time::timeout(Duration::from_secs(1), last_seq.changed()).await;
+            }
+            Err(e) => {
+                let first = svc.repl.peers.lock().unwrap().get(&peer.name).and_then(|s| s.last_error.clone())
+                    != Some(e.clone());
+                if first {
+                    tracing::warn!(peer = %peer.name, error = %e, "replication push failed; retrying");
+                }
+                svc.repl.note_peer(&peer.name, |s| {
+                    s.push_errors += 1;
+                    s.last_error = Some(e);
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Sends one message. `Ok(true)` if there may be more to send now.
+async fn push_once(svc: &KvService, peer: &Peer) -> Result<bool, String> {
+    let store = &svc.store;
+    let cursor = store.cursor(&peer.name).map_err(|e| e.to_string())?;
+    let last = *store.last_seq().borrow();
+    if cursor >= last {
+        return Ok(false);
+    }
+    let log_start = store.log_start().map_err(|e| e.to_string())?;
+    if cursor + 1 < log_start {
+        send_snapshot(svc, peer).await?;
+        return Ok(true);
+    }
+    let entries = store.log_after(cursor, BATCH).map_err(|e| e.to_string())?;
+    let Some(upto) = entries.last().map(|(q, _)| *q) else { return Ok(false) };
+    let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).filter(|c| svc.replicates_to(&c.ns, peer)).collect();
+    let msg = Message::Push {
+        origin: svc.region.clone(),
+        incarnation: store.incarnation(),
+        prev_seq: cursor,
+        last_seq: upto,
+        changes,
+    };
+    let (status, body) = post(svc, peer, "/_meridian/repl/push", msg.encode()).await?;
+    let reply: Option<PushReply> = serde_json::from_slice(&body).ok();
+    match (status, reply) {
+        (StatusCode::OK, Some(r)) => {
+            store.ack(&peer.name, r.have.max(cursor)).await.map_err(|e| e.to_string())?;
+            svc.repl.note_peer(&peer.name, |s| {
+                s.pushes += 1;
+                s.last_error = None;
+            });
+            Ok(true)
+        }
+        (StatusCode::CONFLICT, Some(r)) => {
+            // The peer has less than we thought (it was wiped, or restored
+            // from an older disk): resume from what it has.
+            tracing::info!(peer = %peer.name, have = r.have, cursor, "peer is behind our cursor; rewinding");
+            store.ack(&peer.name, r.have).await.map_err(|e| e.to_string())?;
+            Ok(true)
+        }
+        (status, _) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())),
+    }
+}
+
+/// Sends everything we hold that the peer may hold, then moves its cursor
+/// to where our log was when the copy started.
+async fn send_snapshot(svc: &KvService, peer: &Peer) -> Result<(), String> {
+    let store = &svc.store;
+    let upto = *store.last_seq().borrow();
+    tracing::info!(peer = %peer.name, upto, "sending a snapshot (the peer needs entries our log no longer has)");
+    let namespaces: Vec<String> =
+        store.namespaces().map_err(|e| e.to_string())?.into_iter().filter(|ns| svc.replicates_to(ns, peer)).collect();
+    let send = |changes: Vec<Change>, complete: bool| Message::Snapshot {
+        origin: svc.region.clone(),
+        incarnation: store.incarnation(),
+        upto_seq: upto,
+        complete,
+        changes,
+    };
+    for ns in namespaces {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = store.scan(&ns, after.as_deref(), SNAPSHOT_CHUNK).map_err(|e| e.to_string())?;
+            let Some(last) = page.last().map(|(k, _)| k.clone()) else { break };
+            let changes = page.into_iter().map(|(key, record)| Change { ns: ns.clone(), key, record }).collect();
+            let (status, body) = post(svc, peer, "/_meridian/repl/push", send(changes, false).encode()).await?;
+            if status != StatusCode::OK {
+                return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+            }
+            after = Some(last);
+        }
+    }
+    let (status, body) = post(svc, peer, "/_meridian/repl/push", send(Vec::new(), true).encode()).await?;
+    if status != StatusCode::OK {
+        return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+    }
+    store.ack(&peer.name, upto).await.map_err(|e| e.to_string())?;
+    svc.repl.note_peer(&peer.name, |s| s.snapshots_sent += 1);
+    Ok(())
+}
+
+/// Compares digests with one peer now and then and pulls what differs.
+async fn anti_entropy_loop(svc: Arc<KvService>, peer: Peer) {
+    loop {
+        let every = *svc.repl.anti_entropy_interval.lock().unwrap();
+        tokio::time::sleep(every).await;
+        match anti_entropy_once(&svc, &peer).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(peer = %peer.name, repaired = n, "anti-entropy repaired records");
+                svc.repl.note_peer(&peer.name, |s| s.repaired += n as u64);
+            }
+            Err(e) => tracing::debug!(peer = %peer.name, error = %e, "anti-entropy round failed"),
+        }
+    }
+}
+
+/// One anti-entropy round; returns the number of records that changed here.
+pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, String> {
+    let nss: Vec<String> = svc.namespaces.load().keys().filter(|ns| svc.replicates_to(ns, peer)).cloned().collect();
+    let mut changed = 0;
+    for ns in nss {
+        // Only namespaces this region may hold (a regional one it is not in
+        // is never pulled here).
+        if svc.may_hold(&ns).is_err() {
+            continue;
+        }
+        let url = format!("{}/_meridian/kv/digest/{ns}", peer.url);
+        let (status, body) =
+            crate::call(&svc.client, Method::GET, &url, &svc.token, Bytes::new(), Duration::from_secs(10)).await?;
+        if status != StatusCode::OK {
+            return Err(format!("digest: HTTP {status}"));
+        }
+        let theirs: Vec<String> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let ours = svc.store.digest(&ns).map_err(|e| e.to_string())?;
+        for (i, (t, o)) in theirs.iter().zip(ours.iter()).enumerate() {
+            if *t == hex::encode(o) {
+                continue;
+            }
+            let url = format!("{}/_meridian/repl/bucket/{ns}/{i}", peer.url);
+            let (status, body) = crate::call_with(
+                &svc.client,
+                Method::GET,
+                &url,
+                &svc.token,
+                Bytes::new(),
+                Duration::from_secs(30),
+                &[("x-meridian-peer", svc.region.as_str())],
+            )
+            .await?;
+            if status != StatusCode::OK {
+                return Err(format!("bucket {i} of {ns}: HTTP {status}"));
+            }
+            let changes = match Message::decode(&body) {
+                Ok(Message::Snapshot { changes, .. }) => changes,
+                Ok(_) => return Err("unexpected message kind".into()),
+                Err(e) => {
+                    svc.repl.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(peer = %peer.name, error = %e, "anti-entropy message rejected; nothing applied");
+                    return Err(e.to_string());
+                }
+            };
+            if changes.iter().any(|c| c.ns != ns) {
+                return Err("bucket answer names another namespace".into());
+            }
+            let report = svc.store.merge(changes).await.map_err(|e| e.to_string())?;
+            changed += report.changed;
+        }
+    }
+    Ok(changed)
+}
+
+/// Drops log entries every peer has acknowledged.
+async fn trim_loop(svc: Arc<KvService>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let peers = svc.peers.load_full();
+        let last = *svc.store.last_seq().borrow();
+        let min = peers.iter().map(|p| svc.store.cursor(&p.name).unwrap_or(0)).min().unwrap_or(last);
+        if min > 0 && svc.store.log_start().map(|s| s <= min).unwrap_or(false) {
+            if let Err(e) = svc.store.trim_log(min).await {
+                tracing::warn!(error = %e, "cannot trim the replication log");
+            }
+        }
+    }
+}

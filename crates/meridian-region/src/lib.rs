@@ -141,8 +141,7 @@ impl Region {
         })?;
         let region_header = HeaderValue::from_str(&config.name)?;
         let store = meridian_store::Store::open(&config.data_dir.join("kv.redb"), &config.name)?;
-        let repl = repl::Replication::default();
-        *repl.anti_entropy_interval.lock().unwrap() = Duration::from_millis(config.anti_entropy_ms.max(50));
+        let repl = repl::Replication::new(Duration::from_millis(config.anti_entropy_ms.max(50)));
         let kv = Arc::new(kv::KvService {
             region: config.name.clone(),
             jurisdiction: config.jurisdiction.clone(),

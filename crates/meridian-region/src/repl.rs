@@ -61,6 +61,10 @@ pub struct Replication {
     origins: Mutex<BTreeMap<String, OriginStats>>,
     rejected: AtomicU64,
     pub anti_entropy_interval: Mutex<Duration>,
+    /// Directory where every replication message this region sends is
+    /// appended, one file per destination (`FROM-to-TO.bin`); set by
+    /// `MERIDIAN_CAPTURE_REPLICATION` (for residency audits and tests).
+    pub capture_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -78,6 +82,26 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 }
 
 impl Replication {
+    pub fn new(anti_entropy_interval: Duration) -> Replication {
+        Replication {
+            anti_entropy_interval: Mutex::new(anti_entropy_interval),
+            capture_dir: std::env::var_os("MERIDIAN_CAPTURE_REPLICATION").map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    /// Appends a message sent to `to` to the capture file, if capturing.
+    fn capture(&self, from: &str, to: &str, bytes: &[u8]) {
+        let Some(dir) = &self.capture_dir else { return };
+        use std::io::Write;
+        let path = dir.join(format!("{from}-to-{to}.bin"));
+        let r = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(&path)?.write_all(bytes));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot capture replication traffic");
+        }
+    }
+
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -202,8 +226,10 @@ impl Replication {
                             upto_seq: 0,
                             complete: false,
                             changes,
-                        };
-                        let mut r = Response::new(meridian_http::full(m.encode()));
+                        }
+                        .encode();
+                        self.capture(&svc.region, &peer.name, &m);
+                        let mut r = Response::new(meridian_http::full(m));
                         r.headers_mut().insert(
                             http::header::CONTENT_TYPE,
                             http::HeaderValue::from_static("application/x-meridian-replication"),
@@ -278,6 +304,7 @@ fn peer_of<B>(req: &Request<B>) -> Option<&str> {
 }
 
 async fn post(svc: &KvService, peer: &Peer, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes), String> {
+    svc.repl.capture(&svc.region, &peer.name, &body);
     crate::call(
         &svc.client,
         Method::POST,

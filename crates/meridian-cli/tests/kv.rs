@@ -1,0 +1,415 @@
+//! Replicated key-value namespaces in a real world: functions write through
+//! wasi:keyvalue in every region while links are cut, regions are killed or
+//! wiped; afterwards every region holds the same data, counters hold the
+//! exact sums, residency held, and tokens give read-your-writes.
+
+mod support;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
+
+fn bearer(w: &World) -> String {
+    format!("Bearer {}", w.token)
+}
+
+/// Digest of a namespace in a region (direct, not through links).
+async fn digest(c: &Client, w: &World, region: &str, ns: &str) -> Option<String> {
+    let url = format!("{}/_meridian/kv/digest/{ns}", w.region_url(region));
+    let r = request(c, "GET", &url, &[("authorization", &bearer(w))], "").await.ok()?;
+    (r.status == 200).then_some(r.body)
+}
+
+/// One operation through a region's kv API; the parsed JSON answer.
+async fn kv_op(c: &Client, w: &World, region: &str, op: serde_json::Value) -> serde_json::Value {
+    let url = format!("{}/_meridian/kv/op", w.region_url(region));
+    let r = request(c, "POST", &url, &[("authorization", &bearer(w))], &op.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("kv op on {region}: {e}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+async fn counter(c: &Client, w: &World, region: &str, key: &str) -> i64 {
+    let r = kv_op(c, w, region, serde_json::json!({"op": "get", "ns": "counters", "key": key})).await;
+    let v = r["value_hex"].as_str().map(|h| String::from_utf8(hex::decode(h).unwrap()).unwrap());
+    v.map(|v| v.parse().unwrap()).unwrap_or(0)
+}
+
+/// Waits until every region reports the same digest for each namespace.
+async fn converged(c: &Client, w: &World, nss: &[&str], within: Duration) -> Result<Duration, String> {
+    let t = Instant::now();
+    loop {
+        let mut last = String::new();
+        let mut all = true;
+        for ns in nss {
+            let mut ds = Vec::new();
+            for r in REGIONS {
+                ds.push(digest(c, w, r, ns).await);
+            }
+            if ds.iter().any(|d| d.is_none()) || ds.windows(2).any(|p| p[0] != p[1]) {
+                all = false;
+                last = format!("{ns}: {ds:?}");
+            }
+        }
+        if all {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > within {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_region_converges_after_heal_with_exact_counters_and_counted_conflicts() {
+    let w = World::start(&["--anti-entropy-ms", "1000"]);
+    let c = client();
+    w.chaos(&["cut", "eu-west", "us-east"]);
+    w.chaos(&["cut", "eu-west", "ap-southeast"]);
+
+    // Every region's functions write the same keys and bump the same
+    // counters while eu-west is cut off. Only acknowledged operations count.
+    let sums: Arc<Mutex<BTreeMap<String, i64>>> = Default::default();
+    let mut tasks = Vec::new();
+    for (ri, region) in REGIONS.iter().enumerate() {
+        let (base, sums) = (w.region_url(region), sums.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let t = Instant::now();
+            let mut i = 0u64;
+            while t.elapsed() < Duration::from_secs(3) {
+                let key = format!("user-{}", i % 10);
+                let r = request(&c, "PUT", &format!("{base}/kv/sessions/{key}"), &[], &format!("{region}-{i}")).await;
+                assert_eq!(r.map(|r| r.status).unwrap_or(0), 200);
+                let ck = format!("c{}", i % 3);
+                let delta = (ri as i64 + 1) * if i % 4 == 3 { -1 } else { 2 };
+                let r = request(&c, "POST", &format!("{base}/kv/counters/{ck}?incr={delta}"), &[], "").await;
+                if r.map(|r| r.status == 200).unwrap_or(false) {
+                    *sums.lock().unwrap().entry(ck).or_default() += delta;
+                }
+                if i % 7 == 6 {
+                    let r = request(&c, "DELETE", &format!("{base}/kv/sessions/{key}"), &[], "").await;
+                    assert_eq!(r.map(|r| r.status).unwrap_or(0), 200);
+                }
+                i += 1;
+            }
+            i
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(total > 30, "only {total} write rounds");
+    // Still partitioned: eu-west and the others disagree.
+    assert!(converged(&c, &w, &["sessions"], Duration::ZERO).await.is_err(), "converged across a partition?");
+
+    w.chaos(&["heal", "eu-west", "us-east"]);
+    w.chaos(&["heal", "eu-west", "ap-southeast"]);
+    let took = converged(&c, &w, &["sessions", "counters"], Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|d| panic!("not converged 5 s after heal: {d}\n{}", w.log()));
+    eprintln!("converged {took:?} after heal ({total} write rounds)");
+
+    let sums = sums.lock().unwrap().clone();
+    for r in REGIONS {
+        for (k, sum) in &sums {
+            assert_eq!(counter(&c, &w, r, k).await, *sum, "counter {k} in {r}");
+        }
+    }
+    // The same keys were written on both sides of the partition: the
+    // losers are counted and kept, not silently dropped.
+    let (ok, out) = w.cli(&["kv", "conflicts", "--ns", "sessions", "--region", "eu-west"]);
+    assert!(ok, "{out}");
+    let n: usize = out.lines().last().and_then(|l| l.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(n > 0, "no conflicts recorded:\n{out}");
+    let (ok, status) = w.cli(&["kv", "status"]);
+    assert!(ok && status.contains("<- eu-west"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_sigkill_and_reach_the_other_regions() {
+    let w = World::start(&[]);
+    let base = w.region_url("eu-west");
+    let acked: Arc<Mutex<Vec<String>>> = Default::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let (base, acked, stop) = (base.clone(), acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("w{worker}-{i}");
+                if let Ok(r) = request(&c, "PUT", &format!("{base}/kv/sessions/{key}"), &[], &key).await {
+                    if r.status == 200 {
+                        acked.lock().unwrap().push(key);
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    w.chaos(&["kill", "eu-west"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "only {} writes acknowledged", acked.len());
+    w.chaos(&["restart", "eu-west"]);
+
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for region in REGIONS {
+        for key in &acked {
+            loop {
+                let r = kv_op(&c, &w, region, serde_json::json!({"op": "get", "ns": "sessions", "key": key})).await;
+                if r["value_hex"].as_str() == Some(&hex::encode(key)) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "acknowledged {key} missing in {region}: {r}\n{}", w.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_region_is_rebuilt_from_its_peers() {
+    let w = World::start(&["--anti-entropy-ms", "1000"]);
+    let c = client();
+    for (i, region) in REGIONS.iter().enumerate() {
+        for k in 0..20 {
+            let url = format!("{}/kv/sessions/{region}-{k}", w.region_url(region));
+            assert_eq!(request(&c, "PUT", &url, &[], &format!("v{i}-{k}")).await.unwrap().status, 200);
+        }
+        let url = format!("{}/kv/counters/total?incr={}", w.region_url(region), i + 1);
+        assert_eq!(request(&c, "POST", &url, &[], "").await.unwrap().status, 200);
+    }
+    converged(&c, &w, &["sessions", "counters"], Duration::from_secs(10)).await.unwrap();
+    let before = digest(&c, &w, "us-east", "sessions").await.unwrap();
+
+    w.chaos(&["kill", "ap-southeast"]);
+    let data = w.dir.path().join("data/ap-southeast");
+    std::fs::remove_dir_all(&data).unwrap();
+    w.chaos(&["restart", "ap-southeast"]);
+    let took = converged(&c, &w, &["sessions", "counters"], Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("wiped region not rebuilt: {d}\n{}", w.log()));
+    eprintln!("wiped region rebuilt in {took:?}");
+    assert_eq!(digest(&c, &w, "ap-southeast", "sessions").await.unwrap(), before);
+    assert_eq!(counter(&c, &w, "ap-southeast", "total").await, 6);
+    // And it replicates its new writes again.
+    let url = format!("{}/kv/sessions/after-wipe", w.region_url("ap-southeast"));
+    assert_eq!(request(&c, "PUT", &url, &[], "new").await.unwrap().status, 200);
+    converged(&c, &w, &["sessions"], Duration::from_secs(10)).await.unwrap();
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_containing(&p, needle));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream() {
+    // Capture every replication message every region sends.
+    let capture = tempfile::tempdir().unwrap();
+    std::env::set_var("MERIDIAN_CAPTURE_REPLICATION", capture.path());
+    let w = World::start(&["--anti-entropy-ms", "300"]);
+    std::env::remove_var("MERIDIAN_CAPTURE_REPLICATION");
+    let c = client();
+
+    // Random operations on the EU namespace from functions in every region,
+    // and global writes alongside so replication is busy.
+    let mut marks = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..60 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let region = REGIONS[(seed % 3) as usize];
+        let base = w.region_url(region);
+        let key = format!("person-{}", seed % 7);
+        let mark = format!("RESIDENT{seed:016x}");
+        match (seed >> 8) % 4 {
+            0 | 1 => {
+                let r = request(&c, "PUT", &format!("{base}/kv/profiles/{key}"), &[], &mark).await.unwrap();
+                assert_eq!(r.status, 200, "{}", r.body);
+                marks.push(mark);
+            }
+            2 => {
+                let r = request(&c, "GET", &format!("{base}/kv/profiles/{key}"), &[], "").await.unwrap();
+                assert!(r.status == 200 || r.status == 404, "{}", r.body);
+            }
+            _ => {
+                let r = request(&c, "POST", &format!("{base}/kv/profiles/{key}?append"), &[], &mark).await.unwrap();
+                assert_eq!(r.status, 200, "{}", r.body);
+                marks.push(mark);
+            }
+        }
+        let r = request(&c, "PUT", &format!("{base}/kv/sessions/s{i}"), &[], "global").await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // Let replication and a few anti-entropy rounds run.
+    converged(&c, &w, &["sessions"], Duration::from_secs(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let data = w.dir.path().join("data");
+    let logs = w.dir.path().join("logs");
+    let captured: Vec<_> = std::fs::read_dir(capture.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(captured.len() >= 6, "replication traffic was not captured: {captured:?}");
+    for mark in &marks {
+        let m = mark.as_bytes();
+        // The search works: the values are in eu-west's store...
+        assert!(!files_containing(&data.join("eu-west"), m).is_empty(), "{mark} not stored in eu-west at all");
+        // ...and nowhere outside the EU.
+        for region in ["us-east", "ap-southeast"] {
+            let found = files_containing(&data.join(region), m);
+            assert!(found.is_empty(), "{mark} on {region}'s disk: {found:?}");
+            let to_region: Vec<_> = captured
+                .iter()
+                .filter(|p| p.to_string_lossy().ends_with(&format!("-to-{region}.bin")))
+                .filter(|p| std::fs::read(p).unwrap().windows(m.len()).any(|w| w == m))
+                .collect();
+            assert!(to_region.is_empty(), "{mark} replicated to {region}: {to_region:?}");
+        }
+        let found = files_containing(&logs, m);
+        assert!(found.is_empty(), "{mark} in logs: {found:?}");
+    }
+    // Global data did replicate through the same captured streams.
+    assert!(captured.iter().any(|p| std::fs::read(p).unwrap().windows(6).any(|w| w == b"global")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_causality_token_gives_read_your_writes_in_another_region() {
+    let w = World::start(&[]);
+    let c = client();
+    // Replication from eu-west to us-east now takes over a second.
+    w.chaos(&["latency", "eu-west", "us-east", "1200"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let r = request(&c, "PUT", &format!("{}/kv/sessions/cart", w.region_url("eu-west")), &[], "3 items").await.unwrap();
+    assert_eq!(r.status, 200);
+    let token = r.header("x-meridian-causality");
+    assert!(token.starts_with("eu-west:"), "no causality token: {:?}", r.headers);
+    assert!(r.header("set-cookie").starts_with("meridian-causality="), "{:?}", r.headers);
+
+    // Without the token, us-east does not have the write yet...
+    let us = format!("{}/kv/sessions/cart", w.edge("edge-us-east"));
+    let stale = get(&c, &us, &[("x-meridian-client-country", "US")]).await;
+    assert_eq!((stale.status, stale.region().as_str()), (404, "us-east"), "{}", stale.body);
+    // ...with it (as the cookie a browser sends back, through the edge), the
+    // user moved to us-east reads their own write.
+    let cookie = format!("meridian-causality={token}");
+    let fresh = get(&c, &us, &[("x-meridian-client-country", "US"), ("cookie", &cookie)]).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_eq!(fresh.body, "3 items");
+    // And with the header form.
+    let fresh = get(&c, &us, &[("x-meridian-client-country", "US"), ("x-meridian-causality", &token)]).await;
+    assert_eq!(fresh.body, "3 items");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change_nothing() {
+    let w = World::start(&[]);
+    let c = client();
+    let eu = w.region_url("eu-west");
+    let url = format!("{eu}/kv/sessions/k");
+    assert_eq!(request(&c, "PUT", &url, &[], "v").await.unwrap().status, 200);
+    let before = digest(&c, &w, "eu-west", "sessions").await.unwrap();
+
+    // A valid message from us-east, to tamper with.
+    let change = |ns: &str, v: &[u8]| meridian_store::Change {
+        ns: ns.into(),
+        key: b"k".to_vec(),
+        record: meridian_store::Record {
+            value: meridian_store::Value::Bytes(v.to_vec()),
+            ts: meridian_store::Timestamp { wall_ms: u64::MAX / 2, logical: 0 },
+            origin: "us-east".into(),
+            seen: Default::default(),
+        },
+    };
+    let msg = |origin: &str, ns: &str| meridian_store::Message::Push {
+        origin: origin.into(),
+        incarnation: 1,
+        prev_seq: 0,
+        last_seq: 1,
+        changes: vec![change(ns, b"EVIL")],
+    };
+    let good = msg("us-east", "sessions").encode();
+    let mut flipped = good.clone();
+    let n = flipped.len();
+    flipped[n / 2] ^= 1;
+    let mut version = good.clone();
+    version[4] = 99;
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("flipped byte", flipped, 400),
+        ("truncated", good[..good.len() - 7].to_vec(), 400),
+        ("wrong version", version, 400),
+        ("not a message", b"hello".to_vec(), 400),
+        ("unknown origin", msg("mars", "sessions").encode(), 403),
+    ];
+    let push = format!("{eu}/_meridian/repl/push");
+    for (what, body, status) in &cases {
+        let r = send_bytes(&c, &push, &w.token, body.clone()).await;
+        assert_eq!(r.0, *status, "{what}: {}", r.1);
+    }
+    // Without the token, nothing is even looked at.
+    let r = send_bytes(&c, &push, "wrong", good.clone()).await;
+    assert_eq!(r.0, 401);
+    // A residency breach: an EU-only namespace pushed into us-east.
+    let r = send_bytes(&c, &format!("{}/_meridian/repl/push", w.region_url("us-east")), &w.token, {
+        let mut m = msg("eu-west", "profiles");
+        if let meridian_store::Message::Push { changes, .. } = &mut m {
+            changes[0].record.origin = "eu-west".into();
+        }
+        m.encode()
+    })
+    .await;
+    assert_eq!(r.0, 403, "{}", r.1);
+
+    assert_eq!(digest(&c, &w, "eu-west", "sessions").await.unwrap(), before, "a rejected message changed data");
+    let v = kv_op(&c, &w, "eu-west", serde_json::json!({"op": "get", "ns": "sessions", "key": "k"})).await;
+    assert_eq!(v["value_hex"], hex::encode("v"));
+    let status = kv_op_status(&c, &w, "eu-west").await;
+    assert_eq!(status["rejected_messages"], 5, "{status}");
+    let log = std::fs::read_to_string(w.dir.path().join("logs/eu-west.log")).unwrap();
+    assert!(log.matches("replication message rejected").count() >= 5, "{log}");
+    assert!(log.contains("checksum mismatch") && log.contains("format version 99"), "{log}");
+}
+
+async fn kv_op_status(c: &Client, w: &World, region: &str) -> serde_json::Value {
+    let url = format!("{}/_meridian/kv/status", w.region_url(region));
+    let r = request(c, "GET", &url, &[("authorization", &bearer(w))], "").await.unwrap();
+    serde_json::from_str(&r.body).unwrap()
+}
+
+async fn send_bytes(c: &Client, url: &str, token: &str, body: Vec<u8>) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let req = http::Request::post(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}

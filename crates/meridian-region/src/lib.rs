@@ -175,6 +175,12 @@ impl Region {
         Ok(region)
     }
 
+    /// Stops background work (replication) so the region's data can be
+    /// closed and opened again in this process once the region is dropped.
+    pub async fn shutdown(&self) {
+        self.kv.repl.stop().await;
+    }
+
     fn active_file(&self) -> PathBuf {
         self.config.data_dir.join("active")
     }

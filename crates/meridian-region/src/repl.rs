@@ -172,6 +172,17 @@ impl Replication {
         }
     }
 
+    /// Stops every replication loop and waits until they are gone.
+    pub async fn stop(&self) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().unwrap().drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
     /// Stops the loops and starts them again for the current peers.
     pub fn restart(&self, svc: Arc<KvService>) {
         let mut tasks = self.tasks.lock().unwrap();

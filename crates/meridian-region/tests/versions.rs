@@ -56,6 +56,7 @@ async fn versions_switch_old_ones_leave_memory_and_a_restart_needs_no_compilatio
         // A tar that does not hash to the id it was sent as is refused.
         let err = region.install(&bundles[0].id, Bytes::from(bundles[1].to_tar())).await.err().unwrap();
         assert!(err.to_string().contains("hashes to"), "{err}");
+        region.shutdown().await;
     }
     // Restart: the active version comes back from disk, compiled code from the cache.
     let region = Region::open(config(tmp.path())).await.unwrap();

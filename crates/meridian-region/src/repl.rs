@@ -2,8 +2,12 @@
 //! regions.
 //!
 //! Push: every region streams its own log to every peer, in order, from the
-//! peer's cursor (persisted when the peer acknowledges), so the stream
-//! survives restarts of either side. The receiver tracks, per origin and
+//! peer's cursor (persisted as the peer acknowledges), over one long-lived
+//! HTTP request per peer: messages go out as soon as writes commit, without
+//! waiting for the previous acknowledgement (so the lag is the link delay,
+//! not a round trip per batch), and the receiver queues them for commit as
+//! they arrive (consecutive messages share an fsync). The stream survives
+//! restarts of either side: it resumes from the persisted cursor. The receiver tracks, per origin and
 //! origin incarnation, the last sequence it applied; a message that starts
 //! beyond that is refused with what the receiver has ("gap"), and the sender
 //! rewinds, or sends a full snapshot if its log no longer reaches back that
@@ -65,6 +69,8 @@ pub struct Replication {
     /// appended, one file per destination (`FROM-to-TO.bin`); set by
     /// `MERIDIAN_CAPTURE_REPLICATION` (for residency audits and tests).
     pub capture_dir: Option<std::path::PathBuf>,
+    /// Set when the region shuts down: incoming streams end.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -172,8 +178,10 @@ impl Replication {
         }
     }
 
-    /// Stops every replication loop and waits until they are gone.
+    /// Stops every replication loop and waits until they are gone; ends
+    /// the streams peers push to us.
     pub async fn stop(&self) {
+        self.closing.send_replace(true);
         let tasks: Vec<JoinHandle<()>> = self.tasks.lock().unwrap().drain(..).collect();
         for t in &tasks {
             t.abort();
@@ -192,7 +200,7 @@ impl Replication {
         let peers = svc.peers.load_full();
         for p in peers.iter() {
             self.note_peer(&p.name, |_| {});
-            tasks.push(tokio::spawn(push_loop(svc.clone(), p.clone())));
+            tasks.push(tokio::spawn(stream_loop(svc.clone(), p.clone())));
             tasks.push(tokio::spawn(anti_entropy_loop(svc.clone(), p.clone())));
         }
         tasks.push(tokio::spawn(trim_loop(svc.clone())));
@@ -214,6 +222,7 @@ impl Replication {
                 };
                 self.receive(svc, &body).await
             }
+            (Method::POST, ["repl", "stream"]) => self.receive_stream(svc.clone(), req),
             (Method::GET, ["repl", "bucket", ns, i]) => {
                 let Ok(i) = i.parse::<usize>() else {
                     return text(StatusCode::BAD_REQUEST, "bucket must be a number");
@@ -254,23 +263,20 @@ impl Replication {
         }
     }
 
-    fn reject(&self, status: StatusCode, why: String) -> Response<Body> {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(reason = %why, "replication message rejected; nothing applied");
-        text(status, why)
-    }
-
-    /// Applies a pushed message, all or nothing.
-    async fn receive(&self, svc: &Arc<KvService>, body: &[u8]) -> Response<Body> {
+    /// Decodes and checks a message; on refusal, the status and the reason
+    /// (already logged and counted).
+    fn check(&self, svc: &KvService, body: &[u8]) -> Result<Message, (StatusCode, String)> {
         let msg = match Message::decode(body) {
             Ok(m) => m,
-            Err(e) => return self.reject(StatusCode::BAD_REQUEST, format!("undecodable replication message: {e}")),
+            Err(e) => return Err(self.refuse(StatusCode::BAD_REQUEST, format!("undecodable replication message: {e}"))),
         };
         let (origin, changes) = match &msg {
             Message::Push { origin, changes, .. } | Message::Snapshot { origin, changes, .. } => (origin, changes),
         };
         if origin == &svc.region || !svc.peers.load().iter().any(|p| &p.name == origin) {
-            return self.reject(StatusCode::FORBIDDEN, format!("replication message from unknown region {origin:?}"));
+            return Err(
+                self.refuse(StatusCode::FORBIDDEN, format!("replication message from unknown region {origin:?}"))
+            );
         }
         for c in changes {
             if let Err(why) = svc.may_hold(&c.ns) {
@@ -279,9 +285,125 @@ impl Replication {
                 // is refused outright. Either way nothing is applied.
                 let status =
                     if why.starts_with("residency") { StatusCode::FORBIDDEN } else { StatusCode::SERVICE_UNAVAILABLE };
-                return self.reject(status, format!("message from {origin}: {why}"));
+                return Err(self.refuse(status, format!("message from {origin}: {why}")));
             }
         }
+        Ok(msg)
+    }
+
+    fn refuse(&self, status: StatusCode, why: String) -> (StatusCode, String) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(reason = %why, "replication message rejected; nothing applied");
+        (status, why)
+    }
+
+    /// `POST /_meridian/repl/stream`: a long-lived push stream. The request
+    /// body carries length-prefixed messages; the response body carries one
+    /// 9-byte answer per message, in order: `0` + sequence applied up to,
+    /// `1` + what we have (gap; the stream ends), `2` + HTTP status (refused;
+    /// the stream ends). Messages are queued for commit as soon as they are
+    /// read, so consecutive ones share a commit and the stream never waits
+    /// for a round trip.
+    fn receive_stream(&self, svc: Arc<KvService>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        use http_body_util::BodyExt;
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        type Pending = (u64, String, Vec<Change>, meridian_http::BoxFuture<Result<PushOutcome, String>>);
+        let (q_tx, mut q_rx) = tokio::sync::mpsc::channel::<Pending>(4096);
+        let (svc2, out_tx2) = (svc.clone(), out_tx.clone());
+        let mut closing = self.closing.subscribe();
+        // Reader: frames -> checked messages -> queued commits.
+        tokio::spawn(async move {
+            let mut body = req.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            loop {
+                while buf.len() >= 4 {
+                    let n = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                    if n > MAX_MESSAGE {
+                        let (status, _) =
+                            svc.repl.refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("stream frame of {n} bytes"));
+                        let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
+                        return;
+                    }
+                    if buf.len() < 4 + n {
+                        break;
+                    }
+                    let frame: Vec<u8> = buf.drain(..4 + n).skip(4).collect();
+                    let msg = match svc.repl.check(&svc, &frame) {
+                        Ok(m) => m,
+                        Err((status, _)) => {
+                            let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
+                            return;
+                        }
+                    };
+                    let Message::Push { origin, incarnation, prev_seq, last_seq, changes } = msg else {
+                        let (status, _) =
+                            svc.repl.refuse(StatusCode::BAD_REQUEST, "a snapshot on a push stream".into());
+                        let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
+                        return;
+                    };
+                    let stats = changes.clone();
+                    let fut = match svc.store.submit_push(&origin, incarnation, prev_seq, last_seq, changes) {
+                        Ok(f) => {
+                            Box::pin(async move { f.await.map_err(|e| e.to_string()) }) as meridian_http::BoxFuture<_>
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot queue a replicated push");
+                            return;
+                        }
+                    };
+                    if q_tx.send((last_seq, origin, stats, fut)).await.is_err() {
+                        return;
+                    }
+                }
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = closing.wait_for(|c| *c) => return,
+                };
+                match frame {
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            buf.extend_from_slice(&d);
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        // Answerer: commit outcomes, in order.
+        tokio::spawn(async move {
+            while let Some((last_seq, origin, stats, fut)) = q_rx.recv().await {
+                let a = match fut.await {
+                    Ok(PushOutcome::Applied(_)) => {
+                        svc2.repl.note_applied(&origin, &stats, true);
+                        answer(0, last_seq)
+                    }
+                    Ok(PushOutcome::Gap { have }) => answer(1, have),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot apply a replicated push");
+                        answer(2, 500)
+                    }
+                };
+                let end = a[0] != 0;
+                if out_tx2.send(a).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, meridian_http::BoxError>(hyper::body::Frame::data(b)), rx))
+        });
+        let mut r = Response::new(http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream)));
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-meridian-replication"));
+        r
+    }
+
+    /// Applies a pushed message, all or nothing.
+    async fn receive(&self, svc: &Arc<KvService>, body: &[u8]) -> Response<Body> {
+        let msg = match self.check(svc, body) {
+            Ok(m) => m,
+            Err((status, why)) => return text(status, why),
+        };
         match msg {
             Message::Push { origin, incarnation, prev_seq, last_seq, changes } => {
                 let n = changes.len();
@@ -310,6 +432,13 @@ impl Replication {
     }
 }
 
+fn answer(kind: u8, n: u64) -> Bytes {
+    let mut b = Vec::with_capacity(9);
+    b.push(kind);
+    b.extend_from_slice(&n.to_le_bytes());
+    b.into()
+}
+
 fn peer_of<B>(req: &Request<B>) -> Option<&str> {
     req.headers().get("x-meridian-peer").and_then(|v| v.to_str().ok())
 }
@@ -327,27 +456,20 @@ async fn post(svc: &KvService, peer: &Peer, path: &str, body: Vec<u8>) -> Result
     .await
 }
 
-/// Streams our log to one peer, forever.
-async fn push_loop(svc: Arc<KvService>, peer: Peer) {
-    let mut last_seq = svc.store.last_seq();
+/// Entries sent but not yet acknowledged, at most.
+const WINDOW: u64 = 200_000;
+
+/// Streams our log to one peer over one long-lived request, forever.
+async fn stream_loop(svc: Arc<KvService>, peer: Peer) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let result = push_once(&svc, &peer).await;
-        match result {
-            Ok(true) => {
-                backoff = Duration::from_millis(100);
-                continue; // more to send
-            }
-            Ok(false) => {
-                backoff = Duration::from_millis(100);
-                // Up to date: wait for a new write (or re-check now and then).
-                let _ = tokio::time::timeout(Duration::from_secs(1), last_seq.changed()).await;
-            }
+        match stream_once(&svc, &peer).await {
+            Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 let first = svc.repl.peers.lock().unwrap().get(&peer.name).and_then(|s| s.last_error.clone())
                     != Some(e.clone());
                 if first {
-                    tracing::warn!(peer = %peer.name, error = %e, "replication push failed; retrying");
+                    tracing::warn!(peer = %peer.name, error = %e, "replication stream failed; retrying");
                 }
                 svc.repl.note_peer(&peer.name, |s| {
                     s.push_errors += 1;
@@ -360,49 +482,133 @@ async fn push_loop(svc: Arc<KvService>, peer: Peer) {
     }
 }
 
-/// Sends one message. `Ok(true)` if there may be more to send now.
-async fn push_once(svc: &KvService, peer: &Peer) -> Result<bool, String> {
+/// One stream: catch up by snapshot if needed, then send log entries as they
+/// are written while reading acknowledgements. Returns when the peer asks
+/// to rewind (`Ok`) or the stream breaks (`Err`).
+async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
+    use http_body_util::BodyExt;
     let store = &svc.store;
-    let cursor = store.cursor(&peer.name).map_err(|e| e.to_string())?;
+    let acked0 = store.cursor(&peer.name).map_err(|e| e.to_string())?;
     let last = *store.last_seq().borrow();
-    if cursor >= last {
-        return Ok(false);
-    }
-    let log_start = store.log_start().map_err(|e| e.to_string())?;
-    if cursor + 1 < log_start {
+    if acked0 < last && acked0 + 1 < store.log_start().map_err(|e| e.to_string())? {
         send_snapshot(svc, peer).await?;
-        return Ok(true);
+        return Ok(());
     }
-    let entries = store.log_after(cursor, BATCH).map_err(|e| e.to_string())?;
-    let Some(upto) = entries.last().map(|(q, _)| *q) else { return Ok(false) };
-    let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).filter(|c| svc.replicates_to(&c.ns, peer)).collect();
-    let msg = Message::Push {
-        origin: svc.region.clone(),
-        incarnation: store.incarnation(),
-        prev_seq: cursor,
-        last_seq: upto,
-        changes,
+    let acked = Arc::new(AtomicU64::new(acked0));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, meridian_http::BoxError>(hyper::body::Frame::data(b)), rx))
+    });
+    let req = Request::post(format!("{}/_meridian/repl/stream", peer.url))
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", svc.token))
+        .header("x-meridian-peer", svc.region.as_str())
+        .body(http_body_util::StreamBody::new(stream).boxed_unsync())
+        .map_err(|e| e.to_string())?;
+
+    let writer = {
+        let (acked, progress) = (acked.clone(), progress.clone());
+        async move {
+            let mut last_rx = store.last_seq();
+            let mut sent = acked0;
+            loop {
+                let last = *last_rx.borrow_and_update();
+                if sent >= last {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), last_rx.changed()).await;
+                    continue;
+                }
+                while sent.saturating_sub(acked.load(Ordering::Relaxed)) > WINDOW {
+                    progress.notified().await;
+                }
+                if sent + 1 < store.log_start().map_err(|e| e.to_string())? {
+                    return Err::<(), String>("the log was trimmed below an open stream".into());
+                }
+                let entries = store.log_after(sent, BATCH).map_err(|e| e.to_string())?;
+                let Some(upto) = entries.last().map(|(q, _)| *q) else { continue };
+                let changes: Vec<Change> =
+                    entries.into_iter().map(|(_, c)| c).filter(|c| svc.replicates_to(&c.ns, peer)).collect();
+                let msg = Message::Push {
+                    origin: svc.region.clone(),
+                    incarnation: store.incarnation(),
+                    prev_seq: sent,
+                    last_seq: upto,
+                    changes,
+                }
+                .encode();
+                svc.repl.capture(&svc.region, &peer.name, &msg);
+                let mut frame = Vec::with_capacity(4 + msg.len());
+                frame.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+                frame.extend_from_slice(&msg);
+                tx.send(frame.into()).await.map_err(|_| "the stream closed".to_string())?;
+                sent = upto;
+            }
+        }
     };
-    let (status, body) = post(svc, peer, "/_meridian/repl/push", msg.encode()).await?;
-    let reply: Option<PushReply> = serde_json::from_slice(&body).ok();
-    match (status, reply) {
-        (StatusCode::OK, Some(r)) => {
-            store.ack(&peer.name, r.have.max(cursor)).await.map_err(|e| e.to_string())?;
-            svc.repl.note_peer(&peer.name, |s| {
-                s.pushes += 1;
-                s.last_error = None;
-            });
-            Ok(true)
+
+    let reader = async {
+        let resp = tokio::time::timeout(Duration::from_secs(10), svc.client.request(req))
+            .await
+            .map_err(|_| "no answer to the stream request".to_string())?
+            .map_err(|e| format!("{e}"))?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = meridian_http::read_body(resp.into_body(), 1 << 20).await.unwrap_or_default();
+            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
         }
-        (StatusCode::CONFLICT, Some(r)) => {
-            // The peer has less than we thought (it was wiped, or restored
-            // from an older disk): resume from what it has.
-            tracing::info!(peer = %peer.name, have = r.have, cursor, "peer is behind our cursor; rewinding");
-            store.ack(&peer.name, r.have).await.map_err(|e| e.to_string())?;
-            Ok(true)
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut persisted = std::time::Instant::now();
+        loop {
+            while buf.len() >= 9 {
+                let kind = buf[0];
+                let n = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
+                buf.drain(..9);
+                match kind {
+                    0 => {
+                        acked.store(n, Ordering::Relaxed);
+                        progress.notify_waiters();
+                        svc.repl.note_peer(&peer.name, |s| {
+                            s.pushes += 1;
+                            s.last_error = None;
+                        });
+                        // The cursor on disk may lag a little: resending
+                        // from it after a crash is harmless (merges are
+                        // idempotent).
+                        if persisted.elapsed() > Duration::from_millis(100) {
+                            store.ack(&peer.name, n).await.map_err(|e| e.to_string())?;
+                            persisted = std::time::Instant::now();
+                        }
+                    }
+                    1 => {
+                        tracing::info!(peer = %peer.name, have = n, "peer is behind our cursor; rewinding");
+                        store.ack(&peer.name, n).await.map_err(|e| e.to_string())?;
+                        return Ok(());
+                    }
+                    _ => return Err(format!("the peer refused a message (HTTP {n}; see its log)")),
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(30), body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                    }
+                }
+                Ok(Some(Err(e))) => return Err(format!("stream broke: {e}")),
+                Ok(None) => return Err("the peer closed the stream".into()),
+                // Nothing to acknowledge for a while is fine if nothing was sent.
+                Err(_) => {}
+            }
         }
-        (status, _) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())),
+    };
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    };
+    let a = acked.load(Ordering::Relaxed);
+    if a > store.cursor(&peer.name).unwrap_or(0) {
+        let _ = store.ack(&peer.name, a).await;
     }
+    result
 }
 
 /// Sends everything we hold that the peer may hold, then moves its cursor

@@ -337,6 +337,29 @@ impl Store {
         }
     }
 
+    /// Queues a push at once (in call order) and returns a future of its
+    /// outcome: a receiver can keep reading while earlier pushes commit, and
+    /// consecutive pushes share one commit.
+    pub fn submit_push(
+        &self,
+        origin: &str,
+        incarnation: u64,
+        prev_seq: u64,
+        last_seq: u64,
+        changes: Vec<Change>,
+    ) -> Result<impl std::future::Future<Output = Result<PushOutcome, StoreError>> + Send + 'static, StoreError> {
+        let op = Op::Push { origin: origin.into(), incarnation, prev_seq, last_seq, changes };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
+        jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
+        Ok(async move {
+            match rx.await.map_err(|_| StoreError::Closed)?? {
+                Outcome::Pushed(p) => Ok(p),
+                o => unreachable!("push answered {o:?}"),
+            }
+        })
+    }
+
     /// Applies one part of a peer's snapshot.
     pub async fn apply_snapshot(
         &self,

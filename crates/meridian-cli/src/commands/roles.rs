@@ -47,9 +47,19 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 
 /// Announces the bound address, then serves until SIGINT/SIGTERM and drains.
 async fn serve(a: &Args, what: &str, listener: tokio::net::TcpListener, handler: Handler) -> anyhow::Result<()> {
+    serve_until(a, what, listener, handler, shutdown_signal()).await
+}
+
+async fn serve_until(
+    a: &Args,
+    what: &str,
+    listener: tokio::net::TcpListener,
+    handler: Handler,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     announce(&a.ready_file, &listener)?;
     tracing::info!(addr = %listener.local_addr()?, "{what} serving");
-    meridian_http::serve(listener, handler, shutdown_signal(), Duration::from_secs(10)).await;
+    meridian_http::serve(listener, handler, shutdown, Duration::from_secs(10)).await;
     Ok(())
 }
 
@@ -58,11 +68,18 @@ pub async fn region(a: Args) -> anyhow::Result<()> {
     let listener = bind(cfg.listen).await?;
     let what = format!("region {}", cfg.name);
     let region = meridian_region::Region::open(cfg).await?;
+    let r = region.clone();
     let handler: Handler = Arc::new(move |req, _peer| {
-        let r = region.clone();
+        let r = r.clone();
         Box::pin(async move { r.handle(req).await })
     });
-    serve(&a, &what, listener, handler).await
+    // Replication streams are long-lived requests: end them first so the
+    // server can drain.
+    let shutdown = async {
+        shutdown_signal().await;
+        region.shutdown().await;
+    };
+    serve_until(&a, &what, listener, handler, shutdown).await
 }
 
 pub async fn edge(a: Args) -> anyhow::Result<()> {

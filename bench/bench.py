@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
@@ -341,9 +341,90 @@ def bench_deploy(work, runs=10):
           f"{statistics.median(firsts) - statistics.median(warms):.2f} | < 5 ms slower |")
 
 
+PUT_LUA = """
+counter = 0
+local body = string.rep("v", 100)
+request = function()
+  counter = counter + 1
+  return wrk.format("PUT", "/kv/sessions/k" .. counter .. "-" .. math.random(1000000000), nil, body)
+end
+delay = function() return DELAY end
+"""
+
+
+def kv_status(wdir, w, region):
+    token = open(w["token_file"]).read().strip()
+    url = next(r["url"] for r in w["regions"] if r["name"] == region)
+    host, port = url.rsplit("/", 1)[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("GET", "/_meridian/kv/status", headers={"authorization": f"Bearer {token}"})
+    r = c.getresponse()
+    return json.loads(r.read())
+
+
+def bench_replication(work, duration, delay_ms=40):
+    """Replication lag eu-west -> us-east over a link with one-way delay D,
+    at ~1,000 writes/s and at the most this machine does (target 10,000)."""
+    rows = []
+    for label, conns, lua_delay in [("~1,000/s", 10, 10), ("max (target 10,000/s)", 64, 0)]:
+        sub = tempfile.mkdtemp(prefix="repl-", dir=work)
+        wdir, w = dev_world(sub, ["--anti-entropy-ms", "600000"])
+        subprocess.run([MERIDIAN, "chaos", "latency", "eu-west", "us-east", str(delay_ms), "--world", wdir],
+                       check=True, capture_output=True)
+        eu = next(r["url"] for r in w["regions"] if r["name"] == "eu-west")
+        script = os.path.join(sub, "put.lua")
+        open(script, "w").write(PUT_LUA.replace("DELAY", str(lua_delay)))
+        before = kv_status(wdir, w, "us-east")
+        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script, eu + "/"],
+                             capture_output=True, text=True, check=True).stdout
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        # Let the tail drain, then read the lag the receiver measured.
+        time.sleep(3)
+        st = kv_status(wdir, w, "us-east")
+        o = next(o for o in st["origins"] if o["origin"] == "eu-west")
+        rows.append((label, rate, int(non2xx.group(1)) if non2xx else 0, o["lag_ms_p50"], o["lag_ms_p99"], o["lag_samples"]))
+        stop_all()
+        PROCS.clear()
+    print(f"\n## Replication lag, eu-west -> us-east, link one-way delay D = {delay_ms} ms ({duration} s per rate)\n")
+    print("Writes: PUT of a 100-byte value through the kv function in eu-west (wrk); lag measured by us-east for every")
+    print("record: applied (committed) there minus the record's HLC wall time (taken just before the local commit, so")
+    print("this includes eu-west's own fsync and is an upper bound of applied-remotely minus acknowledged-locally; ms")
+    print("resolution).\n")
+    print("| write rate | achieved writes/s | failed | lag p50 ms | lag p99 ms | samples | target p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for label, rate, failed, p50, p99, n in rows:
+        print(f"| {label} | {rate:.0f} | {failed} | {p50:.1f} | {p99:.1f} | {n} | <= {delay_ms + 10} |")
+
+
+def bench_kv_get(work, duration):
+    """A function's local get: GET /kv/sessions/KEY vs GET /hello, same region, c1."""
+    wdir, w = dev_world(work)
+    eu = next(r["url"] for r in w["regions"] if r["name"] == "eu-west")
+    host, port = eu.rsplit("/", 1)[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("PUT", "/kv/sessions/bench-key", body=b"x" * 100)
+    c.getresponse().read()
+    res = {}
+    for path in ["/hello", "/kv/sessions/bench-key"]:
+        out = subprocess.run(["wrk", "-t1", "-c1", f"-d{duration}s", "--latency", eu + path],
+                             capture_output=True, text=True, check=True).stdout
+        p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+        v = float(p50.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[p50.group(2)]
+        res[path] = (v, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)))
+    print("\n## A function's local key-value get (direct to eu-west, wrk -c1)\n")
+    print("| request | p50 µs | req/s |")
+    print("|---|---|---|")
+    for path, (v, rps) in res.items():
+        print(f"| GET {path} | {v:.0f} | {rps:.0f} |")
+    d = res["/kv/sessions/bench-key"][0] - res["/hello"][0]
+    print(f"\nCost of the get (open bucket + get + 100-byte body, vs a function that reads a header): "
+          f"{d:.0f} µs p50 (target < 50 µs).")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy"])
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -351,10 +432,11 @@ def main():
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
     print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
-        for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover), ("deploy", bench_deploy)]:
+        for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
+                         ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "edge"):
+                if name in ("host", "edge", "replication", "kvget"):
                     fn(work, a.duration)
                 else:
                     fn(work)

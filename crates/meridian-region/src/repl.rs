@@ -39,7 +39,7 @@ const BATCH: usize = 1024;
 /// Records per snapshot message.
 const SNAPSHOT_CHUNK: usize = 1024;
 /// Lag samples kept per origin.
-const LAG_WINDOW: usize = 20_000;
+const LAG_WINDOW: usize = 200_000;
 const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Default)]

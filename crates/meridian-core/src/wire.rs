@@ -66,4 +66,10 @@ pub struct KvStatus {
     pub origins: Vec<OriginReplication>,
     /// Replication messages refused (corrupt, wrong version, residency).
     pub rejected_messages: u64,
+    /// Tombstones stored here, and collected since start.
+    pub tombstones: u64,
+    pub tombstones_collected: u64,
+    /// Wall-clock ms up to which every region has applied every write
+    /// (tombstones older than this are collected).
+    pub stable_ms: u64,
 }

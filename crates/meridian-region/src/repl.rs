@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use meridian_core::wire::{OriginReplication, Peer, PeerReplication};
 use meridian_http::{json, text, Body};
-use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, DIGEST_BUCKETS};
+use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, Timestamp, DIGEST_BUCKETS};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,8 +69,16 @@ pub struct Replication {
     /// appended, one file per destination (`FROM-to-TO.bin`); set by
     /// `MERIDIAN_CAPTURE_REPLICATION` (for residency audits and tests).
     pub capture_dir: Option<std::path::PathBuf>,
+    /// How often the log is trimmed and tombstones collected.
+    pub gc_interval: Duration,
     /// Set when the region shuts down: incoming streams end.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Per origin: every write it made up to this time is applied here.
+    frontiers: Mutex<HashMap<String, Timestamp>>,
+    /// Per peer: the time up to which it has applied every region's writes
+    /// (its `local_stable`, as reported in its acknowledgements).
+    peer_stable: Mutex<HashMap<String, Timestamp>>,
+    collected: AtomicU64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -92,6 +100,7 @@ impl Replication {
         Replication {
             anti_entropy_interval: Mutex::new(anti_entropy_interval),
             capture_dir: std::env::var_os("MERIDIAN_CAPTURE_REPLICATION").map(Into::into),
+            gc_interval: Duration::from_secs(2),
             ..Default::default()
         }
     }
@@ -106,6 +115,33 @@ impl Replication {
         if let Err(e) = r {
             tracing::warn!(path = %path.display(), error = %e, "cannot capture replication traffic");
         }
+    }
+
+    /// Time up to which this region has applied every write of every
+    /// region it replicates with (zero until each has been heard from).
+    pub fn local_stable(&self, svc: &KvService) -> Timestamp {
+        let frontiers = self.frontiers.lock().unwrap();
+        let mut t = svc.store.watermark();
+        for p in svc.peers.load().iter() {
+            t = t.min(frontiers.get(&p.name).copied().unwrap_or_default());
+        }
+        t
+    }
+
+    /// Time up to which every region has applied every write: tombstones
+    /// older than this can go (no region holds what they override, and no
+    /// older write is still on its way).
+    pub fn global_stable(&self, svc: &KvService) -> Timestamp {
+        let mut t = self.local_stable(svc);
+        let ps = self.peer_stable.lock().unwrap();
+        for p in svc.peers.load().iter() {
+            t = t.min(ps.get(&p.name).copied().unwrap_or_default());
+        }
+        t
+    }
+
+    pub fn collected(&self) -> u64 {
+        self.collected.load(Ordering::Relaxed)
     }
 
     pub fn rejected(&self) -> u64 {
@@ -307,7 +343,7 @@ impl Replication {
     fn receive_stream(&self, svc: Arc<KvService>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         use http_body_util::BodyExt;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
-        type Pending = (u64, String, Vec<Change>, meridian_http::BoxFuture<Result<PushOutcome, String>>);
+        type Pending = (u64, String, Timestamp, Vec<Change>, meridian_http::BoxFuture<Result<PushOutcome, String>>);
         let (q_tx, mut q_rx) = tokio::sync::mpsc::channel::<Pending>(4096);
         let (svc2, out_tx2) = (svc.clone(), out_tx.clone());
         let mut closing = self.closing.subscribe();
@@ -335,23 +371,36 @@ impl Replication {
                             return;
                         }
                     };
-                    let Message::Push { origin, incarnation, prev_seq, last_seq, changes } = msg else {
+                    let Message::Push { origin, incarnation, prev_seq, last_seq, stable, changes } = msg else {
                         let (status, _) =
                             svc.repl.refuse(StatusCode::BAD_REQUEST, "a snapshot on a push stream".into());
                         let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
                         return;
                     };
                     let stats = changes.clone();
-                    let fut = match svc.store.submit_push(&origin, incarnation, prev_seq, last_seq, changes) {
-                        Ok(f) => {
-                            Box::pin(async move { f.await.map_err(|e| e.to_string()) }) as meridian_http::BoxFuture<_>
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot queue a replicated push");
-                            return;
+                    let fut = if changes.is_empty() && prev_seq == last_seq {
+                        // A heartbeat: nothing to commit, only the gap check.
+                        let have = match svc.store.applied(&origin) {
+                            Ok(Some((inc, seq))) if inc == incarnation => seq,
+                            _ => 0,
+                        };
+                        let out = if prev_seq > have {
+                            PushOutcome::Gap { have }
+                        } else {
+                            PushOutcome::Applied(Default::default())
+                        };
+                        Box::pin(async move { Ok(out) }) as meridian_http::BoxFuture<_>
+                    } else {
+                        match svc.store.submit_push(&origin, incarnation, prev_seq, last_seq, changes) {
+                            Ok(f) => Box::pin(async move { f.await.map_err(|e| e.to_string()) })
+                                as meridian_http::BoxFuture<_>,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot queue a replicated push");
+                                return;
+                            }
                         }
                     };
-                    if q_tx.send((last_seq, origin, stats, fut)).await.is_err() {
+                    if q_tx.send((last_seq, origin, stable, stats, fut)).await.is_err() {
                         return;
                     }
                 }
@@ -371,11 +420,16 @@ impl Replication {
         });
         // Answerer: commit outcomes, in order.
         tokio::spawn(async move {
-            while let Some((last_seq, origin, stats, fut)) = q_rx.recv().await {
+            while let Some((last_seq, origin, stable, stats, fut)) = q_rx.recv().await {
                 let a = match fut.await {
                     Ok(PushOutcome::Applied(_)) => {
                         svc2.repl.note_applied(&origin, &stats, true);
-                        answer(0, last_seq)
+                        {
+                            let mut f = svc2.repl.frontiers.lock().unwrap();
+                            let e = f.entry(origin.clone()).or_default();
+                            *e = (*e).max(stable);
+                        }
+                        answer_stable(0, last_seq, svc2.repl.local_stable(&svc2))
                     }
                     Ok(PushOutcome::Gap { have }) => answer(1, have),
                     Err(e) => {
@@ -405,7 +459,7 @@ impl Replication {
             Err((status, why)) => return text(status, why),
         };
         match msg {
-            Message::Push { origin, incarnation, prev_seq, last_seq, changes } => {
+            Message::Push { origin, incarnation, prev_seq, last_seq, changes, .. } => {
                 let n = changes.len();
                 let snapshot_for_stats = changes.clone();
                 match svc.store.apply_push(&origin, incarnation, prev_seq, last_seq, changes).await {
@@ -432,11 +486,21 @@ impl Replication {
     }
 }
 
-fn answer(kind: u8, n: u64) -> Bytes {
-    let mut b = Vec::with_capacity(9);
+/// Size of an answer on a replication stream.
+const ANSWER: usize = 21;
+
+/// `kind` u8, `n` u64, then the receiver's stable time (u64 ms, u32 logical).
+fn answer_stable(kind: u8, n: u64, stable: Timestamp) -> Bytes {
+    let mut b = Vec::with_capacity(ANSWER);
     b.push(kind);
     b.extend_from_slice(&n.to_le_bytes());
+    b.extend_from_slice(&stable.wall_ms.to_le_bytes());
+    b.extend_from_slice(&stable.logical.to_le_bytes());
     b.into()
+}
+
+fn answer(kind: u8, n: u64) -> Bytes {
+    answer_stable(kind, n, Timestamp::default())
 }
 
 fn peer_of<B>(req: &Request<B>) -> Option<&str> {
@@ -458,6 +522,9 @@ async fn post(svc: &KvService, peer: &Peer, path: &str, body: Vec<u8>) -> Result
 
 /// Entries sent but not yet acknowledged, at most.
 const WINDOW: u64 = 200_000;
+/// An idle stream sends an empty message this often (it carries the
+/// sender's stable time, which tombstone collection needs).
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// Streams our log to one peer over one long-lived request, forever.
 async fn stream_loop(svc: Arc<KvService>, peer: Peer) {
@@ -511,10 +578,33 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
         async move {
             let mut last_rx = store.last_seq();
             let mut sent = acked0;
+            let send = |msg: Vec<u8>| {
+                svc.repl.capture(&svc.region, &peer.name, &msg);
+                let mut frame = Vec::with_capacity(4 + msg.len());
+                frame.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+                frame.extend_from_slice(&msg);
+                let tx = tx.clone();
+                async move { tx.send(frame.into()).await.map_err(|_| "the stream closed".to_string()) }
+            };
             loop {
+                // Read before the log: every local write at or below it is
+                // committed, so it is in what we read next or already sent.
+                let watermark = store.watermark();
                 let last = *last_rx.borrow_and_update();
                 if sent >= last {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), last_rx.changed()).await;
+                    let changed = tokio::time::timeout(HEARTBEAT, last_rx.changed()).await;
+                    if changed.is_err() {
+                        // Idle: tell the peer how far our writes are complete.
+                        let msg = Message::Push {
+                            origin: svc.region.clone(),
+                            incarnation: store.incarnation(),
+                            prev_seq: sent,
+                            last_seq: sent,
+                            stable: watermark,
+                            changes: Vec::new(),
+                        };
+                        send(msg.encode()).await?;
+                    }
                     continue;
                 }
                 while sent.saturating_sub(acked.load(Ordering::Relaxed)) > WINDOW {
@@ -524,7 +614,10 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
                     return Err::<(), String>("the log was trimmed below an open stream".into());
                 }
                 let entries = store.log_after(sent, BATCH).map_err(|e| e.to_string())?;
-                let Some(upto) = entries.last().map(|(q, _)| *q) else { continue };
+                let Some((upto, last_ts)) = entries.last().map(|(q, c)| (*q, c.record.ts)) else { continue };
+                // A full batch may leave later writes behind: then only up
+                // to its last entry is complete (the log is in time order).
+                let stable = if entries.len() == BATCH { last_ts } else { watermark.max(last_ts) };
                 let changes: Vec<Change> =
                     entries.into_iter().map(|(_, c)| c).filter(|c| svc.replicates_to(&c.ns, peer)).collect();
                 let msg = Message::Push {
@@ -532,14 +625,10 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
                     incarnation: store.incarnation(),
                     prev_seq: sent,
                     last_seq: upto,
+                    stable,
                     changes,
-                }
-                .encode();
-                svc.repl.capture(&svc.region, &peer.name, &msg);
-                let mut frame = Vec::with_capacity(4 + msg.len());
-                frame.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-                frame.extend_from_slice(&msg);
-                tx.send(frame.into()).await.map_err(|_| "the stream closed".to_string())?;
+                };
+                send(msg.encode()).await?;
                 sent = upto;
             }
         }
@@ -559,13 +648,18 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
         let mut buf: Vec<u8> = Vec::new();
         let mut persisted = std::time::Instant::now();
         loop {
-            while buf.len() >= 9 {
+            while buf.len() >= ANSWER {
                 let kind = buf[0];
                 let n = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
-                buf.drain(..9);
+                let stable = Timestamp {
+                    wall_ms: u64::from_le_bytes(buf[9..17].try_into().expect("8 bytes")),
+                    logical: u32::from_le_bytes(buf[17..21].try_into().expect("4 bytes")),
+                };
+                buf.drain(..ANSWER);
                 match kind {
                     0 => {
                         acked.store(n, Ordering::Relaxed);
+                        svc.repl.peer_stable.lock().unwrap().insert(peer.name.clone(), stable);
                         progress.notify_waiters();
                         svc.repl.note_peer(&peer.name, |s| {
                             s.pushes += 1;
@@ -719,10 +813,22 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
     Ok(changed)
 }
 
-/// Drops log entries every peer has acknowledged.
+/// Drops log entries every peer has acknowledged, and tombstones every
+/// region has seen.
 async fn trim_loop(svc: Arc<KvService>) {
     loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(svc.repl.gc_interval).await;
+        let stable = svc.repl.global_stable(&svc);
+        if stable > Timestamp::default() {
+            match svc.store.collect_tombstones(stable).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    svc.repl.collected.fetch_add(n, Ordering::Relaxed);
+                    tracing::debug!(n, "collected tombstones every region has seen");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot collect tombstones"),
+            }
+        }
         let peers = svc.peers.load_full();
         let last = *svc.store.last_seq().borrow();
         let min = peers.iter().map(|p| svc.store.cursor(&p.name).unwrap_or(0)).min().unwrap_or(last);

@@ -76,6 +76,7 @@ enum Op {
     Merge { changes: Vec<Change> },
     Ack { peer: String, seq: u64 },
     Trim { upto: u64 },
+    Collect { before: Timestamp },
 }
 
 /// A local write, durable when returned.
@@ -137,6 +138,10 @@ struct Inner {
     hlc: Hlc,
     /// Last sequence number written to the log (replicators wait on it).
     last_seq: tokio::sync::watch::Sender<u64>,
+    /// Every local write with a timestamp at or below this is committed
+    /// (published by the writer after each commit and while idle).
+    watermark: tokio::sync::watch::Sender<Timestamp>,
+    tombstones_collected: AtomicU64,
     /// Bumped whenever remote changes are applied (causality waits).
     applied_gen: tokio::sync::watch::Sender<u64>,
     conflicts: AtomicU64,
@@ -215,6 +220,8 @@ impl Store {
             incarnation,
             hlc: Hlc::system(),
             last_seq: tokio::sync::watch::channel(next_seq.saturating_sub(1)).0,
+            watermark: tokio::sync::watch::channel(Timestamp::default()).0,
+            tombstones_collected: AtomicU64::new(0),
             applied_gen: tokio::sync::watch::channel(0).0,
             conflicts: AtomicU64::new(conflicts),
             commits: AtomicU64::new(0),
@@ -251,6 +258,38 @@ impl Store {
     /// Changes whenever remote writes are applied.
     pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.applied_gen.subscribe()
+    }
+
+    /// A timestamp at or below which every local write is committed: a
+    /// replication message built after reading it, from the log read after,
+    /// carries every local write up to it.
+    pub fn watermark(&self) -> Timestamp {
+        *self.inner.watermark.borrow()
+    }
+
+    /// Tombstones collected since the store was opened.
+    pub fn tombstones_collected(&self) -> u64 {
+        self.inner.tombstones_collected.load(Ordering::Relaxed)
+    }
+
+    /// Deletes tombstones older than `before`. Only call it with a time
+    /// every region is known to have applied every write up to: then no
+    /// region holds an older version the tombstone must still override, and
+    /// none is still in flight.
+    pub async fn collect_tombstones(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let n0 = self.tombstones_collected();
+        self.run(Op::Collect { before }).await?;
+        Ok(self.tombstones_collected() - n0)
+    }
+
+    /// Tombstones stored now.
+    pub fn tombstone_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .scan_prefix(b"", None, usize::MAX)?
+            .iter()
+            .filter(|(_, r)| matches!(r.value, Value::Tombstone))
+            .count() as u64)
     }
 
     /// Conflicts detected here since the store was created.
@@ -573,9 +612,13 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
     let mut pending: Vec<Job> = Vec::new();
     loop {
         if pending.is_empty() {
-            match rx.recv() {
+            // Idle: everything is committed, and any later write gets a
+            // later timestamp than this.
+            inner.watermark.send_replace(inner.hlc.now());
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(j) => pending.push(j),
-                Err(_) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
         while pending.len() < MAX_GROUP {
@@ -588,6 +631,7 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
         match commit_group(&inner, &jobs) {
             Ok(Group { outcomes, last_seq, applied_remote }) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);
+                inner.watermark.send_replace(inner.hlc.now());
                 if let Some(seq) = last_seq {
                     inner.last_seq.send_replace(seq);
                 }
@@ -810,6 +854,19 @@ impl Writer<'_> {
                 self.txn.open_table(CURSORS).map_err(engine)?.insert(peer.as_str(), *seq).map_err(engine)?;
                 Outcome::Done
             }
+            Op::Collect { before } => {
+                let mut t = self.txn.open_table(RECORDS).map_err(engine)?;
+                let mut n = 0u64;
+                t.retain(|_, v| {
+                    let dead =
+                        matches!(Record::decode(v), Ok(r) if matches!(r.value, Value::Tombstone) && r.ts < *before);
+                    n += dead as u64;
+                    !dead
+                })
+                .map_err(engine)?;
+                self.inner.tombstones_collected.fetch_add(n, Ordering::Relaxed);
+                Outcome::Done
+            }
             Op::Trim { upto } => {
                 let mut t = self.txn.open_table(LOG).map_err(engine)?;
                 t.retain_in(..=*upto, |_, _| false).map_err(engine)?;
@@ -954,6 +1011,26 @@ mod tests {
         assert_eq!(s.cursor("us-east").unwrap(), 3);
         assert_eq!(s.log_start().unwrap(), 4);
         assert_eq!(s.log_len().unwrap(), 2);
+    }
+
+    #[test]
+    fn tombstones_older_than_the_stable_time_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("kv"), "eu-west").unwrap();
+        rt().block_on(async {
+            s.put("n", b"a", vec![1]).await.unwrap();
+            let old = s.delete("n", b"a").await.unwrap();
+            s.put("n", b"b", vec![1]).await.unwrap();
+            let new = s.delete("n", b"b").await.unwrap();
+            assert_eq!(s.tombstone_count().unwrap(), 2);
+            // Only the tombstone before the stable time goes.
+            assert_eq!(s.collect_tombstones(new.record.ts).await.unwrap(), 1);
+            assert!(s.get("n", b"a").unwrap().is_none());
+            assert!(s.get("n", b"b").unwrap().is_some());
+            assert!(old.record.ts < new.record.ts);
+            // The watermark covers committed writes.
+            assert!(s.watermark() >= new.record.ts);
+        });
     }
 
     #[test]

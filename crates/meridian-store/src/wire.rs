@@ -8,6 +8,7 @@
 //! a corrupt, truncated or unknown-version message changes nothing. The same
 //! [`Change`] encoding is the body of the local replication log on disk.
 
+use crate::hlc::Timestamp;
 use crate::record::{DecodeError, Record};
 
 pub const MAGIC: &[u8; 4] = b"MRPL";
@@ -30,7 +31,11 @@ pub enum Message {
     /// The origin's log entries with sequence numbers in
     /// `(prev_seq, last_seq]`. Entries of namespaces the receiver may not
     /// hold were left out by the sender; the range still covers them.
-    Push { origin: String, incarnation: u64, prev_seq: u64, last_seq: u64, changes: Vec<Change> },
+    ///
+    /// `stable`: every write the origin made with a timestamp at or below it
+    /// is in this message or an earlier one (heartbeats, with no changes,
+    /// advance it while the origin is idle).
+    Push { origin: String, incarnation: u64, prev_seq: u64, last_seq: u64, stable: Timestamp, changes: Vec<Change> },
     /// One part of a full copy of the sender's state, sent when the receiver
     /// needs log entries the sender no longer has. After the `complete`
     /// part, the receiver has everything the origin logged up to `upto_seq`.
@@ -82,12 +87,13 @@ impl Message {
         out.extend_from_slice(MAGIC);
         out.push(WIRE_FORMAT);
         let changes = match self {
-            Message::Push { origin, incarnation, prev_seq, last_seq, changes } => {
+            Message::Push { origin, incarnation, prev_seq, last_seq, stable, changes } => {
                 out.push(1);
                 put_str(&mut out, origin);
-                for n in [incarnation, prev_seq, last_seq] {
+                for n in [incarnation, prev_seq, last_seq, &stable.wall_ms] {
                     out.extend_from_slice(&n.to_le_bytes());
                 }
+                out.extend_from_slice(&stable.logical.to_le_bytes());
                 changes
             }
             Message::Snapshot { origin, incarnation, upto_seq, complete, changes } => {
@@ -144,7 +150,8 @@ impl Message {
                 if last_seq < prev_seq {
                     return Err(WireError::Corrupt("sequence range ends before it starts"));
                 }
-                Message::Push { origin, incarnation, prev_seq, last_seq, changes: r.changes()? }
+                let stable = Timestamp { wall_ms: r.u64()?, logical: r.u32()? };
+                Message::Push { origin, incarnation, prev_seq, last_seq, stable, changes: r.changes()? }
             }
             2 => {
                 let upto_seq = r.u64()?;
@@ -244,6 +251,7 @@ mod tests {
             incarnation: 7,
             prev_seq: 10,
             last_seq: 12,
+            stable: Timestamp { wall_ms: 6, logical: 1 },
             changes: vec![
                 Change { ns: "sessions".into(), key: b"a".to_vec(), record: rec(b"1", 5) },
                 Change { ns: "sessions".into(), key: b"b".to_vec(), record: rec(b"2", 6) },

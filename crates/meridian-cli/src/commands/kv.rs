@@ -210,8 +210,8 @@ pub async fn statuses(w: &meridian_core::world::WorldDescription, token: &str) -
 pub fn print_status(all: &[KvStatus]) {
     for s in all {
         println!(
-            "  {:<16} writes logged {:>8}  log {:>7}  conflicts {:>5}  rejected msgs {}",
-            s.region, s.last_seq, s.log_len, s.conflicts, s.rejected_messages
+            "  {:<16} writes logged {:>8}  log {:>7}  conflicts {:>5}  tombstones {:>5} ({} collected)  rejected msgs {}",
+            s.region, s.last_seq, s.log_len, s.conflicts, s.tombstones, s.tombstones_collected, s.rejected_messages
         );
         for p in &s.peers {
             println!(

@@ -310,6 +310,16 @@ async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream()
         let found = files_containing(&logs, m);
         assert!(found.is_empty(), "{mark} in logs: {found:?}");
     }
+    // Nor in any region's metrics or status.
+    for region in REGIONS {
+        for path in ["/_meridian/metrics", "/_meridian/kv/status"] {
+            let url = format!("{}{path}", w.region_url(region));
+            let r = request(&c, "GET", &url, &[("authorization", &bearer(&w))], "").await.unwrap();
+            assert_eq!(r.status, 200);
+            assert!(r.body.contains("eu-west"), "{path} of {region}: {}", r.body);
+            assert!(!r.body.contains("RESIDENT"), "a value in {path} of {region}");
+        }
+    }
     // Global data did replicate through the same captured streams.
     assert!(captured.iter().any(|p| std::fs::read(p).unwrap().windows(6).any(|w| w == b"global")));
 }

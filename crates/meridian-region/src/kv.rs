@@ -442,6 +442,103 @@ impl KvService {
         }
     }
 
+    /// The key-value state in the Prometheus text format. Labels are region
+    /// names only: no key or value ever appears in metrics.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let s = self.status();
+        let r = &s.region;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{{region=\"{r}\"{labels}}} {v}");
+            }
+        };
+        metric(
+            "meridian_kv_writes_total",
+            "counter",
+            "Writes accepted in this region.",
+            vec![(String::new(), s.last_seq as f64)],
+        );
+        metric(
+            "meridian_kv_log_entries",
+            "gauge",
+            "Replication log entries kept.",
+            vec![(String::new(), s.log_len as f64)],
+        );
+        metric(
+            "meridian_kv_conflicts_total",
+            "counter",
+            "Concurrent writes overwritten (kept, see kv conflicts).",
+            vec![(String::new(), s.conflicts as f64)],
+        );
+        metric(
+            "meridian_kv_commits_total",
+            "counter",
+            "Storage transactions committed (group commit).",
+            vec![(String::new(), s.commits as f64)],
+        );
+        metric(
+            "meridian_kv_rejected_messages_total",
+            "counter",
+            "Replication messages refused.",
+            vec![(String::new(), s.rejected_messages as f64)],
+        );
+        metric("meridian_kv_tombstones", "gauge", "Tombstones stored.", vec![(String::new(), s.tombstones as f64)]);
+        metric(
+            "meridian_kv_tombstones_collected_total",
+            "counter",
+            "Tombstones collected.",
+            vec![(String::new(), s.tombstones_collected as f64)],
+        );
+        let peer = |f: fn(&meridian_core::wire::PeerReplication) -> f64| {
+            s.peers.iter().map(|p| (format!(",peer=\"{}\"", p.peer), f(p))).collect::<Vec<_>>()
+        };
+        metric(
+            "meridian_kv_peer_acked_seq",
+            "gauge",
+            "Last log entry the peer acknowledged.",
+            peer(|p| p.acked_seq as f64),
+        );
+        metric(
+            "meridian_kv_peer_pending",
+            "gauge",
+            "Log entries the peer has not acknowledged.",
+            peer(|p| p.pending as f64),
+        );
+        metric(
+            "meridian_kv_peer_errors_total",
+            "counter",
+            "Failed replication attempts to the peer.",
+            peer(|p| p.push_errors as f64),
+        );
+        metric(
+            "meridian_kv_peer_snapshots_total",
+            "counter",
+            "Snapshots sent to the peer.",
+            peer(|p| p.snapshots_sent as f64),
+        );
+        metric(
+            "meridian_kv_peer_repaired_total",
+            "counter",
+            "Records repaired here by anti-entropy with the peer.",
+            peer(|p| p.repaired as f64),
+        );
+        let mut lag = Vec::new();
+        for o in &s.origins {
+            for (q, v) in [("0.5", o.lag_ms_p50), ("0.99", o.lag_ms_p99)] {
+                if let Some(v) = v {
+                    lag.push((format!(",origin=\"{}\",quantile=\"{q}\"", o.origin), v));
+                }
+            }
+        }
+        metric("meridian_kv_replication_lag_ms", "summary", "Applied here minus written at the origin.", lag);
+        let applied = s.origins.iter().map(|o| (format!(",origin=\"{}\"", o.origin), o.applied_seq as f64)).collect();
+        metric("meridian_kv_applied_seq", "gauge", "Last entry of the origin's log applied here.", applied);
+        out
+    }
+
     /// Admin API under `/_meridian/kv/` and `/_meridian/repl/` (token checked by the caller).
     pub async fn admin(self: &Arc<Self>, req: Request<hyper::body::Incoming>, path: &[&str]) -> Response<Body> {
         let method = req.method().clone();
@@ -451,6 +548,14 @@ impl KvService {
                 Err(e) => e.into_response(),
             },
             (Method::GET, ["kv", "status"]) => json(StatusCode::OK, &self.status()),
+            (Method::GET, ["metrics"]) => {
+                let mut r = Response::new(meridian_http::full(self.metrics_text()));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
             (Method::GET, ["kv", "conflicts", ns]) => match self.store.conflicts(ns, 1000) {
                 Ok(list) => {
                     let out: Vec<serde_json::Value> = list

@@ -335,7 +335,7 @@ impl Region {
             return unauthorized();
         }
         let parts: Vec<&str> = path.split('/').collect();
-        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers")) {
+        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers") | Some(&"metrics")) {
             return self.kv.admin(req, &parts).await;
         }
         match (method, parts.as_slice()) {

@@ -9,11 +9,13 @@
 //   POST   /kv/BUCKET/KEY?append     compare-and-swap loop appending the body
 //   GET    /kv/BUCKET                every key (paged through list-keys)
 //   GET    /kv/BUCKET?many=K1,K2     batch get-many: "key=value" lines
+//   GET    /kv/BUCKET/KEY?bench=N    N gets of KEY, timed inside the guest
 //
 // Store errors come back as 404 (no such bucket), 403 (access denied) or
 // 503 (anything else), with the host's message.
 #include "common.h"
 #include <stdio.h>
+#include <time.h>
 
 typedef wasi_keyvalue_store_error_t kv_error_t;
 
@@ -188,7 +190,38 @@ static void handle(request_t req, outparam_t out, char *path) {
       list_all(out, bucket);
   } else {
     proxy_string_t k = str_of(key, strlen(key));
-    if (m.tag == WASI_HTTP_TYPES_METHOD_GET && query && strcmp(query, "exists") == 0) {
+    if (m.tag == WASI_HTTP_TYPES_METHOD_GET && query && strncmp(query, "bench=", 6) == 0) {
+      // Each get timed on its own, from the guest's side of the call.
+      long n = strtol(query + 6, NULL, 10);
+      if (n < 1 || n > 100000) n = 1000;
+      uint64_t *ns = malloc(sizeof(uint64_t) * n);
+      bool ok = true;
+      for (long i = 0; i < n && ok; i++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        proxy_option_list_u8_t v;
+        ok = wasi_keyvalue_store_method_bucket_get(bucket, &k, &v, &err);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        if (ok && v.is_some) proxy_list_u8_free(&v.val);
+        ns[i] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u + (uint64_t)(b.tv_nsec - a.tv_nsec);
+      }
+      if (!ok) {
+        respond_error(out, &err);
+      } else {
+        // Insertion sort is fine for the sizes used here.
+        for (long i = 1; i < n; i++) {
+          uint64_t x = ns[i];
+          long j = i - 1;
+          while (j >= 0 && ns[j] > x) { ns[j + 1] = ns[j]; j--; }
+          ns[j + 1] = x;
+        }
+        char text[160];
+        snprintf(text, sizeof text, "gets=%ld p50_ns=%llu p99_ns=%llu\n", n, (unsigned long long)ns[n / 2],
+                 (unsigned long long)ns[n * 99 / 100]);
+        respond_text(out, 200, text);
+      }
+      free(ns);
+    } else if (m.tag == WASI_HTTP_TYPES_METHOD_GET && query && strcmp(query, "exists") == 0) {
       bool yes;
       if (wasi_keyvalue_store_method_bucket_exists(bucket, &k, &yes, &err))
         respond_text(out, 200, yes ? "true\n" : "false\n");

@@ -146,6 +146,8 @@ struct Inner {
     applied_gen: tokio::sync::watch::Sender<u64>,
     conflicts: AtomicU64,
     commits: AtomicU64,
+    /// Sequence number of the next local write (used by the writer only).
+    next_seq: AtomicU64,
 }
 
 /// A region's store. Cheap to clone; the writer thread stops when the last
@@ -208,6 +210,14 @@ impl Store {
             let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
             (get("next_seq")?, get("incarnation")?, get("conflicts")?)
         };
+        // The next sequence number is the log's last + 1; `meta` keeps it
+        // only for when trimming empties the log (one table less to write
+        // per commit).
+        let next_seq = {
+            let log = txn.open_table(LOG).map_err(engine)?;
+            let last = log.last().map_err(engine)?.map(|(k, _)| k.value());
+            next_seq.max(last.map(|l| l + 1).unwrap_or(0))
+        };
         txn.open_table(RECORDS).map_err(engine)?;
         txn.open_table(LOG).map_err(engine)?;
         txn.open_table(APPLIED).map_err(engine)?;
@@ -225,6 +235,7 @@ impl Store {
             applied_gen: tokio::sync::watch::channel(0).0,
             conflicts: AtomicU64::new(conflicts),
             commits: AtomicU64::new(0),
+            next_seq: AtomicU64::new(next_seq),
         });
         // Never issue a timestamp below one already stored, even if the
         // clock went back across a restart.
@@ -669,19 +680,25 @@ struct Group {
 /// failed (or 0 if the commit itself failed: then all fail in turn).
 fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError)> {
     let txn = inner.db.begin_write().map_err(|e| (0, engine(e)))?;
-    let mut w = Writer { inner, txn: &txn, wrote_log: false, applied_remote: false, next_seq: 0 };
-    w.next_seq = w.meta("next_seq").map_err(|e| (0, e))?;
+    let mut w = Writer {
+        inner,
+        txn: &txn,
+        wrote_log: false,
+        applied_remote: false,
+        new_conflicts: false,
+        next_seq: inner.next_seq.load(Ordering::Relaxed),
+    };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(w.apply(&job.op).map_err(|e| (i, e))?);
     }
     let (wrote_log, applied_remote, next_seq) = (w.wrote_log, w.applied_remote, w.next_seq);
-    if wrote_log {
+    if w.new_conflicts {
         let mut meta = txn.open_table(META).map_err(|e| (0, engine(e)))?;
-        meta.insert("next_seq", next_seq).map_err(|e| (0, engine(e)))?;
         meta.insert("conflicts", inner.conflicts.load(Ordering::Relaxed)).map_err(|e| (0, engine(e)))?;
     }
     txn.commit().map_err(|e| (0, engine(e)))?;
+    inner.next_seq.store(next_seq, Ordering::Relaxed);
     Ok(Group { outcomes, last_seq: wrote_log.then(|| next_seq - 1), applied_remote })
 }
 
@@ -691,15 +708,10 @@ struct Writer<'a> {
     next_seq: u64,
     wrote_log: bool,
     applied_remote: bool,
+    new_conflicts: bool,
 }
 
 impl Writer<'_> {
-    fn meta(&self, k: &str) -> Result<u64, StoreError> {
-        let meta = self.txn.open_table(META).map_err(engine)?;
-        let v = meta.get(k).map_err(engine)?.map(|v| v.value()).unwrap_or(0);
-        Ok(v)
-    }
-
     fn read(&self, k: &[u8]) -> Result<Option<Record>, StoreError> {
         let table = self.txn.open_table(RECORDS).map_err(engine)?;
         let v = table.get(k).map_err(engine)?.map(|v| decode(k, v.value())).transpose()?;
@@ -762,10 +774,8 @@ impl Writer<'_> {
             report.changed += 1;
         }
         self.applied_remote = true;
-        // The conflict count is persisted with the next commit that logs;
-        // make sure one does.
         if report.conflicts > 0 {
-            self.wrote_log = true;
+            self.new_conflicts = true;
         }
         Ok(())
     }
@@ -868,6 +878,8 @@ impl Writer<'_> {
                 Outcome::Done
             }
             Op::Trim { upto } => {
+                // The log may end up empty: keep the next sequence number.
+                self.txn.open_table(META).map_err(engine)?.insert("next_seq", self.next_seq).map_err(engine)?;
                 let mut t = self.txn.open_table(LOG).map_err(engine)?;
                 t.retain_in(..=*upto, |_, _| false).map_err(engine)?;
                 Outcome::Done

@@ -72,4 +72,20 @@ pub struct KvStatus {
     /// Wall-clock ms up to which every region has applied every write
     /// (tombstones older than this are collected).
     pub stable_ms: u64,
+    /// Raft groups of `strong` namespaces this region is a member of.
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One Raft group of a `strong` namespace, as a member sees it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupStatus {
+    pub ns: String,
+    pub node_id: u64,
+    /// Leader, Follower, Candidate or Learner.
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<String>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
 }

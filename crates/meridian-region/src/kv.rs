@@ -32,6 +32,8 @@ pub type Namespaces = Arc<BTreeMap<String, Namespace>>;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Placement {
     Local,
+    /// A `strong` namespace: through its Raft group.
+    Strong,
     /// Allowed regions, nearest first.
     Forward(Vec<Peer>),
 }
@@ -49,6 +51,8 @@ pub struct KvService {
     /// How long a request carrying a causality token waits for this region
     /// to apply the writes it names before it is forwarded to their origin.
     pub causality_wait: Duration,
+    /// Raft groups of the `strong` namespaces this region is a member of.
+    pub groups: Mutex<std::collections::HashMap<String, Arc<crate::strong::Group>>>,
 }
 
 /// Whether `region` (of `jurisdiction`) may hold namespace `ns`.
@@ -193,7 +197,7 @@ impl KvService {
     pub fn placement(&self, namespaces: &BTreeMap<String, Namespace>, ns: &str) -> KvResult<Placement> {
         let n = namespaces.get(ns).ok_or(KvError::NoSuchStore)?;
         if matches!(n.mode, KvMode::Strong { .. }) {
-            return Err(KvError::Other("strong namespaces are not available in this build".into()));
+            return Ok(Placement::Strong);
         }
         if allowed_in(n, &self.region, &self.jurisdiction) {
             return Ok(Placement::Local);
@@ -358,6 +362,9 @@ impl KvService {
         match self.placement(namespaces, op.ns())? {
             Placement::Local => self.run_local(op).await,
             Placement::Forward(peers) => self.forward(&peers, op).await,
+            Placement::Strong => {
+                crate::strong::execute(self, op.ns(), op, 0).await.map(|r| (r, None)).map_err(KvError::Other)
+            }
         }
     }
 
@@ -373,6 +380,9 @@ impl KvService {
         let result = match self.placement(&nss, op.ns()) {
             Ok(Placement::Local) => self.run_local(&op).await,
             Ok(Placement::Forward(peers)) => self.forward(&peers, &op).await,
+            Ok(Placement::Strong) => {
+                crate::strong::execute(self, op.ns(), &op, 0).await.map(|r| (r, None)).map_err(KvError::Other)
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -439,6 +449,7 @@ impl KvService {
             tombstones: store.tombstone_count().unwrap_or(0),
             tombstones_collected: self.repl.collected(),
             stable_ms: self.repl.global_stable(self).wall_ms,
+            groups: crate::strong::status(self),
         }
     }
 
@@ -588,6 +599,13 @@ impl KvService {
                 Err(e) => e.into_response(),
             },
             (_, ["repl", ..]) => self.repl.handle(self, req, path).await,
+            (Method::POST, ["raft", ns, what]) => {
+                let query = req.uri().query().map(str::to_string);
+                match meridian_http::read_body(req.into_body(), 64 << 20).await {
+                    Ok(b) => crate::strong::handle(self, ns, what, query.as_deref(), b).await,
+                    Err(e) => e.into_response(),
+                }
+            }
             _ => text(StatusCode::NOT_FOUND, format!("no such API: {}", path.join("/"))),
         }
     }

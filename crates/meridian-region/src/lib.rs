@@ -18,6 +18,7 @@
 pub mod kv;
 pub mod repl;
 mod statics;
+pub mod strong;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -94,8 +95,8 @@ pub enum InstallError {
     Io(#[from] std::io::Error),
     #[error("compilation task failed: {0}")]
     Join(String),
-    #[error("namespace {0:?}: strong (consensus-replicated) namespaces are not supported by this build yet")]
-    Unsupported(String),
+    #[error("namespace {ns:?} names region {region:?}, which this region does not know")]
+    UnknownRegion { ns: String, region: String },
     #[error("cannot open the key-value store: {0}")]
     Store(#[from] meridian_store::StoreError),
 }
@@ -152,6 +153,7 @@ impl Region {
             client: meridian_http::client(Duration::from_secs(2)),
             repl,
             causality_wait: Duration::from_millis(config.causality_wait_ms),
+            groups: Default::default(),
         });
         let region = Arc::new(Region {
             kv,
@@ -179,6 +181,10 @@ impl Region {
     /// closed and opened again in this process once the region is dropped.
     pub async fn shutdown(&self) {
         self.kv.repl.stop().await;
+        let groups: Vec<_> = self.kv.groups.lock().unwrap().drain().map(|(_, g)| g).collect();
+        for g in groups {
+            let _ = g.raft.shutdown().await;
+        }
     }
 
     fn active_file(&self) -> PathBuf {
@@ -203,10 +209,21 @@ impl Region {
         if &bundle.id != claimed {
             return Err(InstallError::IdMismatch { claimed: claimed.clone(), actual: bundle.id });
         }
-        if let Some(ns) =
-            bundle.manifest.kv.values().find(|n| matches!(n.mode, meridian_manifest::KvMode::Strong { .. }))
-        {
-            return Err(InstallError::Unsupported(ns.name.clone()));
+        // Every region a namespace names must be one this region knows.
+        let peers = self.kv.peers.load();
+        if !peers.is_empty() {
+            for n in bundle.manifest.kv.values() {
+                let listed = match &n.mode {
+                    meridian_manifest::KvMode::Strong { regions, .. } => regions.clone(),
+                    meridian_manifest::KvMode::Regional { regions, .. } => regions.clone(),
+                    meridian_manifest::KvMode::Global => Vec::new(),
+                };
+                for r in listed {
+                    if r != self.config.name && !peers.iter().any(|p| p.name == r) {
+                        return Err(InstallError::UnknownRegion { ns: n.name.clone(), region: r });
+                    }
+                }
+            }
         }
         let host = self.host.clone();
         let region = self.config.name.clone();
@@ -235,6 +252,9 @@ impl Region {
         meridian_core::fs::write_atomic(&self.active_file(), id.as_str().as_bytes())
             .map_err(|e| format!("cannot record the active version: {e}"))?;
         self.kv.namespaces.store(d.namespaces.clone());
+        // Strong namespaces: start (or keep) this region's Raft groups.
+        let (svc, dir, nss) = (self.kv.clone(), self.config.data_dir.clone(), d.namespaces.clone());
+        tokio::spawn(async move { strong::ensure_groups(&svc, &dir, &nss).await });
         let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
         // Keep the new and the previous version in memory (a rollback is a
         // pointer swap); older ones are dropped once their last request ends.
@@ -335,7 +355,7 @@ impl Region {
             return unauthorized();
         }
         let parts: Vec<&str> = path.split('/').collect();
-        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers") | Some(&"metrics")) {
+        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers") | Some(&"metrics") | Some(&"raft")) {
             return self.kv.admin(req, &parts).await;
         }
         match (method, parts.as_slice()) {

@@ -253,8 +253,27 @@ async fn start_role<T: serde::Serialize>(
     Ok(addr)
 }
 
+/// The example's manifest, fitted to the world's regions: its `strong`
+/// namespace names the default topology's three regions.
+fn example_manifest(bytes: &[u8], regions: &[String]) -> String {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let default = r#"["us-east", "eu-west", "ap-southeast"]"#;
+    if regions.len() >= 3 {
+        let list: Vec<String> = regions.iter().take(3).map(|r| format!("{r:?}")).collect();
+        let text = text.replace(default, &format!("[{}]", list.join(", ")));
+        text.replace(r#"leader = "us-east""#, &format!("leader = {:?}", regions[0]))
+    } else {
+        // Too few regions for consensus: leave the strong namespace out.
+        match text.find("[kv.ledger]") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        }
+    }
+}
+
 async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, token: &str) -> anyhow::Result<()> {
     let dir = sup.dir.clone();
+    let plan_regions: Vec<String> = plan.topology.regions.iter().map(|r| r.name.clone()).collect();
     let t0 = Instant::now();
     let topology = &plan.topology;
 
@@ -385,7 +404,11 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
             for (rel, bytes) in EXAMPLE {
                 let p = d.join(rel);
                 std::fs::create_dir_all(p.parent().expect("files have a parent"))?;
-                std::fs::write(p, bytes)?;
+                if *rel == "meridian.toml" {
+                    std::fs::write(p, example_manifest(bytes, &plan_regions))?;
+                } else {
+                    std::fs::write(p, bytes)?;
+                }
             }
             d
         }

@@ -14,6 +14,9 @@
 //! state. A region outside the group forwards operations to the nearest
 //! member, which does the same.
 
+// The storage traits dictate openraft's (large) error type.
+#![allow(clippy::result_large_err)]
+
 use crate::kv::{KvService, OpResult};
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -121,13 +124,15 @@ fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError<NodeI
     serde_json::from_slice(b).map_err(io)
 }
 
+type SnapshotBytes = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+
 /// The durable state of one group: log, vote, state machine.
 #[derive(Clone)]
 pub struct GroupStore {
     db: Arc<Database>,
     /// The latest snapshot built or installed (rebuilt from the state
     /// machine on demand after a restart).
-    snapshot: Arc<Mutex<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>>>,
+    snapshot: Arc<Mutex<Option<SnapshotBytes>>>,
 }
 
 impl GroupStore {
@@ -733,8 +738,11 @@ async fn forward_any(
                     None => Ok(r),
                 };
             }
-            Ok((s, b)) => last = format!("{}: HTTP {s}: {}", p.name, String::from_utf8_lossy(&b).trim()),
-            Err(e) => last = format!("{}: {e}", p.name),
+            Ok((s, b)) => return Err(format!("{}: HTTP {s}: {}", p.name, String::from_utf8_lossy(&b).trim())),
+            // Only a failure to connect proves nothing was sent; anything
+            // else may have executed, and executing a write twice is wrong.
+            Err(e) if e.contains("Connect") => last = format!("{}: {e}", p.name),
+            Err(e) => return Err(format!("{}: {e}", p.name)),
         }
     }
     Err(last)

@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
@@ -419,9 +419,52 @@ def bench_kv_get(work, duration, rounds=20, gets=2000):
     print(f"| {statistics.median(p50s):.1f} | {statistics.median(p99s):.1f} | {max(p50s):.1f} | < 50 µs |")
 
 
+def bench_strong(work, writes=100):
+    """Strong-namespace write latency vs the round trip to the nearest quorum."""
+    wdir, w = dev_world(work)
+    token = open(w["token_file"]).read().strip()
+    delay = {(l["from"], l["to"]): l["one_way_delay_ms"] for l in w["links"]}
+    rtt = lambda a, b: 2 * delay[(a, b)]
+    regions = [r["name"] for r in w["regions"]]
+    # Wait for the preferred leader (us-east) to lead.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        leaders = {g["leader"] for r in regions for g in kv_status(wdir, w, r).get("groups", [])}
+        if leaders == {"us-east"}:
+            break
+        time.sleep(0.2)
+    leader = "us-east"
+    followers = [r for r in regions if r != leader]
+    rows = []
+    for region in regions:
+        url = next(r["url"] for r in w["regions"] if r["name"] == region)
+        host, port = url.rsplit("/", 1)[1].split(":")
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        lat = []
+        for i in range(writes + 5):
+            t = time.perf_counter()
+            c.request("PUT", f"/kv/ledger/bench-{region}", body=str(i).encode())
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"strong write failed: {r.status}")
+            if i >= 5:
+                lat.append((time.perf_counter() - t) * 1000)
+        lat.sort()
+        quorum = min(rtt(leader, f) for f in followers)
+        floor = quorum + (0 if region == leader else rtt(region, leader))
+        rows.append((region, statistics.median(lat), lat[int(len(lat) * 0.99) - 1], floor))
+    print(f"\n## strong namespace write latency vs the nearest quorum round trip ({writes} sequential writes per region,"
+          " leader us-east, direct to each region)\n")
+    print("| writing region | p50 ms | p99 ms | floor ms (to leader + leader to nearest follower and back) | p50 / floor |")
+    print("|---|---|---|---|---|")
+    for region, p50, p99, floor in rows:
+        print(f"| {region} | {p50:.1f} | {p99:.1f} | {floor:.0f} | {p50 / floor:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget"])
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -430,7 +473,8 @@ def main():
     print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
         for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
-                         ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get)]:
+                         ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
+                         ("strong", bench_strong)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
                 if name in ("host", "edge", "replication", "kvget"):

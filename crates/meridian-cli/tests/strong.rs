@@ -24,20 +24,21 @@ async fn group_leader(c: &Client, w: &World, region: &str) -> Option<String> {
 /// Random reads and writes of a few keys from one client, until `stop`.
 async fn run_client(
     base: String,
+    round: u64,
     id: u64,
     t0: Instant,
     stop: Arc<std::sync::atomic::AtomicBool>,
     history: Arc<Mutex<Vec<Vec<Op>>>>,
 ) {
     let c = client_with_timeout();
-    let mut x = id.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+    let mut x = (id + 100 * round).wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
     let mut n = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let key = (x % KEYS as u64) as usize;
-        let url = format!("{base}/kv/ledger/r{key}");
+        let url = format!("{base}/kv/ledger/s{round}r{key}");
         let call = t0.elapsed().as_micros() as u64;
         if x & 0x100 == 0 {
             n += 1;
@@ -86,6 +87,92 @@ fn client_with_timeout() -> Client {
         .build(hyper_util::client::legacy::connect::HttpConnector::new())
 }
 
+/// Faults injected during a round, at fixed offsets.
+enum Fault {
+    Kill(&'static str),
+    KillLeader,
+    Restart(&'static str),
+    RestartKilled,
+    Cut(&'static str, &'static str),
+    Heal(&'static str, &'static str),
+    IsolateLeader,
+    HealIsolated,
+}
+
+async fn leader_now(c: &Client, w: &World) -> Option<String> {
+    for r in REGIONS {
+        if let Some(l) = group_leader(c, w, r).await {
+            return Some(l);
+        }
+    }
+    None
+}
+
+/// One seeded round: six clients (two per region) read and write three
+/// keys while `faults` happen; then every key's history is checked.
+async fn round(w: &World, seed: u64, faults: &[(u64, Fault)]) {
+    let c = client();
+    let t0 = Instant::now();
+    let history: Arc<Mutex<Vec<Vec<Op>>>> = Arc::new(Mutex::new(vec![Vec::new(); KEYS]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, r) in REGIONS.iter().enumerate() {
+        for j in 0..2 {
+            let id = (i * 2 + j + 1) as u64;
+            tasks.push(tokio::spawn(run_client(w.region_url(r), seed, id, t0, stop.clone(), history.clone())));
+        }
+    }
+    let mut first_fault = None;
+    let (mut killed, mut isolated) = (None::<String>, None::<String>);
+    for (at_ms, f) in faults {
+        let wait = Duration::from_millis(*at_ms).saturating_sub(t0.elapsed());
+        tokio::time::sleep(wait).await;
+        first_fault.get_or_insert(t0.elapsed().as_micros() as u64);
+        match f {
+            Fault::Kill(r) => w.chaos(&["kill", r]),
+            Fault::KillLeader => {
+                let l = leader_now(&c, w).await.expect("a leader");
+                w.chaos(&["kill", &l]);
+                killed = Some(l);
+            }
+            Fault::Restart(r) => w.chaos(&["restart", r]),
+            Fault::RestartKilled => w.chaos(&["restart", killed.as_deref().expect("a killed region")]),
+            Fault::Cut(a, b) => w.chaos(&["cut", a, b]),
+            Fault::Heal(a, b) => w.chaos(&["heal", a, b]),
+            Fault::IsolateLeader => {
+                let l = leader_now(&c, w).await.expect("a leader");
+                for r in REGIONS.iter().filter(|r| **r != l) {
+                    w.chaos(&["cut", &l, r]);
+                }
+                isolated = Some(l);
+            }
+            Fault::HealIsolated => {
+                let l = isolated.clone().expect("an isolated region");
+                for r in REGIONS.iter().filter(|r| **r != l) {
+                    w.chaos(&["heal", &l, r]);
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+    }
+
+    let history = history.lock().unwrap().clone();
+    let total: usize = history.iter().map(Vec::len).sum();
+    let first = first_fault.unwrap_or(0);
+    // Progress, not only safety: operations completed well after the first fault.
+    let after = history.iter().flatten().filter(|o| o.ret.is_some() && o.call > first + 3_000_000).count();
+    eprintln!("seed {seed}: {total} operations, {after} completed more than 3 s after the first fault");
+    assert!(total > 40, "seed {seed}: only {total} operations");
+    assert!(after > 10, "seed {seed}: no progress after the fault:\n{}", w.log());
+    for (k, ops) in history.iter().enumerate() {
+        lincheck::check(ops, None)
+            .unwrap_or_else(|e| panic!("seed {seed}: key r{k} is not linearizable: {e}\n{ops:#?}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strong_namespace_stays_linearizable_while_the_leader_dies_and_a_link_is_cut() {
     let w = World::start(&[]);
@@ -103,41 +190,30 @@ async fn strong_namespace_stays_linearizable_while_the_leader_dies_and_a_link_is
         assert!(Instant::now() < deadline, "no common leader: {leaders:?}\n{}", w.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    let t0 = Instant::now();
-    let history: Arc<Mutex<Vec<Vec<Op>>>> = Arc::new(Mutex::new(vec![Vec::new(); KEYS]));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (i, r) in REGIONS.iter().enumerate() {
-        for j in 0..2 {
-            let id = (i * 2 + j + 1) as u64;
-            tasks.push(tokio::spawn(run_client(w.region_url(r), id, t0, stop.clone(), history.clone())));
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let killed_at = t0.elapsed().as_micros() as u64;
-    w.chaos(&["kill", "us-east"]);
-    tokio::time::sleep(Duration::from_millis(4000)).await;
-    w.chaos(&["restart", "us-east"]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    w.chaos(&["cut", "eu-west", "ap-southeast"]);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    w.chaos(&["heal", "eu-west", "ap-southeast"]);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-    }
-
-    let history = history.lock().unwrap().clone();
-    let total: usize = history.iter().map(Vec::len).sum();
-    let ok = |o: &Op| o.ret.is_some();
-    // Progress, not only safety: writes succeeded after the leader died.
-    let after_kill = history.iter().flatten().filter(|o| ok(o) && o.call > killed_at + 3_000_000).count();
-    eprintln!("{total} operations, {after_kill} completed more than 3 s after the leader was killed");
-    assert!(total > 60, "only {total} operations");
-    assert!(after_kill > 10, "the group made no progress after losing its leader:\n{}", w.log());
-    for (k, ops) in history.iter().enumerate() {
-        lincheck::check(ops, None).unwrap_or_else(|e| panic!("key r{k} is not linearizable: {e}\n{ops:#?}"));
-    }
+    // Three seeded rounds, each with its own faults.
+    round(
+        &w,
+        1,
+        &[
+            (1500, Fault::Kill("us-east")),
+            (5500, Fault::Restart("us-east")),
+            (7000, Fault::Cut("eu-west", "ap-southeast")),
+            (9500, Fault::Heal("eu-west", "ap-southeast")),
+            (10500, Fault::Heal("eu-west", "ap-southeast")),
+        ],
+    )
+    .await;
+    round(&w, 2, &[(1000, Fault::IsolateLeader), (5000, Fault::HealIsolated), (7000, Fault::HealIsolated)]).await;
+    round(
+        &w,
+        3,
+        &[
+            (1000, Fault::KillLeader),
+            (2500, Fault::Cut("us-east", "eu-west")),
+            (5000, Fault::RestartKilled),
+            (6000, Fault::Heal("us-east", "eu-west")),
+            (8000, Fault::Heal("us-east", "eu-west")),
+        ],
+    )
+    .await;
 }

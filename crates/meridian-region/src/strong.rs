@@ -534,14 +534,17 @@ pub struct Group {
     pub preferred_leader: Option<String>,
 }
 
-/// Raft timing for regions a WAN apart: heartbeats well under the smallest
-/// election timeout, which is several of the largest round trips (213 ms).
+/// Raft timing for regions a WAN apart. openraft 0.9 also uses the
+/// heartbeat interval as the timeout of each AppendEntries, so it must
+/// exceed the longest round trip between members, including a new
+/// connection's handshake (2 x 213 ms in the default world); the election
+/// timeout is several heartbeats.
 pub fn raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "meridian".into(),
-        heartbeat_interval: 150,
-        election_timeout_min: 1000,
-        election_timeout_max: 1800,
+        heartbeat_interval: 500,
+        election_timeout_min: 2000,
+        election_timeout_max: 3000,
         max_payload_entries: 500,
         ..Default::default()
     }
@@ -728,7 +731,9 @@ async fn forward_any(
     let mut last = String::from("no member region reachable");
     for p in peers {
         let url = format!("{}/_meridian/raft/{ns}/op?hops={}", p.url, hops + 1);
-        match crate::call(&svc.client, Method::POST, &url, &svc.token, body.clone().into(), Duration::from_secs(10))
+        // Short: a leader cut off from us is replaced within seconds, and
+        // the caller is better told (outcome unknown) than kept waiting.
+        match crate::call(&svc.client, Method::POST, &url, &svc.token, body.clone().into(), Duration::from_secs(4))
             .await
         {
             Ok((StatusCode::OK, b)) => {

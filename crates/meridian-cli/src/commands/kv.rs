@@ -224,6 +224,17 @@ pub fn print_status(all: &[KvStatus]) {
                 p.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
             );
         }
+        for g in &s.groups {
+            println!(
+                "      raft {:<10} {:<9} term {:>4}  leader {:<14} log {:>7}  applied {:>7}",
+                g.ns,
+                g.state,
+                g.term,
+                g.leader.as_deref().unwrap_or("-"),
+                g.last_log_index.unwrap_or(0),
+                g.last_applied.unwrap_or(0)
+            );
+        }
         for o in &s.origins {
             let f = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
             println!(

@@ -360,6 +360,11 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
     let eu = w.region_url("eu-west");
     let url = format!("{eu}/kv/sessions/k");
     assert_eq!(request(&c, "PUT", &url, &[], "v").await.unwrap().status, 200);
+    // A bucket the manifest does not declare is an error the guest sees
+    // (wasi:keyvalue error::no-such-store, which the example turns into a
+    // 404), not a crash.
+    let r = request(&c, "GET", &format!("{eu}/kv/undeclared/k"), &[], "").await.unwrap();
+    assert_eq!((r.status, r.body.starts_with("no such bucket")), (404, true), "{}", r.body);
     let before = digest(&c, &w, "eu-west", "sessions").await.unwrap();
 
     // A valid message from us-east, to tamper with.

@@ -578,35 +578,32 @@ impl Group {
             members: members.clone(),
             preferred_leader: leader,
         });
-        // Every member proposes the same initial membership (safe, per
-        // openraft); only a pristine node accepts it.
-        if !group.raft.is_initialized().await.map_err(|e| e.to_string())? {
-            let nodes: BTreeMap<NodeId, BasicNode> =
-                members.iter().map(|(id, r)| (*id, BasicNode { addr: r.clone() })).collect();
-            if let Err(e) = group.raft.initialize(nodes).await {
-                tracing::debug!(ns, error = %e, "raft group already initialized");
+        // Leader placement: the preferred region (or the first listed)
+        // forms the group at once and so becomes its first leader. The
+        // others form it only if, after a while, nobody has contacted them
+        // (the preferred region is down): proposing the same membership on
+        // several nodes is safe, and a node that joined already refuses.
+        let first = group.preferred_leader.clone().or_else(|| members.values().next().cloned());
+        let delay =
+            if first.as_deref() == Some(svc.region.as_str()) { Duration::ZERO } else { Duration::from_secs(15) };
+        let g = group.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if g.raft.is_initialized().await.unwrap_or(true) {
+                return;
             }
-        }
+            let nodes: BTreeMap<NodeId, BasicNode> =
+                g.members.iter().map(|(id, r)| (*id, BasicNode { addr: r.clone() })).collect();
+            if let Err(e) = g.raft.initialize(nodes).await {
+                tracing::debug!(ns = %g.ns, error = %e, "raft group already initialized");
+            }
+        });
         Ok(group)
     }
 
     pub fn leader_region(&self) -> Option<String> {
         let m = self.raft.metrics().borrow().clone();
         m.current_leader.and_then(|id| self.members.get(&id).cloned())
-    }
-
-    /// Keeps the leader in the preferred region when that region is up.
-    pub async fn place_leader(self: Arc<Self>) {
-        let Some(pref) = self.preferred_leader.clone() else { return };
-        loop {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let m = self.raft.metrics().borrow().clone();
-            let me_preferred = self.members.get(&self.node_id) == Some(&pref);
-            if me_preferred && m.current_leader.is_some() && m.current_leader != Some(self.node_id) {
-                tracing::info!(ns = %self.ns, "taking leadership back (preferred leader region)");
-                let _ = self.raft.trigger().elect().await;
-            }
-        }
     }
 }
 
@@ -838,7 +835,6 @@ pub async fn ensure_groups(
         }
         match Group::start(svc.clone(), data_dir, name, regions, leader.clone()).await {
             Ok(g) => {
-                tokio::spawn(g.clone().place_leader());
                 svc.groups.lock().unwrap().insert(name.clone(), g);
                 tracing::info!(ns = %name, "raft group started");
             }

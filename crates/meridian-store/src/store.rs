@@ -313,18 +313,20 @@ impl Store {
         self.inner.commits.load(Ordering::Relaxed)
     }
 
-    async fn run(&self, op: Op) -> Result<Outcome, StoreError> {
+    /// Queues a job for the writer; the receiver gets its outcome.
+    fn enqueue(&self, op: Op) -> Result<tokio::sync::oneshot::Receiver<Result<Outcome, StoreError>>, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
         jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx)
+    }
+
+    async fn run(&self, op: Op) -> Result<Outcome, StoreError> {
+        self.enqueue(op)?.await.map_err(|_| StoreError::Closed)?
     }
 
     fn run_blocking(&self, op: Op) -> Result<Outcome, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
-        jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+        self.enqueue(op)?.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
     /// Writes a value; durable on disk when this returns.
@@ -380,11 +382,7 @@ impl Store {
         last_seq: u64,
         changes: Vec<Change>,
     ) -> Result<PushOutcome, StoreError> {
-        let op = Op::Push { origin: origin.into(), incarnation, prev_seq, last_seq, changes };
-        match self.run(op).await? {
-            Outcome::Pushed(p) => Ok(p),
-            o => unreachable!("push answered {o:?}"),
-        }
+        self.submit_push(origin, incarnation, prev_seq, last_seq, changes)?.await
     }
 
     /// Queues a push at once (in call order) and returns a future of its
@@ -398,10 +396,7 @@ impl Store {
         last_seq: u64,
         changes: Vec<Change>,
     ) -> Result<impl std::future::Future<Output = Result<PushOutcome, StoreError>> + Send + 'static, StoreError> {
-        let op = Op::Push { origin: origin.into(), incarnation, prev_seq, last_seq, changes };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let jobs = self.handle.jobs.as_ref().ok_or(StoreError::Closed)?;
-        jobs.send(Job { op, reply: tx }).map_err(|_| StoreError::Closed)?;
+        let rx = self.enqueue(Op::Push { origin: origin.into(), incarnation, prev_seq, last_seq, changes })?;
         Ok(async move {
             match rx.await.map_err(|_| StoreError::Closed)?? {
                 Outcome::Pushed(p) => Ok(p),

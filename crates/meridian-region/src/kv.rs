@@ -368,24 +368,17 @@ impl KvService {
         }
     }
 
-    /// `POST /_meridian/kv/op`: one operation from another region or the CLI.
-    /// Executed here only if the namespace is local: a forwarded operation
-    /// is never forwarded again.
+    /// `POST /_meridian/kv/op`: one operation from another region or the CLI,
+    /// run wherever its namespace lives. A region forwards only to regions
+    /// allowed to hold the namespace, which run it themselves, so an
+    /// operation is forwarded at most once (strong ones: at most three hops).
     pub async fn handle_op(&self, body: Bytes) -> Response<Body> {
         let op: Op = match serde_json::from_slice(&body) {
             Ok(op) => op,
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("not a key-value operation: {e}")),
         };
         let nss = self.namespaces.load_full();
-        let result = match self.placement(&nss, op.ns()) {
-            Ok(Placement::Local) => self.run_local(&op).await,
-            Ok(Placement::Forward(peers)) => self.forward(&peers, &op).await,
-            Ok(Placement::Strong) => {
-                crate::strong::execute(self, op.ns(), &op, 0).await.map(|r| (r, None)).map_err(KvError::Other)
-            }
-            Err(e) => Err(e),
-        };
-        match result {
+        match self.execute(&nss, &op).await {
             Ok((r, _)) => json(StatusCode::OK, &r),
             Err(e) => {
                 let kind = match e {

@@ -58,6 +58,26 @@ struct OriginStats {
     samples: u64,
 }
 
+/// What a message brought, kept for the statistics while its changes go to
+/// the store: the record count and, for lag, when the origin wrote each of
+/// its own records (not the values).
+struct ApplyStats {
+    records: u64,
+    written_ms: Vec<u64>,
+}
+
+impl ApplyStats {
+    /// `live`: pushed as written (a snapshot's records are old; no lag).
+    fn of(origin: &str, changes: &[Change], live: bool) -> ApplyStats {
+        let written_ms = if live {
+            changes.iter().filter(|c| c.record.origin == origin).map(|c| c.record.ts.wall_ms).collect()
+        } else {
+            Vec::new()
+        };
+        ApplyStats { records: changes.len() as u64, written_ms }
+    }
+}
+
 #[derive(Default)]
 pub struct Replication {
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -197,16 +217,13 @@ impl Replication {
     }
 
     /// Records replication lag of freshly applied changes from `origin`.
-    fn note_applied(&self, origin: &str, changes: &[Change], live: bool) {
+    fn note_applied(&self, origin: &str, stats: &ApplyStats) {
         let now = system_ms() as f64;
         let mut origins = self.origins.lock().unwrap();
         let s = origins.entry(origin.to_string()).or_default();
-        s.applied_records += changes.len() as u64;
-        if !live {
-            return;
-        }
-        for c in changes.iter().filter(|c| c.record.origin == origin) {
-            s.lags_ms.push_back((now - c.record.ts.wall_ms as f64).max(0.0));
+        s.applied_records += stats.records;
+        for &written_ms in &stats.written_ms {
+            s.lags_ms.push_back((now - written_ms as f64).max(0.0));
             s.samples += 1;
             if s.lags_ms.len() > LAG_WINDOW {
                 s.lags_ms.pop_front();
@@ -343,7 +360,7 @@ impl Replication {
     fn receive_stream(&self, svc: Arc<KvService>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         use http_body_util::BodyExt;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
-        type Pending = (u64, String, Timestamp, Vec<Change>, meridian_http::BoxFuture<Result<PushOutcome, String>>);
+        type Pending = (u64, String, Timestamp, ApplyStats, meridian_http::BoxFuture<Result<PushOutcome, String>>);
         let (q_tx, mut q_rx) = tokio::sync::mpsc::channel::<Pending>(4096);
         let (svc2, out_tx2) = (svc.clone(), out_tx.clone());
         let mut closing = self.closing.subscribe();
@@ -377,7 +394,7 @@ impl Replication {
                         let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
                         return;
                     };
-                    let stats = changes.clone();
+                    let stats = ApplyStats::of(&origin, &changes, true);
                     let fut = if changes.is_empty() && prev_seq == last_seq {
                         // A heartbeat: nothing to commit, only the gap check.
                         let have = match svc.store.applied(&origin) {
@@ -423,7 +440,7 @@ impl Replication {
             while let Some((last_seq, origin, stable, stats, fut)) = q_rx.recv().await {
                 let a = match fut.await {
                     Ok(PushOutcome::Applied(_)) => {
-                        svc2.repl.note_applied(&origin, &stats, true);
+                        svc2.repl.note_applied(&origin, &stats);
                         {
                             let mut f = svc2.repl.frontiers.lock().unwrap();
                             let e = f.entry(origin.clone()).or_default();
@@ -461,10 +478,10 @@ impl Replication {
         match msg {
             Message::Push { origin, incarnation, prev_seq, last_seq, changes, .. } => {
                 let n = changes.len();
-                let snapshot_for_stats = changes.clone();
+                let stats = ApplyStats::of(&origin, &changes, true);
                 match svc.store.apply_push(&origin, incarnation, prev_seq, last_seq, changes).await {
                     Ok(PushOutcome::Applied(report)) => {
-                        self.note_applied(&origin, &snapshot_for_stats, true);
+                        self.note_applied(&origin, &stats);
                         tracing::debug!(%origin, n, changed = report.changed, conflicts = report.conflicts, "applied push");
                         json(StatusCode::OK, &PushReply { have: last_seq })
                     }
@@ -473,10 +490,10 @@ impl Replication {
                 }
             }
             Message::Snapshot { origin, incarnation, upto_seq, complete, changes } => {
-                let stats = changes.clone();
+                let stats = ApplyStats::of(&origin, &changes, false);
                 match svc.store.apply_snapshot(&origin, incarnation, upto_seq, complete, changes).await {
                     Ok(_) => {
-                        self.note_applied(&origin, &stats, false);
+                        self.note_applied(&origin, &stats);
                         json(StatusCode::OK, &PushReply { have: if complete { upto_seq } else { 0 } })
                     }
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot apply: {e}")),

@@ -34,7 +34,7 @@ enum Command {
     Kv(commands::kv::Args),
     /// Inject faults into a running dev world: kill regions, cut links, add latency.
     Chaos(commands::chaos::Args),
-    /// Run a region node (functions, static assets) from a config file.
+    /// Run a region node (functions, static assets, key-value data) from a config file.
     Region(commands::roles::Args),
     /// Run an edge router from a config file.
     Edge(commands::roles::Args),

@@ -1,11 +1,16 @@
-//! A small client for the APIs of a running world (control, supervisor).
+//! How the CLI reaches a running world: the control plane and nodes'
+//! cluster ports over TLS with the operator's certificate, and the dev
+//! supervisor in plain HTTP on loopback.
 
 use anyhow::Context;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use meridian_core::world::{default_world_dir, WorldDescription};
+use meridian_core::world::{default_world_dir, Credentials, WorldDescription};
+use meridian_http::cluster::{ClusterClient, Target};
+use meridian_trust::{Expect, Role, Tls, TlsFiles};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where to find a world: `--world DIR`, `$MERIDIAN_WORLD`, or `~/.meridian/dev`.
@@ -26,8 +31,75 @@ impl WorldArg {
         let token = w.token().with_context(|| format!("cannot read the token at {}", w.token_file.display()))?;
         Ok((w, token))
     }
+
+    /// The world and a client holding the operator's credentials.
+    pub fn connect(&self) -> anyhow::Result<(WorldDescription, Operator)> {
+        let (w, token) = self.load()?;
+        let op = Operator::new(&w.operator, token)?;
+        Ok((w, op))
+    }
 }
 
+/// The operator's side of the cluster: a certificate for nodes' cluster
+/// ports and the token for the control plane's API.
+pub struct Operator {
+    pub client: ClusterClient,
+    pub token: String,
+}
+
+impl Operator {
+    pub fn new(c: &Credentials, token: String) -> anyhow::Result<Operator> {
+        let files = TlsFiles { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone(), reload_interval_ms: 5000 };
+        let tls: Arc<Tls> = Tls::load(files).context("the operator's certificate")?;
+        Ok(Operator { client: ClusterClient::new(tls, Duration::from_secs(5)), token })
+    }
+
+    /// Calls a node's cluster port, which must prove to be `expect`.
+    pub async fn node(
+        &self,
+        url: &str,
+        expect: Expect,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let target = Target::from_url(url, expect)?;
+        let auth = format!("Bearer {}", self.token);
+        let a = self.client.call_with(&target, method, path, &[("authorization", &auth)], body, timeout).await?;
+        Ok((a.status, a.body))
+    }
+
+    /// Like [`Operator::node`], but any non-2xx status is an error carrying the body.
+    pub async fn node_ok(
+        &self,
+        url: &str,
+        expect: Expect,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> anyhow::Result<Bytes> {
+        let (status, body) = self.node(url, expect, method, path, body, timeout).await?;
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
+        }
+        Ok(body)
+    }
+
+    pub async fn control(
+        &self,
+        control_url: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.node(control_url, Expect::new("control", Role::Control), method, path, body, timeout).await
+    }
+}
+
+/// A plain-HTTP call with a bearer token (the dev supervisor's chaos API).
 pub async fn call(
     method: Method,
     url: &str,

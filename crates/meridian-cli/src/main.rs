@@ -34,6 +34,8 @@ enum Command {
     Kv(commands::kv::Args),
     /// Inject faults into a running dev world: kill regions, cut links, add latency.
     Chaos(commands::chaos::Args),
+    /// The cluster's certificate authority and node certificates (name, role, jurisdiction).
+    Certs(commands::certs::Args),
     /// Run a region node (functions, static assets, key-value data) from a config file.
     Region(commands::roles::Args),
     /// Run an edge router from a config file.
@@ -65,6 +67,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(a) => commands::status::run(a).await,
             Command::Chaos(a) => commands::chaos::run(a).await,
             Command::Kv(a) => commands::kv::run(a).await,
+            Command::Certs(a) => commands::certs::run(a),
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,
             Command::Control(a) => commands::roles::control(a).await,

@@ -17,6 +17,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The addresses a role announced once it served.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Listeners {
+    pub public: Option<std::net::SocketAddr>,
+    pub cluster: Option<std::net::SocketAddr>,
+}
+
 pub struct Proc {
     pub role: String,
     pub config: PathBuf,
@@ -95,18 +102,35 @@ impl Supervisor {
         self.dir.join("run").join(format!("{name}.addr"))
     }
 
-    /// Waits until a started child serves, and returns the address it bound.
-    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> anyhow::Result<std::net::SocketAddr> {
+    /// Waits until a started child serves, and returns the addresses it
+    /// bound (`public` and/or `cluster`).
+    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> anyhow::Result<Listeners> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(s) = std::fs::read_to_string(self.ready_file(name)) {
-                let addr: std::net::SocketAddr =
-                    s.trim().parse().with_context(|| format!("{name} wrote a bad address {s:?}"))?;
+                let mut l = Listeners::default();
+                for line in s.lines() {
+                    let (kind, addr) = line.split_once(' ').with_context(|| format!("{name} wrote {line:?}"))?;
+                    let addr: std::net::SocketAddr =
+                        addr.trim().parse().with_context(|| format!("{name} wrote a bad address {line:?}"))?;
+                    match kind {
+                        "public" => l.public = Some(addr),
+                        "cluster" => l.cluster = Some(addr),
+                        _ => anyhow::bail!("{name} announced an unknown listener {kind:?}"),
+                    }
+                }
                 let mut w = self.world.lock().unwrap();
                 if let Some(p) = w.processes.iter_mut().find(|p| p.name == name) {
-                    p.listen = addr.to_string();
+                    match (l.public, l.cluster) {
+                        (Some(public), cluster) => {
+                            p.listen = public.to_string();
+                            p.cluster_listen = cluster.map(|c| c.to_string());
+                        }
+                        (None, Some(only)) => p.listen = only.to_string(),
+                        (None, None) => {}
+                    }
                 }
-                return Ok(addr);
+                return Ok(l);
             }
             let exited = {
                 let mut procs = self.procs.lock().unwrap();
@@ -310,5 +334,5 @@ pub fn process_info(
     config: Option<PathBuf>,
     log: Option<PathBuf>,
 ) -> ProcessInfo {
-    ProcessInfo { role: role.into(), name: name.into(), pid: None, listen, config, log }
+    ProcessInfo { role: role.into(), name: name.into(), pid: None, listen, cluster_listen: None, config, log }
 }

@@ -77,18 +77,24 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     assert!(out.contains("`limits.memory_mb`: -1 is out of range"), "{out}");
 
     // --- the control API refuses calls without the token -----------------
-    let r = request(&c, "POST", &format!("{}/v1/deploy", w.desc.control_url), &[], "x").await.unwrap();
-    assert_eq!(r.status, 401);
-    let r = request(
-        &c,
-        "PUT",
-        &format!("{}/_meridian/active", w.region_url("us-east")),
-        &[("authorization", "Bearer nope")],
-        &v1,
+    let control = meridian_http::cluster::Target::from_url(
+        &w.desc.control_url,
+        meridian_trust::Expect::new("control", meridian_trust::Role::Control),
     )
-    .await
     .unwrap();
-    assert_eq!(r.status, 401);
+    let a = w
+        .client_as("operator")
+        .call(&control, http::Method::POST, "/v1/deploy", "x".into(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 401);
+    // --- and a region takes versions only from the control plane or an
+    // operator, judged by the caller's certificate ------------------------
+    let (status, body) =
+        w.region_call_as("edge-us-east", "us-east", "PUT", "/_meridian/active", v1.into()).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = w.region_call_as("eu-west", "us-east", "PUT", "/_meridian/active", vec![]).await.unwrap();
+    assert_eq!(status, 403, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

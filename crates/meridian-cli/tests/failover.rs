@@ -102,10 +102,9 @@ async fn a_cut_link_takes_its_region_out_of_rotation_until_healed() {
     assert_eq!(get(&c, &url, &paris).await.region(), "eu-west");
     // A black hole, not a dead process: only the probes can tell.
     w.chaos(&["cut", "edge-eu-west", "eu-west"]);
-    let status_url = format!("{}/_meridian/edge", w.edge("edge-eu-west"));
     let t = Instant::now();
     loop {
-        let s: serde_json::Value = serde_json::from_str(&get(&c, &status_url, &[]).await.body).unwrap();
+        let s = w.edge_status("edge-eu-west").await;
         let eu = s["regions"].as_array().unwrap().iter().find(|r| r[0] == "eu-west").unwrap().clone();
         if eu[1]["healthy"] == false {
             assert_eq!(eu[1]["ejected_for"], "probes_failed");

@@ -11,25 +11,18 @@ use support::*;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 
-fn bearer(w: &World) -> String {
-    format!("Bearer {}", w.token)
-}
-
-/// Digest of a namespace in a region (direct, not through links).
-async fn digest(c: &Client, w: &World, region: &str, ns: &str) -> Option<String> {
-    let url = format!("{}/_meridian/kv/digest/{ns}", w.region_url(region));
-    let r = request(c, "GET", &url, &[("authorization", &bearer(w))], "").await.ok()?;
-    (r.status == 200).then_some(r.body)
+/// Digest of a namespace in a region (its cluster port, not through links).
+async fn digest(_c: &Client, w: &World, region: &str, ns: &str) -> Option<String> {
+    let (status, body) =
+        w.region_call_as("operator", region, "GET", &format!("/_meridian/kv/digest/{ns}"), vec![]).await.ok()?;
+    (status == 200).then_some(body)
 }
 
 /// One operation through a region's kv API; the parsed JSON answer.
-async fn kv_op(c: &Client, w: &World, region: &str, op: serde_json::Value) -> serde_json::Value {
-    let url = format!("{}/_meridian/kv/op", w.region_url(region));
-    let r = request(c, "POST", &url, &[("authorization", &bearer(w))], &op.to_string())
-        .await
-        .unwrap_or_else(|e| panic!("kv op on {region}: {e}"));
-    assert_eq!(r.status, 200, "{}", r.body);
-    serde_json::from_str(&r.body).unwrap()
+async fn kv_op(_c: &Client, w: &World, region: &str, op: serde_json::Value) -> serde_json::Value {
+    let (status, body) = w.region_call(region, "POST", "/_meridian/kv/op", op.to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 async fn counter(c: &Client, w: &World, region: &str, key: &str) -> i64 {
@@ -313,11 +306,10 @@ async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream()
     // Nor in any region's metrics or status.
     for region in REGIONS {
         for path in ["/_meridian/metrics", "/_meridian/kv/status"] {
-            let url = format!("{}{path}", w.region_url(region));
-            let r = request(&c, "GET", &url, &[("authorization", &bearer(&w))], "").await.unwrap();
-            assert_eq!(r.status, 200);
-            assert!(r.body.contains("eu-west"), "{path} of {region}: {}", r.body);
-            assert!(!r.body.contains("RESIDENT"), "a value in {path} of {region}");
+            let (status, body) = w.region_call(region, "GET", path, vec![]).await;
+            assert_eq!(status, 200);
+            assert!(body.contains("eu-west"), "{path} of {region}: {body}");
+            assert!(!body.contains("RESIDENT"), "a value in {path} of {region}");
         }
     }
     // Global data did replicate through the same captured streams.
@@ -399,23 +391,28 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
         ("not a message", b"hello".to_vec(), 400),
         ("unknown origin", msg("mars", "sessions").encode(), 403),
     ];
-    let push = format!("{eu}/_meridian/repl/push");
+    // Sent with us-east's certificate, as us-east would.
+    let push = "/_meridian/repl/push";
     for (what, body, status) in &cases {
-        let r = send_bytes(&c, &push, &w.token, body.clone()).await;
+        let r = w.region_call_as("us-east", "eu-west", "POST", push, body.clone()).await.unwrap();
         assert_eq!(r.0, *status, "{what}: {}", r.1);
     }
-    // Without the token, nothing is even looked at.
-    let r = send_bytes(&c, &push, "wrong", good.clone()).await;
-    assert_eq!(r.0, 401);
+    // An operator's or an edge's certificate may not replicate at all.
+    for who in ["operator", "edge-us-east"] {
+        let r = w.region_call_as(who, "eu-west", "POST", push, good.clone()).await.unwrap();
+        assert_eq!(r.0, 403, "{who}: {}", r.1);
+    }
     // A residency breach: an EU-only namespace pushed into us-east.
-    let r = send_bytes(&c, &format!("{}/_meridian/repl/push", w.region_url("us-east")), &w.token, {
-        let mut m = msg("eu-west", "profiles");
-        if let meridian_store::Message::Push { changes, .. } = &mut m {
-            changes[0].record.origin = "eu-west".into();
-        }
-        m.encode()
-    })
-    .await;
+    let r = w
+        .region_call_as("eu-west", "us-east", "POST", push, {
+            let mut m = msg("eu-west", "profiles");
+            if let meridian_store::Message::Push { changes, .. } = &mut m {
+                changes[0].record.origin = "eu-west".into();
+            }
+            m.encode()
+        })
+        .await
+        .unwrap();
     assert_eq!(r.0, 403, "{}", r.1);
 
     assert_eq!(digest(&c, &w, "eu-west", "sessions").await.unwrap(), before, "a rejected message changed data");
@@ -471,20 +468,8 @@ async fn tombstones_are_collected_only_once_every_region_has_seen_them() {
     converged(&c, &w, &["sessions"], Duration::from_secs(5)).await.unwrap();
 }
 
-async fn kv_op_status(c: &Client, w: &World, region: &str) -> serde_json::Value {
-    let url = format!("{}/_meridian/kv/status", w.region_url(region));
-    let r = request(c, "GET", &url, &[("authorization", &bearer(w))], "").await.unwrap();
-    serde_json::from_str(&r.body).unwrap()
-}
-
-async fn send_bytes(c: &Client, url: &str, token: &str, body: Vec<u8>) -> (u16, String) {
-    use http_body_util::{BodyExt, Full};
-    let req = http::Request::post(url)
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+async fn kv_op_status(_c: &Client, w: &World, region: &str) -> serde_json::Value {
+    let (status, body) = w.region_call(region, "GET", "/_meridian/kv/status", vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }

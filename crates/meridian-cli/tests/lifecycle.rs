@@ -25,6 +25,9 @@ fn ctrl_c_stops_every_process_and_the_description_says_where_everything_is() {
     assert!(pids.iter().all(|p| alive(*p)));
     for p in &d.processes {
         assert!(p.listen.starts_with("127."), "{} listens on {}", p.name, p.listen);
+        if let Some(c) = &p.cluster_listen {
+            assert!(c.starts_with("127."), "{} has its cluster port on {c}", p.name);
+        }
     }
     let (ok, status) = w.cli(&["status"]);
     assert!(ok, "{status}");

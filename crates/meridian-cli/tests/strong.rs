@@ -14,10 +14,9 @@ use support::*;
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 const KEYS: usize = 3;
 
-async fn group_leader(c: &Client, w: &World, region: &str) -> Option<String> {
-    let url = format!("{}/_meridian/kv/status", w.region_url(region));
-    let r = request(c, "GET", &url, &[("authorization", &format!("Bearer {}", w.token))], "").await.ok()?;
-    let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+async fn group_leader(_c: &Client, w: &World, region: &str) -> Option<String> {
+    let (_, body) = w.region_call_as("operator", region, "GET", "/_meridian/kv/status", vec![]).await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["groups"][0]["leader"].as_str().map(String::from)
 }
 

@@ -8,17 +8,21 @@
 //! compiled version is each one switched to it. A region that was unreachable
 //! is brought up to date by the reconcile loop when it comes back.
 //!
-//! Every API call needs the world's bearer token. State lives in the data
-//! directory: bundles by content id, and `state.json` with the desired
+//! The API is served over TLS with the control plane's certificate (clients
+//! verify it against the cluster CA) and every call needs the operator's
+//! bearer token. Regions are called on their cluster ports with mutual TLS:
+//! the control plane proves it is the control plane with its certificate,
+//! never with a token. State lives in the data directory: bundles by content id, and `state.json` with the desired
 //! version, written atomically.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meridian_core::{headers, wire::RegionStatus, VersionId};
-use meridian_http::{full, has_bearer, json, text, unauthorized, Body, Client};
+use meridian_http::cluster::{CallError, ClusterClient, Target};
+use meridian_http::{has_bearer, json, text, unauthorized, Body, Role, Tls};
 use meridian_manifest::Bundle;
+use meridian_trust::{Expect, TlsFiles};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,9 +33,13 @@ const MAX_DEPLOY_BYTES: usize = 512 << 20;
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
+    /// The API (TLS with this node's certificate; operators' bearer token).
     pub listen: std::net::SocketAddr,
     pub data_dir: PathBuf,
+    /// The operators' bearer token.
     pub token_file: PathBuf,
+    /// The control plane's certificate (role `control`).
+    pub tls: TlsFiles,
     pub regions: Vec<ControlRegion>,
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_interval_ms: u64,
@@ -45,7 +53,7 @@ fn default_reconcile_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ControlRegion {
     pub name: String,
-    /// The region node's URL (its admin API lives under `/_meridian/`).
+    /// The region's cluster port, e.g. `https://10.0.1.7:7401`.
     pub url: String,
 }
 
@@ -59,7 +67,8 @@ pub struct ControlState {
 pub struct Control {
     config: ControlConfig,
     token: String,
-    client: Client,
+    pub tls: Arc<Tls>,
+    client: ClusterClient,
     state: Mutex<ControlState>,
     deploy_lock: tokio::sync::Mutex<()>,
 }
@@ -92,6 +101,11 @@ impl Control {
             .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", config.token_file.display()))?
             .trim()
             .to_string();
+        let tls = Tls::load(config.tls.clone())?;
+        let me = tls.identity();
+        if me.role != Role::Control {
+            anyhow::bail!("the certificate is for {me}; the control plane needs one issued with --role control");
+        }
         std::fs::create_dir_all(config.data_dir.join("bundles"))?;
         let state = match std::fs::read(config.data_dir.join("state.json")) {
             Ok(b) => serde_json::from_slice(&b)?,
@@ -101,7 +115,8 @@ impl Control {
         Ok(Arc::new(Control {
             config,
             token,
-            client: meridian_http::client(Duration::from_secs(2)),
+            client: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
+            tls,
             state: Mutex::new(state),
             deploy_lock: tokio::sync::Mutex::new(()),
         }))
@@ -124,27 +139,20 @@ impl Control {
         body: Bytes,
         timeout: Duration,
     ) -> RegionCall {
-        let uri = format!("{}{}{}", region.url.trim_end_matches('/'), headers::RESERVED_PREFIX, path);
-        let req = match Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(full(body))
-        {
-            Ok(r) => r,
+        let target = match Target::from_url(region.url.trim_end_matches('/'), Expect::new(&region.name, Role::Region)) {
+            Ok(t) => t,
             Err(e) => return RegionCall::Refused(e.to_string()),
         };
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => RegionCall::Unreachable(format!("no answer within {timeout:?}")),
-            Ok(Err(e)) => RegionCall::Unreachable(e.to_string()),
-            Ok(Ok(resp)) => {
-                let status = resp.status();
-                let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                let body = String::from_utf8_lossy(&body).trim().to_string();
-                if status.is_success() {
+        let path = format!("{}{}", headers::RESERVED_PREFIX, path);
+        match self.client.call(&target, method, &path, body, timeout).await {
+            Err(e @ (CallError::BadTarget(_) | CallError::TooLarge { .. })) => RegionCall::Refused(e.to_string()),
+            Err(e) => RegionCall::Unreachable(e.to_string()),
+            Ok(a) => {
+                let body = a.text();
+                if a.status.is_success() {
                     RegionCall::Ok(body)
-                } else if status.is_server_error() {
-                    RegionCall::Unreachable(format!("{status}: {body}"))
+                } else if a.status.is_server_error() {
+                    RegionCall::Unreachable(format!("{}: {body}", a.status))
                 } else {
                     RegionCall::Refused(body)
                 }

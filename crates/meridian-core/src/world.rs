@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub const WORLD_FILE: &str = "world.json";
 pub const TOKEN_FILE: &str = "token";
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WorldDescription {
@@ -19,9 +19,12 @@ pub struct WorldDescription {
     /// the example app is deployed.
     pub ready: bool,
     pub dir: PathBuf,
-    /// File holding the bearer token of the control API and region admin API.
+    /// File holding the operators' bearer token of the control API.
     pub token_file: PathBuf,
-    /// URL of the control plane API.
+    /// The operator's certificate, with which the CLI calls nodes' cluster
+    /// ports, and the cluster CA that every node's certificate comes from.
+    pub operator: Credentials,
+    /// URL of the control plane API (`https://`, certificate from the CA).
     pub control_url: String,
     /// URL of the supervisor's chaos API (`meridian chaos` talks to it).
     pub supervisor_url: String,
@@ -31,6 +34,14 @@ pub struct WorldDescription {
     pub links: Vec<LinkInfo>,
 }
 
+/// A certificate, its key, and the CA that verifies the other end.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     /// `supervisor`, `control`, `region` or `edge`.
@@ -38,7 +49,11 @@ pub struct ProcessInfo {
     pub name: String,
     /// None while the process is stopped (killed by chaos, not restarted yet).
     pub pid: Option<u32>,
+    /// The public port (user traffic), or the only one.
     pub listen: String,
+    /// The cluster port (mutual TLS), if the role has one besides `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_listen: Option<String>,
     pub config: Option<PathBuf>,
     pub log: Option<PathBuf>,
 }
@@ -48,14 +63,18 @@ pub struct EdgeInfo {
     pub name: String,
     /// Where users send requests.
     pub url: String,
+    /// The edge's cluster port (mutual TLS): its status.
+    pub cluster_url: String,
     pub location: GeoPoint,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RegionInfo {
     pub name: String,
-    /// The region's own listener, bypassing every emulated link.
+    /// The region's public port (app traffic only), bypassing every link.
     pub url: String,
+    /// The region's cluster port (mutual TLS), bypassing every link.
+    pub cluster_url: String,
     pub location: GeoPoint,
     pub jurisdiction: String,
 }

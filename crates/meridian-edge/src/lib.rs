@@ -15,13 +15,21 @@
 //! * a fault of the app itself (deadline, memory limit, trap): returned as is,
 //!   not retried and not counted, since it would repeat in every region.
 //!
+//! Two doors: the public port carries user traffic only (nothing under
+//! `/_meridian/` is forwarded or answered there: 404); the cluster port
+//! (mutual TLS) answers the edge's status to the control plane and
+//! operators. Every connection to a region is mutual TLS to the region's
+//! cluster port, and the region must present its own certificate.
+//!
 //! Architecture invariant: the edge never interprets app responses beyond
 //! status and the fault header, and never talks to the control plane; its
 //! only knowledge of regions is its config and its own probes.
 
 pub mod health;
-mod pool;
 pub mod select;
+
+use meridian_http::pool;
+use meridian_trust::{Expect, Role, Tls, TlsFiles};
 
 use bytes::Bytes;
 use health::{HealthConfig, RegionHealth};
@@ -40,7 +48,12 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     pub name: String,
+    /// User traffic (plain HTTP/1.1 and h2c).
     pub listen: SocketAddr,
+    /// Mutual TLS: the edge's status, for the control plane and operators.
+    pub cluster_listen: SocketAddr,
+    /// This edge's certificate; regions are reached with it.
+    pub tls: TlsFiles,
     /// Where the edge is; clients that cannot be located are assumed near it.
     pub location: GeoPoint,
     #[serde(default)]
@@ -80,7 +93,7 @@ fn default_max_body_kb() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct RegionTarget {
     pub name: String,
-    /// Base URL the edge uses to reach the region, e.g. `http://127.0.0.1:7401`.
+    /// The region's cluster port, e.g. `https://10.0.1.7:7401`.
     pub url: String,
     pub location: GeoPoint,
 }
@@ -94,6 +107,7 @@ struct Upstream {
 
 pub struct Edge {
     config: EdgeConfig,
+    pub tls: Arc<Tls>,
     upstreams: Vec<Upstream>,
     geoip: Option<maxminddb::Reader<Vec<u8>>>,
     edge_header: HeaderValue,
@@ -101,8 +115,12 @@ pub struct Edge {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
-    #[error("region {name}: url {url:?} must look like http://host:port")]
+    #[error("region {name}: url {url:?} must look like https://host:port (the region's cluster port)")]
     BadUrl { name: String, url: String },
+    #[error("certificates: {0}")]
+    Trust(#[from] meridian_trust::TrustError),
+    #[error("the certificate is for {found}, but this config is edge {name:?}: issue one with `meridian certs issue --role edge --name {name}`")]
+    WrongIdentity { name: String, found: meridian_trust::Identity },
     #[error("cannot open GeoIP database {path}: {message}")]
     GeoIp { path: PathBuf, message: String },
     #[error("an edge needs at least one region")]
@@ -131,6 +149,11 @@ impl Edge {
         if config.regions.is_empty() {
             return Err(EdgeError::NoRegions);
         }
+        let tls = Tls::load(config.tls.clone())?;
+        let me = tls.identity();
+        if me.role != Role::Edge || me.name != config.name {
+            return Err(EdgeError::WrongIdentity { name: config.name.clone(), found: me });
+        }
         let upstreams = config
             .regions
             .iter()
@@ -138,11 +161,15 @@ impl Edge {
                 let uri: Uri =
                     r.url.parse().map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
                 let authority = match (uri.scheme_str(), uri.authority()) {
-                    (Some("http"), Some(a)) => a.clone(),
+                    (Some("https"), Some(a)) => a.clone(),
                     _ => return Err(EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() }),
                 };
-                let pool =
-                    pool::Pool::new(authority.to_string(), Duration::from_millis(config.health.timeout_ms.max(100)));
+                let pool = pool::Pool::with_tls(
+                    authority.to_string(),
+                    Duration::from_millis(config.health.timeout_ms.max(100)),
+                    tls.clone(),
+                    Expect::new(&r.name, Role::Region),
+                );
                 Ok(Upstream { target: r.clone(), authority, pool, health: Mutex::new(RegionHealth::new()) })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -154,7 +181,7 @@ impl Edge {
             ),
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
-        Ok(Arc::new(Edge { config, upstreams, geoip, edge_header }))
+        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header }))
     }
 
     /// Probes every region forever at the configured interval.
@@ -175,7 +202,7 @@ impl Edge {
 
     async fn probe(&self, i: usize) {
         let u = &self.upstreams[i];
-        let uri = format!("http://{}{}health", u.authority, headers::RESERVED_PREFIX);
+        let uri = format!("{}health", headers::RESERVED_PREFIX);
         let req = Request::get(uri).body(meridian_http::empty()).expect("valid probe request");
         let start = Instant::now();
         let timeout = Duration::from_millis(self.config.health.timeout_ms);
@@ -232,9 +259,27 @@ impl Edge {
         rank(self.config.policy, client, &cands)
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// The cluster port: the edge's status, for the control plane and
+    /// operators (judged by their certificates).
+    pub async fn handle_cluster(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let Some(caller) = meridian_http::Peer::of(&req) else {
+            return text(StatusCode::UNAUTHORIZED, "the cluster port needs a client certificate from the cluster CA");
+        };
+        if !matches!(caller.role, Role::Control | Role::Operator) {
+            return text(StatusCode::FORBIDDEN, format!("{caller} may not read an edge's status"));
+        }
         if req.uri().path() == headers::EDGE_STATUS_PATH {
             return json(StatusCode::OK, &self.status());
+        }
+        text(StatusCode::NOT_FOUND, format!("no such API: {}", req.uri().path()))
+    }
+
+    /// The public port: user traffic, forwarded to a region. Nothing under
+    /// `/_meridian/` is forwarded or answered: internal paths do not exist
+    /// for users.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.uri().path().starts_with(headers::RESERVED_PREFIX) {
+            return self.finish(text(StatusCode::NOT_FOUND, format!("no route serves {}", req.uri().path())), 0);
         }
         let client = self.locate(&req, peer.ip());
         let order = self.plan(client.point());
@@ -316,7 +361,7 @@ impl Edge {
         peer: IpAddr,
     ) -> Request<Body> {
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri = Uri::builder().scheme("http").authority(authority.clone()).path_and_query(pq).build();
+        let uri = Uri::builder().path_and_query(pq).build();
         let mut req = Request::new(full(body));
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));
@@ -333,6 +378,9 @@ impl Edge {
             .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(host) = original_host {
             h.insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            h.insert(header::HOST, v);
         }
         let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {peer}"),

@@ -4,18 +4,31 @@
 use meridian_core::GeoPoint;
 use meridian_edge::{Edge, EdgeConfig, Located};
 
+/// A CA and a certificate for `edge-test`; the `[tls]` section naming them.
+fn tls_section() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = meridian_trust::init_ca(dir.path(), "test", 1).unwrap();
+    let id = meridian_trust::Identity::new("edge-test", meridian_trust::Role::Edge, None).unwrap();
+    let issued = meridian_trust::issue(&ca, &id, dir.path(), 1).unwrap();
+    let section = format!("[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n", ca.cert, issued.cert, issued.key);
+    (dir, section)
+}
+
 fn edge(trust: bool) -> std::sync::Arc<Edge> {
+    let (_dir, tls) = tls_section();
     let cfg: EdgeConfig = toml::from_str(&format!(
         r#"
         name = "edge-test"
         listen = "127.0.0.1:0"
+        cluster_listen = "127.0.0.1:0"
         location = {{ lat = 0.0, lon = 0.0 }}
         trust_client_geo_headers = {trust}
         geoip_db = "{}/tests/fixtures/test-geoip.mmdb"
         [[regions]]
         name = "r"
-        url = "http://127.0.0.1:1"
+        url = "https://127.0.0.1:1"
         location = {{ lat = 0.0, lon = 0.0 }}
+        {tls}
         "#,
         env!("CARGO_MANIFEST_DIR")
     ))
@@ -59,13 +72,14 @@ fn location_headers_count_only_when_trusted() {
 
 #[test]
 fn a_missing_database_is_a_clear_error() {
-    let mut cfg: EdgeConfig = toml::from_str(
-        "name='e'\nlisten='127.0.0.1:0'\nlocation={lat=0.0,lon=0.0}\ngeoip_db='/nonexistent.mmdb'\n[[regions]]\nname='r'\nurl='http://127.0.0.1:1'\nlocation={lat=0.0,lon=0.0}\n",
-    )
+    let (_dir, tls) = tls_section();
+    let mut cfg: EdgeConfig = toml::from_str(&format!(
+        "name='edge-test'\nlisten='127.0.0.1:0'\ncluster_listen='127.0.0.1:0'\nlocation={{lat=0.0,lon=0.0}}\ngeoip_db='/nonexistent.mmdb'\n[[regions]]\nname='r'\nurl='https://127.0.0.1:1'\nlocation={{lat=0.0,lon=0.0}}\n{tls}",
+    ))
     .unwrap();
     let err = Edge::new(cfg.clone()).err().unwrap();
     assert!(err.to_string().contains("cannot open GeoIP database /nonexistent.mmdb"), "{err}");
     cfg.geoip_db = None;
     cfg.regions[0].url = "ftp://x".into();
-    assert!(Edge::new(cfg).err().unwrap().to_string().contains("must look like http://host:port"));
+    assert!(Edge::new(cfg).err().unwrap().to_string().contains("must look like https://host:port"));
 }

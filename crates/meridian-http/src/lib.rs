@@ -1,9 +1,14 @@
 //! The HTTP plumbing every role shares: one body type, small response
 //! builders, bearer-token checks, a bounded body reader, a pooled client and
 //! an accept loop that speaks HTTP/1.1 and HTTP/2 (h2c) with graceful
-//! shutdown. Only roles (region, edge, control, CLI) use it; the function host
-//! and the storage layers stay free of HTTP framing concerns beyond
-//! `wasi:http` itself.
+//! shutdown, in plain HTTP for public ports and mutual TLS for cluster ports
+//! ([`Transport`]), and the one client nodes call each other with
+//! ([`cluster::ClusterClient`]). Only roles (region, edge, control, CLI) use
+//! it; the function host and the storage layers stay free of HTTP framing
+//! concerns beyond `wasi:http` itself.
+
+pub mod cluster;
+pub mod pool;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -16,6 +21,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+pub use meridian_trust::{ClientAuth, Identity, Role, Tls};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -127,9 +134,43 @@ pub fn client(connect_timeout: Duration) -> Client {
 /// A request handler shared by every connection.
 pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> BoxFuture<Response<Body>> + Send + Sync>;
 
+/// How a listener's connections are carried.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain HTTP/1.1 and h2c: public ports.
+    Plain,
+    /// TLS with the node's certificate. With [`ClientAuth::Required`] (cluster
+    /// ports) a client without a certificate from the cluster CA never gets
+    /// past the handshake; every request then carries the client's verified
+    /// [`Peer`] identity as an extension.
+    Tls(Arc<Tls>, ClientAuth),
+}
+
+/// The verified identity of the node (or operator) on the other end of a
+/// TLS connection, from its certificate. Handlers authorize with this and
+/// nothing else: no header or message field can set it.
+#[derive(Clone, Debug)]
+pub struct Peer(pub Arc<Identity>);
+
+impl Peer {
+    pub fn of<B>(req: &Request<B>) -> Option<&Identity> {
+        req.extensions().get::<Peer>().map(|p| &*p.0)
+    }
+}
+
+/// A TLS handshake must finish within this, so a client that connects and
+/// says nothing (or half a ClientHello) cannot hold a task for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections until `shutdown` resolves, then stops accepting and
 /// waits up to `grace` for requests in flight to finish.
-pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Future<Output = ()>, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    transport: Transport,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -150,15 +191,43 @@ pub async fn serve(listener: TcpListener, handler: Handler, shutdown: impl Futur
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let h = handler.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let h = h.clone();
-            async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let (h, builder, watcher, transport) =
+            (handler.clone(), builder.clone(), graceful.watcher(), transport.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let service = |identity: Option<Peer>| {
+                hyper::service::service_fn(move |mut req| {
+                    let h = h.clone();
+                    if let Some(id) = &identity {
+                        req.extensions_mut().insert(id.clone());
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
+                })
+            };
+            let result = match transport {
+                Transport::Plain => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
+                    watcher.watch(conn.into_owned()).await
+                }
+                Transport::Tls(tls, _auth) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(_auth));
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let identity =
+                        Tls::peer_identity(stream.get_ref().1.peer_certificates()).map(|i| Peer(Arc::new(i)));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(identity));
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

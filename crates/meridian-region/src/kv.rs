@@ -19,9 +19,11 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use meridian_core::wire::{KvStatus, Peer};
 use meridian_host::{CasVersion, KvBackend, KvError, KvResult};
+use meridian_http::cluster::{CallError, ClusterClient, Target};
 use meridian_http::{json, text, Body};
 use meridian_manifest::{KvMode, Namespace};
 use meridian_store::{Store, Swapped, Timestamp, Value, Written};
+use meridian_trust::{Expect, Identity};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,8 +47,9 @@ pub struct KvService {
     pub peers: ArcSwap<Vec<Peer>>,
     /// Namespaces of the active version (replication follows these).
     pub namespaces: ArcSwap<BTreeMap<String, Namespace>>,
-    pub token: String,
-    pub client: meridian_http::Client,
+    /// Every call to another region: mutual TLS, the peer's certificate
+    /// checked against its name and jurisdiction.
+    pub cluster: ClusterClient,
     pub repl: Replication,
     /// How long a request carrying a causality token waits for this region
     /// to apply the writes it names before it is forwarded to their origin.
@@ -194,6 +197,13 @@ fn unhex(s: &str) -> KvResult<Vec<u8>> {
 }
 
 impl KvService {
+    /// Where to reach a peer, and who it must prove to be: its certificate
+    /// must carry the jurisdiction this region trusts it with, so data meant
+    /// for one jurisdiction can never be handed to a node issued for another.
+    pub fn target(&self, peer: &Peer) -> Result<Target, CallError> {
+        Target::from_url(&peer.url, Expect::region(&peer.name, &peer.jurisdiction))
+    }
+
     pub fn placement(&self, namespaces: &BTreeMap<String, Namespace>, ns: &str) -> KvResult<Placement> {
         let n = namespaces.get(ns).ok_or(KvError::NoSuchStore)?;
         if matches!(n.mode, KvMode::Strong { .. }) {
@@ -213,9 +223,19 @@ impl KvService {
 
     /// Whether `peer` may receive namespace `ns` by replication.
     pub fn replicates_to(&self, ns: &str, peer: &Peer) -> bool {
+        self.replicates_to_node(ns, &peer.name, &peer.jurisdiction)
+    }
+
+    /// The same for a caller known only by its verified certificate.
+    pub fn replicates_to_identity(&self, ns: &str, caller: &Identity) -> bool {
+        caller.role == meridian_trust::Role::Region
+            && self.replicates_to_node(ns, &caller.name, caller.jurisdiction.as_deref().unwrap_or(""))
+    }
+
+    fn replicates_to_node(&self, ns: &str, name: &str, jurisdiction: &str) -> bool {
         let nss = self.namespaces.load();
         match nss.get(ns) {
-            Some(n) => !matches!(n.mode, KvMode::Strong { .. }) && allowed_in(n, &peer.name, &peer.jurisdiction),
+            Some(n) => !matches!(n.mode, KvMode::Strong { .. }) && allowed_in(n, name, jurisdiction),
             // Unknown here (an older version's namespace): not sent, so a
             // residency rule can never be bypassed by a manifest change.
             None => false,
@@ -313,28 +333,29 @@ impl KvService {
         Ok((r, token))
     }
 
-    /// Sends an operation to the nearest allowed region that answers.
+    /// Sends an operation to the nearest allowed region that answers. A
+    /// write is tried on the next region only if it certainly was not sent
+    /// (executing an increment twice would be wrong); a read on any failure.
     async fn forward(&self, peers: &[Peer], op: &Op) -> KvResult<(OpResult, Option<TokenEntry>)> {
-        let body = serde_json::to_vec(op).map_err(other)?;
+        let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(other)?);
+        let read = matches!(op, Op::Get { .. } | Op::List { .. } | Op::ReadVersioned { .. });
         let mut last = String::new();
         for p in peers {
-            let url = format!("{}/_meridian/kv/op", p.url);
-            match crate::call(
-                &self.client,
-                Method::POST,
-                &url,
-                &self.token,
-                body.clone().into(),
-                Duration::from_secs(10),
-            )
-            .await
+            let target = self.target(p).map_err(other)?;
+            match self
+                .cluster
+                .call(&target, Method::POST, "/_meridian/kv/op", body.clone(), Duration::from_secs(10))
+                .await
             {
-                Ok((status, bytes)) => {
-                    let r: OpResult = match serde_json::from_slice(&bytes) {
+                Ok(answer) => {
+                    let r: OpResult = match serde_json::from_slice(&answer.body) {
                         Ok(r) => r,
                         Err(_) => {
-                            last = format!("{}: HTTP {status}", p.name);
-                            continue;
+                            last = format!("{}: HTTP {}: {}", p.name, answer.status, answer.text());
+                            if read {
+                                continue;
+                            }
+                            return Err(KvError::Other(last));
                         }
                     };
                     if let Some(e) = r.error.clone() {
@@ -347,7 +368,8 @@ impl KvService {
                     let token = r.token.as_deref().map(parse_token).and_then(|t| t.into_iter().next());
                     return Ok((r, token));
                 }
-                Err(e) => last = format!("{}: {e}", p.name),
+                Err(e) if e.nothing_sent() || read => last = e.to_string(),
+                Err(e) => return Err(KvError::Other(format!("outcome unknown: {e}"))),
             }
         }
         Err(KvError::Other(format!("no allowed region answered ({last})")))
@@ -543,8 +565,14 @@ impl KvService {
         out
     }
 
-    /// Admin API under `/_meridian/kv/` and `/_meridian/repl/` (token checked by the caller).
-    pub async fn admin(self: &Arc<Self>, req: Request<hyper::body::Incoming>, path: &[&str]) -> Response<Body> {
+    /// Admin API under `/_meridian/kv/` and `/_meridian/repl/`; `caller` is
+    /// the verified identity of the client (the role was already checked).
+    pub async fn admin(
+        self: &Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        path: &[&str],
+        caller: &Identity,
+    ) -> Response<Body> {
         let method = req.method().clone();
         match (method, path) {
             (Method::POST, ["kv", "op"]) => match meridian_http::read_body(req.into_body(), 16 << 20).await {
@@ -577,6 +605,11 @@ impl KvService {
                 }
                 Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
             },
+            (Method::GET, ["kv", "digest", ns])
+                if caller.role == meridian_trust::Role::Region && !self.replicates_to_identity(ns, caller) =>
+            {
+                text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"))
+            }
             (Method::GET, ["kv", "digest", ns]) => match self.store.digest(ns) {
                 Ok(d) => json(StatusCode::OK, &d.iter().map(hex::encode).collect::<Vec<_>>()),
                 Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
@@ -591,11 +624,11 @@ impl KvService {
                 },
                 Err(e) => e.into_response(),
             },
-            (_, ["repl", ..]) => self.repl.handle(self, req, path).await,
+            (_, ["repl", ..]) => self.repl.handle(self, req, path, caller).await,
             (Method::POST, ["raft", ns, what]) => {
                 let query = req.uri().query().map(str::to_string);
                 match meridian_http::read_body(req.into_body(), 64 << 20).await {
-                    Ok(b) => crate::strong::handle(self, ns, what, query.as_deref(), b).await,
+                    Ok(b) => crate::strong::handle(self, ns, what, query.as_deref(), b, caller).await,
                     Err(e) => e.into_response(),
                 }
             }

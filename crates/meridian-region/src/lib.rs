@@ -11,9 +11,12 @@
 //! a restart it serves the same version without asking anyone and without
 //! compiling.
 //!
-//! API boundary: everything under `/_meridian/` is the node's own API (health
-//! is public; install, activate and status need the world's token). All other
-//! paths belong to the app.
+//! Two doors. The **public** port carries app traffic only: anything under
+//! `/_meridian/` answers 404 there. The **cluster** port is mutual TLS with
+//! certificates from the cluster CA; it carries app traffic from edges (and
+//! from regions forwarding a request) and every internal API, each allowed
+//! only to the roles that need it ([`authorize`]), judged by the caller's
+//! certificate.
 
 pub mod kv;
 pub mod repl;
@@ -23,13 +26,14 @@ pub mod strong;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 pub use meridian_core::wire::{Peer, RegionStatus};
 use meridian_core::{headers, VersionId};
 use meridian_host::{Host, HostConfig, Prepared};
-use meridian_http::{has_bearer, json, text, unauthorized, Body};
+use meridian_http::cluster::ClusterClient;
+use meridian_http::{json, text, Body, Peer as PeerCert, Role, Tls};
 use meridian_manifest::{Bundle, Manifest, RouteTarget};
+use meridian_trust::TlsFiles;
 use statics::StaticSite;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,19 +44,19 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     pub name: String,
-    pub listen: std::net::SocketAddr,
+    /// App traffic from users, plain HTTP. Nothing internal answers here.
+    pub public_listen: std::net::SocketAddr,
+    /// Mutual TLS: edges, other regions, the control plane, operators.
+    pub cluster_listen: std::net::SocketAddr,
     pub data_dir: PathBuf,
-    /// File holding the bearer token required by the admin API.
-    pub token_file: PathBuf,
+    /// This region's certificate (its name and jurisdiction come from it).
+    pub tls: TlsFiles,
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
     #[serde(default = "default_max_memory_mb")]
     pub max_memory_mb: u64,
     #[serde(default = "default_max_bundle_mb")]
     pub max_bundle_mb: u64,
-    /// Jurisdiction this region is in (residency rules name these).
-    #[serde(default)]
-    pub jurisdiction: String,
     /// Regions to replicate with. Can also be set at runtime
     /// (`PUT /_meridian/peers`).
     #[serde(default)]
@@ -101,6 +105,15 @@ pub enum InstallError {
     Store(#[from] meridian_store::StoreError),
 }
 
+/// Why a region cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("certificates: {0}")]
+    Trust(#[from] meridian_trust::TrustError),
+    #[error("the certificate is for {found}, but this config is region {name:?}: issue one with `meridian certs issue --role region --name {name} --jurisdiction J`")]
+    WrongIdentity { name: String, found: meridian_trust::Identity },
+}
+
 /// An installed version, ready to serve.
 pub struct Deployed {
     pub id: VersionId,
@@ -115,7 +128,8 @@ pub struct Deployed {
 
 pub struct Region {
     pub config: RegionConfig,
-    token: String,
+    /// This node's certificate and TLS configurations (reloaded live).
+    pub tls: Arc<Tls>,
     host: Arc<Host>,
     region_header: HeaderValue,
     active: ArcSwapOption<Deployed>,
@@ -130,10 +144,14 @@ impl Region {
     /// Opens the data directory and, if a version was active before, installs
     /// it again from disk (from the compile cache) and activates it.
     pub async fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
-        let token = std::fs::read_to_string(&config.token_file)
-            .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", config.token_file.display()))?
-            .trim()
-            .to_string();
+        let tls = Tls::load(config.tls.clone()).map_err(OpenError::from)?;
+        let me = tls.identity();
+        if me.role != Role::Region || me.name != config.name {
+            return Err(OpenError::WrongIdentity { name: config.name.clone(), found: me }.into());
+        }
+        // Residency trusts the certificate, never the config.
+        let jurisdiction = me.jurisdiction.clone().unwrap_or_default();
+        tls.spawn_reloader();
         std::fs::create_dir_all(config.data_dir.join("versions"))?;
         let host = Host::new(HostConfig {
             cache_dir: config.data_dir.join("compiled"),
@@ -145,12 +163,11 @@ impl Region {
         let repl = repl::Replication::new(Duration::from_millis(config.anti_entropy_ms.max(50)));
         let kv = Arc::new(kv::KvService {
             region: config.name.clone(),
-            jurisdiction: config.jurisdiction.clone(),
+            jurisdiction,
             store,
             peers: Default::default(),
             namespaces: Default::default(),
-            token: token.clone(),
-            client: meridian_http::client(Duration::from_secs(2)),
+            cluster: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
             repl,
             causality_wait: Duration::from_millis(config.causality_wait_ms),
             groups: Default::default(),
@@ -158,7 +175,7 @@ impl Region {
         let region = Arc::new(Region {
             kv,
             config,
-            token,
+            tls,
             host: Arc::new(host),
             region_header,
             active: ArcSwapOption::empty(),
@@ -265,11 +282,37 @@ impl Region {
         Ok(())
     }
 
-    /// Entry point for every request to the node.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    /// Every request on the public port: app traffic only.
+    pub async fn handle_public(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with(headers::RESERVED_PREFIX) {
-            return self.admin(req).await;
+            return text(StatusCode::NOT_FOUND, format!("no route serves {}", req.uri().path()));
         }
+        // Only a region may say it forwarded a request.
+        req.headers_mut().remove(headers::FORWARDED);
+        self.handle_app(req).await
+    }
+
+    /// Every request on the cluster port; the TLS layer has verified the
+    /// caller's certificate, and [`authorize`] decides what it may call.
+    pub async fn handle_cluster(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let Some(peer) = PeerCert::of(&req).cloned() else {
+            return text(StatusCode::UNAUTHORIZED, "the cluster port needs a client certificate from the cluster CA");
+        };
+        let path = req.uri().path().to_string();
+        if let Err(why) = authorize(&peer, &path) {
+            tracing::warn!(caller = %peer, path, "refused: {why}");
+            return text(StatusCode::FORBIDDEN, format!("{peer} may not call {path}: {why}"));
+        }
+        if path.starts_with(headers::RESERVED_PREFIX) {
+            return self.admin(req, &peer).await;
+        }
+        if peer.role != Role::Region {
+            req.headers_mut().remove(headers::FORWARDED);
+        }
+        self.handle_app(req).await
+    }
+
+    async fn handle_app(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let Some(version) = self.active.load_full() else {
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "no version of the app is deployed in this region yet");
             r.headers_mut().insert(headers::REGION, self.region_header.clone());
@@ -345,18 +388,15 @@ impl Region {
         }
     }
 
-    async fn admin(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn admin(&self, req: Request<Incoming>, peer: &meridian_trust::Identity) -> Response<Body> {
         let path = req.uri().path()[headers::RESERVED_PREFIX.len()..].to_string();
         let method = req.method().clone();
         if path == "health" {
             return self.health();
         }
-        if !has_bearer(&req, &self.token) {
-            return unauthorized();
-        }
         let parts: Vec<&str> = path.split('/').collect();
         if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers") | Some(&"metrics") | Some(&"raft")) {
-            return self.kv.admin(req, &parts).await;
+            return self.kv.admin(req, &parts, peer).await;
         }
         match (method, parts.as_slice()) {
             (Method::GET, ["status"]) => json(StatusCode::OK, &self.status()),
@@ -413,7 +453,11 @@ impl Region {
             Err(e) => return e.into_response(),
         };
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut b = Request::builder().method(parts.method.clone()).uri(format!("{}{pq}", peer.url));
+        let target = match self.kv.target(peer) {
+            Ok(t) => t,
+            Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
+        };
+        let mut b = Request::builder().method(parts.method.clone()).uri(pq);
         for (k, v) in parts.headers.iter() {
             if k != http::header::HOST {
                 b = b.header(k, v);
@@ -424,11 +468,8 @@ impl Region {
             return text(StatusCode::BAD_REQUEST, "cannot forward this request");
         };
         tracing::debug!(to = %peer.name, "forwarding a request whose causality token is not applied here yet");
-        match tokio::time::timeout(Duration::from_secs(30), self.kv.client.request(out)).await {
-            Ok(Ok(resp)) => {
-                let (parts, body) = resp.into_parts();
-                Response::from_parts(parts, body.map_err(|e| Box::new(e) as meridian_http::BoxError).boxed_unsync())
-            }
+        match tokio::time::timeout(Duration::from_secs(30), self.kv.cluster.send(&target, out)).await {
+            Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
             }
@@ -519,38 +560,64 @@ fn causality_token<B>(req: &Request<B>) -> Vec<kv::TokenEntry> {
     Vec::new()
 }
 
-/// One request to another role, with the world's token; the whole answer.
-pub(crate) async fn call(
-    client: &meridian_http::Client,
-    method: Method,
-    url: &str,
-    token: &str,
-    body: Bytes,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), String> {
-    call_with(client, method, url, token, body, timeout, &[]).await
+/// Which roles may call what on the cluster port. Edges reach the app and
+/// the health probe; regions also replicate, run Raft and forward key-value
+/// operations; the control plane installs and activates versions and reads
+/// status; operators may do everything but speak Raft or replication.
+pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'static str> {
+    let Some(api) = path.strip_prefix(headers::RESERVED_PREFIX) else {
+        return match peer.role {
+            Role::Edge | Role::Region | Role::Operator => Ok(()),
+            Role::Control => Err("the control plane does not send app traffic"),
+        };
+    };
+    let first = api.split('/').next().unwrap_or("");
+    let allowed: &[Role] = match first {
+        "health" => &[Role::Edge, Role::Region, Role::Control, Role::Operator],
+        "repl" | "raft" => &[Role::Region],
+        "kv" if api == "kv/op" || api.starts_with("kv/digest/") => &[Role::Region, Role::Operator],
+        "kv" | "metrics" | "status" => &[Role::Control, Role::Operator],
+        "versions" | "active" | "peers" => &[Role::Control, Role::Operator],
+        _ => &[Role::Operator],
+    };
+    if allowed.contains(&peer.role) {
+        Ok(())
+    } else {
+        Err("not allowed for this role")
+    }
 }
 
-pub(crate) async fn call_with(
-    client: &meridian_http::Client,
-    method: Method,
-    url: &str,
-    token: &str,
-    body: Bytes,
-    timeout: Duration,
-    extra: &[(&str, &str)],
-) -> Result<(StatusCode, Bytes), String> {
-    let mut b =
-        Request::builder().method(method).uri(url).header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-    for (k, v) in extra {
-        b = b.header(*k, *v);
+#[cfg(test)]
+mod tests {
+    use super::authorize;
+    use meridian_trust::{Identity, Role};
+
+    fn id(role: Role) -> Identity {
+        Identity::new("n", role, (role == Role::Region).then_some("eu")).unwrap()
     }
-    let req = b.body(meridian_http::full(body)).map_err(|e| e.to_string())?;
-    let fut = async {
-        let resp = client.request(req).await.map_err(|e| format!("{e}"))?;
-        let status = resp.status();
-        let body = meridian_http::read_body(resp.into_body(), 256 << 20).await.map_err(|e| e.to_string())?;
-        Ok((status, body))
-    };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from {url} within {timeout:?}"))?
+
+    #[test]
+    fn each_role_reaches_exactly_what_it_needs() {
+        let cases: &[(&str, &[Role])] = &[
+            ("/hello", &[Role::Edge, Role::Region, Role::Operator]),
+            ("/_meridian/health", &[Role::Edge, Role::Region, Role::Control, Role::Operator]),
+            ("/_meridian/repl/stream", &[Role::Region]),
+            ("/_meridian/repl/push", &[Role::Region]),
+            ("/_meridian/raft/ledger/append", &[Role::Region]),
+            ("/_meridian/kv/op", &[Role::Region, Role::Operator]),
+            ("/_meridian/kv/digest/sessions", &[Role::Region, Role::Operator]),
+            ("/_meridian/kv/status", &[Role::Control, Role::Operator]),
+            ("/_meridian/kv/conflicts/sessions", &[Role::Control, Role::Operator]),
+            ("/_meridian/metrics", &[Role::Control, Role::Operator]),
+            ("/_meridian/versions/abc", &[Role::Control, Role::Operator]),
+            ("/_meridian/active", &[Role::Control, Role::Operator]),
+            ("/_meridian/peers", &[Role::Control, Role::Operator]),
+            ("/_meridian/anything-new", &[Role::Operator]),
+        ];
+        for (path, allowed) in cases {
+            for role in [Role::Edge, Role::Region, Role::Control, Role::Operator] {
+                assert_eq!(authorize(&id(role), path).is_ok(), allowed.contains(&role), "{role} on {path}");
+            }
+        }
+    }
 }

@@ -28,6 +28,7 @@ use http::{Method, Request, Response, StatusCode};
 use meridian_core::wire::{OriginReplication, Peer, PeerReplication};
 use meridian_http::{json, text, Body};
 use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, Timestamp, DIGEST_BUCKETS};
+use meridian_trust::Identity;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -265,6 +266,7 @@ impl Replication {
         svc: &Arc<KvService>,
         req: Request<hyper::body::Incoming>,
         path: &[&str],
+        caller: &Identity,
     ) -> Response<Body> {
         let method = req.method().clone();
         match (method, path) {
@@ -273,9 +275,9 @@ impl Replication {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
-                self.receive(svc, &body).await
+                self.receive(svc, &body, caller).await
             }
-            (Method::POST, ["repl", "stream"]) => self.receive_stream(svc.clone(), req),
+            (Method::POST, ["repl", "stream"]) => self.receive_stream(svc.clone(), req, caller.clone()),
             (Method::GET, ["repl", "bucket", ns, i]) => {
                 let Ok(i) = i.parse::<usize>() else {
                     return text(StatusCode::BAD_REQUEST, "bucket must be a number");
@@ -283,13 +285,11 @@ impl Replication {
                 if i >= DIGEST_BUCKETS {
                     return text(StatusCode::BAD_REQUEST, "no such bucket");
                 }
-                // Only namespaces the asking peer may hold leave this region.
-                let Some(peer) = svc.peers.load().iter().find(|p| Some(p.name.as_str()) == peer_of(&req)).cloned()
-                else {
-                    return text(StatusCode::FORBIDDEN, "unknown peer");
-                };
-                if !svc.replicates_to(ns, &peer) {
-                    return text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {}", peer.name));
+                // Only namespaces the asking peer may hold leave this region,
+                // judged by the name and jurisdiction its certificate carries.
+                if !svc.replicates_to_identity(ns, caller) {
+                    tracing::warn!(%caller, ns, "refused an anti-entropy pull the caller may not hold");
+                    return text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"));
                 }
                 match svc.store.bucket(ns, i) {
                     Ok(changes) => {
@@ -301,7 +301,7 @@ impl Replication {
                             changes,
                         }
                         .encode();
-                        self.capture(&svc.region, &peer.name, &m);
+                        self.capture(&svc.region, &caller.name, &m);
                         let mut r = Response::new(meridian_http::full(m));
                         r.headers_mut().insert(
                             http::header::CONTENT_TYPE,
@@ -318,7 +318,7 @@ impl Replication {
 
     /// Decodes and checks a message; on refusal, the status and the reason
     /// (already logged and counted).
-    fn check(&self, svc: &KvService, body: &[u8]) -> Result<Message, (StatusCode, String)> {
+    fn check(&self, svc: &KvService, body: &[u8], caller: &Identity) -> Result<Message, (StatusCode, String)> {
         let msg = match Message::decode(body) {
             Ok(m) => m,
             Err(e) => return Err(self.refuse(StatusCode::BAD_REQUEST, format!("undecodable replication message: {e}"))),
@@ -326,6 +326,13 @@ impl Replication {
         let (origin, changes) = match &msg {
             Message::Push { origin, changes, .. } | Message::Snapshot { origin, changes, .. } => (origin, changes),
         };
+        // Who sent it is the certificate's word, not the message's.
+        if origin != &caller.name {
+            return Err(self.refuse(
+                StatusCode::FORBIDDEN,
+                format!("a replication message claiming origin {origin:?} came from {caller}"),
+            ));
+        }
         if origin == &svc.region || !svc.peers.load().iter().any(|p| &p.name == origin) {
             return Err(
                 self.refuse(StatusCode::FORBIDDEN, format!("replication message from unknown region {origin:?}"))
@@ -357,7 +364,12 @@ impl Replication {
     /// the stream ends). Messages are queued for commit as soon as they are
     /// read, so consecutive ones share a commit and the stream never waits
     /// for a round trip.
-    fn receive_stream(&self, svc: Arc<KvService>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    fn receive_stream(
+        &self,
+        svc: Arc<KvService>,
+        req: Request<hyper::body::Incoming>,
+        caller: Identity,
+    ) -> Response<Body> {
         use http_body_util::BodyExt;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
         type Pending = (u64, String, Timestamp, ApplyStats, meridian_http::BoxFuture<Result<PushOutcome, String>>);
@@ -381,7 +393,7 @@ impl Replication {
                         break;
                     }
                     let frame: Vec<u8> = buf.drain(..4 + n).skip(4).collect();
-                    let msg = match svc.repl.check(&svc, &frame) {
+                    let msg = match svc.repl.check(&svc, &frame, &caller) {
                         Ok(m) => m,
                         Err((status, _)) => {
                             let _ = out_tx.send(answer(2, status.as_u16() as u64)).await;
@@ -470,8 +482,8 @@ impl Replication {
     }
 
     /// Applies a pushed message, all or nothing.
-    async fn receive(&self, svc: &Arc<KvService>, body: &[u8]) -> Response<Body> {
-        let msg = match self.check(svc, body) {
+    async fn receive(&self, svc: &Arc<KvService>, body: &[u8], caller: &Identity) -> Response<Body> {
+        let msg = match self.check(svc, body, caller) {
             Ok(m) => m,
             Err((status, why)) => return text(status, why),
         };
@@ -520,21 +532,15 @@ fn answer(kind: u8, n: u64) -> Bytes {
     answer_stable(kind, n, Timestamp::default())
 }
 
-fn peer_of<B>(req: &Request<B>) -> Option<&str> {
-    req.headers().get("x-meridian-peer").and_then(|v| v.to_str().ok())
-}
-
 async fn post(svc: &KvService, peer: &Peer, path: &str, body: Vec<u8>) -> Result<(StatusCode, Bytes), String> {
     svc.repl.capture(&svc.region, &peer.name, &body);
-    crate::call(
-        &svc.client,
-        Method::POST,
-        &format!("{}{path}", peer.url),
-        &svc.token,
-        body.into(),
-        Duration::from_secs(10),
-    )
-    .await
+    let target = svc.target(peer).map_err(|e| e.to_string())?;
+    let a = svc
+        .cluster
+        .call(&target, Method::POST, path, body.into(), Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((a.status, a.body))
 }
 
 /// Entries sent but not yet acknowledged, at most.
@@ -584,9 +590,8 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, meridian_http::BoxError>(hyper::body::Frame::data(b)), rx))
     });
-    let req = Request::post(format!("{}/_meridian/repl/stream", peer.url))
-        .header(http::header::AUTHORIZATION, format!("Bearer {}", svc.token))
-        .header("x-meridian-peer", svc.region.as_str())
+    let target = svc.target(peer).map_err(|e| e.to_string())?;
+    let req = Request::post("/_meridian/repl/stream")
         .body(http_body_util::StreamBody::new(stream).boxed_unsync())
         .map_err(|e| e.to_string())?;
 
@@ -652,13 +657,13 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
     };
 
     let reader = async {
-        let resp = tokio::time::timeout(Duration::from_secs(10), svc.client.request(req))
+        let resp = tokio::time::timeout(Duration::from_secs(10), svc.cluster.send(&target, req))
             .await
             .map_err(|_| "no answer to the stream request".to_string())?
             .map_err(|e| format!("{e}"))?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let body = meridian_http::read_body(resp.into_body(), 1 << 20).await.unwrap_or_default();
+            let body = meridian_http::cluster::read_all(resp.into_body(), 1 << 20).await.unwrap_or_default();
             return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
         }
         let mut body = resp.into_body();
@@ -778,6 +783,7 @@ async fn anti_entropy_loop(svc: Arc<KvService>, peer: Peer) {
 /// One anti-entropy round; returns the number of records that changed here.
 pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, String> {
     let nss: Vec<String> = svc.namespaces.load().keys().filter(|ns| svc.replicates_to(ns, peer)).cloned().collect();
+    let target = svc.target(peer).map_err(|e| e.to_string())?;
     let mut changed = 0;
     for ns in nss {
         // Only namespaces this region may hold (a regional one it is not in
@@ -785,9 +791,12 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
         if svc.may_hold(&ns).is_err() {
             continue;
         }
-        let url = format!("{}/_meridian/kv/digest/{ns}", peer.url);
-        let (status, body) =
-            crate::call(&svc.client, Method::GET, &url, &svc.token, Bytes::new(), Duration::from_secs(10)).await?;
+        let a = svc
+            .cluster
+            .call(&target, Method::GET, &format!("/_meridian/kv/digest/{ns}"), Bytes::new(), Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (status, body) = (a.status, a.body);
         if status != StatusCode::OK {
             return Err(format!("digest: HTTP {status}"));
         }
@@ -797,17 +806,13 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
             if *t == hex::encode(o) {
                 continue;
             }
-            let url = format!("{}/_meridian/repl/bucket/{ns}/{i}", peer.url);
-            let (status, body) = crate::call_with(
-                &svc.client,
-                Method::GET,
-                &url,
-                &svc.token,
-                Bytes::new(),
-                Duration::from_secs(30),
-                &[("x-meridian-peer", svc.region.as_str())],
-            )
-            .await?;
+            let path = format!("/_meridian/repl/bucket/{ns}/{i}");
+            let a = svc
+                .cluster
+                .call(&target, Method::GET, &path, Bytes::new(), Duration::from_secs(30))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (status, body) = (a.status, a.body);
             if status != StatusCode::OK {
                 return Err(format!("bucket {i} of {ns}: HTTP {status}"));
             }

@@ -479,10 +479,16 @@ impl Connection {
             return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!("no link to {}", self.region)))));
         };
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let url = format!("{}/_meridian/raft/{}/{what}", peer.url, self.ns);
-        let (status, bytes) = crate::call(&self.svc.client, Method::POST, &url, &self.svc.token, body.into(), timeout)
+        let path = format!("/_meridian/raft/{}/{what}", self.ns);
+        let target =
+            self.svc.target(&peer).map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e.to_string()))))?;
+        let a = self
+            .svc
+            .cluster
+            .call(&target, Method::POST, &path, body.into(), timeout)
             .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e.to_string()))))?;
+        let (status, bytes) = (a.status, a.body);
         if status != StatusCode::OK {
             return Err(RPCError::Network(NetworkError::new(&Failure(format!(
                 "{}: HTTP {status}: {}",
@@ -724,26 +730,25 @@ async fn forward_any(
     if hops >= 3 {
         return Err("too many forwards (no stable leader)".into());
     }
-    let body = serde_json::to_vec(op).map_err(|e| e.to_string())?;
+    let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(|e| e.to_string())?);
     let mut last = String::from("no member region reachable");
     for p in peers {
-        let url = format!("{}/_meridian/raft/{ns}/op?hops={}", p.url, hops + 1);
+        let path = format!("/_meridian/raft/{ns}/op?hops={}", hops + 1);
+        let target = svc.target(p).map_err(|e| e.to_string())?;
         // Short: a leader cut off from us is replaced within seconds, and
         // the caller is better told (outcome unknown) than kept waiting.
-        match crate::call(&svc.client, Method::POST, &url, &svc.token, body.clone().into(), Duration::from_secs(4))
-            .await
-        {
-            Ok((StatusCode::OK, b)) => {
-                let r: OpResult = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+        match svc.cluster.call(&target, Method::POST, &path, body.clone(), Duration::from_secs(4)).await {
+            Ok(a) if a.status == StatusCode::OK => {
+                let r: OpResult = serde_json::from_slice(&a.body).map_err(|e| e.to_string())?;
                 return match r.error {
                     Some(e) => Err(e),
                     None => Ok(r),
                 };
             }
-            Ok((s, b)) => return Err(format!("{}: HTTP {s}: {}", p.name, String::from_utf8_lossy(&b).trim())),
+            Ok(a) => return Err(format!("{}: HTTP {}: {}", p.name, a.status, a.text())),
             // Only a failure to connect proves nothing was sent; anything
             // else may have executed, and executing a write twice is wrong.
-            Err(e) if e.contains("Connect") => last = format!("{}: {e}", p.name),
+            Err(e) if e.nothing_sent() => last = format!("{}: {e}", p.name),
             Err(e) => return Err(format!("{}: {e}", p.name)),
         }
     }
@@ -757,6 +762,7 @@ pub async fn handle(
     what: &str,
     query: Option<&str>,
     body: Bytes,
+    caller: &meridian_trust::Identity,
 ) -> http::Response<Body> {
     if what == "op" {
         let op: crate::kv::Op = match serde_json::from_slice(&body) {
@@ -782,17 +788,35 @@ pub async fn handle(
     fn answer<T: serde::Serialize>(r: T) -> http::Response<Body> {
         json(StatusCode::OK, &r)
     }
+    // A Raft message speaks for the member its vote names; only that
+    // member's certificate may carry it.
+    let impersonation = |node: NodeId| -> Option<http::Response<Body>> {
+        if group.members.get(&node) == Some(&caller.name) {
+            return None;
+        }
+        tracing::warn!(%caller, node, ns, "refused a raft message sent on behalf of another member");
+        Some(text(StatusCode::FORBIDDEN, format!("{caller} may not speak for raft node {node} of {ns}")))
+    };
     match what {
         "append" => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(&body) {
-            Ok(req) => answer(group.raft.append_entries(req).await),
+            Ok(req) => match impersonation(req.vote.leader_id().node_id) {
+                Some(refused) => refused,
+                None => answer(group.raft.append_entries(req).await),
+            },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad append request: {e}")),
         },
         "vote" => match serde_json::from_slice::<VoteRequest<NodeId>>(&body) {
-            Ok(req) => answer(group.raft.vote(req).await),
+            Ok(req) => match impersonation(req.vote.leader_id().node_id) {
+                Some(refused) => refused,
+                None => answer(group.raft.vote(req).await),
+            },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad vote request: {e}")),
         },
         "snapshot" => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(&body) {
-            Ok(req) => answer(group.raft.install_snapshot(req).await),
+            Ok(req) => match impersonation(req.vote.leader_id().node_id) {
+                Some(refused) => refused,
+                None => answer(group.raft.install_snapshot(req).await),
+            },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad snapshot request: {e}")),
         },
         _ => text(StatusCode::NOT_FOUND, format!("no such raft API: {what}")),

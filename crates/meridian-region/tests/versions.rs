@@ -19,16 +19,19 @@ fn app(dir: &Path, page: &str) -> Bundle {
 }
 
 fn config(data: &Path) -> RegionConfig {
-    std::fs::write(data.join("token"), "t").unwrap();
+    let certs = data.join("certs");
+    let ca = meridian_trust::ensure_ca(&certs, "test", 1).unwrap();
+    let id = meridian_trust::Identity::new("test", meridian_trust::Role::Region, Some("eu")).unwrap();
+    meridian_trust::issue(&ca, &id, &certs, 1).unwrap();
     RegionConfig {
         name: "test".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        public_listen: "127.0.0.1:0".parse().unwrap(),
+        cluster_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.join("region"),
-        token_file: data.join("token"),
+        tls: meridian_trust::TlsFiles::in_dir(&certs, "test"),
         max_instances: 20,
         max_memory_mb: 128,
         max_bundle_mb: 64,
-        jurisdiction: "eu".into(),
         peers: Vec::new(),
         anti_entropy_ms: 1000,
         causality_wait_ms: 100,

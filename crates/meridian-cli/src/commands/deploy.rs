@@ -1,10 +1,11 @@
 //! `meridian deploy [DIR]`: package an app and roll it out.
 
-use crate::api::{call, WorldArg};
+use crate::api::{Operator, WorldArg};
 use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_control::DeployReport;
+use meridian_core::world::Credentials;
 use meridian_manifest::Bundle;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,25 +18,35 @@ pub struct Args {
     #[command(flatten)]
     pub world: WorldArg,
     /// Control plane URL (default: the world's).
-    #[arg(long)]
+    #[arg(long, requires_all = ["token_file", "tls_dir"])]
     pub control: Option<String>,
     /// File with the control plane's token (default: the world's).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Directory with the cluster CA (`ca.pem`) and the operator's
+    /// certificate (`operator.pem`, `operator.key`), as written by
+    /// `meridian certs issue --role operator --name operator`.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let (url, token) = match (&a.control, &a.token_file) {
-        (Some(url), Some(tf)) => (
-            url.clone(),
-            std::fs::read_to_string(tf).with_context(|| format!("cannot read {}", tf.display()))?.trim().to_string(),
-        ),
+    let (url, operator) = match (&a.control, &a.token_file, &a.tls_dir) {
+        (Some(url), Some(tf), Some(dir)) => {
+            let token = std::fs::read_to_string(tf)
+                .with_context(|| format!("cannot read {}", tf.display()))?
+                .trim()
+                .to_string();
+            let creds =
+                Credentials { ca: dir.join("ca.pem"), cert: dir.join("operator.pem"), key: dir.join("operator.key") };
+            (url.clone(), Operator::new(&creds, token)?)
+        }
         _ => {
-            let (w, token) = a.world.load()?;
-            (a.control.clone().unwrap_or(w.control_url), token)
+            let (w, operator) = a.world.connect()?;
+            (w.control_url, operator)
         }
     };
-    let report = deploy_dir(&url, &token, &a.dir).await?;
+    let report = deploy_dir(&operator, &url, &a.dir).await?;
     println!("deployed {} version {}", report.app, report.version.short());
     for r in &report.regions {
         if r.detail.is_empty() {
@@ -48,7 +59,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// Packages `dir` and deploys it through the control plane at `url`.
-pub async fn deploy_dir(url: &str, token: &str, dir: &Path) -> anyhow::Result<DeployReport> {
+pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path) -> anyhow::Result<DeployReport> {
     // A manifest problem is reported here, before anything leaves the machine.
     let bundle = Bundle::from_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
@@ -58,14 +69,15 @@ pub async fn deploy_dir(url: &str, token: &str, dir: &Path) -> anyhow::Result<De
         bundle.files.values().map(|f| f.len()).sum::<usize>() / 1024,
         bundle.id.short()
     );
-    let (status, body) = call(
-        Method::POST,
-        &format!("{}/v1/deploy", url.trim_end_matches('/')),
-        token,
-        Bytes::from(bundle.to_tar()),
-        Duration::from_secs(600),
-    )
-    .await?;
+    let (status, body) = operator
+        .control(
+            url.trim_end_matches('/'),
+            Method::POST,
+            "/v1/deploy",
+            Bytes::from(bundle.to_tar()),
+            Duration::from_secs(600),
+        )
+        .await?;
     if !status.is_success() {
         anyhow::bail!("deploy refused ({status}):\n{}", String::from_utf8_lossy(&body).trim());
     }

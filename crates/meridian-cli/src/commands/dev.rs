@@ -7,21 +7,21 @@
 //! trip. Then deploys the app (the bundled example unless `--app` is given),
 //! writes `world.json` and waits for Ctrl-C.
 
-use crate::api::WorldArg;
+use crate::api::{Operator, WorldArg};
 use crate::commands::roles::shutdown_signal;
-use crate::supervisor::{process_info, Supervisor};
+use crate::supervisor::{process_info, Listeners, Supervisor};
 use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_control::{ControlConfig, ControlRegion};
-use meridian_core::world::{EdgeInfo, LinkInfo, RegionInfo, WorldDescription, FORMAT, TOKEN_FILE};
+use meridian_core::world::{Credentials, EdgeInfo, LinkInfo, RegionInfo, WorldDescription, FORMAT, TOKEN_FILE};
 use meridian_core::Topology;
 use meridian_edge::health::HealthConfig;
 use meridian_edge::select::Policy;
 use meridian_edge::{EdgeConfig, RegionTarget};
 use meridian_region::RegionConfig;
+use meridian_trust::{Expect, Identity, Role, TlsFiles};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,6 +85,29 @@ impl Ports {
     }
 }
 
+/// Every node's certificate, from the world's own CA (kept across runs of
+/// the same world; node certificates are issued afresh each time).
+fn issue_certificates(dir: &Path, topology: &Topology) -> anyhow::Result<PathBuf> {
+    let certs = dir.join("certs");
+    let ca = meridian_trust::ensure_ca(&certs, "dev", 3650)?;
+    let mut ids =
+        vec![Identity::new("control", Role::Control, None)?, Identity::new("operator", Role::Operator, None)?];
+    for r in &topology.regions {
+        ids.push(Identity::new(&r.name, Role::Region, Some(&r.jurisdiction))?);
+        ids.push(Identity::new(&format!("edge-{}", r.name), Role::Edge, None)?);
+    }
+    for id in &ids {
+        meridian_trust::issue(&ca, id, &certs, 365)?;
+    }
+    Ok(certs)
+}
+
+/// A node's certificate files; a dev world checks them for changes every
+/// second, so a reissued certificate takes effect quickly.
+fn dev_tls(certs: &Path, name: &str) -> TlsFiles {
+    TlsFiles { reload_interval_ms: 1000, ..TlsFiles::in_dir(certs, name) }
+}
+
 fn write_config<T: serde::Serialize>(dir: &Path, name: &str, value: &T) -> anyhow::Result<PathBuf> {
     let path = dir.join("config").join(format!("{name}.toml"));
     std::fs::write(&path, toml::to_string(value)?)?;
@@ -121,8 +144,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let token = new_token();
     let token_file = dir.join(TOKEN_FILE);
-    std::fs::write(&token_file, &token)?;
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    meridian_core::fs::write_secret(&token_file, token.as_bytes())?;
+    let certs = issue_certificates(&dir, &topology).context("cannot make the world's certificates")?;
+    let operator_creds =
+        Credentials { ca: certs.join("ca.pem"), cert: certs.join("operator.pem"), key: certs.join("operator.key") };
 
     let mut ports = Ports { next: a.port_base };
     // Fixed layout: edges first, so users get stable URLs from the port base.
@@ -141,6 +166,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         ready: false,
         dir: dir.clone(),
         token_file: token_file.clone(),
+        operator: operator_creds.clone(),
         control_url: String::new(),
         supervisor_url: format!("http://{supervisor_addr}"),
         processes: vec![process_info("supervisor", "supervisor", supervisor_addr.to_string(), None, None)],
@@ -159,6 +185,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let api = tokio::spawn(meridian_http::serve(
         listener,
         handler,
+        meridian_http::Transport::Plain,
         async {
             let _ = stop_rx.await;
         },
@@ -167,9 +194,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let s = sup.clone();
     tokio::spawn(async move { s.watch_children().await });
 
-    let plan = Plan { topology, edge_addrs, control_addr, region_addrs, token_file };
+    let operator = Operator::new(&operator_creds, token.clone())?;
+    let plan = Plan { topology, edge_addrs, control_addr, region_addrs, token_file, certs };
     let result = tokio::select! {
-        r = bring_up(&sup, &a, plan, &mut ports, &token) => r,
+        r = bring_up(&sup, &a, plan, &mut ports, &operator) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = result {
@@ -201,6 +229,7 @@ struct Plan {
     control_addr: SocketAddr,
     region_addrs: Vec<SocketAddr>,
     token_file: PathBuf,
+    certs: PathBuf,
 }
 
 async fn add_link(
@@ -223,15 +252,15 @@ async fn add_link(
     })
 }
 
-/// Starts a role, waits until it serves, and pins the port it got in its
-/// config so a restart comes back on the same address.
+/// Starts a role, waits until it serves, and pins the ports it got in its
+/// config so a restart comes back on the same addresses.
 async fn start_role<T: serde::Serialize>(
     sup: &Supervisor,
     name: &str,
     role: &str,
     cfg: &mut T,
-    listen: impl Fn(&mut T) -> &mut SocketAddr,
-) -> anyhow::Result<SocketAddr> {
+    pin: impl Fn(&mut T, &Listeners),
+) -> anyhow::Result<Listeners> {
     let path = write_config(&sup.dir, name, cfg)?;
     sup.add_process(name, role, path.clone());
     {
@@ -245,12 +274,10 @@ async fn start_role<T: serde::Serialize>(
         ));
     }
     sup.start(name)?;
-    let addr = sup.wait_ready(name, Duration::from_secs(60)).await?;
-    if *listen(cfg) != addr {
-        *listen(cfg) = addr;
-        write_config(&sup.dir, name, cfg)?;
-    }
-    Ok(addr)
+    let got = sup.wait_ready(name, Duration::from_secs(60)).await?;
+    pin(cfg, &got);
+    write_config(&sup.dir, name, cfg)?;
+    Ok(got)
 }
 
 /// The example's manifest, fitted to the world's regions: its `strong`
@@ -271,35 +298,50 @@ fn example_manifest(bytes: &[u8], regions: &[String]) -> String {
     }
 }
 
-async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, token: &str) -> anyhow::Result<()> {
+async fn bring_up(
+    sup: &Supervisor,
+    a: &Args,
+    plan: Plan,
+    ports: &mut Ports,
+    operator: &Operator,
+) -> anyhow::Result<()> {
     let dir = sup.dir.clone();
     let plan_regions: Vec<String> = plan.topology.regions.iter().map(|r| r.name.clone()).collect();
     let t0 = Instant::now();
     let topology = &plan.topology;
 
     // Regions first: everything else points at them.
+    // Every edge->region, region->region and control->region connection
+    // goes to a region's cluster port.
     let mut region_addrs = Vec::new();
     let mut region_cfgs = Vec::new();
     for (r, addr) in topology.regions.iter().zip(&plan.region_addrs) {
         let mut cfg = RegionConfig {
             name: r.name.clone(),
-            listen: *addr,
+            public_listen: *addr,
+            cluster_listen: ports.take()?,
             data_dir: dir.join("data").join(&r.name),
-            token_file: plan.token_file.clone(),
+            tls: dev_tls(&plan.certs, &r.name),
             max_instances: 200,
             max_memory_mb: 512,
             max_bundle_mb: 256,
-            jurisdiction: r.jurisdiction.clone(),
             peers: Vec::new(),
             anti_entropy_ms: a.anti_entropy_ms,
             causality_wait_ms: 500,
         };
-        let addr = start_role(sup, &r.name, "region", &mut cfg, |c| &mut c.listen).await?;
+        let got = start_role(sup, &r.name, "region", &mut cfg, |c, l| {
+            c.public_listen = l.public.unwrap_or(c.public_listen);
+            c.cluster_listen = l.cluster.unwrap_or(c.cluster_listen);
+        })
+        .await?;
+        let (public, cluster) = (cfg.public_listen, cfg.cluster_listen);
+        debug_assert!(got.public.is_some() && got.cluster.is_some());
         region_cfgs.push(cfg);
-        region_addrs.push(addr);
+        region_addrs.push(cluster);
         sup.world.lock().unwrap().regions.push(RegionInfo {
             name: r.name.clone(),
-            url: format!("http://{addr}"),
+            url: format!("http://{public}"),
+            cluster_url: format!("https://{cluster}"),
             location: r.location,
             jurisdiction: r.jurisdiction.clone(),
         });
@@ -316,7 +358,7 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
                 add_link(sup, ports, &from, &r.name, region_addrs[ri], topology.rtt(&at.name, &r.name) / 2).await?;
             edge_targets[ei].push(RegionTarget {
                 name: r.name.clone(),
-                url: format!("http://{}", link.listen),
+                url: format!("https://{}", link.listen),
                 location: r.location,
             });
             links.push(link);
@@ -331,7 +373,7 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
                 let link = add_link(sup, ports, &ra.name, &rb.name, region_addrs[bi], rtt / 2).await?;
                 peers.push(meridian_region::Peer {
                     name: rb.name.clone(),
-                    url: format!("http://{}", link.listen),
+                    url: format!("https://{}", link.listen),
                     jurisdiction: rb.jurisdiction.clone(),
                     rtt_ms: rtt.as_secs_f64() * 1000.0,
                 });
@@ -341,15 +383,17 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
         // In the config for restarts, and at once through the admin API.
         region_cfgs[ai].peers = peers.clone();
         write_config(&dir, &ra.name, &region_cfgs[ai])?;
-        crate::api::call_ok(
-            Method::PUT,
-            &format!("http://{}/_meridian/peers", region_addrs[ai]),
-            token,
-            Bytes::from(serde_json::to_vec(&peers)?),
-            Duration::from_secs(5),
-        )
-        .await
-        .with_context(|| format!("cannot give {} its peers", ra.name))?;
+        operator
+            .node_ok(
+                &format!("https://{}", region_addrs[ai]),
+                Expect::region(&ra.name, &ra.jurisdiction),
+                Method::PUT,
+                "/_meridian/peers",
+                Bytes::from(serde_json::to_vec(&peers)?),
+                Duration::from_secs(5),
+            )
+            .await
+            .with_context(|| format!("cannot give {} its peers", ra.name))?;
     }
     sup.world.lock().unwrap().links = links;
 
@@ -357,16 +401,17 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
         listen: plan.control_addr,
         data_dir: dir.join("data").join("control"),
         token_file: plan.token_file.clone(),
+        tls: dev_tls(&plan.certs, "control"),
         regions: topology
             .regions
             .iter()
             .zip(&region_addrs)
-            .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("http://{addr}") })
+            .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("https://{addr}") })
             .collect(),
         reconcile_interval_ms: 1000,
     };
-    let control_addr = start_role(sup, "control", "control", &mut control_cfg, |c| &mut c.listen).await?;
-    let control_url = format!("http://{control_addr}");
+    start_role(sup, "control", "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
+    let control_url = format!("https://{}", control_cfg.listen);
     sup.world.lock().unwrap().control_url = control_url.clone();
 
     let policy = match a.policy {
@@ -378,6 +423,8 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
         let mut cfg = EdgeConfig {
             name: name.clone(),
             listen: *addr,
+            cluster_listen: ports.take()?,
+            tls: dev_tls(&plan.certs, &name),
             location: at.location,
             policy,
             trust_client_geo_headers: true,
@@ -388,8 +435,17 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
             upstream_timeout_ms: 30_000,
             max_body_kb: 8 * 1024,
         };
-        let addr = start_role(sup, &name, "edge", &mut cfg, |c| &mut c.listen).await?;
-        sup.world.lock().unwrap().edges.push(EdgeInfo { name, url: format!("http://{addr}"), location: at.location });
+        start_role(sup, &name, "edge", &mut cfg, |c, l| {
+            c.listen = l.public.unwrap_or(c.listen);
+            c.cluster_listen = l.cluster.unwrap_or(c.cluster_listen);
+        })
+        .await?;
+        sup.world.lock().unwrap().edges.push(EdgeInfo {
+            name,
+            url: format!("http://{}", cfg.listen),
+            cluster_url: format!("https://{}", cfg.cluster_listen),
+            location: at.location,
+        });
     }
     let world = sup.world.lock().unwrap().clone();
     world.write(&dir)?;
@@ -413,20 +469,22 @@ async fn bring_up(sup: &Supervisor, a: &Args, plan: Plan, ports: &mut Ports, tok
             d
         }
     };
-    let report = crate::commands::deploy::deploy_dir(&control_url, token, &app_dir).await?;
+    let report = crate::commands::deploy::deploy_dir(operator, &control_url, &app_dir).await?;
     eprintln!("deployed {} version {}", report.app, report.version.short());
     // Ready means routable: every edge sees every region healthy.
     let deadline = Instant::now() + Duration::from_secs(60);
     for e in &world.edges {
         loop {
-            let s = crate::api::call_ok(
-                Method::GET,
-                &format!("{}{}", e.url, meridian_core::headers::EDGE_STATUS_PATH),
-                token,
-                Bytes::new(),
-                Duration::from_secs(2),
-            )
-            .await;
+            let s = operator
+                .node_ok(
+                    &e.cluster_url,
+                    Expect::new(&e.name, Role::Edge),
+                    Method::GET,
+                    meridian_core::headers::EDGE_STATUS_PATH,
+                    Bytes::new(),
+                    Duration::from_secs(2),
+                )
+                .await;
             let all = s
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())

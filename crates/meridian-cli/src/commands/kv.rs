@@ -5,12 +5,14 @@
 //! namespace that region may not hold is forwarded by it to the nearest
 //! region that may, exactly as a function's calls are.
 
-use crate::api::{call_ok, WorldArg};
+use crate::api::{Operator, WorldArg};
 use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_core::wire::KvStatus;
+use meridian_core::world::{RegionInfo, WorldDescription};
 use meridian_region::kv::{Op, OpResult};
+use meridian_trust::Expect;
 use std::io::Read;
 use std::time::Duration;
 
@@ -78,23 +80,35 @@ pub enum KvCommand {
     },
 }
 
-fn region_url(w: &meridian_core::world::WorldDescription, region: Option<&str>) -> anyhow::Result<(String, String)> {
-    let r = match region {
+fn region<'a>(w: &'a WorldDescription, region: Option<&str>) -> anyhow::Result<&'a RegionInfo> {
+    match region {
         Some(name) => {
-            w.regions.iter().find(|r| r.name == name).with_context(|| format!("no region {name:?} in this world"))?
+            w.regions.iter().find(|r| r.name == name).with_context(|| format!("no region {name:?} in this world"))
         }
-        None => w.regions.first().context("the world has no regions")?,
-    };
-    Ok((r.name.clone(), r.url.clone()))
+        None => w.regions.first().context("the world has no regions"),
+    }
 }
 
-async fn op(a: &WorldArg, region: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
-    let (w, token) = a.load()?;
-    let (_, url) = region_url(&w, region)?;
-    let body = call_ok(
+/// Calls a region's cluster port as the operator.
+pub async fn region_call(
+    op: &Operator,
+    r: &RegionInfo,
+    method: Method,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> anyhow::Result<Bytes> {
+    op.node_ok(&r.cluster_url, Expect::region(&r.name, &r.jurisdiction), method, path, body, timeout).await
+}
+
+async fn op(a: &WorldArg, region_name: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
+    let (w, operator) = a.connect()?;
+    let r = region(&w, region_name)?;
+    let body = region_call(
+        &operator,
+        r,
         Method::POST,
-        &format!("{url}/_meridian/kv/op"),
-        &token,
+        "/_meridian/kv/op",
         Bytes::from(serde_json::to_vec(&op)?),
         Duration::from_secs(15),
     )
@@ -152,16 +166,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         KvCommand::Conflicts { t } => {
-            let (world, token) = w.load()?;
-            let (_, url) = region_url(&world, t.region.as_deref())?;
-            let body = call_ok(
-                Method::GET,
-                &format!("{url}/_meridian/kv/conflicts/{}", t.ns),
-                &token,
-                Bytes::new(),
-                Duration::from_secs(10),
-            )
-            .await?;
+            let (world, operator) = w.connect()?;
+            let r = region(&world, t.region.as_deref())?;
+            let path = format!("/_meridian/kv/conflicts/{}", t.ns);
+            let body = region_call(&operator, r, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
             let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             for c in &list {
                 let v = c["value_hex"].as_str().and_then(|h| hex::decode(h).ok());
@@ -176,8 +184,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             println!("{} conflict(s)", list.len());
         }
         KvCommand::Status { json } => {
-            let (world, token) = w.load()?;
-            let all = statuses(&world, &token).await;
+            let (world, operator) = w.connect()?;
+            let all = statuses(&world, &operator).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -189,17 +197,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// Key-value status of every region (a region that does not answer is left out).
-pub async fn statuses(w: &meridian_core::world::WorldDescription, token: &str) -> Vec<KvStatus> {
+pub async fn statuses(w: &WorldDescription, operator: &Operator) -> Vec<KvStatus> {
     let mut out = Vec::new();
     for r in &w.regions {
-        let s = call_ok(
-            Method::GET,
-            &format!("{}/_meridian/kv/status", r.url),
-            token,
-            Bytes::new(),
-            Duration::from_secs(5),
-        )
-        .await;
+        let s =
+            region_call(operator, r, Method::GET, "/_meridian/kv/status", Bytes::new(), Duration::from_secs(5)).await;
         if let Some(s) = s.ok().and_then(|b| serde_json::from_slice::<KvStatus>(&b).ok()) {
             out.push(s);
         }

@@ -1,3 +1,4 @@
+pub mod certs;
 pub mod chaos;
 pub mod deploy;
 pub mod dev;

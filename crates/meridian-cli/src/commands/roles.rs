@@ -1,7 +1,7 @@
 //! `meridian region|edge|control --config FILE`: run one role.
 
 use anyhow::Context;
-use meridian_http::Handler;
+use meridian_http::{ClientAuth, Handler, Transport};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +16,15 @@ pub struct Args {
     pub ready_file: Option<PathBuf>,
 }
 
-fn announce(ready_file: &Option<PathBuf>, listener: &tokio::net::TcpListener) -> anyhow::Result<()> {
+/// Writes `<kind> <address>` per listener, once all are bound (the file
+/// appears atomically, so its presence means the role serves).
+fn announce(ready_file: &Option<PathBuf>, listeners: &[(&str, &tokio::net::TcpListener)]) -> anyhow::Result<()> {
     if let Some(f) = ready_file {
-        let addr = listener.local_addr()?.to_string();
-        meridian_core::fs::write_atomic(f, addr.as_bytes()).with_context(|| format!("cannot write {}", f.display()))?;
+        let mut text = String::new();
+        for (kind, l) in listeners {
+            text += &format!("{kind} {}\n", l.local_addr()?);
+        }
+        meridian_core::fs::write_atomic(f, text.as_bytes()).with_context(|| format!("cannot write {}", f.display()))?;
     }
     Ok(())
 }
@@ -45,33 +50,54 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Announces the bound address, then serves until SIGINT/SIGTERM and drains.
-async fn serve(a: &Args, what: &str, listener: tokio::net::TcpListener, handler: Handler) -> anyhow::Result<()> {
-    serve_until(a, what, listener, handler, shutdown_signal()).await
-}
-
-async fn serve_until(
+/// Serves every listener until `shutdown`, then drains them all.
+async fn serve_all(
     a: &Args,
     what: &str,
-    listener: tokio::net::TcpListener,
-    handler: Handler,
+    listeners: Vec<(&str, tokio::net::TcpListener, Handler, Transport)>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    announce(&a.ready_file, &listener)?;
-    tracing::info!(addr = %listener.local_addr()?, "{what} serving");
-    meridian_http::serve(listener, handler, shutdown, Duration::from_secs(10)).await;
+    announce(&a.ready_file, &listeners.iter().map(|(k, l, _, _)| (*k, l)).collect::<Vec<_>>())?;
+    for (kind, l, _, _) in &listeners {
+        tracing::info!(addr = %l.local_addr()?, "{what} serving ({kind})");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (_, l, h, t) in listeners {
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(meridian_http::serve(
+            l,
+            h,
+            t,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+            Duration::from_secs(10),
+        )));
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
     Ok(())
 }
 
 pub async fn region(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_region::RegionConfig = load(&a.config)?;
-    let listener = bind(cfg.listen).await?;
+    let public = bind(cfg.public_listen).await?;
+    let cluster = bind(cfg.cluster_listen).await?;
     let what = format!("region {}", cfg.name);
     let region = meridian_region::Region::open(cfg).await?;
     let r = region.clone();
-    let handler: Handler = Arc::new(move |req, _peer| {
+    let public_handler: Handler = Arc::new(move |req, _peer| {
         let r = r.clone();
-        Box::pin(async move { r.handle(req).await })
+        Box::pin(async move { r.handle_public(req).await })
+    });
+    let r = region.clone();
+    let cluster_handler: Handler = Arc::new(move |req, _peer| {
+        let r = r.clone();
+        Box::pin(async move { r.handle_cluster(req).await })
     });
     // Replication streams are long-lived requests: end them first so the
     // server can drain.
@@ -79,30 +105,56 @@ pub async fn region(a: Args) -> anyhow::Result<()> {
         shutdown_signal().await;
         region.shutdown().await;
     };
-    serve_until(&a, &what, listener, handler, shutdown).await
+    let tls = Transport::Tls(region.tls.clone(), ClientAuth::Required);
+    serve_all(
+        &a,
+        &what,
+        vec![("public", public, public_handler, Transport::Plain), ("cluster", cluster, cluster_handler, tls)],
+        shutdown,
+    )
+    .await
 }
 
 pub async fn edge(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_edge::EdgeConfig = load(&a.config)?;
-    let listener = bind(cfg.listen).await?;
+    let public = bind(cfg.listen).await?;
+    let cluster = bind(cfg.cluster_listen).await?;
     let what = cfg.name.clone();
     let edge = meridian_edge::Edge::new(cfg)?;
+    edge.tls.spawn_reloader();
     tokio::spawn(edge.clone().run_health_checks());
-    let handler: Handler = Arc::new(move |req, peer| {
-        let e = edge.clone();
+    let e = edge.clone();
+    let public_handler: Handler = Arc::new(move |req, peer| {
+        let e = e.clone();
         Box::pin(async move { e.handle(req, peer).await })
     });
-    serve(&a, &what, listener, handler).await
+    let e = edge.clone();
+    let cluster_handler: Handler = Arc::new(move |req, _peer| {
+        let e = e.clone();
+        Box::pin(async move { e.handle_cluster(req).await })
+    });
+    let tls = Transport::Tls(edge.tls.clone(), ClientAuth::Required);
+    serve_all(
+        &a,
+        &what,
+        vec![("public", public, public_handler, Transport::Plain), ("cluster", cluster, cluster_handler, tls)],
+        shutdown_signal(),
+    )
+    .await
 }
 
 pub async fn control(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_control::ControlConfig = load(&a.config)?;
     let listener = bind(cfg.listen).await?;
     let control = meridian_control::Control::open(cfg)?;
+    control.tls.spawn_reloader();
     tokio::spawn(control.clone().reconcile_loop());
+    let c = control.clone();
     let handler: Handler = Arc::new(move |req, _peer| {
-        let c = control.clone();
+        let c = c.clone();
         Box::pin(async move { c.handle(req).await })
     });
-    serve(&a, "control plane", listener, handler).await
+    // Operators authenticate with the token; TLS proves the control plane.
+    let tls = Transport::Tls(control.tls.clone(), ClientAuth::Optional);
+    serve_all(&a, "control plane", vec![("cluster", listener, handler, tls)], shutdown_signal()).await
 }

@@ -1,8 +1,9 @@
 //! `meridian status`: versions per region and health as each edge sees it.
 
-use crate::api::{call_ok, WorldArg};
+use crate::api::WorldArg;
 use bytes::Bytes;
 use http::Method;
+use meridian_trust::{Expect, Role};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -15,23 +16,22 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let (w, token) = a.world.load()?;
+    let (w, operator) = a.world.connect()?;
     let t = Duration::from_secs(5);
-    let control = call_ok(Method::GET, &format!("{}/v1/status", w.control_url), &token, Bytes::new(), t).await?;
+    let (status, control) = operator.control(&w.control_url, Method::GET, "/v1/status", Bytes::new(), t).await?;
+    if !status.is_success() {
+        anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
+    }
     let control: serde_json::Value = serde_json::from_slice(&control)?;
     let mut edges = Vec::new();
     for e in &w.edges {
-        let s = call_ok(
-            Method::GET,
-            &format!("{}{}", e.url, meridian_core::headers::EDGE_STATUS_PATH),
-            &token,
-            Bytes::new(),
-            t,
-        )
-        .await;
+        let path = meridian_core::headers::EDGE_STATUS_PATH;
+        let s = operator
+            .node_ok(&e.cluster_url, Expect::new(&e.name, Role::Edge), Method::GET, path, Bytes::new(), t)
+            .await;
         edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
     }
-    let kv = crate::commands::kv::statuses(&w, &token).await;
+    let kv = crate::commands::kv::statuses(&w, &operator).await;
     if a.json {
         let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
         println!(

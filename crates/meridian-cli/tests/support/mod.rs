@@ -77,6 +77,63 @@ impl World {
         self.desc.regions.iter().find(|r| r.name == name).unwrap().url.clone()
     }
 
+    pub fn region_cluster_url(&self, name: &str) -> String {
+        self.desc.regions.iter().find(|r| r.name == name).unwrap().cluster_url.clone()
+    }
+
+    /// A client holding the certificate `meridian dev` issued to `name`
+    /// (`operator`, `control`, a region or an edge).
+    pub fn client_as(&self, name: &str) -> meridian_http::cluster::ClusterClient {
+        let files = meridian_trust::TlsFiles::in_dir(&self.dir.path().join("certs"), name);
+        let tls = meridian_trust::Tls::load(files).unwrap_or_else(|e| panic!("certificate of {name}: {e}"));
+        meridian_http::cluster::ClusterClient::new(tls, Duration::from_secs(5))
+    }
+
+    /// Calls a region's cluster port with the certificate of `as_name`.
+    pub async fn region_call_as(
+        &self,
+        as_name: &str,
+        region: &str,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, String), meridian_http::cluster::CallError> {
+        let r = self.desc.regions.iter().find(|r| r.name == region).unwrap();
+        let target = meridian_http::cluster::Target::from_url(
+            &r.cluster_url,
+            meridian_trust::Expect::region(&r.name, &r.jurisdiction),
+        )?;
+        let a = self
+            .client_as(as_name)
+            .call(&target, method.parse().unwrap(), path, Bytes::from(body), Duration::from_secs(30))
+            .await?;
+        Ok((a.status.as_u16(), String::from_utf8_lossy(&a.body).into_owned()))
+    }
+
+    /// An edge's status (health of every region), from its cluster port.
+    pub async fn edge_status(&self, edge: &str) -> serde_json::Value {
+        let e = self.desc.edges.iter().find(|e| e.name == edge).unwrap();
+        let target = meridian_http::cluster::Target::from_url(
+            &e.cluster_url,
+            meridian_trust::Expect::new(&e.name, meridian_trust::Role::Edge),
+        )
+        .unwrap();
+        let a = self
+            .client_as("operator")
+            .call(&target, http::Method::GET, "/_meridian/edge", Bytes::new(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+        serde_json::from_slice(&a.body).unwrap()
+    }
+
+    /// Calls a region's cluster port as the operator.
+    pub async fn region_call(&self, region: &str, method: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+        self.region_call_as("operator", region, method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} on {region}: {e}"))
+    }
+
     /// Runs `meridian <args> --world <dir>` and returns (success, stdout+stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
         let out = meridian().args(args).arg("--world").arg(self.dir.path()).output().unwrap();
@@ -134,6 +191,7 @@ fn placeholder() -> WorldDescription {
         ready: false,
         dir: Default::default(),
         token_file: Default::default(),
+        operator: Default::default(),
         control_url: String::new(),
         supervisor_url: String::new(),
         processes: vec![],

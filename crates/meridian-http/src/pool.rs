@@ -1,17 +1,23 @@
-//! Keep-alive connections from an edge to one region.
+//! Keep-alive connections to one node.
 //!
 //! A deliberately small pool over hyper's HTTP/1 connection API, used instead
 //! of hyper-util's general-purpose client: one lock-protected stack of idle
-//! senders per region, no background tasks beyond each connection's own
+//! senders per node, no background tasks beyond each connection's own
 //! driver. A connection goes back on the stack when its response body has
 //! been read to the end; a connection whose body was abandoned is dropped.
+//!
+//! With TLS, every new connection is a mutual-TLS handshake with this node's
+//! certificate, and the server's certificate must be the one the pool
+//! [`Expect`]s (name, role and, for a region, jurisdiction) before the
+//! request is written: a wrong peer is a connect error, and nothing was sent.
 
+use crate::Body;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use meridian_http::Body;
+use meridian_trust::{Expect, Tls};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -25,6 +31,7 @@ const MAX_IDLE: Duration = Duration::from_secs(20);
 pub struct Pool {
     addr: String,
     connect_timeout: Duration,
+    tls: Option<(Arc<Tls>, Expect)>,
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
 }
 
@@ -33,29 +40,54 @@ pub enum SendError {
     /// Nothing was sent: the request may be retried elsewhere whatever its method.
     #[error("cannot connect: {0}")]
     Connect(String),
-    /// The request may have reached the region.
+    /// The request may have reached the node.
     #[error("{0}")]
     Request(#[from] hyper::Error),
 }
 
+impl SendError {
+    /// Whether nothing of the request can have reached the node, so sending
+    /// it again (there or elsewhere) cannot run it twice.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
 impl Pool {
+    /// A pool of plain TCP connections to `addr` (`host:port`).
     pub fn new(addr: String, connect_timeout: Duration) -> Arc<Pool> {
-        Arc::new(Pool { addr, connect_timeout, idle: Mutex::new(Vec::new()) })
+        Arc::new(Pool { addr, connect_timeout, tls: None, idle: Mutex::new(Vec::new()) })
+    }
+
+    /// A pool of mutual-TLS connections to `addr`, which must present the
+    /// certificate of `expect`.
+    pub fn with_tls(addr: String, connect_timeout: Duration, tls: Arc<Tls>, expect: Expect) -> Arc<Pool> {
+        Arc::new(Pool { addr, connect_timeout, tls: Some((tls, expect)), idle: Mutex::new(Vec::new()) })
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| SendError::Connect(format!("no connection within {:?}", self.connect_timeout)))?
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        let connect = async {
+            let stream =
+                tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| SendError::Connect(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => handshake(TokioIo::new(stream)).await,
+                Some((tls, expect)) => {
+                    let name = expect.server_name().map_err(SendError::Connect)?;
+                    let stream = tokio_rustls::TlsConnector::from(tls.client_config())
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| SendError::Connect(format!("TLS handshake with {}: {e}", self.addr)))?;
+                    let id = Tls::peer_identity(stream.get_ref().1.peer_certificates())
+                        .ok_or_else(|| SendError::Connect("the server's certificate carries no identity".into()))?;
+                    expect.check(&id).map_err(SendError::Connect)?;
+                    handshake(TokioIo::new(stream)).await
+                }
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, connect).await.map_err(|_| {
+            SendError::Connect(format!("no connection to {} within {:?}", self.addr, self.connect_timeout))
+        })?
     }
 
     fn checkout(&self) -> Option<SendRequest<Body>> {
@@ -90,6 +122,18 @@ impl Pool {
     }
 }
 
+async fn handshake<I>(io: I) -> Result<SendRequest<Body>, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 struct PooledBody {
     inner: Incoming,
     sender: Option<SendRequest<Body>>,
@@ -106,7 +150,7 @@ impl PooledBody {
 
 impl hyper::body::Body for PooledBody {
     type Data = Bytes;
-    type Error = meridian_http::BoxError;
+    type Error = crate::BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
@@ -116,7 +160,7 @@ impl hyper::body::Body for PooledBody {
             Poll::Ready(Some(Err(_))) => self.sender = None,
             _ => {}
         }
-        r.map(|o| o.map(|res| res.map_err(|e| Box::new(e) as meridian_http::BoxError)))
+        r.map(|o| o.map(|res| res.map_err(|e| Box::new(e) as crate::BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -146,7 +190,7 @@ mod tests {
                 c.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(meridian_http::full("hello")))
+                        Ok::<_, std::convert::Infallible>(Response::new(crate::full("hello")))
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
                 });
@@ -156,7 +200,7 @@ mod tests {
     }
 
     fn get() -> Request<Body> {
-        Request::get("/").body(meridian_http::empty()).unwrap()
+        Request::get("/").body(crate::empty()).unwrap()
     }
 
     #[tokio::test]

@@ -365,7 +365,7 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
         key: b"k".to_vec(),
         record: meridian_store::Record {
             value: meridian_store::Value::Bytes(v.to_vec()),
-            ts: meridian_store::Timestamp { wall_ms: u64::MAX / 2, logical: 0 },
+            ts: meridian_store::Timestamp { wall_ms: meridian_store::hlc::system_ms(), logical: 0 },
             origin: "us-east".into(),
             seen: Default::default(),
         },
@@ -390,6 +390,30 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
         ("wrong version", version, 400),
         ("not a message", b"hello".to_vec(), 400),
         ("unknown origin", msg("mars", "sessions").encode(), 403),
+        (
+            "clock at the maximum",
+            {
+                let mut m = msg("us-east", "sessions");
+                if let meridian_store::Message::Push { changes, .. } = &mut m {
+                    changes[0].record.ts = meridian_store::Timestamp { wall_ms: u64::MAX, logical: u32::MAX };
+                }
+                m.encode()
+            },
+            400,
+        ),
+        (
+            "counter past i64::MAX",
+            {
+                let mut m = msg("us-east", "counters");
+                if let meridian_store::Message::Push { changes, .. } = &mut m {
+                    let mut incs = std::collections::BTreeMap::new();
+                    incs.insert("us-east".to_string(), u64::MAX);
+                    changes[0].record.value = meridian_store::Value::Counter { incs, decs: Default::default() };
+                }
+                m.encode()
+            },
+            400,
+        ),
     ];
     // Sent with us-east's certificate, as us-east would.
     let push = "/_meridian/repl/push";
@@ -419,9 +443,30 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
     let v = kv_op(&c, &w, "eu-west", serde_json::json!({"op": "get", "ns": "sessions", "key": "k"})).await;
     assert_eq!(v["value_hex"], hex::encode("v"));
     let status = kv_op_status(&c, &w, "eu-west").await;
-    assert_eq!(status["rejected_messages"], 5, "{status}");
+    assert_eq!(status["rejected_messages"], 7, "{status}");
     let log = std::fs::read_to_string(w.dir.path().join("logs/eu-west.log")).unwrap();
-    assert!(log.matches("replication message rejected").count() >= 5, "{log}");
+    assert!(log.matches("replication message rejected").count() >= 7, "{log}");
+    assert!(log.contains("ahead of this region's clock") && log.contains("outside the 64-bit"), "{log}");
+    // The region keeps serving, and its own clock was not dragged forward:
+    // a new write still carries a timestamp of today.
+    let r = request(&c, "PUT", &format!("{eu}/kv/sessions/after"), &[], "ok").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A function adding past i64::MAX gets an error value (the example turns
+    // it into a 503 that names it), and the counter is unchanged.
+    let big = format!("{eu}/kv/counters/big?incr={}", i64::MAX);
+    assert_eq!(request(&c, "POST", &big, &[], "").await.unwrap().body.trim(), i64::MAX.to_string());
+    let r = request(&c, "POST", &format!("{eu}/kv/counters/big?incr=1"), &[], "").await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("64-bit signed"), "{}", r.body);
+    assert_eq!(counter(&c, &w, "eu-west", "big").await, i64::MAX);
+    // The same through Raft (the strong `ledger` namespace).
+    let big = format!("{eu}/kv/ledger/big?incr={}", i64::MAX);
+    let r = request(&c, "POST", &big, &[], "").await.unwrap();
+    assert_eq!(r.body.trim(), i64::MAX.to_string(), "{}", r.body);
+    let r = request(&c, "POST", &format!("{eu}/kv/ledger/big?incr=1"), &[], "").await.unwrap();
+    assert!(r.status >= 500 && r.body.contains("64-bit signed"), "{}: {}", r.status, r.body);
+    let r = request(&c, "GET", &format!("{eu}/kv/ledger/big"), &[], "").await.unwrap();
+    assert_eq!(r.body.trim(), i64::MAX.to_string());
     assert!(log.contains("checksum mismatch") && log.contains("format version 99"), "{log}");
 }
 

@@ -326,6 +326,9 @@ impl Replication {
         let (origin, changes) = match &msg {
             Message::Push { origin, changes, .. } | Message::Snapshot { origin, changes, .. } => (origin, changes),
         };
+        if let Err(e) = msg.check_content(system_ms()) {
+            return Err(self.refuse(StatusCode::BAD_REQUEST, format!("replication message from {origin}: {e}")));
+        }
         // Who sent it is the certificate's word, not the message's.
         if origin != &caller.name {
             return Err(self.refuse(
@@ -827,6 +830,11 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
             };
             if changes.iter().any(|c| c.ns != ns) {
                 return Err("bucket answer names another namespace".into());
+            }
+            if let Err(e) = meridian_store::check_changes(&changes, system_ms()) {
+                svc.repl.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(peer = %peer.name, error = %e, "anti-entropy answer refused; nothing applied");
+                return Err(e.to_string());
             }
             let report = svc.store.merge(changes).await.map_err(|e| e.to_string())?;
             changed += report.changed;

@@ -75,6 +75,9 @@ pub struct CommandResult {
     /// For a failed swap: the current value and version.
     pub current: Option<Vec<u8>>,
     pub version: u64,
+    /// An increment that would have left the i64 range (nothing changed).
+    #[serde(default)]
+    pub overflow: bool,
 }
 
 openraft::declare_raft_types!(
@@ -300,7 +303,15 @@ fn apply_command(
         }
         Command::Increment { key, delta } => {
             let total = match read(t, key)?.map(|v| v.value) {
-                Some(Stored::Counter(n)) => n.saturating_add(*delta),
+                Some(Stored::Counter(n)) => match n.checked_add(*delta) {
+                    Some(t) => t,
+                    // Refused, deterministically on every member: the
+                    // command applies as a no-op and says why.
+                    None => {
+                        r.overflow = true;
+                        return Ok(r);
+                    }
+                },
                 None => *delta,
                 // A value is not a counter: the command is a no-op, reported.
                 Some(Stored::Bytes(_)) => {
@@ -673,6 +684,9 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
     match group.raft.client_write(cmd).await {
         Ok(resp) => {
             let d = resp.data;
+            if d.overflow {
+                return Err("the counter would leave the range of a 64-bit signed integer; nothing was changed".into());
+            }
             if matches!(op, Op::Increment { .. }) && d.total.is_none() {
                 return Err("the key holds a value, not a counter".into());
             }

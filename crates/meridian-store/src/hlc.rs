@@ -43,8 +43,13 @@ impl<C: Fn() -> u64> Hlc<C> {
         let mut last = self.last.lock().unwrap();
         *last = if pt > last.wall_ms {
             Timestamp { wall_ms: pt, logical: 0 }
-        } else {
+        } else if last.logical < u32::MAX {
             Timestamp { wall_ms: last.wall_ms, logical: last.logical + 1 }
+        } else {
+            // 4 billion events within one millisecond: borrow the next one.
+            // (Remote timestamps far in the future are refused before they
+            // are observed, so wall time is never near its maximum.)
+            Timestamp { wall_ms: last.wall_ms.saturating_add(1), logical: 0 }
         };
         *last
     }
@@ -57,6 +62,33 @@ impl<C: Fn() -> u64> Hlc<C> {
             *last = remote;
         }
     }
+}
+
+/// How far ahead of this region's clock a peer's timestamp may be. Beyond
+/// it a message is refused rather than observed: observing it would drag
+/// every later local write of this region that far into the future (and a
+/// timestamp at the maximum would leave no room at all).
+pub const MAX_AHEAD_MS: u64 = 60_000;
+
+/// Why a timestamp from elsewhere is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("timestamp {wall_ms}.{logical} is {ahead_ms} ms ahead of this region's clock (at most {MAX_AHEAD_MS} ms is accepted)")]
+pub struct TooFarAhead {
+    pub wall_ms: u64,
+    pub logical: u32,
+    pub ahead_ms: u64,
+}
+
+/// Checks a remote timestamp against the local physical time `now_ms`.
+pub fn check_remote(ts: Timestamp, now_ms: u64) -> Result<(), TooFarAhead> {
+    if ts.wall_ms > now_ms.saturating_add(MAX_AHEAD_MS) || ts.logical == u32::MAX {
+        return Err(TooFarAhead {
+            wall_ms: ts.wall_ms,
+            logical: ts.logical,
+            ahead_ms: ts.wall_ms.saturating_sub(now_ms),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -84,5 +116,17 @@ mod tests {
         let hlc = Hlc::new(|| 100);
         hlc.observe(Timestamp { wall_ms: 5000, logical: 7 });
         assert_eq!(hlc.now(), Timestamp { wall_ms: 5000, logical: 8 });
+    }
+
+    #[test]
+    fn the_logical_part_never_overflows_and_far_future_timestamps_are_refused() {
+        let hlc = Hlc::new(|| 100);
+        hlc.observe(Timestamp { wall_ms: 100, logical: u32::MAX - 1 });
+        assert_eq!(hlc.now(), Timestamp { wall_ms: 100, logical: u32::MAX });
+        assert_eq!(hlc.now(), Timestamp { wall_ms: 101, logical: 0 });
+        assert!(check_remote(Timestamp { wall_ms: u64::MAX, logical: u32::MAX }, 1000).is_err());
+        assert!(check_remote(Timestamp { wall_ms: 1000, logical: u32::MAX }, 1000).is_err());
+        assert!(check_remote(Timestamp { wall_ms: 1000 + MAX_AHEAD_MS + 1, logical: 0 }, 1000).is_err());
+        assert!(check_remote(Timestamp { wall_ms: 1000 + MAX_AHEAD_MS, logical: 7 }, 1000).is_ok());
     }
 }

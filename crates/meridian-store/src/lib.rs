@@ -19,4 +19,4 @@ pub use record::{DecodeError, Record, Value};
 pub use store::{
     bucket_of, ApplyReport, PushOutcome, Store, StoreError, Swapped, Written, DIGEST_BUCKETS, DISK_FORMAT,
 };
-pub use wire::{Change, Message, WireError};
+pub use wire::{check_changes, Change, Message, Unacceptable, WireError};

@@ -26,13 +26,23 @@ pub enum Value {
 }
 
 impl Value {
-    pub fn counter_total(&self) -> Option<i64> {
+    /// A counter's exact total (i128 cannot overflow for any number of
+    /// regions this side of 2^64).
+    pub fn counter_total_exact(&self) -> Option<i128> {
         match self {
             Value::Counter { incs, decs } => {
-                Some(incs.values().map(|&v| v as i64).sum::<i64>() - decs.values().map(|&v| v as i64).sum::<i64>())
+                Some(incs.values().map(|&v| v as i128).sum::<i128>() - decs.values().map(|&v| v as i128).sum::<i128>())
             }
             _ => None,
         }
+    }
+
+    /// A counter's total as the `wasi:keyvalue` API sees it. Stored counters
+    /// always fit (a local increment that would leave the i64 range is
+    /// refused, and so is a peer's record whose total does not fit), so the
+    /// clamp below never changes a value this build accepted.
+    pub fn counter_total(&self) -> Option<i64> {
+        self.counter_total_exact().map(|t| t.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
     }
 }
 

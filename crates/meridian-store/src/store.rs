@@ -56,6 +56,8 @@ pub enum StoreError {
     KeyTooLong(usize),
     #[error("the key holds a value, not a counter")]
     NotACounter,
+    #[error("the counter would leave the range of a 64-bit signed integer; nothing was changed")]
+    CounterOverflow,
     #[error("the store is shut down")]
     Closed,
 }
@@ -793,9 +795,14 @@ impl Writer<'_> {
                     Some(Value::Bytes(_)) => return Err(StoreError::NotACounter),
                 };
                 let side = if *delta >= 0 { &mut incs } else { &mut decs };
-                *side.entry(self.inner.region.clone()).or_insert(0) += delta.unsigned_abs();
-                let w = self.local(ns, key, Value::Counter { incs, decs }, old.as_ref())?;
-                let total = w.record.value.counter_total().unwrap_or(0);
+                let mine = side.entry(self.inner.region.clone()).or_insert(0);
+                *mine = mine.checked_add(delta.unsigned_abs()).ok_or(StoreError::CounterOverflow)?;
+                let value = Value::Counter { incs, decs };
+                // Refused before anything is written: the total must stay
+                // what a wasi:keyvalue increment can return (an s64).
+                let total = value.counter_total_exact().unwrap_or(0);
+                let total = i64::try_from(total).map_err(|_| StoreError::CounterOverflow)?;
+                let w = self.local(ns, key, value, old.as_ref())?;
                 Outcome::Counter(w, total)
             }
             Op::Swap { ns, key, expected, value } => {
@@ -924,6 +931,40 @@ mod tests {
         assert_eq!(next.seq, 6);
         // Timestamps keep increasing across the restart.
         assert!(next.record.ts > del.record.ts);
+    }
+
+    #[test]
+    fn a_counter_never_leaves_the_i64_range_and_a_refused_increment_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("kv"), "eu-west").unwrap();
+        rt().block_on(async {
+            assert_eq!(s.increment("c", b"n", i64::MAX).await.unwrap().1, i64::MAX);
+            let before = s.get("c", b"n").unwrap();
+            assert!(matches!(s.increment("c", b"n", 1).await, Err(StoreError::CounterOverflow)));
+            assert_eq!(s.get("c", b"n").unwrap(), before, "a refused increment wrote something");
+            // Down is fine, and so is the way back up to the limit.
+            assert_eq!(s.increment("c", b"n", -5).await.unwrap().1, i64::MAX - 5);
+            assert_eq!(s.increment("c", b"n", 5).await.unwrap().1, i64::MAX);
+            assert_eq!(s.increment("d", b"n", i64::MIN).await.unwrap().1, i64::MIN);
+            assert!(matches!(s.increment("d", b"n", -1).await, Err(StoreError::CounterOverflow)));
+        });
+        // A peer's counter that totals outside the range is refused whole.
+        let mut incs = BTreeMap::new();
+        incs.insert("us-east".to_string(), u64::MAX);
+        let change = Change {
+            ns: "c".into(),
+            key: b"n".to_vec(),
+            record: Record {
+                value: Value::Counter { incs, decs: BTreeMap::new() },
+                ts: Timestamp { wall_ms: 1, logical: 0 },
+                origin: "us-east".into(),
+                seen: Timestamp::default(),
+            },
+        };
+        assert!(matches!(
+            crate::wire::check_changes(&[change], 1000),
+            Err(crate::wire::Unacceptable::CounterRange { .. })
+        ));
     }
 
     #[test]

@@ -42,6 +42,45 @@ pub enum Message {
     Snapshot { origin: String, incarnation: u64, upto_seq: u64, complete: bool, changes: Vec<Change> },
 }
 
+/// A well-formed message whose content this region refuses to apply.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Unacceptable {
+    #[error("a record's clock is unacceptable: {0}")]
+    Clock(#[from] crate::hlc::TooFarAhead),
+    #[error("a counter in namespace {ns:?} totals outside the 64-bit signed range")]
+    CounterRange { ns: String },
+}
+
+/// Checks what a peer sent beyond its encoding: no timestamp may be far
+/// ahead of this region's clock (`now_ms`) or at the logical maximum, and
+/// every counter must total within i64 — so applying it can never overflow
+/// the clock or a counter here.
+pub fn check_changes(changes: &[Change], now_ms: u64) -> Result<(), Unacceptable> {
+    for c in changes {
+        crate::hlc::check_remote(c.record.ts, now_ms)?;
+        crate::hlc::check_remote(c.record.seen, now_ms)?;
+        if let Some(t) = c.record.value.counter_total_exact() {
+            if i64::try_from(t).is_err() {
+                return Err(Unacceptable::CounterRange { ns: c.ns.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Message {
+    /// [`check_changes`] for a whole message, its stable time included.
+    pub fn check_content(&self, now_ms: u64) -> Result<(), Unacceptable> {
+        match self {
+            Message::Push { stable, changes, .. } => {
+                crate::hlc::check_remote(*stable, now_ms)?;
+                check_changes(changes, now_ms)
+            }
+            Message::Snapshot { changes, .. } => check_changes(changes, now_ms),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("not a replication message (bad magic)")]

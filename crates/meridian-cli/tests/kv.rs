@@ -343,6 +343,28 @@ async fn a_causality_token_gives_read_your_writes_in_another_region() {
     // And with the header form.
     let fresh = get(&c, &us, &[("x-meridian-client-country", "US"), ("x-meridian-causality", &token)]).await;
     assert_eq!(fresh.body, "3 items");
+
+    // A forged token — an altered sequence number, a made-up tag, an
+    // unsigned one, or one sealed by another world — is ignored: served at
+    // once by us-east, neither waited on (500 ms) nor forwarded across the
+    // 1.2 s link.
+    let (entries, tag) = token.rsplit_once('.').unwrap();
+    let (prefix, seq) = entries.rsplit_once(':').unwrap();
+    let forged = [
+        format!("{prefix}:{}.{tag}", seq.parse::<u64>().unwrap() + 1000),
+        format!("{entries}.{}", "0".repeat(32)),
+        entries.to_string(),
+        "eu-west:1:1000000".to_string(),
+    ];
+    for f in &forged {
+        for h in [("x-meridian-causality", f.clone()), ("cookie", format!("meridian-causality={f}"))] {
+            let t = Instant::now();
+            let r = get(&c, &format!("{us}-forged"), &[("x-meridian-client-country", "US"), (h.0, &h.1)]).await;
+            let took = t.elapsed();
+            assert_eq!((r.status, r.region().as_str()), (404, "us-east"), "{f}: {}", r.body);
+            assert!(took < Duration::from_millis(300), "a forged token ({f}) was waited on: {took:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

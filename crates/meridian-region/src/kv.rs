@@ -51,6 +51,8 @@ pub struct KvService {
     /// checked against its name and jurisdiction.
     pub cluster: ClusterClient,
     pub repl: Replication,
+    /// Seals and opens the causality tokens clients carry.
+    pub causality_key: CausalityKey,
     /// How long a request carrying a causality token waits for this region
     /// to apply the writes it names before it is forwarded to their origin.
     pub causality_wait: Duration,
@@ -93,6 +95,56 @@ pub fn parse_token(s: &str) -> Vec<TokenEntry> {
         })
         .take(16)
         .collect()
+}
+
+/// The world's key for causality tokens. A token a client carries is a
+/// promise the region waits on (and forwards the request for), so only
+/// tokens some region of this world issued are honoured: each is sealed with
+/// an HMAC-SHA256 over its entries, and one that does not verify — forged,
+/// altered, or from another world — is ignored as if absent.
+#[derive(Clone)]
+pub struct CausalityKey(Vec<u8>);
+
+/// Bytes of the MAC kept in a token (128 bits).
+const TAG_BYTES: usize = 16;
+
+impl CausalityKey {
+    pub fn new(key: Vec<u8>) -> CausalityKey {
+        CausalityKey(key)
+    }
+
+    fn tag(&self, entries: &str) -> Vec<u8> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"meridian-causality-v1\0");
+        mac.update(entries.as_bytes());
+        mac.finalize().into_bytes()[..TAG_BYTES].to_vec()
+    }
+
+    /// `<entries>.<tag>`: what goes into the header and the cookie.
+    pub fn seal(&self, entries: &[TokenEntry]) -> String {
+        let body = format_token(entries);
+        let tag = hex::encode(self.tag(&body));
+        format!("{body}.{tag}")
+    }
+
+    /// The entries of a sealed token, or nothing if its tag does not verify.
+    pub fn open(&self, token: &str) -> Vec<TokenEntry> {
+        use hmac::Mac;
+        let Some((body, tag)) = token.trim().rsplit_once('.') else { return Vec::new() };
+        let Ok(tag) = hex::decode(tag) else { return Vec::new() };
+        if tag.len() != TAG_BYTES {
+            return Vec::new();
+        }
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"meridian-causality-v1\0");
+        mac.update(body.as_bytes());
+        // Constant-time comparison of the truncated tag.
+        if mac.verify_truncated_left(&tag).is_err() {
+            return Vec::new();
+        }
+        parse_token(body)
+    }
 }
 
 /// Adds `e` to a token, keeping the newest entry per origin.
@@ -745,6 +797,21 @@ mod tests {
         let mut m = t.clone();
         merge_token(&mut m, TokenEntry { origin: "eu-west".into(), incarnation: 0xabc, seq: 5 });
         assert_eq!(m, t, "an older write does not move a token back");
+    }
+
+    #[test]
+    fn only_tokens_sealed_with_the_worlds_key_are_honoured() {
+        let key = CausalityKey::new(b"world key".to_vec());
+        let t = vec![TokenEntry { origin: "eu-west".into(), incarnation: 7, seq: 99 }];
+        let sealed = key.seal(&t);
+        assert_eq!(key.open(&sealed), t);
+        // Another world's key, an altered sequence number, a missing or
+        // shortened tag, a bare unsigned token: all ignored.
+        assert_eq!(CausalityKey::new(b"other".to_vec()).open(&sealed), vec![]);
+        assert_eq!(key.open(&sealed.replace(":99.", ":999.")), vec![]);
+        assert_eq!(key.open(&sealed[..sealed.len() - 2]), vec![]);
+        assert_eq!(key.open("eu-west:7:99"), vec![]);
+        assert_eq!(key.open(&format!("{}.zz", format_token(&t))), vec![]);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct RegionConfig {
     pub data_dir: PathBuf,
     /// This region's certificate (its name and jurisdiction come from it).
     pub tls: TlsFiles,
+    /// The world's secret for causality tokens (`meridian certs init`
+    /// writes `cluster.key`); every region of a world has the same one.
+    pub cluster_key_file: PathBuf,
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
     #[serde(default = "default_max_memory_mb")]
@@ -152,6 +155,14 @@ impl Region {
         // Residency trusts the certificate, never the config.
         let jurisdiction = me.jurisdiction.clone().unwrap_or_default();
         tls.spawn_reloader();
+        let cluster_key = std::fs::read_to_string(&config.cluster_key_file)
+            .map_err(|e| anyhow::anyhow!("cannot read the cluster key {}: {e}", config.cluster_key_file.display()))?
+            .trim()
+            .as_bytes()
+            .to_vec();
+        if cluster_key.len() < 32 {
+            anyhow::bail!("the cluster key {} is shorter than 32 bytes", config.cluster_key_file.display());
+        }
         std::fs::create_dir_all(config.data_dir.join("versions"))?;
         let host = Host::new(HostConfig {
             cache_dir: config.data_dir.join("compiled"),
@@ -168,6 +179,7 @@ impl Region {
             peers: Default::default(),
             namespaces: Default::default(),
             cluster: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
+            causality_key: kv::CausalityKey::new(cluster_key),
             repl,
             causality_wait: Duration::from_millis(config.causality_wait_ms),
             groups: Default::default(),
@@ -321,7 +333,7 @@ impl Region {
         // Causality: serve a request that follows a write only where that
         // write is applied: wait a little, else hand it to the region that
         // made the write.
-        let token = causality_token(&req);
+        let token = self.causality_token(&req);
         if !token.is_empty() && !req.headers().contains_key(headers::FORWARDED) && !self.kv.wait_for(&token).await {
             let origin = token.iter().find(|e| !self.kv.has_applied(std::slice::from_ref(e))).map(|e| e.origin.clone());
             let peer = origin.and_then(|o| self.kv.peers.load().iter().find(|p| p.name == o).cloned());
@@ -361,7 +373,7 @@ impl Region {
                 let kv = Arc::new(kv::RequestKv {
                     svc: self.kv.clone(),
                     namespaces: version.namespaces.clone(),
-                    token: Mutex::new(causality_token(&req)),
+                    token: Mutex::new(self.causality_token(&req)),
                 });
                 let written = kv.token.lock().unwrap().len();
                 let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
@@ -372,7 +384,7 @@ impl Region {
                 // with the one the request brought), as a header and a cookie.
                 let token = kv.token.lock().unwrap().clone();
                 if token.len() > written || (!token.is_empty() && kv_wrote(&token, &self.config.name)) {
-                    let t = kv::format_token(&token);
+                    let t = self.kv.causality_key.seal(&token);
                     if let Ok(v) = HeaderValue::from_str(&t) {
                         resp.headers_mut().insert(headers::CAUSALITY, v);
                     }
@@ -544,20 +556,24 @@ fn kv_wrote(token: &[kv::TokenEntry], region: &str) -> bool {
     token.iter().any(|e| e.origin == region)
 }
 
-/// The causality token a request carries (header, else cookie).
-fn causality_token<B>(req: &Request<B>) -> Vec<kv::TokenEntry> {
-    if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
-        return kv::parse_token(v);
-    }
-    for v in req.headers().get_all(http::header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for c in v.split(';') {
-            if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
-                return kv::parse_token(t);
+impl Region {
+    /// The causality token a request carries (header, else cookie), if this
+    /// world sealed it; anything else is ignored, never waited on.
+    fn causality_token<B>(&self, req: &Request<B>) -> Vec<kv::TokenEntry> {
+        let key = &self.kv.causality_key;
+        if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
+            return key.open(v);
+        }
+        for v in req.headers().get_all(http::header::COOKIE) {
+            let Ok(v) = v.to_str() else { continue };
+            for c in v.split(';') {
+                if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
+                    return key.open(t);
+                }
             }
         }
+        Vec::new()
     }
-    Vec::new()
 }
 
 /// Which roles may call what on the cluster port. Edges reach the app and

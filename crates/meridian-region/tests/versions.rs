@@ -29,6 +29,7 @@ fn config(data: &Path) -> RegionConfig {
         cluster_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.join("region"),
         tls: meridian_trust::TlsFiles::in_dir(&certs, "test"),
+        cluster_key_file: ca.cluster_key.clone(),
         max_instances: 20,
         max_memory_mb: 128,
         max_bundle_mb: 64,

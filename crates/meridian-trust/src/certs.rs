@@ -13,13 +13,24 @@ use std::path::{Path, PathBuf};
 pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The world's shared secret (causality tokens): 32 random bytes, hex.
+    /// Regions need it; nothing else does.
+    pub cluster_key: PathBuf,
 }
 
 impl CaFiles {
-    /// `ca.pem` and `ca.key` in `dir`.
+    /// `ca.pem`, `ca.key` and `cluster.key` in `dir`.
     pub fn in_dir(dir: &Path) -> CaFiles {
-        CaFiles { cert: dir.join("ca.pem"), key: dir.join("ca.key") }
+        CaFiles { cert: dir.join("ca.pem"), key: dir.join("ca.key"), cluster_key: dir.join("cluster.key") }
     }
+}
+
+fn new_cluster_key(path: &Path) -> Result<(), TrustError> {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    write(path, format!("{hex}\n").as_bytes(), true)
 }
 
 /// A certificate and key written by [`issue`].
@@ -65,7 +76,7 @@ fn read(path: &Path) -> Result<String, TrustError> {
 /// Refuses to overwrite an existing one: every node certificate depends on it.
 pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustError> {
     let files = CaFiles::in_dir(dir);
-    for p in [&files.cert, &files.key] {
+    for p in [&files.cert, &files.key, &files.cluster_key] {
         if p.exists() {
             return Err(TrustError::Exists { path: p.clone() });
         }
@@ -83,6 +94,7 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustErr
     let cert = params.self_signed(&key)?;
     write(&files.key, key.serialize_pem().as_bytes(), true)?;
     write(&files.cert, cert.pem().as_bytes(), false)?;
+    new_cluster_key(&files.cluster_key)?;
     Ok(files)
 }
 
@@ -91,6 +103,9 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustErr
 pub fn ensure_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustError> {
     let files = CaFiles::in_dir(dir);
     if files.cert.exists() && files.key.exists() {
+        if !files.cluster_key.exists() {
+            new_cluster_key(&files.cluster_key)?;
+        }
         return Ok(files);
     }
     init_ca(dir, cluster, days)
@@ -145,7 +160,7 @@ mod tests {
         assert!(matches!(init_ca(dir.path(), "test", 30), Err(TrustError::Exists { .. })));
         let id = Identity::new("eu-west", Role::Region, Some("eu")).unwrap();
         let issued = issue(&ca, &id, &dir.path().join("nodes"), 30).unwrap();
-        for key in [&ca.key, &issued.key] {
+        for key in [&ca.key, &ca.cluster_key, &issued.key] {
             assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600, "{}", key.display());
         }
         let pem = std::fs::read(&issued.cert).unwrap();

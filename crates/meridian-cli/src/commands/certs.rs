@@ -65,7 +65,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Init { dir, cluster, days } => {
             let ca = meridian_trust::init_ca(&dir, &cluster, days)?;
             println!("created the cluster CA: {} (key {}, mode 0600)", ca.cert.display(), ca.key.display());
-            println!("keep the key off the nodes; give every node {}", ca.cert.display());
+            println!(
+                "created the world's cluster key: {} (mode 0600): give it to every region",
+                ca.cluster_key.display()
+            );
+            println!("keep the CA key off the nodes; give every node {}", ca.cert.display());
         }
         Cmd::Issue { dir, out, role, name, jurisdiction, days } => {
             let id = Identity::new(&name, role, jurisdiction.as_deref())?;

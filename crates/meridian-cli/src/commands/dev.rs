@@ -322,6 +322,7 @@ async fn bring_up(
             cluster_listen: ports.take()?,
             data_dir: dir.join("data").join(&r.name),
             tls: dev_tls(&plan.certs, &r.name),
+            cluster_key_file: plan.certs.join("cluster.key"),
             max_instances: 200,
             max_memory_mb: 512,
             max_bundle_mb: 256,

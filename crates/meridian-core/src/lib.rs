@@ -5,6 +5,7 @@
 //! This crate has no I/O beyond reading small files and no async: every other
 //! crate depends on it, so it stays cheap to build.
 
+pub mod egress;
 pub mod fs;
 pub mod geo;
 pub mod headers;

@@ -71,6 +71,8 @@ pub struct Host {
     linker: Arc<Linker<GuestState>>,
     config: HostConfig,
     stop_ticker: Arc<AtomicBool>,
+    /// This node's own listening addresses: no guest may reach them.
+    own_addrs: Arc<std::sync::RwLock<Vec<std::net::SocketAddr>>>,
 }
 
 impl Drop for Host {
@@ -124,7 +126,13 @@ impl Host {
                 }
             })
             .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.to_string())))?;
-        Ok(Host { engine, linker: Arc::new(linker), config, stop_ticker })
+        Ok(Host { engine, linker: Arc::new(linker), config, stop_ticker, own_addrs: Default::default() })
+    }
+
+    /// The node's own listeners, which guests may never reach whatever
+    /// their manifest lists (applies to components prepared before, too).
+    pub fn forbid_addrs(&self, addrs: Vec<std::net::SocketAddr>) {
+        *self.own_addrs.write().unwrap() = addrs;
     }
 
     /// Compiles (or loads from the cache) and pre-instantiates a component.
@@ -135,6 +143,19 @@ impl Host {
         deadline: Duration,
         memory_mb: u64,
         env: Vec<(String, String)>,
+    ) -> Result<Prepared, HostError> {
+        self.prepare_with_egress(wasm, deadline, memory_mb, env, Vec::new())
+    }
+
+    /// [`Host::prepare`] for a component that may send HTTP requests to
+    /// `allowed` hosts ([`crate::egress`]).
+    pub fn prepare_with_egress(
+        &self,
+        wasm: &[u8],
+        deadline: Duration,
+        memory_mb: u64,
+        env: Vec<(String, String)>,
+        allowed: Vec<crate::egress::AllowedHost>,
     ) -> Result<Prepared, HostError> {
         if memory_mb > self.config.max_memory_mb {
             return Err(HostError::MemoryTooLarge { asked: memory_mb, max: self.config.max_memory_mb });
@@ -147,7 +168,17 @@ impl Host {
             HostError::Link(e.context("it must export wasi:http/incoming-handler (the wasi:http/proxy world)"))
         })?;
         Ok(Prepared {
-            inner: Arc::new(PreparedInner { pre, deadline, memory_bytes: (memory_mb as usize) << 20, env }),
+            inner: Arc::new(PreparedInner {
+                pre,
+                deadline,
+                memory_bytes: (memory_mb as usize) << 20,
+                env,
+                egress: Arc::new(crate::egress::EgressPolicy {
+                    allowed,
+                    forbidden: self.own_addrs.clone(),
+                    ..Default::default()
+                }),
+            }),
             was_cached: cached,
         })
     }
@@ -159,6 +190,36 @@ struct GuestState {
     table: ResourceTable,
     limiter: MemoryLimiter,
     kv: Option<Arc<dyn KvBackend>>,
+    hooks: EgressHooks,
+}
+
+/// Sends a guest's outgoing requests under its component's egress policy.
+struct EgressHooks(Arc<crate::egress::EgressPolicy>);
+
+impl wasmtime_wasi_http::WasiHttpHooks for EgressHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        drop(fut);
+        let policy = self.0.clone();
+        Box::new(async move {
+            let resp = policy.send(request, options).await?;
+            Ok((resp, Box::new(async { Ok(()) }) as Box<dyn std::future::Future<Output = _> + Send>))
+        })
+    }
 }
 
 impl WasiView for GuestState {
@@ -169,7 +230,7 @@ impl WasiView for GuestState {
 
 impl WasiHttpView for GuestState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: Default::default() }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
     }
 }
 
@@ -199,6 +260,7 @@ struct PreparedInner {
     deadline: Duration,
     memory_bytes: usize,
     env: Vec<(String, String)>,
+    egress: Arc<crate::egress::EgressPolicy>,
 }
 
 /// A compiled, linked component, ready to serve requests. Cheap to clone.
@@ -240,6 +302,7 @@ impl Prepared {
                 table: ResourceTable::new(),
                 limiter: MemoryLimiter { max_bytes: self.inner.memory_bytes, fault: fault.clone() },
                 kv,
+                hooks: EgressHooks(self.inner.egress.clone()),
             },
         );
         store.limiter(|s| &mut s.limiter);

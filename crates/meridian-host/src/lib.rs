@@ -13,10 +13,14 @@
 //! * Guests reach key-value data through `wasi:keyvalue@0.2.0-draft2`
 //!   ([`kv`]), backed by whatever [`KvBackend`] the caller passes per request.
 //!
+//! * Outgoing HTTP reaches only the hosts a component's manifest lists,
+//!   checked on the resolved address ([`egress`]).
+//!
 //! This crate knows nothing of regions, routes or versions; it turns bytes
 //! into a [`Prepared`] component and requests into responses.
 
 mod cache;
+pub mod egress;
 mod guest;
 pub mod kv;
 

@@ -35,6 +35,9 @@ pub struct Component {
     /// Path of the `.wasm` file, relative to the app directory, `/`-separated.
     pub source: String,
     pub limits: Limits,
+    /// Hosts the component may send HTTP requests to (none by default).
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<meridian_core::egress::AllowedHost>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -428,7 +431,18 @@ impl Manifest {
                             c.error(item_span(t, cname), &prefix, "expected a table with `source`");
                             continue;
                         };
-                        c.only_keys(ct, &prefix, &["source", "deadline_ms", "memory_mb"]);
+                        c.only_keys(ct, &prefix, &["source", "deadline_ms", "memory_mb", "allowed_outbound_hosts"]);
+                        let mut allowed_outbound_hosts = Vec::new();
+                        for h in c.string_list(ct, &prefix, "allowed_outbound_hosts").into_iter().flatten() {
+                            match h.parse::<meridian_core::egress::AllowedHost>() {
+                                Ok(a) => allowed_outbound_hosts.push(a),
+                                Err(e) => c.error(
+                                    item_span(ct, "allowed_outbound_hosts"),
+                                    &format!("{prefix}.allowed_outbound_hosts"),
+                                    e,
+                                ),
+                            }
+                        }
                         let source = c.string(ct, &prefix, "source");
                         match &source {
                             None if ct.get("source").is_none() => c.error(
@@ -447,7 +461,7 @@ impl Manifest {
                         if let Some(source) = source {
                             components.insert(
                                 cname.to_string(),
-                                Component { name: cname.to_string(), source, limits: climits },
+                                Component { name: cname.to_string(), source, limits: climits, allowed_outbound_hosts },
                             );
                         }
                     }

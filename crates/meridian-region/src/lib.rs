@@ -206,6 +206,12 @@ impl Region {
         Ok(region)
     }
 
+    /// The addresses this node listens on: no guest may ever reach them,
+    /// whatever its manifest lists.
+    pub fn forbid_guest_access(&self, addrs: Vec<std::net::SocketAddr>) {
+        self.host.forbid_addrs(addrs);
+    }
+
     /// Stops background work (replication) so the region's data can be
     /// closed and opened again in this process once the region is dropped.
     pub async fn shutdown(&self) {
@@ -527,7 +533,13 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
             ("MERIDIAN_VERSION".to_string(), bundle.id.short().to_string()),
         ];
         let p = host
-            .prepare(wasm, Duration::from_millis(c.limits.deadline_ms), c.limits.memory_mb, env)
+            .prepare_with_egress(
+                wasm,
+                Duration::from_millis(c.limits.deadline_ms),
+                c.limits.memory_mb,
+                env,
+                c.allowed_outbound_hosts.clone(),
+            )
             .map_err(|source| InstallError::Component { name: name.clone(), source })?;
         all_cached &= p.was_cached;
         components.insert(name.clone(), p);

@@ -89,6 +89,7 @@ pub async fn region(a: Args) -> anyhow::Result<()> {
     let cluster = bind(cfg.cluster_listen).await?;
     let what = format!("region {}", cfg.name);
     let region = meridian_region::Region::open(cfg).await?;
+    region.forbid_guest_access(vec![public.local_addr()?, cluster.local_addr()?]);
     let r = region.clone();
     let public_handler: Handler = Arc::new(move |req, _peer| {
         let r = r.clone();

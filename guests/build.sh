@@ -22,7 +22,7 @@ cp "$here/wit/world.wit" "$work/kvwit/"
 cp "$wit"/deps/*.wit "$work/kvwit/deps/"
 cp "$root"/crates/meridian-host/wit/keyvalue/*.wit "$work/kvwit/deps/keyvalue/"
 wit-bindgen c "$work/kvwit" --world meridian:guests/proxy --out-dir "$work/kvgen" >/dev/null
-for g in hello hostile kv; do
+for g in hello hostile kv fetch; do
   gen="$work/gen"
   [ "$g" = kv ] && gen="$work/kvgen"
   clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Werror -Wno-unused-function \

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -88,33 +89,65 @@ def wrk(url, duration, conns=16, threads=1):
             "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
 
 
+def tls_section(certs, name):
+    return f'[tls]\nca = "{certs}/ca.pem"\ncert = "{certs}/{name}.pem"\nkey = "{certs}/{name}.key"\n'
+
+
+def make_certs(work, *nodes):
+    """`meridian certs`: a CA and one certificate per (role, name[, jurisdiction])."""
+    certs = os.path.join(work, "certs")
+    subprocess.run([MERIDIAN, "certs", "init", "--dir", certs], check=True, capture_output=True)
+    for node in nodes:
+        role, name = node[0], node[1]
+        extra = ["--jurisdiction", node[2]] if len(node) > 2 else []
+        subprocess.run([MERIDIAN, "certs", "issue", "--dir", certs, "--role", role, "--name", name, *extra],
+                       check=True, capture_output=True)
+    return certs
+
+
+def wait_port(port, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
 class Stack:
     """A standalone control plane + one region (the multi-machine roles)."""
 
     def __init__(self, work, app_dir):
         self.work = work
+        self.certs = make_certs(work, ("region", "bench", "eu"), ("edge", "edge-bench"), ("control", "control"),
+                                ("operator", "operator"))
         self.token_file = os.path.join(work, "token")
         with open(self.token_file, "w") as f:
             f.write("bench-token")
-        self.region_port, self.control_port = free_port(), free_port()
+        self.region_port, self.cluster_port, self.control_port = free_port(), free_port(), free_port()
         region_cfg = os.path.join(work, "region.toml")
         with open(region_cfg, "w") as f:
-            f.write(f'name = "bench"\nlisten = "127.0.0.1:{self.region_port}"\n'
-                    f'data_dir = "{work}/region-data"\ntoken_file = "{self.token_file}"\n')
+            f.write(f'name = "bench"\npublic_listen = "127.0.0.1:{self.region_port}"\n'
+                    f'cluster_listen = "127.0.0.1:{self.cluster_port}"\n'
+                    f'data_dir = "{work}/region-data"\ncluster_key_file = "{self.certs}/cluster.key"\n'
+                    + tls_section(self.certs, "bench"))
         control_cfg = os.path.join(work, "control.toml")
         with open(control_cfg, "w") as f:
             f.write(f'listen = "127.0.0.1:{self.control_port}"\ndata_dir = "{work}/control-data"\n'
                     f'token_file = "{self.token_file}"\n'
-                    f'[[regions]]\nname = "bench"\nurl = "http://127.0.0.1:{self.region_port}"\n')
+                    f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{self.cluster_port}"\n'
+                    + tls_section(self.certs, "control"))
         self.region = start([MERIDIAN, "region", "--config", region_cfg], os.path.join(work, "region.log"))
         start([MERIDIAN, "control", "--config", control_cfg], os.path.join(work, "control.log"))
-        wait_http(self.region_port, "/_meridian/health")
-        wait_http(self.control_port, "/v1/status")
+        wait_port(self.region_port)
+        wait_port(self.control_port)
         self.deploy(app_dir)
 
     def deploy(self, app_dir):
-        subprocess.run([MERIDIAN, "deploy", app_dir, "--control", f"http://127.0.0.1:{self.control_port}",
-                        "--token-file", self.token_file], check=True, capture_output=True)
+        subprocess.run([MERIDIAN, "deploy", app_dir, "--control", f"https://127.0.0.1:{self.control_port}",
+                        "--token-file", self.token_file, "--tls-dir", self.certs], check=True, capture_output=True)
 
 
 def make_app(work, name="app", extra_static=""):
@@ -160,14 +193,18 @@ def bench_host(work, duration):
 
 
 def bench_edge(work, duration):
-    """Edge in front of a region vs nginx in front of the same region."""
+    """Edge in front of a region vs nginx in front of the same region. Both
+    reach the region the same way: mutual TLS to its cluster port, pooled
+    keep-alive connections (nginx with proxy_ssl_certificate and session
+    reuse). "direct" is the region's public port, plain HTTP."""
     stack = Stack(work, make_app(work))
-    edge_port, nginx_port = free_port(), free_port()
+    edge_port, edge_cluster, nginx_port = free_port(), free_port(), free_port()
     edge_cfg = os.path.join(work, "edge.toml")
     with open(edge_cfg, "w") as f:
-        f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\nlocation = {{ lat = 50.0, lon = 8.0 }}\n'
-                f'[[regions]]\nname = "bench"\nurl = "http://127.0.0.1:{stack.region_port}"\n'
-                f'location = {{ lat = 50.0, lon = 8.0 }}\n')
+        f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
+                f'location = {{ lat = 50.0, lon = 8.0 }}\n'
+                f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
+                f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
     start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
     wait_http(edge_port, "/", ok=lambda s: s == 200)
     nginx_dir = os.path.join(work, "nginx")
@@ -182,21 +219,30 @@ error_log {nginx_dir}/error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  upstream region {{ server 127.0.0.1:{stack.region_port}; keepalive 256; }}
+  upstream region {{ server 127.0.0.1:{stack.cluster_port}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{nginx_port};
     location / {{
-      proxy_pass http://region;
+      proxy_pass https://region;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering on;
+      proxy_ssl_certificate {stack.certs}/edge-bench.pem;
+      proxy_ssl_certificate_key {stack.certs}/edge-bench.key;
+      proxy_ssl_trusted_certificate {stack.certs}/ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name bench.region.meridian;
+      proxy_ssl_server_name on;
+      proxy_ssl_protocols TLSv1.3;
+      proxy_ssl_session_reuse on;
     }}
   }}
 }}
 """)
     start(["nginx", "-c", conf, "-p", nginx_dir], os.path.join(work, "nginx.log"))
     wait_http(nginx_port, "/", ok=lambda s: s == 200)
-    print(f"\n## Edge router vs nginx reverse proxy (same region behind both, wrk -t1, {duration}s each)\n")
+    print(f"\n## Edge router vs nginx reverse proxy (same region behind both, both over mutual TLS to its cluster port; "
+          f"direct = its public port; wrk -t1, {duration}s each)\n")
     print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
           "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -353,11 +399,17 @@ delay = function() return DELAY end
 
 
 def kv_status(wdir, w, region):
-    token = open(w["token_file"]).read().strip()
-    url = next(r["url"] for r in w["regions"] if r["name"] == region)
+    """A region's kv status from its cluster port, as the world's operator."""
+    op = w["operator"]
+    ctx = ssl.create_default_context(cafile=op["ca"])
+    ctx.load_cert_chain(op["cert"], op["key"])
+    url = next(r["cluster_url"] for r in w["regions"] if r["name"] == region)
     host, port = url.rsplit("/", 1)[1].split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=10)
-    c.request("GET", "/_meridian/kv/status", headers={"authorization": f"Bearer {token}"})
+    c = http.client.HTTPSConnection(host, int(port), timeout=10, context=ctx)
+    # The certificate names the region, not the address.
+    c.sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
+                             server_hostname=f"{region}.region.meridian")
+    c.request("GET", "/_meridian/kv/status")
     r = c.getresponse()
     return json.loads(r.read())
 
@@ -422,7 +474,6 @@ def bench_kv_get(work, duration, rounds=20, gets=2000):
 def bench_strong(work, writes=100):
     """Strong-namespace write latency vs the round trip to the nearest quorum."""
     wdir, w = dev_world(work)
-    token = open(w["token_file"]).read().strip()
     delay = {(l["from"], l["to"]): l["one_way_delay_ms"] for l in w["links"]}
     rtt = lambda a, b: 2 * delay[(a, b)]
     regions = [r["name"] for r in w["regions"]]

@@ -53,17 +53,6 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Dev(_) | Command::Region(_) | Command::Edge(_) | Command::Control(_)) {
-        // A command whose output is piped into `head` should end quietly
-        // when the pipe closes, as other command-line tools do, rather than
-        // panic in println!. (Servers keep Rust's default of ignoring
-        // SIGPIPE: a peer closing a socket must never kill a node.)
-        // SAFETY: restoring the default disposition of a signal before any
-        // thread is started.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -216,10 +216,8 @@ key = "certs/control.key"
     let put = format!("http://127.0.0.1:{}/kv/profiles/anna", ports[1].0);
     assert_eq!(request(&c, "PUT", &put, &[], "HANDBUILT-EU").await.unwrap().status, 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for entry in walk(&d.join("data/us-east")) {
-        let bytes = std::fs::read(&entry).unwrap_or_default();
-        assert!(!bytes.windows(12).any(|w| w == b"HANDBUILT-EU"), "EU data in {}", entry.display());
-    }
+    let found = files_containing(&d.join("data/us-east"), b"HANDBUILT-EU");
+    assert!(found.is_empty(), "EU data on us-east's disk: {found:?}");
     // A wrong token is refused by the control plane.
     std::fs::write(d.join("wrong"), "nope").unwrap();
     let out = meridian()
@@ -238,19 +236,4 @@ key = "certs/control.key"
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -204,23 +204,6 @@ async fn a_wiped_region_is_rebuilt_from_its_peers() {
     converged(&c, &w, &["sessions"], Duration::from_secs(10)).await.unwrap();
 }
 
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_containing(&p, needle));
-        } else if let Ok(bytes) = std::fs::read(&p) {
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream() {
     // Capture every replication message every region sends.

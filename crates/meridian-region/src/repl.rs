@@ -89,6 +89,8 @@ pub struct Replication {
     /// Directory where every replication message this region sends is
     /// appended, one file per destination (`FROM-to-TO.bin`); set by
     /// `MERIDIAN_CAPTURE_REPLICATION` (for residency audits and tests).
+    /// Only builds with debug assertions (the test profile) honour it: the
+    /// copies hold values in the clear, so a release build never writes them.
     pub capture_dir: Option<std::path::PathBuf>,
     /// How often the log is trimmed and tombstones collected.
     pub gc_interval: Duration,
@@ -116,11 +118,24 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[i.min(sorted.len() - 1)])
 }
 
+fn capture_dir_from_env() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("MERIDIAN_CAPTURE_REPLICATION")?;
+    if cfg!(debug_assertions) {
+        tracing::warn!(dir = ?dir, "capturing every replication message sent (test builds only)");
+        Some(dir.into())
+    } else {
+        tracing::warn!(
+            "MERIDIAN_CAPTURE_REPLICATION is ignored: release builds never copy replication messages to disk"
+        );
+        None
+    }
+}
+
 impl Replication {
     pub fn new(anti_entropy_interval: Duration) -> Replication {
         Replication {
             anti_entropy_interval: Mutex::new(anti_entropy_interval),
-            capture_dir: std::env::var_os("MERIDIAN_CAPTURE_REPLICATION").map(Into::into),
+            capture_dir: capture_dir_from_env(),
             gc_interval: Duration::from_secs(2),
             ..Default::default()
         }

@@ -69,6 +69,14 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path) -> anyhow::R
         bundle.files.values().map(|f| f.len()).sum::<usize>() / 1024,
         bundle.id.short()
     );
+    // Ask first with nothing to upload: a refused token is then a clear
+    // 401, not a connection the server closed halfway through a large body.
+    let (status, body) = operator
+        .control(url.trim_end_matches('/'), Method::GET, "/v1/status", Bytes::new(), Duration::from_secs(10))
+        .await?;
+    if !status.is_success() {
+        anyhow::bail!("the control plane refused the request ({status}): {}", String::from_utf8_lossy(&body).trim());
+    }
     let (status, body) = operator
         .control(
             url.trim_end_matches('/'),

@@ -34,6 +34,8 @@ enum Command {
     Kv(commands::kv::Args),
     /// Inject faults into a running dev world: kill regions, cut links, add latency.
     Chaos(commands::chaos::Args),
+    /// Operator tokens scoped to one app: create, list, revoke.
+    Tokens(commands::tokens::Args),
     /// The cluster's certificate authority and node certificates (name, role, jurisdiction).
     Certs(commands::certs::Args),
     /// Run a region node (functions, static assets, key-value data) from a config file.
@@ -68,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Chaos(a) => commands::chaos::run(a).await,
             Command::Kv(a) => commands::kv::run(a).await,
             Command::Certs(a) => commands::certs::run(a),
+            Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,
             Command::Control(a) => commands::roles::control(a).await,

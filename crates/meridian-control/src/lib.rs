@@ -15,17 +15,20 @@
 //! never with a token. State lives in the data directory: bundles by content id, and `state.json` with the desired
 //! version, written atomically.
 
+pub mod tokens;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use meridian_core::{headers, wire::RegionStatus, VersionId};
 use meridian_http::cluster::{CallError, ClusterClient, Target};
-use meridian_http::{has_bearer, json, text, unauthorized, Body, Role, Tls};
+use meridian_http::{json, text, unauthorized, Body, Role, Tls};
 use meridian_manifest::Bundle;
 use meridian_trust::{Expect, TlsFiles};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokens::{Caller, Scope, Tokens};
 
 /// Largest bundle accepted by a deploy.
 const MAX_DEPLOY_BYTES: usize = 512 << 20;
@@ -66,7 +69,7 @@ pub struct ControlState {
 
 pub struct Control {
     config: ControlConfig,
-    token: String,
+    tokens: Tokens,
     pub tls: Arc<Tls>,
     client: ClusterClient,
     state: Mutex<ControlState>,
@@ -112,9 +115,10 @@ impl Control {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ControlState::default(),
             Err(e) => return Err(e.into()),
         };
+        let tokens = Tokens::open(config.data_dir.join("tokens.json"), &token)?;
         Ok(Arc::new(Control {
             config,
-            token,
+            tokens,
             client: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
             tls,
             state: Mutex::new(state),
@@ -161,8 +165,14 @@ impl Control {
     }
 
     /// Stores a version and makes it run everywhere (see the module docs).
-    pub async fn deploy(&self, tar: Bytes) -> Result<DeployReport, (StatusCode, String)> {
+    pub async fn deploy(&self, tar: Bytes, caller: &Caller) -> Result<DeployReport, (StatusCode, String)> {
         let bundle = Bundle::from_tar(&tar).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        if !caller.may(Scope::Deploy, &bundle.manifest.name) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("this token may not deploy app {:?} (it needs the deploy scope on it)", bundle.manifest.name),
+            ));
+        }
         let _guard = self.deploy_lock.lock().await;
         let id = bundle.id.clone();
         let path = self.bundle_path(&id);
@@ -304,22 +314,78 @@ impl Control {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        if !has_bearer(&req, &self.token) {
+        let token = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let Some(caller) = self.tokens.caller(token) else {
             return unauthorized();
-        }
-        match (req.method().clone(), req.uri().path()) {
-            (Method::GET, "/v1/status") => json(StatusCode::OK, &self.status().await),
-            (Method::POST, "/v1/deploy") => {
+        };
+        let app = self.state.lock().unwrap().app.clone().unwrap_or_default();
+        let forbidden = |what: &str| text(StatusCode::FORBIDDEN, format!("this token may not {what}"));
+        let path = req.uri().path().to_string();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (Method::GET, ["v1", "whoami"]) => json(
+                StatusCode::OK,
+                &match &caller {
+                    Caller::Admin => serde_json::json!({"admin": true}),
+                    Caller::App { id, app, scopes } => serde_json::json!({"token": id, "app": app, "scopes": scopes}),
+                },
+            ),
+            (Method::GET, ["v1", "status"]) => {
+                if !caller.may(Scope::Read, &app) {
+                    return forbidden(&format!("read app {app:?}"));
+                }
+                json(StatusCode::OK, &self.status().await)
+            }
+            (Method::POST, ["v1", "deploy"]) => {
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
-                match self.deploy(body).await {
+                match self.deploy(body, &caller).await {
                     Ok(report) => json(StatusCode::OK, &report),
                     Err((status, msg)) => text(status, msg),
                 }
             }
-            (_, path) => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
+            (method, ["v1", "tokens", ..]) if caller != Caller::Admin => {
+                let _ = method;
+                forbidden("manage tokens (only the world's administrator token can)")
+            }
+            (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &self.tokens.list()),
+            (Method::POST, ["v1", "tokens"]) => {
+                #[derive(serde::Deserialize)]
+                struct NewToken {
+                    app: String,
+                    scopes: Vec<Scope>,
+                }
+                let body = match meridian_http::read_body(req.into_body(), 4096).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                let n: NewToken = match serde_json::from_slice(&body) {
+                    Ok(n) => n,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected {{app, scopes}}: {e}")),
+                };
+                if !meridian_core::topology::is_valid_name(&n.app) || n.scopes.is_empty() {
+                    return text(StatusCode::BAD_REQUEST, "a token needs an app name and at least one scope");
+                }
+                match self.tokens.create(&n.app, n.scopes) {
+                    Ok((record, secret)) => {
+                        json(StatusCode::OK, &serde_json::json!({"token": secret, "record": record}))
+                    }
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the token: {e}")),
+                }
+            }
+            (Method::DELETE, ["v1", "tokens", id]) => match self.tokens.revoke(id) {
+                Ok(true) => json(StatusCode::OK, &serde_json::json!({"revoked": id})),
+                Ok(false) => text(StatusCode::NOT_FOUND, format!("no token {id}")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the tokens: {e}")),
+            },
+            _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
         }
     }
 }

@@ -16,36 +16,60 @@ pub struct Args {
     #[arg(default_value = ".")]
     pub dir: PathBuf,
     #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// How to reach a control plane: the running dev world's, or any one.
+#[derive(clap::Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
     pub world: WorldArg,
     /// Control plane URL (default: the world's).
-    #[arg(long, requires_all = ["token_file", "tls_dir"])]
+    #[arg(long, global = true, requires_all = ["token_file", "tls_dir"])]
     pub control: Option<String>,
-    /// File with the control plane's token (default: the world's).
-    #[arg(long)]
+    /// File with a token for the control plane (default: the world's
+    /// administrator token).
+    #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
     /// Directory with the cluster CA (`ca.pem`) and the operator's
     /// certificate (`operator.pem`, `operator.key`), as written by
     /// `meridian certs issue --role operator --name operator`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub tls_dir: Option<PathBuf>,
 }
 
+impl ControlArgs {
+    /// The control plane's URL and an operator holding the token.
+    pub fn connect(&self) -> anyhow::Result<(String, Operator)> {
+        match (&self.control, &self.token_file, &self.tls_dir) {
+            (Some(url), Some(tf), Some(dir)) => {
+                let token = std::fs::read_to_string(tf)
+                    .with_context(|| format!("cannot read {}", tf.display()))?
+                    .trim()
+                    .to_string();
+                let creds = Credentials {
+                    ca: dir.join("ca.pem"),
+                    cert: dir.join("operator.pem"),
+                    key: dir.join("operator.key"),
+                };
+                Ok((url.clone(), Operator::new(&creds, token)?))
+            }
+            _ => {
+                let (w, mut operator) = self.world.connect()?;
+                if let Some(tf) = &self.token_file {
+                    operator.token = std::fs::read_to_string(tf)
+                        .with_context(|| format!("cannot read {}", tf.display()))?
+                        .trim()
+                        .to_string();
+                }
+                Ok((w.control_url, operator))
+            }
+        }
+    }
+}
+
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let (url, operator) = match (&a.control, &a.token_file, &a.tls_dir) {
-        (Some(url), Some(tf), Some(dir)) => {
-            let token = std::fs::read_to_string(tf)
-                .with_context(|| format!("cannot read {}", tf.display()))?
-                .trim()
-                .to_string();
-            let creds =
-                Credentials { ca: dir.join("ca.pem"), cert: dir.join("operator.pem"), key: dir.join("operator.key") };
-            (url.clone(), Operator::new(&creds, token)?)
-        }
-        _ => {
-            let (w, operator) = a.world.connect()?;
-            (w.control_url, operator)
-        }
-    };
+    let (url, operator) = a.control.connect()?;
     let report = deploy_dir(&operator, &url, &a.dir).await?;
     println!("deployed {} version {}", report.app, report.version.short());
     for r in &report.regions {
@@ -72,7 +96,7 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path) -> anyhow::R
     // Ask first with nothing to upload: a refused token is then a clear
     // 401, not a connection the server closed halfway through a large body.
     let (status, body) = operator
-        .control(url.trim_end_matches('/'), Method::GET, "/v1/status", Bytes::new(), Duration::from_secs(10))
+        .control(url.trim_end_matches('/'), Method::GET, "/v1/whoami", Bytes::new(), Duration::from_secs(10))
         .await?;
     if !status.is_success() {
         anyhow::bail!("the control plane refused the request ({status}): {}", String::from_utf8_lossy(&body).trim());

@@ -5,3 +5,4 @@ pub mod dev;
 pub mod kv;
 pub mod roles;
 pub mod status;
+pub mod tokens;

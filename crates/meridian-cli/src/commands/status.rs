@@ -10,13 +10,19 @@ use std::time::Duration;
 pub struct Args {
     #[command(flatten)]
     pub world: WorldArg,
+    /// A token file to use instead of the world's administrator token.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
     /// Print raw JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let (w, operator) = a.world.connect()?;
+    let (w, mut operator) = a.world.connect()?;
+    if let Some(tf) = &a.token_file {
+        operator.token = std::fs::read_to_string(tf)?.trim().to_string();
+    }
     let t = Duration::from_secs(5);
     let (status, control) = operator.control(&w.control_url, Method::GET, "/v1/status", Bytes::new(), t).await?;
     if !status.is_success() {

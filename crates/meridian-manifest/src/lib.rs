@@ -7,4 +7,6 @@ mod bundle;
 mod manifest;
 
 pub use bundle::{Bundle, BundleError, MANIFEST_FILE};
-pub use manifest::{Component, KvMode, Limits, Manifest, ManifestError, ManifestErrors, Namespace, Route, RouteTarget};
+pub use manifest::{
+    Component, KvMode, Limits, Manifest, ManifestError, ManifestErrors, Namespace, Route, RouteTarget, TrafficLimits,
+};

@@ -90,10 +90,23 @@ pub struct Namespace {
 pub struct Manifest {
     pub name: String,
     pub limits: Limits,
+    /// Per-region admission limits for the whole app.
+    #[serde(default)]
+    pub traffic: TrafficLimits,
     pub components: BTreeMap<String, Component>,
     pub routes: Vec<Route>,
     #[serde(default)]
     pub kv: BTreeMap<String, Namespace>,
+}
+
+/// How much traffic one region admits for the app (`[limits]`); beyond it
+/// requests get 429 at once, so one app cannot take a region from others.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrafficLimits {
+    /// Sustained requests per second per region (bursts up to one second's worth).
+    pub requests_per_second: Option<u32>,
+    /// Function requests running at once per region.
+    pub max_concurrency: Option<u32>,
 }
 
 /// One problem in a manifest, located by line, column and dotted key.
@@ -403,11 +416,18 @@ impl Manifest {
         }
 
         let mut limits = Limits::default();
+        let mut traffic = TrafficLimits::default();
         if let Some(item) = root.get("limits") {
             match as_table(item) {
                 Some(t) => {
-                    c.only_keys(t, "limits", &["deadline_ms", "memory_mb"]);
+                    c.only_keys(t, "limits", &["deadline_ms", "memory_mb", "requests_per_second", "max_concurrency"]);
                     limits = c.limits(t, "limits", limits);
+                    traffic = TrafficLimits {
+                        requests_per_second: c
+                            .integer(t, "limits", "requests_per_second", 1..1_000_001)
+                            .map(|v| v as u32),
+                        max_concurrency: c.integer(t, "limits", "max_concurrency", 1..100_001).map(|v| v as u32),
+                    };
                 }
                 None => c.error(item_span(root, "limits"), "limits", "expected a table"),
             }
@@ -563,7 +583,7 @@ impl Manifest {
         };
 
         if c.errors.is_empty() {
-            Ok(Manifest { name, limits, components, routes, kv })
+            Ok(Manifest { name, limits, traffic, components, routes, kv })
         } else {
             Err(ManifestErrors(c.errors))
         }

@@ -125,6 +125,7 @@ pub struct Deployed {
     components: HashMap<String, Prepared>,
     statics: HashMap<String, StaticSite>,
     version_header: HeaderValue,
+    admission: Admission,
     /// Whether every component came from the compile cache.
     pub all_cached: bool,
 }
@@ -336,6 +337,9 @@ impl Region {
             r.headers_mut().insert(headers::REGION, self.region_header.clone());
             return r;
         };
+        if version.admission.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+            return self.too_many("the app's requests_per_second in this region");
+        }
         // Causality: serve a request that follows a write only where that
         // write is applied: wait a little, else hand it to the region that
         // made the write.
@@ -370,6 +374,15 @@ impl Region {
             RouteTarget::Component(name) => {
                 let Some(component) = version.components.get(name) else {
                     return text(StatusCode::INTERNAL_SERVER_ERROR, format!("component {name} missing"));
+                };
+                // Held while the function runs: an app at its concurrency
+                // cannot take more of the region's instances.
+                let _slot = match &version.admission.slots {
+                    None => None,
+                    Some(s) => match s.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => return self.too_many("the app's max_concurrency in this region"),
+                    },
                 };
                 // The function learns where it runs from trusted headers; a
                 // client cannot spoof them.
@@ -495,6 +508,13 @@ impl Region {
         }
     }
 
+    fn too_many(&self, what: &str) -> Response<Body> {
+        let mut r = text(StatusCode::TOO_MANY_REQUESTS, format!("too many requests: over {what}; retry shortly"));
+        r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut().insert(headers::REGION, self.region_header.clone());
+        r
+    }
+
     fn health(&self) -> Response<Body> {
         // Healthy means able to serve the app: a node without a version
         // would only answer 503s.
@@ -518,6 +538,24 @@ impl Region {
             region: self.config.name.clone(),
             active: self.active.load().as_ref().map(|d| d.id.clone()),
             installed,
+        }
+    }
+}
+
+/// An app's admission limits in this region (from `[limits]`).
+struct Admission {
+    rate: Option<governor::DefaultDirectRateLimiter>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Admission {
+    fn new(t: &meridian_manifest::TrafficLimits) -> Admission {
+        Admission {
+            rate: t
+                .requests_per_second
+                .and_then(std::num::NonZeroU32::new)
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
+            slots: t.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
         }
     }
 }
@@ -552,6 +590,7 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
     }
     let version_header = HeaderValue::from_str(bundle.id.short()).expect("hex is a valid header");
     let namespaces = Arc::new(bundle.manifest.kv.clone());
+    let admission = Admission::new(&bundle.manifest.traffic);
     Ok(Deployed {
         id: bundle.id,
         manifest: bundle.manifest,
@@ -559,6 +598,7 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
         components,
         statics,
         version_header,
+        admission,
         all_cached,
     })
 }

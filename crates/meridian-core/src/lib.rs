@@ -9,6 +9,7 @@ pub mod egress;
 pub mod fs;
 pub mod geo;
 pub mod headers;
+pub mod kv;
 pub mod topology;
 pub mod version;
 pub mod wire;

@@ -18,10 +18,10 @@
 //! only to the roles that need it ([`authorize`]), judged by the caller's
 //! certificate.
 
-pub mod kv;
-pub mod repl;
+mod request_kv;
 mod statics;
-pub mod strong;
+
+pub use meridian_data::{kv, repl, strong};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -389,7 +389,7 @@ impl Region {
                 let h = req.headers_mut();
                 h.insert(headers::REGION, self.region_header.clone());
                 h.insert(headers::VERSION, version.version_header.clone());
-                let kv = Arc::new(kv::RequestKv {
+                let kv = Arc::new(request_kv::RequestKv {
                     svc: self.kv.clone(),
                     namespaces: version.namespaces.clone(),
                     token: Mutex::new(self.causality_token(&req)),

@@ -17,8 +17,8 @@ use crate::repl::Replication;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
+use meridian_core::kv::{CasVersion, KvError, KvResult};
 use meridian_core::wire::{KvStatus, Peer};
-use meridian_host::{CasVersion, KvBackend, KvError, KvResult};
 use meridian_http::cluster::{CallError, ClusterClient, Target};
 use meridian_http::{json, text, Body};
 use meridian_manifest::{KvMode, Namespace};
@@ -156,12 +156,12 @@ pub fn merge_token(entries: &mut Vec<TokenEntry>, e: TokenEntry) {
     }
 }
 
-fn other<E: std::fmt::Display>(e: E) -> KvError {
+pub fn other<E: std::fmt::Display>(e: E) -> KvError {
     KvError::Other(e.to_string())
 }
 
 /// A stored record as a guest sees it: counters read as decimal text.
-fn visible(v: Value) -> Option<Vec<u8>> {
+pub fn visible(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::Bytes(b) => Some(b),
         Value::Tombstone => None,
@@ -244,7 +244,7 @@ pub struct OpResult {
     pub error_kind: Option<String>,
 }
 
-fn unhex(s: &str) -> KvResult<Vec<u8>> {
+pub fn unhex(s: &str) -> KvResult<Vec<u8>> {
     hex::decode(s).map_err(|_| KvError::Other("value is not hex".into()))
 }
 
@@ -307,7 +307,7 @@ impl KvService {
         }
     }
 
-    fn token_of(&self, w: &Written) -> TokenEntry {
+    pub fn token_of(&self, w: &Written) -> TokenEntry {
         TokenEntry { origin: self.region.clone(), incarnation: self.store.incarnation(), seq: w.seq }
     }
 
@@ -334,7 +334,7 @@ impl KvService {
                 r.total = Some(total);
             }
             Op::List { ns, cursor, limit } => {
-                let limit = limit.unwrap_or(meridian_host::kv::LIST_PAGE).clamp(1, 10_000);
+                let limit = limit.unwrap_or(meridian_core::kv::LIST_PAGE).clamp(1, 10_000);
                 let mut after = cursor.clone().map(String::into_bytes);
                 // Tombstones are skipped, so a page may need several scans.
                 loop {
@@ -693,92 +693,6 @@ impl KvService {
         let peers: Vec<Peer> = peers.into_iter().filter(|p| p.name != self.region).collect();
         self.peers.store(Arc::new(peers));
         self.repl.restart(self.clone());
-    }
-}
-
-/// What one request's `wasi:keyvalue` calls reach: the region's namespaces
-/// as declared by the version serving the request. Collects the causality
-/// token of the writes it makes.
-pub struct RequestKv {
-    pub svc: Arc<KvService>,
-    pub namespaces: Namespaces,
-    pub token: Mutex<Vec<TokenEntry>>,
-}
-
-impl RequestKv {
-    async fn exec(&self, op: Op) -> KvResult<OpResult> {
-        let (r, token) = self.svc.execute(&self.namespaces, &op).await?;
-        if let Some(t) = token {
-            merge_token(&mut self.token.lock().unwrap(), t);
-        }
-        Ok(r)
-    }
-}
-
-#[async_trait::async_trait]
-impl KvBackend for RequestKv {
-    fn open(&self, bucket: &str) -> KvResult<()> {
-        self.svc.placement(&self.namespaces, bucket).map(|_| ())
-    }
-
-    async fn get(&self, bucket: &str, key: &str) -> KvResult<Option<Vec<u8>>> {
-        // The hot path: a local read straight from the store.
-        if self.svc.placement(&self.namespaces, bucket)? == Placement::Local {
-            let rec = self.svc.store.get(bucket, key.as_bytes()).map_err(other)?;
-            return Ok(rec.and_then(|r| visible(r.value)));
-        }
-        let r = self.exec(Op::Get { ns: bucket.into(), key: key.into() }).await?;
-        r.value_hex.map(|h| unhex(&h)).transpose()
-    }
-
-    async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> KvResult<()> {
-        if self.svc.placement(&self.namespaces, bucket)? == Placement::Local {
-            let w = self.svc.store.put(bucket, key.as_bytes(), value).await.map_err(other)?;
-            merge_token(&mut self.token.lock().unwrap(), self.svc.token_of(&w));
-            return Ok(());
-        }
-        self.exec(Op::Set { ns: bucket.into(), key: key.into(), value_hex: hex::encode(value) }).await.map(|_| ())
-    }
-
-    async fn delete(&self, bucket: &str, key: &str) -> KvResult<()> {
-        self.exec(Op::Delete { ns: bucket.into(), key: key.into() }).await.map(|_| ())
-    }
-
-    async fn list(&self, bucket: &str, cursor: Option<String>) -> KvResult<(Vec<String>, Option<String>)> {
-        let r = self.exec(Op::List { ns: bucket.into(), cursor, limit: None }).await?;
-        Ok((r.keys, r.cursor))
-    }
-
-    async fn increment(&self, bucket: &str, key: &str, delta: i64) -> KvResult<i64> {
-        let r = self.exec(Op::Increment { ns: bucket.into(), key: key.into(), delta }).await?;
-        r.total.ok_or_else(|| KvError::Other("increment returned no total".into()))
-    }
-
-    async fn read_versioned(&self, bucket: &str, key: &str) -> KvResult<(Option<Vec<u8>>, CasVersion)> {
-        let r = self.exec(Op::ReadVersioned { ns: bucket.into(), key: key.into() }).await?;
-        let version = unhex(r.version_hex.as_deref().unwrap_or(""))?;
-        Ok((r.value_hex.map(|h| unhex(&h)).transpose()?, version))
-    }
-
-    async fn swap(
-        &self,
-        bucket: &str,
-        key: &str,
-        version: &CasVersion,
-        value: Vec<u8>,
-    ) -> KvResult<Option<(Option<Vec<u8>>, CasVersion)>> {
-        let op = Op::Swap {
-            ns: bucket.into(),
-            key: key.into(),
-            version_hex: hex::encode(version),
-            value_hex: hex::encode(value),
-        };
-        let r = self.exec(op).await?;
-        if r.swapped == Some(true) {
-            return Ok(None);
-        }
-        let version = unhex(r.version_hex.as_deref().unwrap_or(""))?;
-        Ok(Some((r.value_hex.map(|h| unhex(&h)).transpose()?, version)))
     }
 }
 

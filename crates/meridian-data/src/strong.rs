@@ -657,7 +657,7 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
         },
         Op::List { cursor, limit, .. } => match group.raft.ensure_linearizable().await {
             Ok(_) => {
-                let limit = limit.unwrap_or(meridian_host::kv::LIST_PAGE).clamp(1, 10_000);
+                let limit = limit.unwrap_or(meridian_core::kv::LIST_PAGE).clamp(1, 10_000);
                 let keys = group.store.keys(cursor.as_deref(), limit + 1)?;
                 let more = keys.len() > limit;
                 r.keys = keys.into_iter().take(limit).collect();

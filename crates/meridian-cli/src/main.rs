@@ -5,6 +5,7 @@
 
 mod api;
 mod commands;
+mod contexts;
 mod supervisor;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Command {
     Kv(commands::kv::Args),
     /// Inject faults into a running dev world: kill regions, cut links, add latency.
     Chaos(commands::chaos::Args),
+    /// Name a control plane and its credentials: add, use, list, remove.
+    Context(commands::context::Args),
     /// Operator tokens scoped to one app: create, list, revoke.
     Tokens(commands::tokens::Args),
     /// The cluster's certificate authority and node certificates (name, role, jurisdiction).
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Chaos(a) => commands::chaos::run(a).await,
             Command::Kv(a) => commands::kv::run(a).await,
             Command::Certs(a) => commands::certs::run(a),
+            Command::Context(a) => commands::context::run(a),
             Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,

@@ -25,7 +25,8 @@ fn free_port() -> u16 {
 }
 
 fn run(args: &[&str], dir: &Path) -> String {
-    let out = meridian().args(args).current_dir(dir).output().unwrap();
+    let out =
+        meridian().args(args).current_dir(dir).env("MERIDIAN_CONTEXTS", dir.join("contexts.toml")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "meridian {args:?}: {text}");
     text
@@ -218,6 +219,14 @@ key = "certs/control.key"
     tokio::time::sleep(Duration::from_secs(1)).await;
     let found = files_containing(&d.join("data/us-east"), b"HANDBUILT-EU");
     assert!(found.is_empty(), "EU data on us-east's disk: {found:?}");
+    // A named context makes the same world flag-free, as kubectl's do.
+    run(&["context", "add", "hand", "--control", &control_url, "--token-file", "token", "--tls-dir", "certs"], d);
+    let status = run(&["status"], d);
+    assert!(status.contains("app hello") && status.contains("eu-west") && status.contains("up"), "{status}");
+    assert!(!status.contains("DOWN"), "{status}");
+    let out = run(&["deploy", app.path().to_str().unwrap()], d);
+    assert!(out.contains("deployed hello"), "{out}");
+    assert!(run(&["context", "list"], d).contains("* hand"));
     // A wrong token is refused by the control plane.
     std::fs::write(d.join("wrong"), "nope").unwrap();
     let out = meridian()

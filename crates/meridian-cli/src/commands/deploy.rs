@@ -36,11 +36,36 @@ pub struct ControlArgs {
     /// `meridian certs issue --role operator --name operator`.
     #[arg(long, global = true)]
     pub tls_dir: Option<PathBuf>,
+    /// A context made with `meridian context add` (default: the current one).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
 }
 
 impl ControlArgs {
+    /// The context to use, unless flags or `--world` say otherwise
+    /// (see `crate::contexts` for the order).
+    pub fn selected_context(&self) -> anyhow::Result<Option<(String, crate::contexts::Context)>> {
+        if self.control.is_some() || self.world.world.is_some() {
+            return Ok(None);
+        }
+        crate::contexts::Contexts::load()?.select(self.context.as_deref())
+    }
+
     /// The control plane's URL and an operator holding the token.
     pub fn connect(&self) -> anyhow::Result<(String, Operator)> {
+        if let Some((_, c)) = self.selected_context()? {
+            let tf = self.token_file.as_ref().unwrap_or(&c.token_file);
+            let token = std::fs::read_to_string(tf)
+                .with_context(|| format!("cannot read {}", tf.display()))?
+                .trim()
+                .to_string();
+            let creds = Credentials {
+                ca: c.tls_dir.join("ca.pem"),
+                cert: c.tls_dir.join("operator.pem"),
+                key: c.tls_dir.join("operator.key"),
+            };
+            return Ok((c.control, Operator::new(&creds, token)?));
+        }
         match (&self.control, &self.token_file, &self.tls_dir) {
             (Some(url), Some(tf), Some(dir)) => {
                 let token = std::fs::read_to_string(tf)

@@ -1,5 +1,6 @@
 pub mod certs;
 pub mod chaos;
+pub mod context;
 pub mod deploy;
 pub mod dev;
 pub mod kv;

@@ -1,6 +1,5 @@
 //! `meridian status`: versions per region and health as each edge sees it.
 
-use crate::api::WorldArg;
 use bytes::Bytes;
 use http::Method;
 use meridian_trust::{Expect, Role};
@@ -9,21 +8,34 @@ use std::time::Duration;
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub world: WorldArg,
-    /// A token file to use instead of the world's administrator token.
-    #[arg(long)]
-    pub token_file: Option<std::path::PathBuf>,
+    pub control: crate::commands::deploy::ControlArgs,
     /// Print raw JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let (w, mut operator) = a.world.connect()?;
-    if let Some(tf) = &a.token_file {
+    let t = Duration::from_secs(5);
+    if a.control.selected_context()?.is_some() || a.control.control.is_some() {
+        // A hand-built world: the control plane's view (edges and
+        // key-value status need the world's description).
+        let (url, operator) = a.control.connect()?;
+        let (status, control) = operator.control(&url, Method::GET, "/v1/status", Bytes::new(), t).await?;
+        if !status.is_success() {
+            anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
+        }
+        let control: serde_json::Value = serde_json::from_slice(&control)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "control": control }))?);
+        } else {
+            print_control(&control);
+        }
+        return Ok(());
+    }
+    let (w, mut operator) = a.control.world.connect()?;
+    if let Some(tf) = &a.control.token_file {
         operator.token = std::fs::read_to_string(tf)?.trim().to_string();
     }
-    let t = Duration::from_secs(5);
     let (status, control) = operator.control(&w.control_url, Method::GET, "/v1/status", Bytes::new(), t).await?;
     if !status.is_success() {
         anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
@@ -46,14 +58,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let short =
-        |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
-    println!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
-    println!("\nregions:");
-    for r in control["regions"].as_array().into_iter().flatten() {
-        let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
-        println!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
-    }
+    print_control(&control);
     println!("\nedges (health and smoothed probe RTT of each region):");
     for (e, s) in &edges {
         print!("  {:<20} {}", e.name, e.url);
@@ -76,4 +81,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     println!("\nkey-value replication (-> pushing to a peer, <- applied from an origin):");
     crate::commands::kv::print_status(&kv);
     Ok(())
+}
+
+fn print_control(control: &serde_json::Value) {
+    let short =
+        |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
+    println!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
+    println!("\nregions:");
+    for r in control["regions"].as_array().into_iter().flatten() {
+        let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
+        println!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+    }
 }

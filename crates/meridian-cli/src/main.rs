@@ -3,6 +3,29 @@
 //! The binary is thin: each verb lives in `commands/<verb>.rs` and calls into
 //! the library crates.
 
+/// `println!` for command output that ends the program quietly when stdout
+/// is a closed pipe (`meridian status | head`) instead of panicking. SIGPIPE
+/// stays ignored, as Rust sets it: the CLI also writes to sockets, and a
+/// peer closing one must be an error, not a silent death.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// `print!` counterpart of [`out!`].
+macro_rules! out_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod api;
 mod commands;
 mod contexts;

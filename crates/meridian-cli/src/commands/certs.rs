@@ -64,24 +64,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.cmd {
         Cmd::Init { dir, cluster, days } => {
             let ca = meridian_trust::init_ca(&dir, &cluster, days)?;
-            println!("created the cluster CA: {} (key {}, mode 0600)", ca.cert.display(), ca.key.display());
-            println!(
-                "created the world's cluster key: {} (mode 0600): give it to every region",
-                ca.cluster_key.display()
-            );
-            println!("keep the CA key off the nodes; give every node {}", ca.cert.display());
+            out!("created the cluster CA: {} (key {}, mode 0600)", ca.cert.display(), ca.key.display());
+            out!("created the world's cluster key: {} (mode 0600): give it to every region", ca.cluster_key.display());
+            out!("keep the CA key off the nodes; give every node {}", ca.cert.display());
         }
         Cmd::Issue { dir, out, role, name, jurisdiction, days } => {
             let id = Identity::new(&name, role, jurisdiction.as_deref())?;
             let issued = meridian_trust::issue(&CaFiles::in_dir(&dir), &id, out.as_deref().unwrap_or(&dir), days)?;
-            println!("issued {id}: {} (key {}, mode 0600)", issued.cert.display(), issued.key.display());
+            out!("issued {id}: {} (key {}, mode 0600)", issued.cert.display(), issued.key.display());
         }
         Cmd::Show { cert } => {
             let pem = std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
             use rustls::pki_types::pem::PemObject;
             let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
-            println!("{}", Identity::from_cert_der(&der)?);
+            out!("{}", Identity::from_cert_der(&der)?);
         }
     }
     Ok(())

@@ -61,6 +61,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
         Action::Links => call_ok(Method::GET, &format!("{base}/links"), &token, Bytes::new(), t).await?,
     };
-    println!("{}", String::from_utf8_lossy(&out).trim());
+    out!("{}", String::from_utf8_lossy(&out).trim());
     Ok(())
 }

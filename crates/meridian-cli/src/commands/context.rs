@@ -62,7 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 all.current = Some(name.clone());
             }
             all.save()?;
-            println!("added context {name}{}", if all.current.as_deref() == Some(&name) { " (current)" } else { "" });
+            out!("added context {name}{}", if all.current.as_deref() == Some(&name) { " (current)" } else { "" });
         }
         Cmd::Use { name } => {
             if !all.contexts.contains_key(&name) {
@@ -70,17 +70,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             all.current = Some(name.clone());
             all.save()?;
-            println!("now using {name}");
+            out!("now using {name}");
         }
         Cmd::Unset => {
             all.current = None;
             all.save()?;
-            println!("no current context: commands use the local dev world");
+            out!("no current context: commands use the local dev world");
         }
         Cmd::List => {
             for (name, c) in &all.contexts {
                 let mark = if all.current.as_deref() == Some(name) { "*" } else { " " };
-                println!("{mark} {name:<16} {}", c.control);
+                out!("{mark} {name:<16} {}", c.control);
             }
         }
         Cmd::Remove { name } => {
@@ -91,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 all.current = None;
             }
             all.save()?;
-            println!("removed {name}");
+            out!("removed {name}");
         }
     }
     Ok(())

@@ -96,12 +96,12 @@ impl ControlArgs {
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, operator) = a.control.connect()?;
     let report = deploy_dir(&operator, &url, &a.dir).await?;
-    println!("deployed {} version {}", report.app, report.version.short());
+    out!("deployed {} version {}", report.app, report.version.short());
     for r in &report.regions {
         if r.detail.is_empty() {
-            println!("  {:<16} {}", r.region, r.outcome);
+            out!("  {:<16} {}", r.region, r.outcome);
         } else {
-            println!("  {:<16} {} ({})", r.region, r.outcome, r.detail);
+            out!("  {:<16} {} ({})", r.region, r.outcome, r.detail);
         }
     }
     Ok(())

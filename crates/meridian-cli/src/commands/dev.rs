@@ -506,22 +506,22 @@ async fn bring_up(
 }
 
 fn print_summary(w: &WorldDescription, dir: &Path) {
-    println!("\nMeridian dev world is up: {} regions, {} edges.\n", w.regions.len(), w.edges.len());
-    println!("Edges (send users here):");
+    out!("\nMeridian dev world is up: {} regions, {} edges.\n", w.regions.len(), w.edges.len());
+    out!("Edges (send users here):");
     for e in &w.edges {
-        println!("  {:<22} {}", e.name, e.url);
+        out!("  {:<22} {}", e.name, e.url);
     }
-    println!("\nRegions (direct, bypassing edges and links):");
+    out!("\nRegions (direct, bypassing edges and links):");
     for r in &w.regions {
-        println!("  {:<22} {}  [{}]", r.name, r.url, r.jurisdiction);
+        out!("  {:<22} {}  [{}]", r.name, r.url, r.jurisdiction);
     }
     let e = &w.edges[0];
-    println!("\nTry:");
-    println!("  curl -i {}/hello -H 'x-meridian-client-country: DE'", e.url);
-    println!("  curl -i {}/hello -H 'x-meridian-client-geo: 1.29,103.85'", e.url);
-    println!("  meridian status");
-    println!("  meridian chaos kill eu-west      # then watch traffic move");
-    println!("\nWorld description: {}", dir.join(meridian_core::world::WORLD_FILE).display());
-    println!("Logs:              {}", dir.join("logs").display());
-    println!("Ctrl-C stops every process.");
+    out!("\nTry:");
+    out!("  curl -i {}/hello -H 'x-meridian-client-country: DE'", e.url);
+    out!("  curl -i {}/hello -H 'x-meridian-client-geo: 1.29,103.85'", e.url);
+    out!("  meridian status");
+    out!("  meridian chaos kill eu-west      # then watch traffic move");
+    out!("\nWorld description: {}", dir.join(meridian_core::world::WORLD_FILE).display());
+    out!("Logs:              {}", dir.join("logs").display());
+    out!("Ctrl-C stops every process.");
 }

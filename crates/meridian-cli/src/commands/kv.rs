@@ -128,7 +128,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             match r.value_hex {
                 Some(h) => {
                     let v = hex::decode(h)?;
-                    println!("{}", String::from_utf8_lossy(&v));
+                    out!("{}", String::from_utf8_lossy(&v));
                 }
                 None => anyhow::bail!("not found (asked {})", r.region),
             }
@@ -142,22 +142,22 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 value.into_bytes()
             };
             let r = op(w, t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
-            println!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
+            out!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
         }
         KvCommand::Delete { t, key } => {
             let r = op(w, t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
-            println!("deleted in {}", r.region);
+            out!("deleted in {}", r.region);
         }
         KvCommand::Incr { t, key, delta } => {
             let r = op(w, t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
-            println!("{}", r.total.unwrap_or_default());
+            out!("{}", r.total.unwrap_or_default());
         }
         KvCommand::List { t } => {
             let mut cursor = None;
             loop {
                 let r = op(w, t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
                 for k in r.keys {
-                    println!("{k}");
+                    out!("{k}");
                 }
                 match r.cursor {
                     Some(c) => cursor = Some(c),
@@ -173,7 +173,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             for c in &list {
                 let v = c["value_hex"].as_str().and_then(|h| hex::decode(h).ok());
-                println!(
+                out!(
                     "{}  lost value {:?} written in {} at {} ms",
                     c["key"].as_str().unwrap_or("?"),
                     v.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "(delete)".into()),
@@ -181,13 +181,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     c["ts_ms"]
                 );
             }
-            println!("{} conflict(s)", list.len());
+            out!("{} conflict(s)", list.len());
         }
         KvCommand::Status { json } => {
             let (world, operator) = w.connect()?;
             let all = statuses(&world, &operator).await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                out!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 print_status(&all);
             }
@@ -211,12 +211,12 @@ pub async fn statuses(w: &WorldDescription, operator: &Operator) -> Vec<KvStatus
 
 pub fn print_status(all: &[KvStatus]) {
     for s in all {
-        println!(
+        out!(
             "  {:<16} writes logged {:>8}  log {:>7}  conflicts {:>5}  tombstones {:>5} ({} collected)  rejected msgs {}",
             s.region, s.last_seq, s.log_len, s.conflicts, s.tombstones, s.tombstones_collected, s.rejected_messages
         );
         for p in &s.peers {
-            println!(
+            out!(
                 "      -> {:<14} acked {:>8}  pending {:>6}  snapshots {}  repaired {}{}",
                 p.peer,
                 p.acked_seq,
@@ -227,7 +227,7 @@ pub fn print_status(all: &[KvStatus]) {
             );
         }
         for g in &s.groups {
-            println!(
+            out!(
                 "      raft {:<10} {:<9} term {:>4}  leader {:<14} log {:>7}  applied {:>7}",
                 g.ns,
                 g.state,
@@ -239,7 +239,7 @@ pub fn print_status(all: &[KvStatus]) {
         }
         for o in &s.origins {
             let f = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
-            println!(
+            out!(
                 "      <- {:<14} applied {:>8}  lag p50 {:>7}  p99 {:>7}",
                 o.origin,
                 o.applied_seq,

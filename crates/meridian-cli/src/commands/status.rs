@@ -26,7 +26,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
         let control: serde_json::Value = serde_json::from_slice(&control)?;
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "control": control }))?);
+            out!("{}", serde_json::to_string_pretty(&serde_json::json!({ "control": control }))?);
         } else {
             print_control(&control);
         }
@@ -52,23 +52,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let kv = crate::commands::kv::statuses(&w, &operator).await;
     if a.json {
         let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges, "kv": kv}))?
-        );
+        out!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges, "kv": kv}))?);
         return Ok(());
     }
     print_control(&control);
-    println!("\nedges (health and smoothed probe RTT of each region):");
+    out!("\nedges (health and smoothed probe RTT of each region):");
     for (e, s) in &edges {
-        print!("  {:<20} {}", e.name, e.url);
+        out_part!("  {:<20} {}", e.name, e.url);
         match s {
-            None => println!("  DOWN"),
+            None => out!("  DOWN"),
             Some(s) => {
-                println!();
+                out!();
                 for pair in s["regions"].as_array().into_iter().flatten() {
                     let (name, h) = (&pair[0], &pair[1]);
-                    println!(
+                    out!(
                         "      {:<16} {:<9} {:>8}",
                         name.as_str().unwrap_or("?"),
                         if h["healthy"].as_bool() == Some(true) { "healthy" } else { "EJECTED" },
@@ -78,7 +75,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    println!("\nkey-value replication (-> pushing to a peer, <- applied from an origin):");
+    out!("\nkey-value replication (-> pushing to a peer, <- applied from an origin):");
     crate::commands::kv::print_status(&kv);
     Ok(())
 }
@@ -86,10 +83,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 fn print_control(control: &serde_json::Value) {
     let short =
         |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
-    println!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
-    println!("\nregions:");
+    out!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
+    out!("\nregions:");
     for r in control["regions"].as_array().into_iter().flatten() {
         let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
-        println!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+        out!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
     }
 }

@@ -46,10 +46,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     if let Some(secret) = v["token"].as_str() {
-        println!("{secret}");
+        out!("{secret}");
         eprintln!("(shown once; store it now: the control plane keeps only its hash)");
     } else {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(())
 }

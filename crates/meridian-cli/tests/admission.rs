@@ -8,18 +8,12 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn hostile_app(limits: &str) -> tempfile::TempDir {
-    let app = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(app.path().join("c")).unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/hostile.wasm"), app.path().join("c/hostile.wasm"))
-        .unwrap();
-    std::fs::write(
-        app.path().join("meridian.toml"),
-        format!(
+    single_component_app(
+        "hostile.wasm",
+        &format!(
             "[app]\nname = \"hostile\"\n[limits]\ndeadline_ms = 1500\nmemory_mb = 16\n{limits}\n[components.h]\nsource = \"c/hostile.wasm\"\n[[routes]]\npath = \"/\"\ncomponent = \"h\"\n"
         ),
     )
-    .unwrap();
-    app
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

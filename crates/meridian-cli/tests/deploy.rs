@@ -77,17 +77,7 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     assert!(out.contains("`limits.memory_mb`: -1 is out of range"), "{out}");
 
     // --- the control API refuses calls without the token -----------------
-    let control = meridian_http::cluster::Target::from_url(
-        &w.desc.control_url,
-        meridian_trust::Expect::new("control", meridian_trust::Role::Control),
-    )
-    .unwrap();
-    let a = w
-        .client_as("operator")
-        .call(&control, http::Method::POST, "/v1/deploy", "x".into(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(a.status, 401);
+    assert_eq!(w.control_call_as("operator", http::Method::POST, "/v1/deploy").await, 401);
     // --- and a region takes versions only from the control plane or an
     // operator, judged by the caller's certificate ------------------------
     let (status, body) =
@@ -100,15 +90,10 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_function_is_contained_and_not_retried_across_regions() {
     let w = World::start(&[]);
-    let app = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(app.path().join("c")).unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/hostile.wasm"), app.path().join("c/hostile.wasm"))
-        .unwrap();
-    std::fs::write(
-        app.path().join("meridian.toml"),
+    let app = single_component_app(
+        "hostile.wasm",
         "[app]\nname = \"hostile\"\n[limits]\ndeadline_ms = 300\nmemory_mb = 16\n[components.h]\nsource = \"c/hostile.wasm\"\n[[routes]]\npath = \"/\"\ncomponent = \"h\"\n",
-    )
-    .unwrap();
+    );
     let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
     assert!(ok, "{out}");
     let c = client();

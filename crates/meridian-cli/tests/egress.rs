@@ -42,13 +42,9 @@ async fn a_guest_reaches_only_listed_hosts_and_never_the_nodes_own_ports() {
     let port_of = |url: &str| url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
     let (own_public, own_cluster) = (port_of(&us.url), port_of(&us.cluster_url));
 
-    let app = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(app.path().join("c")).unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/fetch.wasm"), app.path().join("c/fetch.wasm"))
-        .unwrap();
-    std::fs::write(
-        app.path().join("meridian.toml"),
-        format!(
+    let app = single_component_app(
+        "fetch.wasm",
+        &format!(
             r#"[app]
 name = "fetcher"
 [components.f]
@@ -66,8 +62,7 @@ path = "/fetch"
 component = "f"
 "#
         ),
-    )
-    .unwrap();
+    );
     let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
     assert!(ok, "{out}");
 

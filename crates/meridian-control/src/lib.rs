@@ -314,13 +314,7 @@ impl Control {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let token = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let Some(caller) = self.tokens.caller(token) else {
+        let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or("")) else {
             return unauthorized();
         };
         let app = self.state.lock().unwrap().app.clone().unwrap_or_default();

@@ -6,6 +6,7 @@
 //! `token_file`) is the administrator: every scope on every app, and the
 //! only credential that can create or revoke tokens.
 
+use meridian_http::constant_time_eq;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -71,11 +72,6 @@ fn sha(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-/// Constant-time equality of two digests.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Tokens {
     pub fn open(path: PathBuf, admin_token: &str) -> std::io::Result<Tokens> {
         let records = match std::fs::read(&path) {
@@ -97,14 +93,18 @@ impl Tokens {
             return None;
         }
         let h = sha(token);
-        if same(&h, &self.admin_hash) {
+        if constant_time_eq(&h, &self.admin_hash) {
             return Some(Caller::Admin);
         }
         let id = token.strip_prefix("mrd_")?.split('_').next()?;
         let records = self.records.lock().unwrap();
         let r = records.iter().find(|r| r.id == id)?;
         let stored = hex::decode(&r.hash).ok()?;
-        same(&h, &stored).then(|| Caller::App { id: r.id.clone(), app: r.app.clone(), scopes: r.scopes.clone() })
+        constant_time_eq(&h, &stored).then(|| Caller::App {
+            id: r.id.clone(),
+            app: r.app.clone(),
+            scopes: r.scopes.clone(),
+        })
     }
 
     /// Makes a token; the secret is returned once and never stored.

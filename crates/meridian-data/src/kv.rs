@@ -113,18 +113,21 @@ impl CausalityKey {
         CausalityKey(key)
     }
 
-    fn tag(&self, entries: &str) -> Vec<u8> {
+    /// The MAC over a token's entries, domain-separated from any other use
+    /// of the key.
+    fn mac(&self, entries: &str) -> hmac::Hmac<sha2::Sha256> {
         use hmac::Mac;
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(b"meridian-causality-v1\0");
         mac.update(entries.as_bytes());
-        mac.finalize().into_bytes()[..TAG_BYTES].to_vec()
+        mac
     }
 
     /// `<entries>.<tag>`: what goes into the header and the cookie.
     pub fn seal(&self, entries: &[TokenEntry]) -> String {
+        use hmac::Mac;
         let body = format_token(entries);
-        let tag = hex::encode(self.tag(&body));
+        let tag = hex::encode(&self.mac(&body).finalize().into_bytes()[..TAG_BYTES]);
         format!("{body}.{tag}")
     }
 
@@ -136,11 +139,8 @@ impl CausalityKey {
         if tag.len() != TAG_BYTES {
             return Vec::new();
         }
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(b"meridian-causality-v1\0");
-        mac.update(body.as_bytes());
         // Constant-time comparison of the truncated tag.
-        if mac.verify_truncated_left(&tag).is_err() {
+        if self.mac(body).verify_truncated_left(&tag).is_err() {
             return Vec::new();
         }
         parse_token(body)

@@ -60,15 +60,21 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
     }
 }
 
-/// Whether the request carries `Authorization: Bearer <token>`. Compares in
-/// constant time so the token cannot be guessed byte by byte from timing.
+/// The token of an `Authorization: Bearer <token>` header, if any.
+pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+/// Byte equality in time independent of where the inputs differ, so a
+/// secret cannot be guessed byte by byte from timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in
+/// constant time.
 pub fn has_bearer<B>(req: &Request<B>, token: &str) -> bool {
-    let Some(v) = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let Some(given) = v.strip_prefix("Bearer ") else { return false };
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    a.len() == b.len() && !token.is_empty() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    !token.is_empty() && bearer(req).is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
 }
 
 pub fn unauthorized() -> Response<Body> {
@@ -208,8 +214,8 @@ pub async fn serve(
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     watcher.watch(conn.into_owned()).await
                 }
-                Transport::Tls(tls, _auth) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(_auth));
+                Transport::Tls(tls, auth) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(auth));
                     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {

@@ -314,11 +314,12 @@ impl Region {
     /// Every request on the cluster port; the TLS layer has verified the
     /// caller's certificate, and [`authorize`] decides what it may call.
     pub async fn handle_cluster(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let Some(peer) = PeerCert::of(&req).cloned() else {
+        // The identity is shared with the connection: an Arc, not a copy.
+        let Some(peer) = req.extensions().get::<PeerCert>().map(|p| p.0.clone()) else {
             return text(StatusCode::UNAUTHORIZED, "the cluster port needs a client certificate from the cluster CA");
         };
-        let path = req.uri().path().to_string();
-        if let Err(why) = authorize(&peer, &path) {
+        let path = req.uri().path();
+        if let Err(why) = authorize(&peer, path) {
             tracing::warn!(caller = %peer, path, "refused: {why}");
             return text(StatusCode::FORBIDDEN, format!("{peer} may not call {path}: {why}"));
         }

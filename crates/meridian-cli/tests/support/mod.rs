@@ -127,6 +127,18 @@ impl World {
         serde_json::from_slice(&a.body).unwrap()
     }
 
+    /// Calls the control plane's API with the certificate of `as_name` and
+    /// no token; the status.
+    pub async fn control_call_as(&self, as_name: &str, method: http::Method, path: &str) -> u16 {
+        let control = meridian_http::cluster::Target::from_url(
+            &self.desc.control_url,
+            meridian_trust::Expect::new("control", meridian_trust::Role::Control),
+        )
+        .unwrap();
+        let a = self.client_as(as_name).call(&control, method, path, "x".into(), Duration::from_secs(5)).await.unwrap();
+        a.status.as_u16()
+    }
+
     /// Calls a region's cluster port as the operator.
     pub async fn region_call(&self, region: &str, method: &str, path: &str, body: Vec<u8>) -> (u16, String) {
         self.region_call_as("operator", region, method, path, body)
@@ -250,6 +262,17 @@ pub async fn request(
 
 pub async fn get(c: &Client, url: &str, headers: &[(&str, &str)]) -> Resp {
     request(c, "GET", url, headers, "").await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// An app of one component, the committed guest `guests/<guest>`, as
+/// `c/<guest>`, with `manifest` as its meridian.toml.
+pub fn single_component_app(guest: &str, manifest: &str) -> tempfile::TempDir {
+    let app = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(app.path().join("c")).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests").join(guest);
+    std::fs::copy(src, app.path().join("c").join(guest)).unwrap();
+    std::fs::write(app.path().join("meridian.toml"), manifest).unwrap();
+    app
 }
 
 /// Copies the example app into a fresh directory, to modify and deploy.

@@ -100,7 +100,9 @@ pub struct RegionTarget {
 
 struct Upstream {
     target: RegionTarget,
-    authority: http::uri::Authority,
+    /// `Host` of every request to this region (its cluster address), made
+    /// once rather than per request.
+    host: HeaderValue,
     pool: Arc<pool::Pool>,
     health: Mutex<RegionHealth>,
 }
@@ -170,7 +172,9 @@ impl Edge {
                     tls.clone(),
                     Expect::new(&r.name, Role::Region),
                 );
-                Ok(Upstream { target: r.clone(), authority, pool, health: Mutex::new(RegionHealth::new()) })
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
+                Ok(Upstream { target: r.clone(), host, pool, health: Mutex::new(RegionHealth::new()) })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let geoip = match &config.geoip_db {
@@ -302,7 +306,7 @@ impl Edge {
         for (n, &i) in order.iter().take(attempts).enumerate() {
             let u = &self.upstreams[i];
             let last = n + 1 == attempts;
-            let req = self.upstream_request(&parts, body.clone(), &u.authority, peer.ip());
+            let req = self.upstream_request(&parts, body.clone(), &u.host, peer.ip());
             let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
             match tokio::time::timeout(timeout, u.pool.send(req)).await {
                 Ok(Ok(resp)) => {
@@ -357,7 +361,7 @@ impl Edge {
         &self,
         parts: &http::request::Parts,
         body: Bytes,
-        authority: &http::uri::Authority,
+        host: &HeaderValue,
         peer: IpAddr,
     ) -> Request<Body> {
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -379,9 +383,7 @@ impl Edge {
         if let Some(host) = original_host {
             h.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            h.insert(header::HOST, v);
-        }
+        h.insert(header::HOST, host.clone());
         let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {peer}"),
             None => peer.to_string(),

@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
@@ -143,11 +143,15 @@ class Stack:
         start([MERIDIAN, "control", "--config", control_cfg], os.path.join(work, "control.log"))
         wait_port(self.region_port)
         wait_port(self.control_port)
+        self.cli("apps", "create", "bench", "--default")
         self.deploy(app_dir)
 
-    def deploy(self, app_dir):
-        subprocess.run([MERIDIAN, "deploy", app_dir, "--control", f"https://127.0.0.1:{self.control_port}",
+    def cli(self, *args):
+        subprocess.run([MERIDIAN, *args, "--control", f"https://127.0.0.1:{self.control_port}",
                         "--token-file", self.token_file, "--tls-dir", self.certs], check=True, capture_output=True)
+
+    def deploy(self, app_dir):
+        self.cli("deploy", app_dir)
 
 
 def make_app(work, name="app", extra_static=""):
@@ -409,7 +413,7 @@ def kv_status(wdir, w, region):
     # The certificate names the region, not the address.
     c.sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
                              server_hostname=f"{region}.region.meridian")
-    c.request("GET", "/_meridian/kv/status")
+    c.request("GET", "/_meridian/apps/hello/kv/status")
     r = c.getresponse()
     return json.loads(r.read())
 
@@ -447,6 +451,100 @@ def bench_replication(work, duration, delay_ms=40):
     print("|---|---|---|---|---|---|---|")
     for label, rate, failed, p50, p99, n in rows:
         print(f"| {label} | {rate:.0f} | {failed} | {p50:.1f} | {p99:.1f} | {n} | <= {delay_ms + 10} |")
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+PACED_LUA = """
+local hosts = {HOSTS}
+local i = 0
+request = function()
+  i = i + 1
+  wrk.headers["Host"] = hosts[(i % #hosts) + 1]
+  return wrk.format("GET", "/hello")
+end
+delay = function() return DELAY end
+"""
+
+
+def paced_wrk(work, name, url, hosts, conns, delay_ms, duration):
+    """wrk at a paced rate (each connection waits delay_ms between requests),
+    rotating the Host header over `hosts`; returns wrk()'s numbers."""
+    script = os.path.join(work, f"{name}.lua")
+    open(script, "w").write(PACED_LUA.replace("HOSTS", "{" + ", ".join(f'"{h}"' for h in hosts) + "}")
+                            .replace("DELAY", str(delay_ms)))
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", script, url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": pct(50),
+            "p99_ms": pct(99), "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def bench_density(work, duration, apps=100):
+    """100 small apps in one dev world: resident memory each idle app adds to a
+    region, and one app's p99 while the 99 others take traffic."""
+    wdir, w = dev_world(work)
+    regions = {r["name"]: next(p["pid"] for p in w["processes"] if p["name"] == r["name"]) for r in w["regions"]}
+    time.sleep(3)
+    before = {n: rss_kib(pid) for n, pid in regions.items()}
+    t0 = time.time()
+    for i in range(apps):
+        name = f"app{i:03d}"
+        d = os.path.join(work, name)
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(HELLO, os.path.join(d, "hello.wasm"))
+        with open(os.path.join(d, "meridian.toml"), "w") as f:
+            f.write(f'[app]\nname = "{name}"\n[limits]\nmemory_mb = 16\n[components.hello]\nsource = "hello.wasm"\n'
+                    '[[routes]]\npath = "/hello"\ncomponent = "hello"\n')
+        for args in (["apps", "create", name], ["deploy", d]):
+            subprocess.run([MERIDIAN, *args, "--world", wdir], check=True, capture_output=True)
+    created_s = time.time() - t0
+    time.sleep(5)
+    after = {n: rss_kib(pid) for n, pid in regions.items()}
+    us = next(r["url"] for r in w["regions"] if r["name"] == "us-east")
+    one, others = ["app000.localhost"], [f"app{i:03d}.localhost" for i in range(1, apps)]
+    # Warm every app once (first instantiation), then measure.
+    paced_wrk(work, "warm", us, one + others, 4, 0, 3)
+    alone = paced_wrk(work, "alone", us, one, 2, 5, duration)
+    result = {}
+
+    def noise():
+        result["others"] = paced_wrk(work, "others", us, others, 8, 5, duration + 2)
+
+    t = threading.Thread(target=noise)
+    t.start()
+    time.sleep(1)
+    shared = paced_wrk(work, "shared", us, one, 2, 5, duration)
+    t.join()
+    print(f"\n## Density: {apps} apps in one dev world (release build, hello.wasm per app)\n")
+    print(f"Created and deployed {apps} apps in {created_s:.0f} s (`meridian apps create` + `meridian deploy` each).\n")
+    print("| region | RSS before (MiB) | RSS with 100 more apps (MiB) | per idle app (KiB) | target |")
+    print("|---|---|---|---|---|")
+    for n in regions:
+        per = (after[n] - before[n]) / apps
+        print(f"| {n} | {before[n] / 1024:.1f} | {after[n] / 1024:.1f} | {per:.0f} | < 2048 |")
+    o = result["others"]
+    print(f"\nNoisy neighbour, us-east's public port: app000 paced at 2 connections x 5 ms "
+          f"({duration} s), alone and while app001-app{apps - 1:03d} take {o['rps']:.0f} req/s "
+          f"(8 connections x 5 ms, Host rotating over the 99).\n")
+    print("| app000 | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|")
+    for label, r in [("alone", alone), ("next to 99 busy apps", shared)]:
+        print(f"| {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+    print(f"| ratio (target <= 1.2x) | | {ratio(shared['p50_ms'], alone['p50_ms'])} "
+          f"| {ratio(shared['p99_ms'], alone['p99_ms'])} | |")
+    print(f"\nThe 99 others: {o['rps']:.0f} req/s, p99 {o['p99_ms']:.2f} ms, errors {o['errors']}.")
 
 
 def bench_kv_get(work, duration, rounds=20, gets=2000):
@@ -519,7 +617,8 @@ def bench_strong(work, writes=100):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong"])
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong",
+                                                         "density"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -529,10 +628,10 @@ def main():
     try:
         for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
-                         ("strong", bench_strong)]:
+                         ("strong", bench_strong), ("density", bench_density)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "edge", "replication", "kvget"):
+                if name in ("host", "edge", "replication", "kvget", "density"):
                     fn(work, a.duration)
                 else:
                     fn(work)

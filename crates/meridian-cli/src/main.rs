@@ -60,6 +60,8 @@ enum Command {
     Chaos(commands::chaos::Args),
     /// Name a control plane and its credentials: add, use, list, remove.
     Context(commands::context::Args),
+    /// The world's apps: list, create (with hostnames), delete (with data).
+    Apps(commands::apps::Args),
     /// Operator tokens scoped to one app: create, list, revoke.
     Tokens(commands::tokens::Args),
     /// The cluster's certificate authority and node certificates (name, role, jurisdiction).
@@ -97,6 +99,7 @@ fn main() -> std::process::ExitCode {
             Command::Kv(a) => commands::kv::run(a).await,
             Command::Certs(a) => commands::certs::run(a),
             Command::Context(a) => commands::context::run(a),
+            Command::Apps(a) => commands::apps::run(a).await,
             Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,

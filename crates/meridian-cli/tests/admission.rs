@@ -24,7 +24,7 @@ async fn requests_beyond_an_apps_limits_get_429_at_once() {
 
     // Two endless loops may run; the others are refused without waiting.
     let app = hostile_app("max_concurrency = 2");
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (ok, out) = w.create_and_deploy(app.path(), true);
     assert!(ok, "{out}");
     let spins: Vec<_> = (0..6)
         .map(|_| {
@@ -50,7 +50,7 @@ async fn requests_beyond_an_apps_limits_get_429_at_once() {
 
     // A rate: a burst of 30 against 5/s is mostly refused, and it recovers.
     let app = hostile_app("requests_per_second = 5");
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (ok, out) = w.create_and_deploy(app.path(), true);
     assert!(ok, "{out}");
     let mut codes = Vec::new();
     for _ in 0..30 {

@@ -31,7 +31,7 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (ok, out) = w.create_and_deploy(app.path(), true);
     assert!(ok, "deploy failed: {out}");
     let deployed_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -81,9 +81,10 @@ async fn deploying_under_load_fails_nothing_and_bad_versions_are_refused() {
     // --- and a region takes versions only from the control plane or an
     // operator, judged by the caller's certificate ------------------------
     let (status, body) =
-        w.region_call_as("edge-us-east", "us-east", "PUT", "/_meridian/active", v1.into()).await.unwrap();
+        w.region_call_as("edge-us-east", "us-east", "PUT", "/_meridian/apps/hello/active", v1.into()).await.unwrap();
     assert_eq!(status, 403, "{body}");
-    let (status, body) = w.region_call_as("eu-west", "us-east", "PUT", "/_meridian/active", vec![]).await.unwrap();
+    let (status, body) =
+        w.region_call_as("eu-west", "us-east", "PUT", "/_meridian/apps/hello/active", vec![]).await.unwrap();
     assert_eq!(status, 403, "{body}");
 }
 
@@ -94,7 +95,7 @@ async fn a_hostile_function_is_contained_and_not_retried_across_regions() {
         "hostile.wasm",
         "[app]\nname = \"hostile\"\n[limits]\ndeadline_ms = 300\nmemory_mb = 16\n[components.h]\nsource = \"c/hostile.wasm\"\n[[routes]]\npath = \"/\"\ncomponent = \"h\"\n",
     );
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (ok, out) = w.create_and_deploy(app.path(), true);
     assert!(ok, "{out}");
     let c = client();
     let edge = w.edge("edge-us-east");

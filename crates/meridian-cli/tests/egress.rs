@@ -63,7 +63,7 @@ component = "f"
 "#
         ),
     );
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (ok, out) = w.create_and_deploy(app.path(), true);
     assert!(ok, "{out}");
 
     let c = client();

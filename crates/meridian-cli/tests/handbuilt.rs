@@ -169,6 +169,24 @@ key = "certs/control.key"
     let control_url = format!("https://127.0.0.1:{control_port}");
     let out = run(
         &[
+            "apps",
+            "create",
+            "hello",
+            "--host",
+            "hello.example.test",
+            "--default",
+            "--control",
+            &control_url,
+            "--token-file",
+            "token",
+            "--tls-dir",
+            "certs",
+        ],
+        d,
+    );
+    assert!(out.contains("hello.example.test"), "{out}");
+    let out = run(
+        &[
             "deploy",
             app.path().to_str().unwrap(),
             "--control",

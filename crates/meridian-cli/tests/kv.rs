@@ -13,14 +13,17 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 
 /// Digest of a namespace in a region (its cluster port, not through links).
 async fn digest(_c: &Client, w: &World, region: &str, ns: &str) -> Option<String> {
-    let (status, body) =
-        w.region_call_as("operator", region, "GET", &format!("/_meridian/kv/digest/{ns}"), vec![]).await.ok()?;
+    let (status, body) = w
+        .region_call_as("operator", region, "GET", &format!("/_meridian/apps/hello/kv/digest/{ns}"), vec![])
+        .await
+        .ok()?;
     (status == 200).then_some(body)
 }
 
 /// One operation through a region's kv API; the parsed JSON answer.
 async fn kv_op(_c: &Client, w: &World, region: &str, op: serde_json::Value) -> serde_json::Value {
-    let (status, body) = w.region_call(region, "POST", "/_meridian/kv/op", op.to_string().into_bytes()).await;
+    let (status, body) =
+        w.region_call(region, "POST", "/_meridian/apps/hello/kv/op", op.to_string().into_bytes()).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -288,7 +291,7 @@ async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream()
     }
     // Nor in any region's metrics or status.
     for region in REGIONS {
-        for path in ["/_meridian/metrics", "/_meridian/kv/status"] {
+        for path in ["/_meridian/metrics", "/_meridian/apps/hello/kv/status"] {
             let (status, body) = w.region_call(region, "GET", path, vec![]).await;
             assert_eq!(status, 200);
             assert!(body.contains("eu-west"), "{path} of {region}: {body}");
@@ -421,7 +424,7 @@ async fn corrupt_truncated_foreign_and_wrong_version_replication_messages_change
         ),
     ];
     // Sent with us-east's certificate, as us-east would.
-    let push = "/_meridian/repl/push";
+    let push = "/_meridian/apps/hello/repl/push";
     for (what, body, status) in &cases {
         let r = w.region_call_as("us-east", "eu-west", "POST", push, body.clone()).await.unwrap();
         assert_eq!(r.0, *status, "{what}: {}", r.1);
@@ -519,7 +522,7 @@ async fn tombstones_are_collected_only_once_every_region_has_seen_them() {
 }
 
 async fn kv_op_status(_c: &Client, w: &World, region: &str) -> serde_json::Value {
-    let (status, body) = w.region_call(region, "GET", "/_meridian/kv/status", vec![]).await;
+    let (status, body) = w.region_call(region, "GET", "/_meridian/apps/hello/kv/status", vec![]).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

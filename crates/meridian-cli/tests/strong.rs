@@ -15,7 +15,8 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 const KEYS: usize = 3;
 
 async fn group_leader(_c: &Client, w: &World, region: &str) -> Option<String> {
-    let (_, body) = w.region_call_as("operator", region, "GET", "/_meridian/kv/status", vec![]).await.ok()?;
+    let (_, body) =
+        w.region_call_as("operator", region, "GET", "/_meridian/apps/hello/kv/status", vec![]).await.ok()?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["groups"][0]["leader"].as_str().map(String::from)
 }

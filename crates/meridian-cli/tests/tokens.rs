@@ -37,8 +37,8 @@ async fn scoped_tokens_deploy_only_their_app_and_die_when_revoked() {
     let f = token_file(tmp.path(), "other", &deploy_other);
     let (ok, out) = w.cli(&["deploy", &app_dir, "--token-file", &f]);
     assert!(!ok && out.contains("403"), "{out}");
-    let (ok, out) = w.cli(&["status", "--token-file", &f]);
-    assert!(!ok, "another app's token read hello's status: {out}");
+    let (_, out) = w.cli(&["status", "--token-file", &f]);
+    assert!(!out.contains("app hello"), "another app's token read hello's status: {out}");
     let f = token_file(tmp.path(), "deploy", &deploy_hello);
     let (ok, out) = w.cli(&["deploy", &app_dir, "--token-file", &f]);
     assert!(ok, "{out}");

@@ -16,17 +16,17 @@ const INTERNAL: &[&str] = &[
     "/_meridian/health",
     "/_meridian/edge",
     "/_meridian/status",
-    "/_meridian/active",
+    "/_meridian/apps/hello/active",
     "/_meridian/peers",
-    "/_meridian/versions/0000000000000000000000000000000000000000000000000000000000000000",
+    "/_meridian/apps/hello/versions/0000000000000000000000000000000000000000000000000000000000000000",
     "/_meridian/metrics",
-    "/_meridian/kv/status",
-    "/_meridian/kv/op",
-    "/_meridian/kv/digest/sessions",
-    "/_meridian/repl/push",
-    "/_meridian/repl/stream",
-    "/_meridian/repl/bucket/profiles/0",
-    "/_meridian/raft/ledger/vote",
+    "/_meridian/apps/hello/kv/status",
+    "/_meridian/apps/hello/kv/op",
+    "/_meridian/apps/hello/kv/digest/sessions",
+    "/_meridian/apps/hello/repl/push",
+    "/_meridian/apps/hello/repl/stream",
+    "/_meridian/apps/hello/repl/bucket/profiles/0",
+    "/_meridian/apps/hello/raft/ledger/vote",
 ];
 
 fn addr_of(url: &str) -> String {
@@ -140,22 +140,24 @@ async fn cluster_ports_refuse_clients_without_a_certificate_or_from_another_ca()
 async fn roles_come_from_certificates_an_edge_cannot_replicate_or_vote() {
     let w = World::start(&[]);
     let edge_only = [
-        ("POST", "/_meridian/repl/push"),
-        ("POST", "/_meridian/repl/stream"),
-        ("GET", "/_meridian/repl/bucket/sessions/0"),
-        ("POST", "/_meridian/raft/ledger/vote"),
-        ("POST", "/_meridian/raft/ledger/append"),
-        ("POST", "/_meridian/kv/op"),
+        ("POST", "/_meridian/apps/hello/repl/push"),
+        ("POST", "/_meridian/apps/hello/repl/stream"),
+        ("GET", "/_meridian/apps/hello/repl/bucket/sessions/0"),
+        ("POST", "/_meridian/apps/hello/raft/ledger/vote"),
+        ("POST", "/_meridian/apps/hello/raft/ledger/append"),
+        ("POST", "/_meridian/apps/hello/kv/op"),
         ("PUT", "/_meridian/peers"),
-        ("PUT", "/_meridian/active"),
-        ("GET", "/_meridian/kv/status"),
+        ("PUT", "/_meridian/apps/hello/active"),
+        ("GET", "/_meridian/apps/hello/kv/status"),
     ];
     for (method, path) in edge_only {
         let (status, body) = w.region_call_as("edge-eu-west", "eu-west", method, path, b"{}".to_vec()).await.unwrap();
         assert_eq!(status, 403, "an edge called {method} {path}: {body}");
     }
     // The control plane installs versions but does not replicate or vote.
-    for (method, path) in [("POST", "/_meridian/repl/push"), ("POST", "/_meridian/raft/ledger/vote")] {
+    for (method, path) in
+        [("POST", "/_meridian/apps/hello/repl/push"), ("POST", "/_meridian/apps/hello/raft/ledger/vote")]
+    {
         let (status, body) = w.region_call_as("control", "eu-west", method, path, b"{}".to_vec()).await.unwrap();
         assert_eq!(status, 403, "the control plane called {path}: {body}");
     }
@@ -167,7 +169,13 @@ async fn roles_come_from_certificates_an_edge_cannot_replicate_or_vote() {
         "last_log_id": null
     });
     let (status, body) = w
-        .region_call_as("us-east", "ap-southeast", "POST", "/_meridian/raft/ledger/vote", vote.to_string().into_bytes())
+        .region_call_as(
+            "us-east",
+            "ap-southeast",
+            "POST",
+            "/_meridian/apps/hello/raft/ledger/vote",
+            vote.to_string().into_bytes(),
+        )
         .await
         .unwrap();
     assert_eq!(status, 403, "{body}");
@@ -175,7 +183,7 @@ async fn roles_come_from_certificates_an_edge_cannot_replicate_or_vote() {
     // itself for its stale log, but heard).
     let own = vote.to_string().replace("\"node_id\":2", "\"node_id\":1");
     let (status, body) = w
-        .region_call_as("us-east", "ap-southeast", "POST", "/_meridian/raft/ledger/vote", own.into_bytes())
+        .region_call_as("us-east", "ap-southeast", "POST", "/_meridian/apps/hello/raft/ledger/vote", own.into_bytes())
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
@@ -207,7 +215,7 @@ async fn a_region_issued_for_us_never_receives_an_eu_namespace_whatever_it_claim
             .call_with(
                 &target,
                 http::Method::GET,
-                &format!("/_meridian/repl/bucket/profiles/{i}"),
+                &format!("/_meridian/apps/hello/repl/bucket/profiles/{i}"),
                 &[("x-meridian-peer", "eu-west")],
                 Default::default(),
                 Duration::from_secs(5),
@@ -217,8 +225,10 @@ async fn a_region_issued_for_us_never_receives_an_eu_namespace_whatever_it_claim
         assert_eq!(a.status, 403);
         assert!(!a.body.windows(8).any(|w| w == b"EUSECRET"), "bucket {i} leaked EU data");
     }
-    let (status, _) =
-        w.region_call_as("us-east", "eu-west", "GET", "/_meridian/kv/digest/profiles", vec![]).await.unwrap();
+    let (status, _) = w
+        .region_call_as("us-east", "eu-west", "GET", "/_meridian/apps/hello/kv/digest/profiles", vec![])
+        .await
+        .unwrap();
     assert_eq!(status, 403);
     // 2. Being pushed to: eu-west is told (by an operator's mistake, or an
     //    attacker with the peers API) that us-east is in the EU.
@@ -241,7 +251,7 @@ async fn a_region_issued_for_us_never_receives_an_eu_namespace_whatever_it_claim
     // Replication to us-east now fails at the handshake, naming why.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, body) = w.region_call("eu-west", "GET", "/_meridian/kv/status", vec![]).await;
+        let (_, body) = w.region_call("eu-west", "GET", "/_meridian/apps/hello/kv/status", vec![]).await;
         let s: serde_json::Value = serde_json::from_str(&body).unwrap();
         let us = s["peers"].as_array().unwrap().iter().find(|p| p["peer"] == "us-east").cloned().unwrap();
         if us["last_error"].as_str().is_some_and(|e| e.contains("issued for \"us\"")) {

@@ -1,5 +1,5 @@
-//! The control plane: keeps the app's versions and which one should run, and
-//! makes every region run it.
+//! The control plane: keeps the world's apps (name, hostnames), their
+//! versions and which one should run, and makes every region run them.
 //!
 //! A deploy is two-phase. First the version is installed on every reachable
 //! region (each verifies the bundle and compiles it); if any region refuses
@@ -13,18 +13,25 @@
 //! bearer token. Regions are called on their cluster ports with mutual TLS:
 //! the control plane proves it is the control plane with its certificate,
 //! never with a token. State lives in the data directory: bundles by content id, and `state.json` with the desired
-//! version, written atomically.
+//! version of every app and the apps being deleted, written atomically.
+//!
+//! Apps: `POST /v1/apps` creates one (administrator token only) and records
+//! it on every region; `DELETE /v1/apps/<name>` makes every region remove
+//! its versions and data (each says how much) and revokes its tokens; a
+//! region that was down is told by the reconcile loop when it is back.
 
 pub mod tokens;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use meridian_core::{headers, wire::RegionStatus, VersionId};
+use meridian_core::wire::{AppRecord, AppRemoved, AppStatus, RegionStatus};
+use meridian_core::{headers, VersionId};
 use meridian_http::cluster::{CallError, ClusterClient, Target};
 use meridian_http::{json, text, unauthorized, Body, Role, Tls};
 use meridian_manifest::Bundle;
 use meridian_trust::{Expect, TlsFiles};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +53,10 @@ pub struct ControlConfig {
     pub regions: Vec<ControlRegion>,
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_interval_ms: u64,
+    /// If set, every app also answers at `<app>.<apps_domain>` (as
+    /// `<app>.fly.dev`); `meridian dev` uses `localhost`.
+    #[serde(default)]
+    pub apps_domain: Option<String>,
 }
 
 fn default_reconcile_ms() -> u64 {
@@ -60,11 +71,23 @@ pub struct ControlRegion {
     pub url: String,
 }
 
+/// One app as the control plane keeps it.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct AppState {
+    pub record: AppRecord,
+    pub desired: Option<VersionId>,
+    #[serde(default)]
+    pub history: Vec<VersionId>,
+}
+
 #[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
 pub struct ControlState {
-    pub app: Option<String>,
-    pub desired: Option<VersionId>,
-    pub history: Vec<VersionId>,
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppState>,
+    /// Deleted apps, with the regions that have not confirmed removing
+    /// their data yet (the reconcile loop keeps asking).
+    #[serde(default)]
+    pub deleting: BTreeMap<String, BTreeSet<String>>,
 }
 
 pub struct Control {
@@ -73,6 +96,7 @@ pub struct Control {
     pub tls: Arc<Tls>,
     client: ClusterClient,
     state: Mutex<ControlState>,
+    /// Serialises deploys, app changes and reconcile rounds.
     deploy_lock: tokio::sync::Mutex<()>,
 }
 
@@ -92,11 +116,36 @@ pub struct DeployReport {
     pub regions: Vec<RegionOutcome>,
 }
 
+/// What deleting an app did in each region.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DeleteReport {
+    pub app: String,
+    /// Regions that removed the app's files, and how much.
+    pub removed: Vec<AppRemoved>,
+    /// Regions that could not be reached: the reconcile loop removes the
+    /// app there when they come back.
+    pub pending: Vec<String>,
+    pub tokens_revoked: usize,
+}
+
+/// `POST /v1/apps`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewApp {
+    pub name: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub default: bool,
+}
+
 enum RegionCall {
     Ok(String),
     Refused(String),
     Unreachable(String),
 }
+
+type ApiError = (StatusCode, String);
 
 impl Control {
     pub fn open(config: ControlConfig) -> anyhow::Result<Arc<Control>> {
@@ -109,9 +158,15 @@ impl Control {
         if me.role != Role::Control {
             anyhow::bail!("the certificate is for {me}; the control plane needs one issued with --role control");
         }
+        if let Some(d) = &config.apps_domain {
+            if !meridian_core::wire::is_valid_hostname(d) {
+                anyhow::bail!("apps_domain {d:?} is not a hostname");
+            }
+        }
         std::fs::create_dir_all(config.data_dir.join("bundles"))?;
         let state = match std::fs::read(config.data_dir.join("state.json")) {
-            Ok(b) => serde_json::from_slice(&b)?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.data_dir.join("state.json").display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ControlState::default(),
             Err(e) => return Err(e.into()),
         };
@@ -129,6 +184,17 @@ impl Control {
     fn save_state(&self, s: &ControlState) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
         meridian_core::fs::write_atomic(&self.config.data_dir.join("state.json"), &bytes)
+    }
+
+    /// Changes the state and saves it; unchanged if saving fails.
+    fn update<T>(&self, f: impl FnOnce(&mut ControlState) -> T) -> Result<T, ApiError> {
+        let mut s = self.state.lock().unwrap();
+        let mut next = s.clone();
+        let out = f(&mut next);
+        self.save_state(&next)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the change: {e}")))?;
+        *s = next;
+        Ok(out)
     }
 
     fn bundle_path(&self, id: &VersionId) -> PathBuf {
@@ -164,16 +230,145 @@ impl Control {
         }
     }
 
-    /// Stores a version and makes it run everywhere (see the module docs).
-    pub async fn deploy(&self, tar: Bytes, caller: &Caller) -> Result<DeployReport, (StatusCode, String)> {
+    /// Records every app on every region, in parallel; regions that could
+    /// not take it get it from the reconcile loop.
+    async fn push_records(&self, records: &[AppRecord]) {
+        let calls = self.config.regions.iter().flat_map(|r| {
+            records.iter().map(move |rec| async move {
+                let body = Bytes::from(serde_json::to_vec(rec).unwrap_or_default());
+                let path = format!("apps/{}", rec.name);
+                if let RegionCall::Unreachable(e) | RegionCall::Refused(e) =
+                    self.call(r, Method::PUT, &path, body, Duration::from_secs(5)).await
+                {
+                    tracing::debug!(region = %r.name, app = %rec.name, error = %e, "app record pending");
+                }
+            })
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Creates an app (or changes its hostnames and default flag).
+    pub async fn create_app(&self, n: NewApp) -> Result<AppRecord, ApiError> {
+        let bad = |m: String| Err((StatusCode::BAD_REQUEST, m));
+        if !meridian_core::wire::is_valid_app_name(&n.name) {
+            return bad(format!("{:?} is not an app name: 1-32 characters of a-z, 0-9 and '-'", n.name));
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        for h in n.hosts.iter().map(|h| h.trim().to_ascii_lowercase()) {
+            if !meridian_core::wire::is_valid_hostname(&h) {
+                return bad(format!("{h:?} is not a hostname (lowercase DNS labels, no port)"));
+            }
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        if let Some(d) = &self.config.apps_domain {
+            let own = format!("{}.{d}", n.name);
+            if !hosts.contains(&own) {
+                hosts.insert(0, own);
+            }
+        }
+        let _guard = self.deploy_lock.lock().await;
+        let changed = self.update(|s| {
+            if let Some((other, _)) =
+                s.apps.iter().find(|(name, a)| **name != n.name && a.record.hosts.iter().any(|h| hosts.contains(h)))
+            {
+                return Err((StatusCode::CONFLICT, format!("a hostname is already app {other:?}'s")));
+            }
+            // The first app is the default one unless told otherwise.
+            let default = n.default || (s.apps.is_empty() && !s.apps.contains_key(&n.name));
+            let record = AppRecord { name: n.name.clone(), hosts: hosts.clone(), default };
+            let mut changed = vec![record.clone()];
+            if default {
+                for (name, a) in s.apps.iter_mut() {
+                    if *name != n.name && a.record.default {
+                        a.record.default = false;
+                        changed.push(a.record.clone());
+                    }
+                }
+            }
+            s.deleting.remove(&n.name);
+            s.apps.entry(n.name.clone()).and_modify(|a| a.record = record.clone()).or_insert(AppState {
+                record,
+                desired: None,
+                history: Vec::new(),
+            });
+            Ok(changed)
+        })??;
+        self.push_records(&changed).await;
+        Ok(changed[0].clone())
+    }
+
+    /// Deletes an app: its versions stop everywhere and every region
+    /// removes its data; its tokens are revoked.
+    pub async fn delete_app(&self, name: &str) -> Result<DeleteReport, ApiError> {
+        let _guard = self.deploy_lock.lock().await;
+        let regions: BTreeSet<String> = self.config.regions.iter().map(|r| r.name.clone()).collect();
+        let existed = self.update(|s| {
+            let existed = s.apps.remove(name).is_some();
+            if existed {
+                s.deleting.insert(name.to_string(), regions.clone());
+            }
+            existed
+        })?;
+        if !existed && !self.state.lock().unwrap().deleting.contains_key(name) {
+            return Err((StatusCode::NOT_FOUND, format!("no app named {name:?}")));
+        }
+        let tokens_revoked = self
+            .tokens
+            .revoke_app(name)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot revoke the app's tokens: {e}")))?;
+        let path = format!("apps/{name}");
+        let calls = futures::future::join_all(
+            self.config
+                .regions
+                .iter()
+                .map(|r| self.call(r, Method::DELETE, &path, Bytes::new(), Duration::from_secs(60))),
+        )
+        .await;
+        let mut removed = Vec::new();
+        let mut pending = Vec::new();
+        for (r, c) in self.config.regions.iter().zip(calls) {
+            match c {
+                RegionCall::Ok(b) => match serde_json::from_str::<AppRemoved>(&b) {
+                    Ok(rm) => removed.push(rm),
+                    Err(e) => pending.push(format!("{}: unreadable answer: {e}", r.name)),
+                },
+                RegionCall::Unreachable(e) | RegionCall::Refused(e) => pending.push(format!("{}: {e}", r.name)),
+            }
+        }
+        let done: Vec<String> = removed.iter().map(|r| r.region.clone()).collect();
+        self.update(|s| {
+            if let Some(left) = s.deleting.get_mut(name) {
+                left.retain(|r| !done.contains(r));
+                if left.is_empty() {
+                    s.deleting.remove(name);
+                }
+            }
+        })?;
+        Ok(DeleteReport { app: name.to_string(), removed, pending, tokens_revoked })
+    }
+
+    /// Stores a version of an existing app and makes it run everywhere
+    /// (see the module docs).
+    pub async fn deploy(&self, tar: Bytes, caller: &Caller) -> Result<DeployReport, ApiError> {
         let bundle = Bundle::from_tar(&tar).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-        if !caller.may(Scope::Deploy, &bundle.manifest.name) {
+        let app = bundle.manifest.name.clone();
+        if !caller.may(Scope::Deploy, &app) {
             return Err((
                 StatusCode::FORBIDDEN,
-                format!("this token may not deploy app {:?} (it needs the deploy scope on it)", bundle.manifest.name),
+                format!("this token may not deploy app {app:?} (it needs the deploy scope on it)"),
             ));
         }
         let _guard = self.deploy_lock.lock().await;
+        if !self.state.lock().unwrap().apps.contains_key(&app) {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!(
+                    "there is no app {app:?} in this world; create it first: meridian apps create {app} --host HOST"
+                ),
+            ));
+        }
         let id = bundle.id.clone();
         let path = self.bundle_path(&id);
         if !path.exists() {
@@ -182,7 +377,7 @@ impl Control {
         }
         // Phase 1: install (compile) everywhere reachable.
         let install_timeout = Duration::from_secs(300);
-        let install_path = format!("versions/{id}");
+        let install_path = format!("apps/{app}/versions/{id}");
         let installs = futures::future::join_all(
             self.config.regions.iter().map(|r| self.call(r, Method::PUT, &install_path, tar.clone(), install_timeout)),
         )
@@ -205,23 +400,25 @@ impl Control {
         if outcomes.iter().all(|(_, ok, _)| !ok) {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no region is reachable; nothing was changed".into()));
         }
-        {
-            let mut s = self.state.lock().unwrap();
-            s.app = Some(bundle.manifest.name.clone());
-            s.desired = Some(id.clone());
-            if s.history.last() != Some(&id) {
-                s.history.push(id.clone());
+        self.update(|s| {
+            if let Some(a) = s.apps.get_mut(&app) {
+                a.desired = Some(id.clone());
+                if a.history.last() != Some(&id) {
+                    a.history.push(id.clone());
+                }
             }
-            self.save_state(&s)
-                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the deploy: {e}")))?;
-        }
+        })?;
         // Phase 2: switch each region that holds it.
         let mut report = Vec::new();
+        let active_path = format!("apps/{app}/active");
         for (r, installed, err) in outcomes {
             let outcome = if !installed {
                 RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: err }
             } else {
-                match self.call(r, Method::PUT, "active", Bytes::from(id.to_string()), Duration::from_secs(10)).await {
+                match self
+                    .call(r, Method::PUT, &active_path, Bytes::from(id.to_string()), Duration::from_secs(10))
+                    .await
+                {
                     RegionCall::Ok(_) => {
                         RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() }
                     }
@@ -232,60 +429,131 @@ impl Control {
             };
             report.push(outcome);
         }
-        Ok(DeployReport { app: bundle.manifest.name, version: id, regions: report })
+        Ok(DeployReport { app, version: id, regions: report })
     }
 
-    /// Brings every region to the desired version, forever.
+    /// Brings every region to the desired state (apps, their versions,
+    /// deleted apps gone), forever.
     pub async fn reconcile_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.reconcile_interval_ms.max(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            // Read the desired version under the deploy lock: read before
-            // it, a deploy finishing meanwhile would be undone.
+            // Read the desired state under the deploy lock: read before it,
+            // a deploy finishing meanwhile would be undone.
             let _guard = self.deploy_lock.lock().await;
-            let Some(desired) = self.state.lock().unwrap().desired.clone() else { continue };
+            let state = self.state.lock().unwrap().clone();
             for r in &self.config.regions {
-                if let Err(e) = self.reconcile_region(r, &desired).await {
+                if let Err(e) = self.reconcile_region(r, &state).await {
                     tracing::debug!(region = %r.name, error = %e, "reconcile pending");
                 }
             }
         }
     }
 
-    async fn reconcile_region(&self, r: &ControlRegion, desired: &VersionId) -> Result<(), String> {
+    async fn reconcile_region(&self, r: &ControlRegion, state: &ControlState) -> Result<(), String> {
         let status = match self.call(r, Method::GET, "status", Bytes::new(), Duration::from_secs(2)).await {
             RegionCall::Ok(b) => b,
             RegionCall::Unreachable(e) | RegionCall::Refused(e) => return Err(e),
         };
         let status: RegionStatus = serde_json::from_str(&status).map_err(|e| format!("unreadable status: {e}"))?;
-        if status.active.as_ref() == Some(desired) {
-            return Ok(());
+        for (name, waiting) in &state.deleting {
+            if !waiting.contains(&r.name) {
+                continue;
+            }
+            if let RegionCall::Ok(b) =
+                self.call(r, Method::DELETE, &format!("apps/{name}"), Bytes::new(), Duration::from_secs(60)).await
+            {
+                tracing::info!(region = %r.name, app = %name, answer = %b, "removed a deleted app");
+                let _ = self.update(|s| {
+                    if let Some(left) = s.deleting.get_mut(name) {
+                        left.remove(&r.name);
+                        if left.is_empty() {
+                            s.deleting.remove(name);
+                        }
+                    }
+                });
+            }
         }
-        let installed = status.installed.contains(desired);
-        if !installed {
+        let mut errors = Vec::new();
+        for (name, app) in &state.apps {
+            let have = status.app(name);
+            if have.is_none() {
+                let body = Bytes::from(serde_json::to_vec(&app.record).unwrap_or_default());
+                if let RegionCall::Unreachable(e) | RegionCall::Refused(e) =
+                    self.call(r, Method::PUT, &format!("apps/{name}"), body, Duration::from_secs(5)).await
+                {
+                    errors.push(e);
+                    continue;
+                }
+            }
+            let Some(desired) = &app.desired else { continue };
+            if have.and_then(|a| a.active.as_ref()) == Some(desired) {
+                continue;
+            }
+            if let Err(e) = self.reconcile_version(r, name, desired, have).await {
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn reconcile_version(
+        &self,
+        r: &ControlRegion,
+        app: &str,
+        desired: &VersionId,
+        have: Option<&AppStatus>,
+    ) -> Result<(), String> {
+        if !have.is_some_and(|a| a.installed.contains(desired)) {
             let tar = std::fs::read(self.bundle_path(desired)).map_err(|e| e.to_string())?;
             if let RegionCall::Unreachable(e) | RegionCall::Refused(e) = self
-                .call(r, Method::PUT, &format!("versions/{desired}"), Bytes::from(tar), Duration::from_secs(300))
+                .call(
+                    r,
+                    Method::PUT,
+                    &format!("apps/{app}/versions/{desired}"),
+                    Bytes::from(tar),
+                    Duration::from_secs(300),
+                )
                 .await
             {
                 return Err(e);
             }
         }
-        match self.call(r, Method::PUT, "active", Bytes::from(desired.to_string()), Duration::from_secs(10)).await {
+        match self
+            .call(
+                r,
+                Method::PUT,
+                &format!("apps/{app}/active"),
+                Bytes::from(desired.to_string()),
+                Duration::from_secs(10),
+            )
+            .await
+        {
             RegionCall::Ok(_) => {
-                tracing::info!(region = %r.name, version = desired.short(), "reconciled region to the desired version");
+                tracing::info!(region = %r.name, app, version = desired.short(), "reconciled region to the desired version");
                 Ok(())
             }
             RegionCall::Unreachable(e) | RegionCall::Refused(e) => Err(e),
         }
     }
 
-    pub async fn status(&self) -> serde_json::Value {
-        let (app, desired) = {
-            let s = self.state.lock().unwrap();
-            (s.app.clone(), s.desired.clone())
-        };
+    /// Every app the caller may read, with its desired version and what
+    /// each region runs.
+    pub async fn status(&self, caller: &Caller) -> serde_json::Value {
+        let apps: Vec<AppState> = self
+            .state
+            .lock()
+            .unwrap()
+            .apps
+            .values()
+            .filter(|a| caller.may(Scope::Read, &a.record.name))
+            .cloned()
+            .collect();
         let calls = futures::future::join_all(
             self.config
                 .regions
@@ -293,31 +561,51 @@ impl Control {
                 .map(|r| self.call(r, Method::GET, "status", Bytes::new(), Duration::from_secs(2))),
         )
         .await;
-        let regions: Vec<_> = self
+        let regions: Vec<(String, Result<RegionStatus, String>)> = self
             .config
             .regions
             .iter()
             .zip(calls)
-            .map(|(r, c)| match c {
-                RegionCall::Ok(b) => {
-                    match serde_json::from_str::<RegionStatus>(&b) {
-                        Ok(s) => serde_json::json!({"region": r.name, "reachable": true, "active": s.active}),
-                        Err(e) => serde_json::json!({"region": r.name, "reachable": true, "error": format!("unreadable status: {e}")}),
+            .map(|(r, c)| {
+                let s = match c {
+                    RegionCall::Ok(b) => {
+                        serde_json::from_str::<RegionStatus>(&b).map_err(|e| format!("unreadable status: {e}"))
                     }
-                }
-                RegionCall::Unreachable(e) | RegionCall::Refused(e) => {
-                    serde_json::json!({"region": r.name, "reachable": false, "error": e})
-                }
+                    RegionCall::Unreachable(e) | RegionCall::Refused(e) => Err(e),
+                };
+                (r.name.clone(), s)
             })
             .collect();
-        serde_json::json!({"app": app, "desired": desired, "regions": regions})
+        let apps: Vec<serde_json::Value> = apps
+            .iter()
+            .map(|a| {
+                let per_region: Vec<serde_json::Value> = regions
+                    .iter()
+                    .map(|(name, s)| match s {
+                        Ok(s) => serde_json::json!({
+                            "region": name,
+                            "reachable": true,
+                            "active": s.app(&a.record.name).and_then(|x| x.active.clone()),
+                        }),
+                        Err(e) => serde_json::json!({"region": name, "reachable": false, "error": e}),
+                    })
+                    .collect();
+                serde_json::json!({
+                    "app": a.record.name,
+                    "hosts": a.record.hosts,
+                    "default": a.record.default,
+                    "desired": a.desired,
+                    "regions": per_region,
+                })
+            })
+            .collect();
+        serde_json::json!({"apps": apps})
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or("")) else {
             return unauthorized();
         };
-        let app = self.state.lock().unwrap().app.clone().unwrap_or_default();
         let forbidden = |what: &str| text(StatusCode::FORBIDDEN, format!("this token may not {what}"));
         let path = req.uri().path().to_string();
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -329,12 +617,48 @@ impl Control {
                     Caller::App { id, app, scopes } => serde_json::json!({"token": id, "app": app, "scopes": scopes}),
                 },
             ),
-            (Method::GET, ["v1", "status"]) => {
-                if !caller.may(Scope::Read, &app) {
-                    return forbidden(&format!("read app {app:?}"));
-                }
-                json(StatusCode::OK, &self.status().await)
+            (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status(&caller).await),
+            (Method::GET, ["v1", "apps"]) => {
+                let list: Vec<serde_json::Value> = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .apps
+                    .values()
+                    .filter(|a| caller.may(Scope::Read, &a.record.name))
+                    .map(|a| {
+                        serde_json::json!({
+                            "name": a.record.name,
+                            "hosts": a.record.hosts,
+                            "default": a.record.default,
+                            "desired": a.desired,
+                            "versions": a.history.len(),
+                        })
+                    })
+                    .collect();
+                json(StatusCode::OK, &list)
             }
+            (Method::POST, ["v1", "apps"]) | (Method::DELETE, ["v1", "apps", _]) if caller != Caller::Admin => {
+                forbidden("create or delete apps (only the world's administrator token can)")
+            }
+            (Method::POST, ["v1", "apps"]) => {
+                let body = match meridian_http::read_body(req.into_body(), 64 << 10).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                let n: NewApp = match serde_json::from_slice(&body) {
+                    Ok(n) => n,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected {{name, hosts, default}}: {e}")),
+                };
+                match self.create_app(n).await {
+                    Ok(record) => json(StatusCode::OK, &record),
+                    Err((status, msg)) => text(status, msg),
+                }
+            }
+            (Method::DELETE, ["v1", "apps", name]) => match self.delete_app(name).await {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err((status, msg)) => text(status, msg),
+            },
             (Method::POST, ["v1", "deploy"]) => {
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,
@@ -364,7 +688,7 @@ impl Control {
                     Ok(n) => n,
                     Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected {{app, scopes}}: {e}")),
                 };
-                if !meridian_core::topology::is_valid_name(&n.app) || n.scopes.is_empty() {
+                if !meridian_core::wire::is_valid_app_name(&n.app) || n.scopes.is_empty() {
                     return text(StatusCode::BAD_REQUEST, "a token needs an app name and at least one scope");
                 }
                 match self.tokens.create(&n.app, n.scopes) {

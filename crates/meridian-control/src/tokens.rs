@@ -136,6 +136,19 @@ impl Tokens {
         self.records.lock().unwrap().clone()
     }
 
+    /// Revokes every token of an app (it was deleted: a new app of the same
+    /// name must not inherit them); how many there were.
+    pub fn revoke_app(&self, app: &str) -> std::io::Result<usize> {
+        let mut records = self.records.lock().unwrap();
+        let next: Vec<TokenRecord> = records.iter().filter(|r| r.app != app).cloned().collect();
+        let n = records.len() - next.len();
+        if n > 0 {
+            self.save(&next)?;
+            *records = next;
+        }
+        Ok(n)
+    }
+
     /// Revokes a token; whether it existed.
     pub fn revoke(&self, id: &str) -> std::io::Result<bool> {
         let mut records = self.records.lock().unwrap();

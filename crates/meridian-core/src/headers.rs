@@ -25,5 +25,9 @@ pub const RESERVED_PREFIX: &str = "/_meridian/";
 /// [`CAUSALITY_COOKIE`]; a region serves them only once it has those writes.
 pub const CAUSALITY: &str = "x-meridian-causality";
 pub const CAUSALITY_COOKIE: &str = "meridian-causality";
+/// The app a request is for, set by a region forwarding it to another one
+/// (honoured only from region and operator certificates; the public port
+/// drops it and chooses the app by `Host`).
+pub const APP: &str = "x-meridian-app";
 /// Set on a request a region forwarded to another one (never forwarded again).
 pub const FORWARDED: &str = "x-meridian-forwarded";

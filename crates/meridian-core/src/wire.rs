@@ -3,13 +3,94 @@
 
 use crate::VersionId;
 
-/// `GET /_meridian/status` of a region node.
+/// `GET /_meridian/status` of a region node: every app it holds.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RegionStatus {
     pub region: String,
+    pub apps: Vec<AppStatus>,
+}
+
+impl RegionStatus {
+    pub fn app(&self, name: &str) -> Option<&AppStatus> {
+        self.apps.iter().find(|a| a.app == name)
+    }
+}
+
+/// One app in one region.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AppStatus {
+    pub app: String,
     pub active: Option<VersionId>,
     /// Versions loaded in memory, ready to activate at once.
     pub installed: Vec<VersionId>,
+}
+
+/// An app as the control plane defines it and every region learns it
+/// (`PUT /_meridian/apps/<name>`): its name and the hostnames it answers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRecord {
+    pub name: String,
+    /// Hostnames (lowercase, no port) whose requests go to this app.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The app that answers requests to a bare address (an IP literal,
+    /// `localhost`, or no `Host` at all). At most one app is the default.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// What deleting an app removed from one region's disk.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AppRemoved {
+    pub region: String,
+    pub app: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Whether `s` can name an app: 1-32 characters of a-z, 0-9 and '-'. App
+/// names appear in paths, file names and metric labels.
+pub fn is_valid_app_name(s: &str) -> bool {
+    crate::topology::is_valid_name(s)
+}
+
+/// Whether `s` is a hostname an app may claim: lowercase DNS labels of
+/// a-z, 0-9 and '-', separated by dots, at most 253 characters, no port.
+pub fn is_valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// The hostname of a `Host` header value (or URI authority): lowercased,
+/// port removed, IPv6 brackets kept. `None` if it is not plausibly a host.
+pub fn host_of(value: &str) -> Option<String> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > 260 {
+        return None;
+    }
+    let host = if v.starts_with('[') {
+        &v[..=v.find(']')?]
+    } else {
+        match v.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => v,
+        }
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Whether a host is a bare address (served by the default app): an IP
+/// literal or `localhost`.
+pub fn is_bare_address(host: &str) -> bool {
+    host == "localhost" || host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// A region another region replicates with, reached through `url` (in a dev
@@ -88,4 +169,23 @@ pub struct GroupStatus {
     pub leader: Option<String>,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalised_and_checked() {
+        assert_eq!(host_of("Notes.LocalHost:8080").as_deref(), Some("notes.localhost"));
+        assert_eq!(host_of("example.com.").as_deref(), Some("example.com"));
+        assert_eq!(host_of("[::1]:80").as_deref(), Some("[::1]"));
+        assert_eq!(host_of(""), None);
+        assert!(is_bare_address("127.0.0.1") && is_bare_address("[::1]") && is_bare_address("localhost"));
+        assert!(!is_bare_address("hello.localhost"));
+        assert!(is_valid_hostname("shop.example.com") && is_valid_hostname("a-b.localhost"));
+        for bad in ["", "Shop.com", "a..b", "-a.com", "a_b.com", "a.com:80", &"a".repeat(64)] {
+            assert!(!is_valid_hostname(bad), "{bad}");
+        }
+    }
 }

@@ -41,6 +41,10 @@ pub enum Placement {
 }
 
 pub struct KvService {
+    /// The app whose data this is: every app has its own store, its own
+    /// replication streams and Raft groups, and its own cluster API
+    /// (`/_meridian/apps/<app>/...`).
+    pub app: String,
     pub region: String,
     pub jurisdiction: String,
     pub store: Store,
@@ -111,6 +115,16 @@ const TAG_BYTES: usize = 16;
 impl CausalityKey {
     pub fn new(key: Vec<u8>) -> CausalityKey {
         CausalityKey(key)
+    }
+
+    /// The key of one app, derived from the world's: a token one app
+    /// sealed never opens in another (its writes live in another store).
+    pub fn for_app(&self, app: &str) -> CausalityKey {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"meridian-app-key-v1\0");
+        mac.update(app.as_bytes());
+        CausalityKey(mac.finalize().into_bytes().to_vec())
     }
 
     /// The MAC over a token's entries, domain-separated from any other use
@@ -249,6 +263,11 @@ pub fn unhex(s: &str) -> KvResult<Vec<u8>> {
 }
 
 impl KvService {
+    /// The path of this app's cluster API `rest` (e.g. `kv/op`) on a peer.
+    pub fn api(&self, rest: &str) -> String {
+        format!("/_meridian/apps/{}/{rest}", self.app)
+    }
+
     /// Where to reach a peer, and who it must prove to be: its certificate
     /// must carry the jurisdiction this region trusts it with, so data meant
     /// for one jurisdiction can never be handed to a node issued for another.
@@ -396,7 +415,7 @@ impl KvService {
             let target = self.target(p).map_err(other)?;
             match self
                 .cluster
-                .call(&target, Method::POST, "/_meridian/kv/op", body.clone(), Duration::from_secs(10))
+                .call(&target, Method::POST, &self.api("kv/op"), body.clone(), Duration::from_secs(10))
                 .await
             {
                 Ok(answer) => {
@@ -442,7 +461,7 @@ impl KvService {
         }
     }
 
-    /// `POST /_meridian/kv/op`: one operation from another region or the CLI,
+    /// `POST /_meridian/apps/<app>/kv/op`: one operation from another region or the CLI,
     /// run wherever its namespace lives. A region forwards only to regions
     /// allowed to hold the namespace, which run it themselves, so an
     /// operation is forwarded at most once (strong ones: at most three hops).
@@ -520,17 +539,21 @@ impl KvService {
         }
     }
 
-    /// The key-value state in the Prometheus text format. Labels are region
+    /// The key-value state in the Prometheus text format, one family per
+    /// metric with `help` lines only when `with_help` (a node concatenating
+    /// several apps prints them once). Labels are region, app and peer
     /// names only: no key or value ever appears in metrics.
-    pub fn metrics_text(&self) -> String {
+    pub fn metrics_text(&self, with_help: bool) -> String {
         use std::fmt::Write;
         let s = self.status();
-        let r = &s.region;
+        let (r, app) = (&s.region, &self.app);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if with_help {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            }
             for (labels, v) in rows {
-                let _ = writeln!(out, "{name}{{region=\"{r}\"{labels}}} {v}");
+                let _ = writeln!(out, "{name}{{region=\"{r}\",app=\"{app}\"{labels}}} {v}");
             }
         };
         metric(
@@ -617,7 +640,8 @@ impl KvService {
         out
     }
 
-    /// Admin API under `/_meridian/kv/` and `/_meridian/repl/`; `caller` is
+    /// The app's data API under `/_meridian/apps/<app>/`: `kv/`, `repl/`,
+    /// `raft/`, `metrics`; `caller` is
     /// the verified identity of the client (the role was already checked).
     pub async fn admin(
         self: &Arc<Self>,
@@ -633,7 +657,7 @@ impl KvService {
             },
             (Method::GET, ["kv", "status"]) => json(StatusCode::OK, &self.status()),
             (Method::GET, ["metrics"]) => {
-                let mut r = Response::new(meridian_http::full(self.metrics_text()));
+                let mut r = Response::new(meridian_http::full(self.metrics_text(true)));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

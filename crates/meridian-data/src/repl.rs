@@ -609,7 +609,7 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
         rx.recv().await.map(|b| (Ok::<_, meridian_http::BoxError>(hyper::body::Frame::data(b)), rx))
     });
     let target = svc.target(peer).map_err(|e| e.to_string())?;
-    let req = Request::post("/_meridian/repl/stream")
+    let req = Request::post(svc.api("repl/stream"))
         .body(http_body_util::StreamBody::new(stream).boxed_unsync())
         .map_err(|e| e.to_string())?;
 
@@ -766,14 +766,14 @@ async fn send_snapshot(svc: &KvService, peer: &Peer) -> Result<(), String> {
             let page = store.scan(&ns, after.as_deref(), SNAPSHOT_CHUNK).map_err(|e| e.to_string())?;
             let Some(last) = page.last().map(|(k, _)| k.clone()) else { break };
             let changes = page.into_iter().map(|(key, record)| Change { ns: ns.clone(), key, record }).collect();
-            let (status, body) = post(svc, peer, "/_meridian/repl/push", send(changes, false).encode()).await?;
+            let (status, body) = post(svc, peer, &svc.api("repl/push"), send(changes, false).encode()).await?;
             if status != StatusCode::OK {
                 return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
             }
             after = Some(last);
         }
     }
-    let (status, body) = post(svc, peer, "/_meridian/repl/push", send(Vec::new(), true).encode()).await?;
+    let (status, body) = post(svc, peer, &svc.api("repl/push"), send(Vec::new(), true).encode()).await?;
     if status != StatusCode::OK {
         return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
     }
@@ -811,7 +811,7 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
         }
         let a = svc
             .cluster
-            .call(&target, Method::GET, &format!("/_meridian/kv/digest/{ns}"), Bytes::new(), Duration::from_secs(10))
+            .call(&target, Method::GET, &svc.api(&format!("kv/digest/{ns}")), Bytes::new(), Duration::from_secs(10))
             .await
             .map_err(|e| e.to_string())?;
         let (status, body) = (a.status, a.body);
@@ -824,7 +824,7 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
             if *t == hex::encode(o) {
                 continue;
             }
-            let path = format!("/_meridian/repl/bucket/{ns}/{i}");
+            let path = svc.api(&format!("repl/bucket/{ns}/{i}"));
             let a = svc
                 .cluster
                 .call(&target, Method::GET, &path, Bytes::new(), Duration::from_secs(30))

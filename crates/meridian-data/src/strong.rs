@@ -490,7 +490,7 @@ impl Connection {
             return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!("no link to {}", self.region)))));
         };
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let path = format!("/_meridian/raft/{}/{what}", self.ns);
+        let path = self.svc.api(&format!("raft/{}/{what}", self.ns));
         let target =
             self.svc.target(&peer).map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e.to_string()))))?;
         let a = self
@@ -747,7 +747,7 @@ async fn forward_any(
     let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(|e| e.to_string())?);
     let mut last = String::from("no member region reachable");
     for p in peers {
-        let path = format!("/_meridian/raft/{ns}/op?hops={}", hops + 1);
+        let path = svc.api(&format!("raft/{ns}/op?hops={}", hops + 1));
         let target = svc.target(p).map_err(|e| e.to_string())?;
         // Short: a leader cut off from us is replaced within seconds, and
         // the caller is better told (outcome unknown) than kept waiting.

@@ -313,8 +313,11 @@ impl Prepared {
                 f.store(FAULT_DEADLINE, Ordering::Relaxed);
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                // Let other requests on this thread run, then continue.
-                Ok(UpdateDeadline::Yield(1))
+                // Let other requests run, then continue. `yield_now` puts
+                // the task at the back of the run queue; wasmtime's own
+                // `Yield` wakes it at once, and tokio's LIFO slot would run
+                // the spinning guest again before anything else.
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
             }
         });
 

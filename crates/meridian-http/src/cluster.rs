@@ -71,10 +71,13 @@ impl Answer {
     }
 }
 
+/// Cheap to clone: clones share the pools (every app of a node reaches a
+/// peer over the same connections).
+#[derive(Clone)]
 pub struct ClusterClient {
     tls: Arc<Tls>,
     connect_timeout: Duration,
-    pools: Mutex<HashMap<Target, Arc<Pool>>>,
+    pools: Arc<Mutex<HashMap<Target, Arc<Pool>>>>,
 }
 
 /// Largest answer [`ClusterClient::call`] reads.
@@ -82,7 +85,7 @@ pub const MAX_ANSWER: usize = 256 << 20;
 
 impl ClusterClient {
     pub fn new(tls: Arc<Tls>, connect_timeout: Duration) -> ClusterClient {
-        ClusterClient { tls, connect_timeout, pools: Mutex::new(HashMap::new()) }
+        ClusterClient { tls, connect_timeout, pools: Default::default() }
     }
 
     pub fn tls(&self) -> &Arc<Tls> {

@@ -1,5 +1,8 @@
-//! A region node: runs the active version of the app (functions and static
-//! assets) and lets the control plane install and switch versions.
+//! A region node: runs the active version of every app of the world
+//! (functions and static assets), each app chosen by the request's host,
+//! and lets the control plane create and delete apps and install and
+//! switch their versions. Apps share nothing but the node: each has its own
+//! versions, limits and key-value store ([`App`]).
 //!
 //! Versions are installed ahead of time: the bundle is verified, every
 //! component compiled (or loaded from the compile cache) and pre-instantiated,
@@ -7,9 +10,9 @@
 //! pointer swap: a request holds the version it started with until it ends,
 //! so requests in flight finish on the old version and none fail.
 //!
-//! The node persists the bundles it installed and which one is active; after
-//! a restart it serves the same version without asking anyone and without
-//! compiling.
+//! The node persists each app's record, the bundles it installed and which
+//! one is active; after a restart it serves the same versions without
+//! asking anyone and without compiling.
 //!
 //! Two doors. The **public** port carries app traffic only: anything under
 //! `/_meridian/` answers 404 there. The **cluster** port is mutual TLS with
@@ -18,23 +21,25 @@
 //! only to the roles that need it ([`authorize`]), judged by the caller's
 //! certificate.
 
+mod app;
 mod request_kv;
 mod statics;
 
+pub use app::{App, Deployed, InstallError};
+
 pub use meridian_data::{kv, repl, strong};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-pub use meridian_core::wire::{Peer, RegionStatus};
+pub use meridian_core::wire::{AppRecord, AppRemoved, Peer, RegionStatus};
 use meridian_core::{headers, VersionId};
-use meridian_host::{Host, HostConfig, Prepared};
+use meridian_host::{Host, HostConfig};
 use meridian_http::cluster::ClusterClient;
 use meridian_http::{json, text, Body, Peer as PeerCert, Role, Tls};
-use meridian_manifest::{Bundle, Manifest, RouteTarget};
+use meridian_manifest::RouteTarget;
 use meridian_trust::TlsFiles;
-use statics::StaticSite;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -90,24 +95,6 @@ fn default_max_bundle_mb() -> u64 {
     256
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    #[error("{0}")]
-    Bundle(#[from] meridian_manifest::BundleError),
-    #[error("bundle content hashes to {actual}, not the {claimed} it was sent as")]
-    IdMismatch { claimed: VersionId, actual: VersionId },
-    #[error("component {name:?}: {source}")]
-    Component { name: String, source: meridian_host::HostError },
-    #[error("cannot store the version: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("compilation task failed: {0}")]
-    Join(String),
-    #[error("namespace {ns:?} names region {region:?}, which this region does not know")]
-    UnknownRegion { ns: String, region: String },
-    #[error("cannot open the key-value store: {0}")]
-    Store(#[from] meridian_store::StoreError),
-}
-
 /// Why a region cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -117,17 +104,47 @@ pub enum OpenError {
     WrongIdentity { name: String, found: meridian_trust::Identity },
 }
 
-/// An installed version, ready to serve.
-pub struct Deployed {
-    pub id: VersionId,
-    pub manifest: Manifest,
-    namespaces: kv::Namespaces,
-    components: HashMap<String, Prepared>,
-    statics: HashMap<String, StaticSite>,
-    version_header: HeaderValue,
-    admission: Admission,
-    /// Whether every component came from the compile cache.
-    pub all_cached: bool,
+/// The apps a node holds, and how a request's host finds one. Replaced
+/// whole (copy on write) when an app is created, changed or deleted.
+#[derive(Default)]
+struct Apps {
+    by_name: HashMap<String, Arc<App>>,
+    by_host: HashMap<String, Arc<App>>,
+    default: Option<Arc<App>>,
+}
+
+impl Apps {
+    fn new(apps: impl IntoIterator<Item = Arc<App>>) -> Apps {
+        let mut t = Apps::default();
+        for a in apps {
+            let r = a.record.load();
+            for h in &r.hosts {
+                t.by_host.insert(h.clone(), a.clone());
+            }
+            if r.default {
+                t.default = Some(a.clone());
+            }
+            t.by_name.insert(a.name.clone(), a.clone());
+        }
+        t
+    }
+
+    /// The app a request's host names: an app's hostname, or the default
+    /// app for a bare address.
+    fn for_host(&self, host: Option<&str>) -> Result<&Arc<App>, String> {
+        let Some(host) = host else {
+            return self.default.as_ref().ok_or_else(|| "the request names no host and no app is the default".into());
+        };
+        if let Some(a) = self.by_host.get(host) {
+            return Ok(a);
+        }
+        if meridian_core::wire::is_bare_address(host) {
+            if let Some(a) = &self.default {
+                return Ok(a);
+            }
+        }
+        Err(format!("no app is served at host {host:?}"))
+    }
 }
 
 pub struct Region {
@@ -136,17 +153,19 @@ pub struct Region {
     pub tls: Arc<Tls>,
     host: Arc<Host>,
     region_header: HeaderValue,
-    active: ArcSwapOption<Deployed>,
-    installed: Mutex<HashMap<VersionId, Arc<Deployed>>>,
+    node: app::Node,
+    apps: ArcSwap<Apps>,
+    /// Serialises creating and deleting apps.
+    apps_lock: tokio::sync::Mutex<()>,
     /// Installs compile on the blocking pool; one at a time keeps a deploy
     /// from starving the request path of CPU on small machines.
     install_lock: tokio::sync::Mutex<()>,
-    pub kv: Arc<kv::KvService>,
 }
 
 impl Region {
-    /// Opens the data directory and, if a version was active before, installs
-    /// it again from disk (from the compile cache) and activates it.
+    /// Opens the data directory and every app recorded in it; an app that
+    /// had an active version installs it again from disk (from the compile
+    /// cache) and activates it.
     pub async fn open(config: RegionConfig) -> anyhow::Result<Arc<Region>> {
         let tls = Tls::load(config.tls.clone()).map_err(OpenError::from)?;
         let me = tls.identity();
@@ -164,46 +183,50 @@ impl Region {
         if cluster_key.len() < 32 {
             anyhow::bail!("the cluster key {} is shorter than 32 bytes", config.cluster_key_file.display());
         }
-        std::fs::create_dir_all(config.data_dir.join("versions"))?;
+        std::fs::create_dir_all(config.data_dir.join("apps"))?;
         let host = Host::new(HostConfig {
             cache_dir: config.data_dir.join("compiled"),
             max_instances: config.max_instances,
             max_memory_mb: config.max_memory_mb,
         })?;
         let region_header = HeaderValue::from_str(&config.name)?;
-        let store = meridian_store::Store::open(&config.data_dir.join("kv.redb"), &config.name)?;
-        let repl = repl::Replication::new(Duration::from_millis(config.anti_entropy_ms.max(50)));
-        let kv = Arc::new(kv::KvService {
+        let node = app::Node {
             region: config.name.clone(),
             jurisdiction,
-            store,
-            peers: Default::default(),
-            namespaces: Default::default(),
             cluster: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
             causality_key: kv::CausalityKey::new(cluster_key),
-            repl,
+            anti_entropy: Duration::from_millis(config.anti_entropy_ms.max(50)),
             causality_wait: Duration::from_millis(config.causality_wait_ms),
-            groups: Default::default(),
-        });
+            peers: ArcSwap::from_pointee(config.peers.iter().filter(|p| p.name != config.name).cloned().collect()),
+        };
+        let mut apps = Vec::new();
+        for e in std::fs::read_dir(config.data_dir.join("apps"))? {
+            let dir = e?.path();
+            match App::load(&dir) {
+                Some(Ok(a)) => apps.push(Arc::new(a)),
+                Some(Err(e)) => anyhow::bail!("unreadable app record {e}"),
+                // A directory without a record is an app whose deletion
+                // was interrupted: finish it.
+                None => {
+                    let (files, bytes) = app::remove_tree(&dir)?;
+                    tracing::info!(dir = %dir.display(), files, bytes, "finished deleting an app");
+                }
+            }
+        }
         let region = Arc::new(Region {
-            kv,
             config,
             tls,
             host: Arc::new(host),
             region_header,
-            active: ArcSwapOption::empty(),
-            installed: Mutex::new(HashMap::new()),
+            node,
+            apps: ArcSwap::from_pointee(Apps::new(apps.iter().cloned())),
+            apps_lock: tokio::sync::Mutex::new(()),
             install_lock: tokio::sync::Mutex::new(()),
         });
-        if let Ok(id) = std::fs::read_to_string(region.active_file()) {
-            let id: VersionId = id.trim().parse()?;
-            let tar = std::fs::read(region.bundle_path(&id))?;
-            let t = Instant::now();
-            region.install(&id, Bytes::from(tar)).await?;
-            region.activate(&id).map_err(anyhow::Error::msg)?;
-            tracing::info!(version = id.short(), elapsed = ?t.elapsed(), "restored active version");
+        for a in &apps {
+            let _guard = region.install_lock.lock().await;
+            a.restore(&region.node, &region.host).await?;
         }
-        region.kv.set_peers(region.config.peers.clone());
         Ok(region)
     }
 
@@ -213,102 +236,97 @@ impl Region {
         self.host.forbid_addrs(addrs);
     }
 
-    /// Stops background work (replication) so the region's data can be
+    /// Stops background work (replication, Raft) so the region's data can be
     /// closed and opened again in this process once the region is dropped.
     pub async fn shutdown(&self) {
-        self.kv.repl.stop().await;
-        let groups: Vec<_> = self.kv.groups.lock().unwrap().drain().map(|(_, g)| g).collect();
-        for g in groups {
-            let _ = g.raft.shutdown().await;
+        let apps: Vec<Arc<App>> = self.apps.load().by_name.values().cloned().collect();
+        for a in apps {
+            a.stop().await;
         }
     }
 
-    fn active_file(&self) -> PathBuf {
-        self.config.data_dir.join("active")
+    /// An app this node holds.
+    pub fn app(&self, name: &str) -> Option<Arc<App>> {
+        self.apps.load().by_name.get(name).cloned()
     }
 
-    fn bundle_path(&self, id: &VersionId) -> PathBuf {
-        self.config.data_dir.join("versions").join(format!("{id}.tar"))
-    }
-
-    pub fn active(&self) -> Option<Arc<Deployed>> {
-        self.active.load_full()
-    }
-
-    /// Verifies, stores, compiles and pre-instantiates a version. Idempotent.
-    pub async fn install(&self, claimed: &VersionId, tar: Bytes) -> Result<Arc<Deployed>, InstallError> {
-        if let Some(d) = self.installed.lock().unwrap().get(claimed) {
-            return Ok(d.clone());
-        }
+    /// Installs a version of an app (one compile at a time on this node).
+    pub async fn install(&self, app: &App, id: &VersionId, tar: Bytes) -> Result<Arc<Deployed>, InstallError> {
         let _guard = self.install_lock.lock().await;
-        let bundle = Bundle::from_tar(&tar)?;
-        if &bundle.id != claimed {
-            return Err(InstallError::IdMismatch { claimed: claimed.clone(), actual: bundle.id });
+        app.install(&self.node, &self.host, id, tar).await
+    }
+
+    /// Switches an app to an installed version.
+    pub fn activate(&self, app: &App, id: &VersionId) -> Result<(), String> {
+        app.activate(&self.node, id)
+    }
+
+    /// Creates an app, or updates its record (hostnames, default).
+    pub async fn put_app(&self, record: AppRecord) -> Result<(), (StatusCode, String)> {
+        if !meridian_core::wire::is_valid_app_name(&record.name) {
+            return Err((StatusCode::BAD_REQUEST, format!("{:?} is not an app name", record.name)));
         }
-        // Every region a namespace names must be one this region knows.
-        let peers = self.kv.peers.load();
-        if !peers.is_empty() {
-            for n in bundle.manifest.kv.values() {
-                let listed = match &n.mode {
-                    meridian_manifest::KvMode::Strong { regions, .. } => regions.clone(),
-                    meridian_manifest::KvMode::Regional { regions, .. } => regions.clone(),
-                    meridian_manifest::KvMode::Global => Vec::new(),
-                };
-                for r in listed {
-                    if r != self.config.name && !peers.iter().any(|p| p.name == r) {
-                        return Err(InstallError::UnknownRegion { ns: n.name.clone(), region: r });
-                    }
-                }
+        if let Some(h) = record.hosts.iter().find(|h| !meridian_core::wire::is_valid_hostname(h)) {
+            return Err((StatusCode::BAD_REQUEST, format!("{h:?} is not a hostname")));
+        }
+        let _guard = self.apps_lock.lock().await;
+        let current = self.apps.load_full();
+        let io = |e: std::io::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the app: {e}"));
+        let app = match current.by_name.get(&record.name) {
+            Some(a) if **a.record.load() == record => return Ok(()),
+            Some(a) => {
+                a.set_record(record.clone()).map_err(io)?;
+                a.clone()
+            }
+            None => Arc::new(App::create(&self.config.data_dir, record.clone()).map_err(io)?),
+        };
+        // One default, and a hostname belongs to one app: the newest
+        // record wins (the control plane keeps them consistent anyway).
+        let mut all: Vec<Arc<App>> = current.by_name.values().filter(|a| a.name != app.name).cloned().collect();
+        for other in &all {
+            let r = other.record.load();
+            if (record.default && r.default) || r.hosts.iter().any(|h| record.hosts.contains(h)) {
+                let mut r = (**r).clone();
+                r.default &= !record.default;
+                r.hosts.retain(|h| !record.hosts.contains(h));
+                other.set_record(r).map_err(io)?;
             }
         }
-        let host = self.host.clone();
-        let region = self.config.name.clone();
-        let deployed = tokio::task::spawn_blocking(move || prepare(&host, bundle, &region))
-            .await
-            .map_err(|e| InstallError::Join(e.to_string()))??;
-        // Stored only once it compiled: a broken version never reaches disk.
-        let path = self.bundle_path(claimed);
-        if !path.exists() {
-            meridian_core::fs::write_atomic(&path, &tar)?;
-        }
-        let deployed = Arc::new(deployed);
-        self.installed.lock().unwrap().insert(claimed.clone(), deployed.clone());
-        Ok(deployed)
-    }
-
-    /// Switches traffic to an installed version and records the choice.
-    pub fn activate(&self, id: &VersionId) -> Result<(), String> {
-        let d = self
-            .installed
-            .lock()
-            .unwrap()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| format!("version {} is not installed here; install it first", id.short()))?;
-        meridian_core::fs::write_atomic(&self.active_file(), id.as_str().as_bytes())
-            .map_err(|e| format!("cannot record the active version: {e}"))?;
-        self.kv.namespaces.store(d.namespaces.clone());
-        // Strong namespaces: start (or keep) this region's Raft groups.
-        let (svc, dir, nss) = (self.kv.clone(), self.config.data_dir.clone(), d.namespaces.clone());
-        tokio::spawn(async move { strong::ensure_groups(&svc, &dir, &nss).await });
-        let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
-        // Keep the new and the previous version in memory (a rollback is a
-        // pointer swap); older ones are dropped once their last request ends.
-        // Their bundles and compiled code stay on disk, so reinstalling one
-        // costs no compilation.
-        self.installed.lock().unwrap().retain(|v, _| v == id || Some(v) == previous.as_ref());
-        tracing::info!(version = id.short(), previous = previous.as_ref().map(|p| p.short()), "activated");
+        all.push(app);
+        self.apps.store(Arc::new(Apps::new(all)));
+        tracing::info!(app = %record.name, hosts = ?record.hosts, default = record.default, "app recorded");
         Ok(())
     }
 
-    /// Every request on the public port: app traffic only.
+    /// Deletes an app and everything it stored on this node.
+    pub async fn delete_app(&self, name: &str) -> Result<AppRemoved, (StatusCode, String)> {
+        let _guard = self.apps_lock.lock().await;
+        let current = self.apps.load_full();
+        let Some(app) = current.by_name.get(name).cloned() else {
+            // Already gone (a retried delete): nothing left to remove.
+            return Ok(AppRemoved { region: self.config.name.clone(), app: name.to_string(), files: 0, bytes: 0 });
+        };
+        self.apps.store(Arc::new(Apps::new(current.by_name.values().filter(|a| a.name != name).cloned())));
+        app.remove(&self.config.name)
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot remove the app's files: {e}")))
+    }
+
+    /// Every request on the public port: app traffic only, the app chosen
+    /// by the `Host` header.
     pub async fn handle_public(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with(headers::RESERVED_PREFIX) {
             return text(StatusCode::NOT_FOUND, format!("no route serves {}", req.uri().path()));
         }
-        // Only a region may say it forwarded a request.
+        // Only a region may say it forwarded a request, or which app it is for.
         req.headers_mut().remove(headers::FORWARDED);
-        self.handle_app(req).await
+        req.headers_mut().remove(headers::APP);
+        let host = request_host(&req, http::header::HOST.as_str());
+        let app = match self.apps.load().for_host(host.as_deref()) {
+            Ok(a) => a.clone(),
+            Err(why) => return self.no_app(why),
+        };
+        self.handle_app(app, req).await
     }
 
     /// Every request on the cluster port; the TLS layer has verified the
@@ -329,37 +347,75 @@ impl Region {
         if peer.role != Role::Region {
             req.headers_mut().remove(headers::FORWARDED);
         }
-        self.handle_app(req).await
+        // A region forwarding a request names its app; an edge passes the
+        // user's host on; an operator may do either.
+        let named = match peer.role {
+            Role::Region | Role::Operator => {
+                req.headers().get(headers::APP).and_then(|v| v.to_str().ok()).map(str::to_string)
+            }
+            _ => None,
+        };
+        let apps = self.apps.load();
+        let app = match named {
+            Some(name) => apps.by_name.get(&name).ok_or_else(|| format!("no app named {name:?} here")),
+            None => {
+                let host = request_host(&req, "x-forwarded-host").or_else(|| request_host(&req, "host"));
+                apps.for_host(host.as_deref())
+            }
+        };
+        let app = match app {
+            Ok(a) => a.clone(),
+            Err(why) => return self.no_app(why),
+        };
+        drop(apps);
+        self.handle_app(app, req).await
     }
 
-    async fn handle_app(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let Some(version) = self.active.load_full() else {
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "no version of the app is deployed in this region yet");
+    fn no_app(&self, why: String) -> Response<Body> {
+        let mut r = text(StatusCode::NOT_FOUND, why);
+        r.headers_mut().insert(headers::REGION, self.region_header.clone());
+        r
+    }
+
+    async fn handle_app(self: Arc<Self>, app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+        let Some(version) = app.active() else {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no version of app {:?} is deployed in this region yet", app.name),
+            );
             r.headers_mut().insert(headers::REGION, self.region_header.clone());
             return r;
         };
         if version.admission.rate.as_ref().is_some_and(|r| r.check().is_err()) {
             return self.too_many("the app's requests_per_second in this region");
         }
+        let kv = app.kv();
         // Causality: serve a request that follows a write only where that
         // write is applied: wait a little, else hand it to the region that
         // made the write.
-        let token = self.causality_token(&req);
-        if !token.is_empty() && !req.headers().contains_key(headers::FORWARDED) && !self.kv.wait_for(&token).await {
-            let origin = token.iter().find(|e| !self.kv.has_applied(std::slice::from_ref(e))).map(|e| e.origin.clone());
-            let peer = origin.and_then(|o| self.kv.peers.load().iter().find(|p| p.name == o).cloned());
-            if let Some(peer) = peer {
-                return self.forward_request(&peer, req).await;
+        if let Some(kv) = &kv {
+            let token = causality_token(kv, &req);
+            if !token.is_empty() && !req.headers().contains_key(headers::FORWARDED) && !kv.wait_for(&token).await {
+                let origin = token.iter().find(|e| !kv.has_applied(std::slice::from_ref(e))).map(|e| e.origin.clone());
+                let peer = origin.and_then(|o| kv.peers.load().iter().find(|p| p.name == o).cloned());
+                if let Some(peer) = peer {
+                    return self.forward_request(&app.name, kv, &peer, req).await;
+                }
             }
         }
-        let mut resp = self.serve_app(&version, req).await;
+        let mut resp = self.serve_app(&version, kv, req).await;
         let h = resp.headers_mut();
         h.insert(headers::REGION, self.region_header.clone());
         h.insert(headers::VERSION, version.version_header.clone());
         resp
     }
 
-    async fn serve_app(&self, version: &Deployed, mut req: Request<Incoming>) -> Response<Body> {
+    async fn serve_app(
+        &self,
+        version: &Deployed,
+        kv: Option<Arc<kv::KvService>>,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let Some(route) = version.manifest.route_for(&path) else {
             return text(StatusCode::NOT_FOUND, format!("no route serves {path}"));
@@ -390,10 +446,19 @@ impl Region {
                 let h = req.headers_mut();
                 h.insert(headers::REGION, self.region_header.clone());
                 h.insert(headers::VERSION, version.version_header.clone());
+                // An app without a store has no buckets: every open fails
+                // with an error value.
+                let Some(svc) = kv else {
+                    let mut resp = component.handle(req, None).await;
+                    if resp.extensions().get::<meridian_host::Fault>().is_some() {
+                        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
+                    }
+                    return resp;
+                };
                 let kv = Arc::new(request_kv::RequestKv {
-                    svc: self.kv.clone(),
+                    token: Mutex::new(causality_token(&svc, &req)),
+                    svc,
                     namespaces: version.namespaces.clone(),
-                    token: Mutex::new(self.causality_token(&req)),
                 });
                 let written = kv.token.lock().unwrap().len();
                 let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
@@ -404,7 +469,7 @@ impl Region {
                 // with the one the request brought), as a header and a cookie.
                 let token = kv.token.lock().unwrap().clone();
                 if token.len() > written || (!token.is_empty() && kv_wrote(&token, &self.config.name)) {
-                    let t = self.kv.causality_key.seal(&token);
+                    let t = kv.svc.causality_key.seal(&token);
                     if let Ok(v) = HeaderValue::from_str(&t) {
                         resp.headers_mut().insert(headers::CAUSALITY, v);
                     }
@@ -423,15 +488,75 @@ impl Region {
     async fn admin(&self, req: Request<Incoming>, peer: &meridian_trust::Identity) -> Response<Body> {
         let path = req.uri().path()[headers::RESERVED_PREFIX.len()..].to_string();
         let method = req.method().clone();
-        if path == "health" {
-            return self.health();
-        }
         let parts: Vec<&str> = path.split('/').collect();
-        if matches!(parts.first(), Some(&"kv") | Some(&"repl") | Some(&"peers") | Some(&"metrics") | Some(&"raft")) {
-            return self.kv.admin(req, &parts, peer).await;
-        }
         match (method, parts.as_slice()) {
+            (Method::GET, ["health"]) => self.health(),
             (Method::GET, ["status"]) => json(StatusCode::OK, &self.status()),
+            (Method::GET, ["metrics"]) => self.metrics(),
+            (Method::PUT, ["peers"]) => match meridian_http::read_body(req.into_body(), 1 << 20).await {
+                Ok(b) => match serde_json::from_slice::<Vec<Peer>>(&b) {
+                    Ok(peers) => {
+                        let peers: Vec<Peer> = peers.into_iter().filter(|p| p.name != self.config.name).collect();
+                        self.node.peers.store(Arc::new(peers.clone()));
+                        for a in self.apps.load().by_name.values() {
+                            if let Some(kv) = a.kv() {
+                                kv.set_peers(peers.clone());
+                            }
+                        }
+                        json(StatusCode::OK, &peers)
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("expected a list of peers: {e}")),
+                },
+                Err(e) => e.into_response(),
+            },
+            (Method::GET, ["apps"]) => {
+                let mut list: Vec<AppRecord> =
+                    self.apps.load().by_name.values().map(|a| (**a.record.load()).clone()).collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                json(StatusCode::OK, &list)
+            }
+            (Method::PUT, ["apps", name]) => {
+                let record = match meridian_http::read_body(req.into_body(), 64 << 10).await {
+                    Ok(b) => match serde_json::from_slice::<AppRecord>(&b) {
+                        Ok(r) if r.name == *name => r,
+                        Ok(r) => return text(StatusCode::BAD_REQUEST, format!("the record is app {:?}", r.name)),
+                        Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected an app record: {e}")),
+                    },
+                    Err(e) => return e.into_response(),
+                };
+                match self.put_app(record).await {
+                    Ok(()) => json(StatusCode::OK, &self.app(name).map(|a| a.status())),
+                    Err((status, msg)) => text(status, msg),
+                }
+            }
+            (Method::DELETE, ["apps", name]) => match self.delete_app(name).await {
+                Ok(removed) => json(StatusCode::OK, &removed),
+                Err((status, msg)) => text(status, msg),
+            },
+            (method, ["apps", name, rest @ ..]) => {
+                let Some(app) = self.app(name) else {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("no app named {name:?} in region {}", self.config.name),
+                    );
+                };
+                self.app_admin(app, method, rest, req, peer).await
+            }
+            _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
+        }
+    }
+
+    /// `/_meridian/apps/<name>/...`: one app's versions and data.
+    async fn app_admin(
+        &self,
+        app: Arc<App>,
+        method: Method,
+        rest: &[&str],
+        req: Request<Incoming>,
+        peer: &meridian_trust::Identity,
+    ) -> Response<Body> {
+        match (method, rest) {
+            (Method::GET, ["status"]) => json(StatusCode::OK, &app.status()),
             (Method::PUT, ["versions", id]) => {
                 let id: VersionId = match id.parse() {
                     Ok(id) => id,
@@ -443,18 +568,19 @@ impl Region {
                     Err(e) => return e.into_response(),
                 };
                 let t = Instant::now();
-                match self.install(&id, body).await {
+                match self.install(&app, &id, body).await {
                     Ok(d) => json(
                         StatusCode::OK,
                         &serde_json::json!({
                             "region": self.config.name,
+                            "app": app.name,
                             "version": id,
                             "compiled_ms": t.elapsed().as_millis() as u64,
                             "from_cache": d.all_cached,
                         }),
                     ),
                     Err(e) => {
-                        tracing::warn!(version = id.short(), error = %e, "install refused");
+                        tracing::warn!(app = %app.name, version = id.short(), error = %e, "install refused");
                         text(StatusCode::UNPROCESSABLE_ENTITY, format!("region {}: {e}", self.config.name))
                     }
                 }
@@ -468,39 +594,69 @@ impl Region {
                     Some(id) => id,
                     None => return text(StatusCode::BAD_REQUEST, "body must be a version id"),
                 };
-                match self.activate(&id) {
-                    Ok(()) => json(StatusCode::OK, &self.status()),
+                match self.activate(&app, &id) {
+                    Ok(()) => json(StatusCode::OK, &app.status()),
                     Err(e) => text(StatusCode::CONFLICT, e),
                 }
             }
-            _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
+            (_, [first, ..]) if matches!(*first, "kv" | "repl" | "raft" | "metrics") => {
+                // What a peer sends (replication, Raft, an operation) opens
+                // the app's store if this region has none yet; reading
+                // status never creates one.
+                let writes = matches!(rest, ["repl", ..] | ["raft", ..] | ["kv", "op"]);
+                let kv = if writes {
+                    match app.kv_or_open(&self.node) {
+                        Ok(kv) => kv,
+                        Err(e) => {
+                            let msg = format!("app {}: cannot open its store: {e}", app.name);
+                            return text(StatusCode::SERVICE_UNAVAILABLE, msg);
+                        }
+                    }
+                } else {
+                    match app.kv() {
+                        Some(kv) => kv,
+                        None => {
+                            let msg = format!("app {} has no key-value store in region {}", app.name, self.config.name);
+                            return text(StatusCode::NOT_FOUND, msg);
+                        }
+                    }
+                };
+                kv.admin(req, rest, peer).await
+            }
+            _ => text(StatusCode::NOT_FOUND, format!("no such API for app {}: {}", app.name, rest.join("/"))),
         }
     }
 
     /// Hands an app request to another region (its answer comes back as is).
-    async fn forward_request(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
+    async fn forward_request(
+        &self,
+        app: &str,
+        kv: &kv::KvService,
+        peer: &Peer,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match meridian_http::read_body(body, 8 << 20).await {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let target = match self.kv.target(peer) {
+        let target = match kv.target(peer) {
             Ok(t) => t,
             Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
         };
         let mut b = Request::builder().method(parts.method.clone()).uri(pq);
         for (k, v) in parts.headers.iter() {
-            if k != http::header::HOST {
+            if k != http::header::HOST && k != headers::APP {
                 b = b.header(k, v);
             }
         }
-        b = b.header(headers::FORWARDED, self.config.name.as_str());
+        b = b.header(headers::FORWARDED, self.config.name.as_str()).header(headers::APP, app);
         let Ok(out) = b.body(meridian_http::full(body)) else {
             return text(StatusCode::BAD_REQUEST, "cannot forward this request");
         };
         tracing::debug!(to = %peer.name, "forwarding a request whose causality token is not applied here yet");
-        match tokio::time::timeout(Duration::from_secs(30), self.kv.cluster.send(&target, out)).await {
+        match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
@@ -517,90 +673,83 @@ impl Region {
     }
 
     fn health(&self) -> Response<Body> {
-        // Healthy means able to serve the app: a node without a version
+        // Healthy means able to serve: a node where no app has a version
         // would only answer 503s.
-        let active = self.active.load();
-        let status = if active.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        let mut r = json(
-            status,
-            &serde_json::json!({
-                "region": self.config.name,
-                "version": active.as_ref().map(|d| d.id.short().to_string()),
-            }),
-        );
+        let apps = self.apps.load();
+        let versions: std::collections::BTreeMap<&str, Option<String>> =
+            apps.by_name.values().map(|a| (a.name.as_str(), a.active().map(|d| d.id.short().to_string()))).collect();
+        let serving = versions.values().any(Option::is_some);
+        let status = if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let mut r = json(status, &serde_json::json!({"region": self.config.name, "apps": versions}));
         r.headers_mut().insert(headers::REGION, self.region_header.clone());
         r
     }
 
     pub fn status(&self) -> RegionStatus {
-        let mut installed: Vec<VersionId> = self.installed.lock().unwrap().keys().cloned().collect();
-        installed.sort();
-        RegionStatus {
-            region: self.config.name.clone(),
-            active: self.active.load().as_ref().map(|d| d.id.clone()),
-            installed,
-        }
+        let mut apps: Vec<_> = self.apps.load().by_name.values().map(|a| a.status()).collect();
+        apps.sort_by(|a, b| a.app.cmp(&b.app));
+        RegionStatus { region: self.config.name.clone(), apps }
+    }
+
+    /// Every app's key-value metrics, labelled by app, in one exposition
+    /// (each metric family once, as Prometheus requires).
+    fn metrics(&self) -> Response<Body> {
+        let mut apps: Vec<Arc<App>> = self.apps.load().by_name.values().cloned().collect();
+        apps.sort_by(|a, b| a.name.cmp(&b.name));
+        let texts: Vec<String> = apps.iter().filter_map(|a| a.kv()).map(|kv| kv.metrics_text(true)).collect();
+        let mut r = Response::new(meridian_http::full(merge_exposition(&texts)));
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+        r
     }
 }
 
-/// An app's admission limits in this region (from `[limits]`).
-struct Admission {
-    rate: Option<governor::DefaultDirectRateLimiter>,
-    slots: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-impl Admission {
-    fn new(t: &meridian_manifest::TrafficLimits) -> Admission {
-        Admission {
-            rate: t
-                .requests_per_second
-                .and_then(std::num::NonZeroU32::new)
-                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
-            slots: t.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+/// Merges Prometheus text expositions that share metric families, so each
+/// family (its `# HELP`/`# TYPE` and every sample) appears once, in order.
+fn merge_exposition(texts: &[String]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
+    for t in texts {
+        let mut current = String::new();
+        for line in t.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+                current = rest.split(' ').next().unwrap_or("").to_string();
+                let f = families.entry(current.clone()).or_insert_with(|| {
+                    order.push(current.clone());
+                    Default::default()
+                });
+                if f.0.len() < 2 && !f.0.iter().any(|l| l == line) {
+                    f.0.push(line.to_string());
+                }
+            } else if !line.is_empty() {
+                let name = line.split(['{', ' ']).next().unwrap_or("").to_string();
+                let key = if name == current || current.is_empty() { name } else { current.clone() };
+                families
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        order.push(key.clone());
+                        Default::default()
+                    })
+                    .1
+                    .push(line.to_string());
+            }
         }
     }
-}
-
-/// Compiles every component and loads every static directory of a bundle.
-fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, InstallError> {
-    let mut components = HashMap::new();
-    let mut all_cached = true;
-    for (name, c) in &bundle.manifest.components {
-        let wasm = &bundle.files[&c.source];
-        let env = vec![
-            ("MERIDIAN_REGION".to_string(), region.to_string()),
-            ("MERIDIAN_VERSION".to_string(), bundle.id.short().to_string()),
-        ];
-        let p = host
-            .prepare_with_egress(
-                wasm,
-                Duration::from_millis(c.limits.deadline_ms),
-                c.limits.memory_mb,
-                env,
-                c.allowed_outbound_hosts.clone(),
-            )
-            .map_err(|source| InstallError::Component { name: name.clone(), source })?;
-        all_cached &= p.was_cached;
-        components.insert(name.clone(), p);
-    }
-    let mut statics = HashMap::new();
-    for r in &bundle.manifest.routes {
-        if let RouteTarget::Static(dir) = &r.target {
-            statics.entry(dir.clone()).or_insert_with(|| StaticSite::new(bundle.static_files(dir)));
+    let mut out = String::new();
+    for name in order {
+        let (head, samples) = &families[&name];
+        for l in head.iter().chain(samples) {
+            out.push_str(l);
+            out.push('\n');
         }
     }
-    let version_header = HeaderValue::from_str(bundle.id.short()).expect("hex is a valid header");
-    let namespaces = Arc::new(bundle.manifest.kv.clone());
-    let admission = Admission::new(&bundle.manifest.traffic);
-    Ok(Deployed {
-        id: bundle.id,
-        manifest: bundle.manifest,
-        namespaces,
-        components,
-        statics,
-        version_header,
-        admission,
-        all_cached,
+    out
+}
+
+/// The host a request names in header `name`, normalised.
+fn request_host<B>(req: &Request<B>, name: &str) -> Option<String> {
+    req.headers().get(name).and_then(|v| v.to_str().ok()).and_then(meridian_core::wire::host_of).or_else(|| {
+        (name == "host").then(|| req.uri().authority().and_then(|a| meridian_core::wire::host_of(a.as_str()))).flatten()
     })
 }
 
@@ -609,24 +758,22 @@ fn kv_wrote(token: &[kv::TokenEntry], region: &str) -> bool {
     token.iter().any(|e| e.origin == region)
 }
 
-impl Region {
-    /// The causality token a request carries (header, else cookie), if this
-    /// world sealed it; anything else is ignored, never waited on.
-    fn causality_token<B>(&self, req: &Request<B>) -> Vec<kv::TokenEntry> {
-        let key = &self.kv.causality_key;
-        if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
-            return key.open(v);
-        }
-        for v in req.headers().get_all(http::header::COOKIE) {
-            let Ok(v) = v.to_str() else { continue };
-            for c in v.split(';') {
-                if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
-                    return key.open(t);
-                }
+/// The causality token a request carries (header, else cookie), if this
+/// app in this world sealed it; anything else is ignored, never waited on.
+fn causality_token<B>(kv: &kv::KvService, req: &Request<B>) -> Vec<kv::TokenEntry> {
+    let key = &kv.causality_key;
+    if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
+        return key.open(v);
+    }
+    for v in req.headers().get_all(http::header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for c in v.split(';') {
+            if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
+                return key.open(t);
             }
         }
-        Vec::new()
     }
+    Vec::new()
 }
 
 /// Which roles may call what on the cluster port. Edges reach the app and
@@ -640,6 +787,14 @@ pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'st
             Role::Control => Err("the control plane does not send app traffic"),
         };
     };
+    // One app's API is judged like the node's: `apps/<name>/kv/op` as
+    // `kv/op`. Creating, changing and deleting apps is the control plane's.
+    let api = match api.strip_prefix("apps/").map(|r| r.split_once('/')) {
+        Some(Some((_app, rest))) => rest,
+        Some(None) => return role_in(peer, &[Role::Control, Role::Operator]),
+        None if api == "apps" => return role_in(peer, &[Role::Control, Role::Operator]),
+        None => api,
+    };
     let first = api.split('/').next().unwrap_or("");
     let allowed: &[Role] = match first {
         "health" => &[Role::Edge, Role::Region, Role::Control, Role::Operator],
@@ -649,6 +804,10 @@ pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'st
         "versions" | "active" | "peers" => &[Role::Control, Role::Operator],
         _ => &[Role::Operator],
     };
+    role_in(peer, allowed)
+}
+
+fn role_in(peer: &meridian_trust::Identity, allowed: &[Role]) -> Result<(), &'static str> {
     if allowed.contains(&peer.role) {
         Ok(())
     } else {
@@ -682,6 +841,14 @@ mod tests {
             ("/_meridian/active", &[Role::Control, Role::Operator]),
             ("/_meridian/peers", &[Role::Control, Role::Operator]),
             ("/_meridian/anything-new", &[Role::Operator]),
+            ("/_meridian/apps", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop/repl/stream", &[Role::Region]),
+            ("/_meridian/apps/shop/raft/ledger/vote", &[Role::Region]),
+            ("/_meridian/apps/shop/kv/op", &[Role::Region, Role::Operator]),
+            ("/_meridian/apps/shop/kv/status", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop/versions/abc", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop/active", &[Role::Control, Role::Operator]),
         ];
         for (path, allowed) in cases {
             for role in [Role::Edge, Role::Region, Role::Control, Role::Operator] {

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use meridian_manifest::Bundle;
-use meridian_region::{Region, RegionConfig};
+use meridian_region::{AppRecord, Region, RegionConfig};
 use std::path::Path;
 
 fn app(dir: &Path, page: &str) -> Bundle {
@@ -45,26 +45,37 @@ async fn versions_switch_old_ones_leave_memory_and_a_restart_needs_no_compilatio
     let bundles: Vec<Bundle> = (0..3).map(|i| app(&tmp.path().join(format!("app{i}")), &format!("v{i}"))).collect();
     {
         let region = Region::open(config(tmp.path())).await.unwrap();
-        assert!(region.active().is_none());
+        let record = AppRecord { name: "hello".into(), hosts: vec!["hello.test".into()], default: true };
+        region.put_app(record).await.unwrap();
+        let hello = region.app("hello").unwrap();
+        assert!(hello.active().is_none());
         for b in &bundles {
-            region.install(&b.id, Bytes::from(b.to_tar())).await.unwrap();
-            region.activate(&b.id).unwrap();
-            assert_eq!(region.active().unwrap().id, b.id);
+            region.install(&hello, &b.id, Bytes::from(b.to_tar())).await.unwrap();
+            region.activate(&hello, &b.id).unwrap();
+            assert_eq!(hello.active().unwrap().id, b.id);
         }
         let status = region.status();
-        assert_eq!(status.installed.len(), 2, "only the active and previous versions stay loaded");
-        assert!(status.installed.contains(&bundles[1].id) && status.installed.contains(&bundles[2].id));
+        let installed = &status.app("hello").unwrap().installed;
+        assert_eq!(installed.len(), 2, "only the active and previous versions stay loaded");
+        assert!(installed.contains(&bundles[1].id) && installed.contains(&bundles[2].id));
         // Activating something not installed is refused and changes nothing.
-        assert!(region.activate(&bundles[0].id).is_err());
-        assert_eq!(region.active().unwrap().id, bundles[2].id);
+        assert!(region.activate(&hello, &bundles[0].id).is_err());
+        assert_eq!(hello.active().unwrap().id, bundles[2].id);
         // A tar that does not hash to the id it was sent as is refused.
-        let err = region.install(&bundles[0].id, Bytes::from(bundles[1].to_tar())).await.err().unwrap();
+        let err = region.install(&hello, &bundles[0].id, Bytes::from(bundles[1].to_tar())).await.err().unwrap();
         assert!(err.to_string().contains("hashes to"), "{err}");
+        // A bundle of another app is refused.
+        region.put_app(AppRecord { name: "other".into(), hosts: vec![], default: false }).await.unwrap();
+        let other = region.app("other").unwrap();
+        let err = region.install(&other, &bundles[0].id, Bytes::from(bundles[0].to_tar())).await.err().unwrap();
+        assert!(err.to_string().contains("is app \"hello\""), "{err}");
         region.shutdown().await;
     }
-    // Restart: the active version comes back from disk, compiled code from the cache.
+    // Restart: the apps come back, the active version from disk, compiled
+    // code from the cache.
     let region = Region::open(config(tmp.path())).await.unwrap();
-    let active = region.active().expect("active version restored");
+    assert!(region.app("other").is_some());
+    let active = region.app("hello").unwrap().active().expect("active version restored");
     assert_eq!(active.id, bundles[2].id);
     assert!(active.all_cached, "a restart recompiled the component");
 }

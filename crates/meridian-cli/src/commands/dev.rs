@@ -61,6 +61,13 @@ pub enum PolicyArg {
 
 /// The example app, compiled into the binary so `meridian dev` works from
 /// any directory.
+/// The second example app (`notes.localhost`).
+const NOTES: &[(&str, &[u8])] = &[
+    ("meridian.toml", include_bytes!("../../../../examples/notes/meridian.toml")),
+    ("components/kv.wasm", include_bytes!("../../../../examples/notes/components/kv.wasm")),
+    ("static/index.html", include_bytes!("../../../../examples/notes/static/index.html")),
+];
+
 const EXAMPLE: &[(&str, &[u8])] = &[
     ("meridian.toml", include_bytes!("../../../../examples/hello/meridian.toml")),
     ("components/hello.wasm", include_bytes!("../../../../examples/hello/components/hello.wasm")),
@@ -410,6 +417,7 @@ async fn bring_up(
             .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("https://{addr}") })
             .collect(),
         reconcile_interval_ms: 1000,
+        apps_domain: Some("localhost".into()),
     };
     start_role(sup, "control", "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
     let control_url = format!("https://{}", control_cfg.listen);
@@ -454,8 +462,12 @@ async fn bring_up(
     if a.no_deploy {
         return Ok(());
     }
-    let app_dir = match &a.app {
-        Some(d) => d.clone(),
+    // Two apps, each chosen by its hostname: the example (also the default
+    // for bare addresses, so `curl localhost:7400/hello` works) and notes.
+    // With `--app`, that app alone, as the default.
+    let mut apps: Vec<(PathBuf, bool)> = Vec::new();
+    match &a.app {
+        Some(d) => apps.push((d.clone(), true)),
         None => {
             let d = dir.join("example-app");
             for (rel, bytes) in EXAMPLE {
@@ -467,11 +479,23 @@ async fn bring_up(
                     std::fs::write(p, bytes)?;
                 }
             }
-            d
+            apps.push((d, true));
+            let d = dir.join("notes-app");
+            for (rel, bytes) in NOTES {
+                let p = d.join(rel);
+                std::fs::create_dir_all(p.parent().expect("files have a parent"))?;
+                std::fs::write(p, bytes)?;
+            }
+            apps.push((d, false));
         }
-    };
-    let report = crate::commands::deploy::deploy_dir(operator, &control_url, &app_dir).await?;
-    eprintln!("deployed {} version {}", report.app, report.version.short());
+    }
+    for (app_dir, default) in &apps {
+        let manifest = meridian_manifest::Bundle::from_dir(app_dir).map_err(|e| anyhow::anyhow!("{e}"))?.manifest;
+        let new = meridian_control::NewApp { name: manifest.name.clone(), hosts: Vec::new(), default: *default };
+        let record = crate::commands::apps::create(operator, &control_url, &new).await?;
+        let report = crate::commands::deploy::deploy_dir(operator, &control_url, app_dir).await?;
+        eprintln!("deployed {} version {} at {}", report.app, report.version.short(), record.hosts.join(", "));
+    }
     // Ready means routable: every edge sees every region healthy.
     let deadline = Instant::now() + Duration::from_secs(60);
     for e in &world.edges {
@@ -519,6 +543,8 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     out!("\nTry:");
     out!("  curl -i {}/hello -H 'x-meridian-client-country: DE'", e.url);
     out!("  curl -i {}/hello -H 'x-meridian-client-geo: 1.29,103.85'", e.url);
+    let notes = e.url.replace("127.0.0.1", "notes.localhost");
+    out!("  curl -X PUT --data 'hi' {notes}/kv/notes/first   # the second app, by host");
     out!("  meridian status");
     out!("  meridian chaos kill eu-west      # then watch traffic move");
     out!("\nWorld description: {}", dir.join(meridian_core::world::WORLD_FILE).display());

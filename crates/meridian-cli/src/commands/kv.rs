@@ -20,6 +20,9 @@ use std::time::Duration;
 pub struct Args {
     #[command(flatten)]
     pub world: WorldArg,
+    /// The app whose data to use (default: the world's default app).
+    #[arg(long, global = true)]
+    pub app: Option<String>,
     #[command(subcommand)]
     pub op: KvCommand,
 }
@@ -101,14 +104,33 @@ pub async fn region_call(
     op.node_ok(&r.cluster_url, Expect::region(&r.name, &r.jurisdiction), method, path, body, timeout).await
 }
 
-async fn op(a: &WorldArg, region_name: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
+/// The app named, or the world's default one (asked of the control plane).
+pub async fn app_or_default(w: &WorldDescription, operator: &Operator, app: Option<&str>) -> anyhow::Result<String> {
+    if let Some(a) = app {
+        return Ok(a.to_string());
+    }
+    let (status, body) =
+        operator.control(&w.control_url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
+    if !status.is_success() {
+        anyhow::bail!("cannot list the apps: {status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+    list.iter()
+        .find(|a| a["default"].as_bool() == Some(true))
+        .and_then(|a| a["name"].as_str())
+        .map(str::to_string)
+        .context("the world has no default app; name one with --app")
+}
+
+async fn op(a: &WorldArg, app: Option<&str>, region_name: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
     let (w, operator) = a.connect()?;
     let r = region(&w, region_name)?;
+    let app = app_or_default(&w, &operator, app).await?;
     let body = region_call(
         &operator,
         r,
         Method::POST,
-        "/_meridian/kv/op",
+        &format!("/_meridian/apps/{app}/kv/op"),
         Bytes::from(serde_json::to_vec(&op)?),
         Duration::from_secs(15),
     )
@@ -122,9 +144,10 @@ async fn op(a: &WorldArg, region_name: Option<&str>, op: Op) -> anyhow::Result<O
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let w = &a.world;
+    let app = a.app.as_deref();
     match a.op {
         KvCommand::Get { t, key } => {
-            let r = op(w, t.region.as_deref(), Op::Get { ns: t.ns, key }).await?;
+            let r = op(w, app, t.region.as_deref(), Op::Get { ns: t.ns, key }).await?;
             match r.value_hex {
                 Some(h) => {
                     let v = hex::decode(h)?;
@@ -141,21 +164,22 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 value.into_bytes()
             };
-            let r = op(w, t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
+            let r = op(w, app, t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
             out!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
         }
         KvCommand::Delete { t, key } => {
-            let r = op(w, t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
+            let r = op(w, app, t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
             out!("deleted in {}", r.region);
         }
         KvCommand::Incr { t, key, delta } => {
-            let r = op(w, t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
+            let r = op(w, app, t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
             out!("{}", r.total.unwrap_or_default());
         }
         KvCommand::List { t } => {
             let mut cursor = None;
             loop {
-                let r = op(w, t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
+                let r =
+                    op(w, app, t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
                 for k in r.keys {
                     out!("{k}");
                 }
@@ -168,7 +192,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         KvCommand::Conflicts { t } => {
             let (world, operator) = w.connect()?;
             let r = region(&world, t.region.as_deref())?;
-            let path = format!("/_meridian/kv/conflicts/{}", t.ns);
+            let app = app_or_default(&world, &operator, app).await?;
+            let path = format!("/_meridian/apps/{app}/kv/conflicts/{}", t.ns);
             let body = region_call(&operator, r, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
             let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             for c in &list {
@@ -185,7 +210,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
         KvCommand::Status { json } => {
             let (world, operator) = w.connect()?;
-            let all = statuses(&world, &operator).await;
+            let app = app_or_default(&world, &operator, app).await?;
+            let all = statuses(&world, &operator, &app).await;
             if json {
                 out!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -196,12 +222,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Key-value status of every region (a region that does not answer is left out).
-pub async fn statuses(w: &WorldDescription, operator: &Operator) -> Vec<KvStatus> {
+/// Key-value status of one app in every region (a region that does not
+/// answer, or holds no store for the app, is left out).
+pub async fn statuses(w: &WorldDescription, operator: &Operator, app: &str) -> Vec<KvStatus> {
     let mut out = Vec::new();
+    let path = format!("/_meridian/apps/{app}/kv/status");
     for r in &w.regions {
-        let s =
-            region_call(operator, r, Method::GET, "/_meridian/kv/status", Bytes::new(), Duration::from_secs(5)).await;
+        let s = region_call(operator, r, Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await;
         if let Some(s) = s.ok().and_then(|b| serde_json::from_slice::<KvStatus>(&b).ok()) {
             out.push(s);
         }

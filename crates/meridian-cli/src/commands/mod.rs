@@ -1,3 +1,4 @@
+pub mod apps;
 pub mod certs;
 pub mod chaos;
 pub mod context;

@@ -1,4 +1,5 @@
-//! `meridian status`: versions per region and health as each edge sees it.
+//! `meridian status`: every app's versions per region, and health as each
+//! edge sees it.
 
 use bytes::Bytes;
 use http::Method;
@@ -49,8 +50,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             .await;
         edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
     }
-    let kv = crate::commands::kv::statuses(&w, &operator).await;
+    let mut kv = Vec::new();
+    for app in control["apps"].as_array().into_iter().flatten() {
+        let name = app["app"].as_str().unwrap_or_default();
+        let s = crate::commands::kv::statuses(&w, &operator, name).await;
+        if !s.is_empty() {
+            kv.push((name.to_string(), s));
+        }
+    }
     if a.json {
+        let kv: serde_json::Map<String, serde_json::Value> =
+            kv.iter().map(|(a, s)| (a.clone(), serde_json::to_value(s).unwrap_or_default())).collect();
         let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
         out!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges, "kv": kv}))?);
         return Ok(());
@@ -75,18 +85,33 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    out!("\nkey-value replication (-> pushing to a peer, <- applied from an origin):");
-    crate::commands::kv::print_status(&kv);
+    for (app, s) in &kv {
+        out!("\nkey-value replication of {app} (-> pushing to a peer, <- applied from an origin):");
+        crate::commands::kv::print_status(s);
+    }
     Ok(())
 }
 
 fn print_control(control: &serde_json::Value) {
     let short =
         |v: &serde_json::Value| v.as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into());
-    out!("app {}  desired version {}", control["app"].as_str().unwrap_or("-"), short(&control["desired"]));
-    out!("\nregions:");
-    for r in control["regions"].as_array().into_iter().flatten() {
-        let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
-        out!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+    let apps = control["apps"].as_array().cloned().unwrap_or_default();
+    if apps.is_empty() {
+        out!("no apps yet: meridian apps create NAME --host HOST, then meridian deploy");
+    }
+    for app in apps {
+        let hosts: Vec<&str> =
+            app["hosts"].as_array().map(|h| h.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        out!(
+            "app {}  desired version {}  hosts {}{}",
+            app["app"].as_str().unwrap_or("-"),
+            short(&app["desired"]),
+            hosts.join(", "),
+            if app["default"].as_bool() == Some(true) { " (default)" } else { "" }
+        );
+        for r in app["regions"].as_array().into_iter().flatten() {
+            let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
+            out!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+        }
     }
 }

@@ -153,6 +153,21 @@ impl World {
         (out.status.success(), text)
     }
 
+    /// Creates the app `dir` declares (as the world's default app, so bare
+    /// addresses reach it, if `default`) and deploys it.
+    pub fn create_and_deploy(&self, dir: &std::path::Path, default: bool) -> (bool, String) {
+        let name = meridian_manifest::Bundle::from_dir(dir).unwrap().manifest.name;
+        let mut args = vec!["apps", "create", name.as_str()];
+        if default {
+            args.push("--default");
+        }
+        let (ok, out) = self.cli(&args);
+        if !ok {
+            return (ok, out);
+        }
+        self.cli(&["deploy", dir.to_str().unwrap()])
+    }
+
     pub fn chaos(&self, args: &[&str]) {
         let mut a = vec!["chaos"];
         a.extend_from_slice(args);

@@ -61,4 +61,32 @@ async fn requests_beyond_an_apps_limits_get_429_at_once() {
     assert!(codes.iter().all(|s| *s == 200 || *s == 429), "{codes:?}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(get(&c, &format!("{region}/fine"), &[]).await.status, 200);
+
+    // Edges learn the app's rate from the regions' health answers and
+    // refuse its excess themselves, before the WAN: their 429s name no
+    // region.
+    let edge = w.edge("edge-us-east");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut refused_at_edge = 0;
+        let mut admitted = 0;
+        for _ in 0..30 {
+            let r = get(&c, &format!("{edge}/fine"), &[]).await;
+            match r.status {
+                200 => admitted += 1,
+                429 if r.region().is_empty() => {
+                    assert_eq!(r.header("retry-after"), "1");
+                    refused_at_edge += 1;
+                }
+                429 => {}
+                s => panic!("{s}: {}", r.body),
+            }
+        }
+        if refused_at_edge > 0 {
+            assert!(admitted <= 8, "the edge admitted {admitted} of 30 at 5/s");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge never enforced the app's rate");
+    }
 }

@@ -80,6 +80,22 @@ async fn apps_are_chosen_by_host_and_cannot_reach_each_others_data() {
     assert!(r.status == 200 || r.status == 404, "{}", r.body);
     assert!(t.elapsed() < Duration::from_millis(450), "hello waited on mirror's token: {:?}", t.elapsed());
 
+    // Metrics are labelled by app.
+    let (status, metrics) = w.region_call("eu-west", "GET", "/_meridian/metrics", vec![]).await;
+    assert_eq!(status, 200);
+    for needle in [
+        "meridian_app_requests_total{region=\"eu-west\",app=\"notes\",class=\"2xx\"}",
+        "meridian_app_requests_total{region=\"eu-west\",app=\"hello\",class=\"2xx\"}",
+        "meridian_kv_writes_total{region=\"eu-west\",app=\"notes\"}",
+        "meridian_kv_writes_total{region=\"eu-west\",app=\"mirror\"}",
+    ] {
+        let line =
+            metrics.lines().find(|l| l.starts_with(needle)).unwrap_or_else(|| panic!("no {needle} in\n{metrics}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{line}");
+    }
+    assert_eq!(metrics.matches("# TYPE meridian_kv_writes_total").count(), 1, "one family, every app in it");
+
     // A token for one app can neither deploy nor read another.
     let (ok, out) = w.cli(&["tokens", "create", "--app", "notes", "--scope", "deploy", "--scope", "read"]);
     assert!(ok, "{out}");
@@ -97,6 +113,29 @@ async fn apps_are_chosen_by_host_and_cannot_reach_each_others_data() {
     // Nor create or delete apps.
     let (ok, out) = w.cli(&["apps", "delete", "hello", "--yes", "--token-file", tf]);
     assert!(!ok && out.contains("403"), "{out}");
+
+    // Data goes through the control plane, granted by the data-admin scope
+    // on the app: not by deploy or read, and never on another app.
+    let (ok, out) = w.cli(&["kv", "get", "--app", "notes", "--ns", "notes", "n1", "--token-file", tf]);
+    assert!(!ok && out.contains("403") && out.contains("data-admin"), "{out}");
+    let (ok, out) = w.cli(&["tokens", "create", "--app", "notes", "--scope", "data-admin"]);
+    assert!(ok, "{out}");
+    let admin = w.dir.path().join("notes-data");
+    std::fs::write(&admin, out.lines().find(|l| l.starts_with("mrd_")).unwrap()).unwrap();
+    let admin = admin.to_str().unwrap();
+    let (ok, out) = w.cli(&["kv", "get", "--app", "notes", "--ns", "notes", "n1", "--token-file", admin]);
+    assert!(ok && out.contains("NOTES-ONLY"), "{out}");
+    let put =
+        ["kv", "put", "--app", "notes", "--ns", "notes", "n2", "by-cli", "--region", "eu-west", "--token-file", admin];
+    let (ok, out) = w.cli(&put);
+    assert!(ok, "{out}");
+    assert_eq!(get(&c, &format!("{edge}/kv/notes/n2"), &[NOTES]).await.body, "by-cli");
+    let (ok, out) = w.cli(&["kv", "get", "--app", "hello", "--ns", "sessions", "shared", "--token-file", admin]);
+    assert!(!ok && out.contains("403"), "a notes token read hello's data: {out}");
+    // The administrator token reaches every app's data; the default app
+    // needs no --app.
+    let (ok, out) = w.cli(&["kv", "get", "--ns", "sessions", "shared"]);
+    assert!(ok && out.contains("HELLO-SESSION"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

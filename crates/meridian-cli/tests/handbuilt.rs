@@ -244,6 +244,9 @@ key = "certs/control.key"
     assert!(!status.contains("DOWN"), "{status}");
     let out = run(&["deploy", app.path().to_str().unwrap()], d);
     assert!(out.contains("deployed hello"), "{out}");
+    // Data administration works through the context too (no world file).
+    let out = run(&["kv", "get", "--ns", "sessions", "hand", "--region", "us-east"], d);
+    assert!(out.contains("built by hand"), "{out}");
     assert!(run(&["context", "list"], d).contains("* hand"));
     // A wrong token is refused by the control plane.
     std::fs::write(d.join("wrong"), "nope").unwrap();

@@ -230,6 +230,13 @@ impl Control {
         }
     }
 
+    /// The same call to every region at once; answers in the config's
+    /// order of regions.
+    async fn call_all(&self, method: Method, path: &str, body: Bytes, timeout: Duration) -> Vec<RegionCall> {
+        let calls = self.config.regions.iter().map(|r| self.call(r, method.clone(), path, body.clone(), timeout));
+        futures::future::join_all(calls).await
+    }
+
     /// Records every app on every region, in parallel; regions that could
     /// not take it get it from the reconcile loop.
     async fn push_records(&self, records: &[AppRecord]) {
@@ -319,13 +326,7 @@ impl Control {
             .revoke_app(name)
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot revoke the app's tokens: {e}")))?;
         let path = format!("apps/{name}");
-        let calls = futures::future::join_all(
-            self.config
-                .regions
-                .iter()
-                .map(|r| self.call(r, Method::DELETE, &path, Bytes::new(), Duration::from_secs(60))),
-        )
-        .await;
+        let calls = self.call_all(Method::DELETE, &path, Bytes::new(), Duration::from_secs(60)).await;
         let mut removed = Vec::new();
         let mut pending = Vec::new();
         for (r, c) in self.config.regions.iter().zip(calls) {
@@ -378,10 +379,7 @@ impl Control {
         // Phase 1: install (compile) everywhere reachable.
         let install_timeout = Duration::from_secs(300);
         let install_path = format!("apps/{app}/versions/{id}");
-        let installs = futures::future::join_all(
-            self.config.regions.iter().map(|r| self.call(r, Method::PUT, &install_path, tar.clone(), install_timeout)),
-        )
-        .await;
+        let installs = self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout).await;
         let mut outcomes = Vec::new();
         let mut refused = Vec::new();
         for (r, res) in self.config.regions.iter().zip(installs) {
@@ -554,13 +552,7 @@ impl Control {
             .filter(|a| caller.may(Scope::Read, &a.record.name))
             .cloned()
             .collect();
-        let calls = futures::future::join_all(
-            self.config
-                .regions
-                .iter()
-                .map(|r| self.call(r, Method::GET, "status", Bytes::new(), Duration::from_secs(2))),
-        )
-        .await;
+        let calls = self.call_all(Method::GET, "status", Bytes::new(), Duration::from_secs(2)).await;
         let regions: Vec<(String, Result<RegionStatus, String>)> = self
             .config
             .regions
@@ -600,6 +592,77 @@ impl Control {
             })
             .collect();
         serde_json::json!({"apps": apps})
+    }
+
+    /// An app's key-value data through the control plane, so an app's
+    /// token (not a node certificate) is what grants it: `op` and
+    /// `conflicts` need `data-admin` (they read and write values), `status`
+    /// needs `read`. The control plane calls a region with its certificate;
+    /// the region runs or forwards the operation as it would a function's.
+    async fn kv_api(
+        &self,
+        caller: &Caller,
+        app: &str,
+        rest: &[&str],
+        method: Method,
+        query: Option<&str>,
+        body: Bytes,
+    ) -> Response<Body> {
+        let needs = if rest == ["status"] { Scope::Read } else { Scope::DataAdmin };
+        if !caller.may(needs, app) {
+            let what = if needs == Scope::Read { "read" } else { "data-admin" };
+            return text(StatusCode::FORBIDDEN, format!("this token may not use app {app:?}'s data (needs {what})"));
+        }
+        if !self.state.lock().unwrap().apps.contains_key(app) {
+            return text(StatusCode::NOT_FOUND, format!("no app named {app:?}"));
+        }
+        if rest == ["status"] {
+            let path = format!("apps/{app}/kv/status");
+            let calls = self.call_all(Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await;
+            let all: Vec<serde_json::Value> = calls
+                .into_iter()
+                .filter_map(|c| if let RegionCall::Ok(b) = c { serde_json::from_str(&b).ok() } else { None })
+                .collect();
+            return json(StatusCode::OK, &all);
+        }
+        let path = match (&method, rest) {
+            (&Method::POST, ["op"]) => format!("apps/{app}/kv/op"),
+            (&Method::GET, ["conflicts", ns]) => format!("apps/{app}/kv/conflicts/{ns}"),
+            _ => return text(StatusCode::NOT_FOUND, format!("no such API: kv/{}", rest.join("/"))),
+        };
+        // The region asked for, else the first that answers (reads and
+        // connect failures only: an operation that may have run is not
+        // sent again).
+        let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("region=")));
+        let regions: Vec<&ControlRegion> = match wanted {
+            Some(name) => match self.config.regions.iter().find(|r| r.name == name) {
+                Some(r) => vec![r],
+                None => return text(StatusCode::NOT_FOUND, format!("no region {name:?}")),
+            },
+            None => self.config.regions.iter().collect(),
+        };
+        let mut last = String::from("no region");
+        for r in regions {
+            let target = match Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region)) {
+                Ok(t) => t,
+                Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
+            };
+            let full = format!("{}{}", headers::RESERVED_PREFIX, path);
+            match self.client.call(&target, method.clone(), &full, body.clone(), Duration::from_secs(15)).await {
+                Ok(a) => {
+                    let mut resp = Response::new(meridian_http::full(a.body));
+                    *resp.status_mut() = a.status;
+                    resp.headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                    return resp;
+                }
+                Err(e) if e.nothing_sent() || method == Method::GET => last = format!("{}: {e}", r.name),
+                Err(e) => {
+                    return text(StatusCode::BAD_GATEWAY, format!("{}: outcome unknown, not retried: {e}", r.name))
+                }
+            }
+        }
+        text(StatusCode::SERVICE_UNAVAILABLE, format!("no region answered ({last})"))
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -659,6 +722,17 @@ impl Control {
                 Ok(report) => json(StatusCode::OK, &report),
                 Err((status, msg)) => text(status, msg),
             },
+            (method, ["v1", "apps", app, "kv", rest @ ..]) => {
+                let (app, rest): (String, Vec<String>) =
+                    (app.to_string(), rest.iter().map(|x| x.to_string()).collect());
+                let query = req.uri().query().map(str::to_string);
+                let body = match meridian_http::read_body(req.into_body(), 16 << 20).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                self.kv_api(&caller, &app, &rest, method, query.as_deref(), body).await
+            }
             (Method::POST, ["v1", "deploy"]) => {
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,

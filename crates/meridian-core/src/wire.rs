@@ -40,6 +40,18 @@ pub struct AppRecord {
     pub default: bool,
 }
 
+/// An app's rate limit as a region reports it in its health answer, so
+/// edges refuse an app's excess traffic before it crosses the WAN.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppLimit {
+    pub app: String,
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub default: bool,
+    /// The app's `[limits] requests_per_second` (per region).
+    pub requests_per_second: u32,
+}
+
 /// What deleting an app removed from one region's disk.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppRemoved {

@@ -26,6 +26,7 @@
 //! only knowledge of regions is its config and its own probes.
 
 pub mod health;
+pub mod limits;
 pub mod select;
 
 use meridian_http::pool;
@@ -113,6 +114,8 @@ pub struct Edge {
     upstreams: Vec<Upstream>,
     geoip: Option<maxminddb::Reader<Vec<u8>>>,
     edge_header: HeaderValue,
+    /// Each app's rate, learned from the regions' health answers.
+    limits: limits::AppLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +188,7 @@ impl Edge {
             ),
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
-        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header }))
+        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header, limits: Default::default() }))
     }
 
     /// Probes every region forever at the configured interval.
@@ -213,8 +216,18 @@ impl Edge {
         let ok = match tokio::time::timeout(timeout, u.pool.send(req)).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status() == StatusCode::OK;
-                // Drain so the connection returns to the pool.
-                let _ = resp.into_body().collect().await;
+                // Read to the end (so the connection returns to the pool):
+                // the answer lists the apps' rate limits.
+                if let Ok(body) = resp.into_body().collect().await {
+                    #[derive(serde::Deserialize)]
+                    struct Health {
+                        #[serde(default)]
+                        limits: Vec<meridian_core::wire::AppLimit>,
+                    }
+                    if let Ok(h) = serde_json::from_slice::<Health>(&body.to_bytes()) {
+                        self.limits.update(h.limits);
+                    }
+                }
                 ok
             }
             _ => false,
@@ -284,6 +297,20 @@ impl Edge {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if req.uri().path().starts_with(headers::RESERVED_PREFIX) {
             return self.finish(text(StatusCode::NOT_FOUND, format!("no route serves {}", req.uri().path())), 0);
+        }
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .and_then(meridian_core::wire::host_of);
+        if !self.limits.admit(host.as_deref()) {
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests: over the app's requests_per_second; retry shortly",
+            );
+            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return self.finish(r, 0);
         }
         let client = self.locate(&req, peer.ip());
         let order = self.plan(client.point());

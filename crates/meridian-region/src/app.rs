@@ -53,6 +53,39 @@ pub struct Node {
     pub anti_entropy: Duration,
     pub causality_wait: Duration,
     pub peers: ArcSwap<Vec<meridian_core::wire::Peer>>,
+    /// The most instances one app may run at once in this region (its
+    /// share of the node's pool), whatever its manifest asks.
+    pub instance_share: u32,
+}
+
+/// What one app's requests came to in this region (for metrics).
+#[derive(Default)]
+pub struct Counters {
+    /// By status class: 1xx-2xx, 3xx, 4xx, 5xx.
+    pub by_class: [std::sync::atomic::AtomicU64; 4],
+    /// Refused by the app's admission limits (429).
+    pub throttled: std::sync::atomic::AtomicU64,
+    /// Failed in the guest (deadline, memory limit, trap).
+    pub faults: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub fn count(&self, status: http::StatusCode, fault: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let class = match status.as_u16() {
+            0..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
+        };
+        self.by_class[class].fetch_add(1, Relaxed);
+        if status == http::StatusCode::TOO_MANY_REQUESTS {
+            self.throttled.fetch_add(1, Relaxed);
+        }
+        if fault {
+            self.faults.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// An installed version, ready to serve.
@@ -76,6 +109,7 @@ pub struct App {
     installed: Mutex<HashMap<VersionId, Arc<Deployed>>>,
     kv: ArcSwapOption<kv::KvService>,
     kv_open: Mutex<()>,
+    pub counters: Counters,
 }
 
 impl App {
@@ -96,6 +130,7 @@ impl App {
             installed: Mutex::new(HashMap::new()),
             kv: ArcSwapOption::empty(),
             kv_open: Mutex::new(()),
+            counters: Counters::default(),
         };
         app.save_record()?;
         Ok(app)
@@ -116,6 +151,7 @@ impl App {
             installed: Mutex::new(HashMap::new()),
             kv: ArcSwapOption::empty(),
             kv_open: Mutex::new(()),
+            counters: Counters::default(),
         }))
     }
 
@@ -233,8 +269,8 @@ impl App {
             }
         }
         let host = host.clone();
-        let region = node.region.clone();
-        let deployed = tokio::task::spawn_blocking(move || prepare(&host, bundle, &region))
+        let (region, share) = (node.region.clone(), node.instance_share);
+        let deployed = tokio::task::spawn_blocking(move || prepare(&host, bundle, &region, share))
             .await
             .map_err(|e| InstallError::Join(e.to_string()))??;
         // Stored only once it compiled: a broken version never reaches disk.
@@ -351,26 +387,28 @@ pub(crate) fn remove_tree(dir: &Path) -> std::io::Result<(u64, u64)> {
     Ok((files, bytes))
 }
 
-/// An app's admission limits in this region (from `[limits]`).
+/// An app's admission limits in this region: `[limits]`, and its share of
+/// the node's instances.
 pub(crate) struct Admission {
     pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
-    pub(crate) slots: Option<Arc<tokio::sync::Semaphore>>,
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Admission {
-    fn new(t: &meridian_manifest::TrafficLimits) -> Admission {
+    fn new(t: &meridian_manifest::TrafficLimits, share: u32) -> Admission {
+        let slots = t.max_concurrency.unwrap_or(share).min(share).max(1);
         Admission {
             rate: t
                 .requests_per_second
                 .and_then(std::num::NonZeroU32::new)
                 .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
-            slots: t.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+            slots: Arc::new(tokio::sync::Semaphore::new(slots as usize)),
         }
     }
 }
 
 /// Compiles every component and loads every static directory of a bundle.
-fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, InstallError> {
+fn prepare(host: &Host, bundle: Bundle, region: &str, share: u32) -> Result<Deployed, InstallError> {
     let mut components = HashMap::new();
     let mut all_cached = true;
     for (name, c) in &bundle.manifest.components {
@@ -399,7 +437,7 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
     }
     let version_header = HeaderValue::from_str(bundle.id.short()).expect("hex is a valid header");
     let namespaces = Arc::new(bundle.manifest.kv.clone());
-    let admission = Admission::new(&bundle.manifest.traffic);
+    let admission = Admission::new(&bundle.manifest.traffic, share);
     Ok(Deployed {
         id: bundle.id,
         manifest: bundle.manifest,
@@ -410,4 +448,21 @@ fn prepare(host: &Host, bundle: Bundle, region: &str) -> Result<Deployed, Instal
         admission,
         all_cached,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Admission;
+    use meridian_manifest::TrafficLimits;
+
+    #[test]
+    fn an_app_gets_at_most_its_share_of_instances() {
+        let slots = |max_concurrency, share| {
+            let t = TrafficLimits { requests_per_second: None, max_concurrency };
+            Admission::new(&t, share).slots.available_permits()
+        };
+        assert_eq!(slots(None, 50), 50, "no limit asked: the share");
+        assert_eq!(slots(Some(8), 50), 8, "a manifest may lower it");
+        assert_eq!(slots(Some(500), 50), 50, "but not raise it");
+    }
 }

@@ -61,6 +61,11 @@ pub struct RegionConfig {
     pub cluster_key_file: PathBuf,
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
+    /// The most instances one app may run at once here (default: a quarter
+    /// of `max_instances`), so no app can take the node from the others;
+    /// an app's `max_concurrency` can only lower it.
+    #[serde(default)]
+    pub max_instances_per_app: Option<u32>,
     #[serde(default = "default_max_memory_mb")]
     pub max_memory_mb: u64,
     #[serde(default = "default_max_bundle_mb")]
@@ -198,6 +203,10 @@ impl Region {
             anti_entropy: Duration::from_millis(config.anti_entropy_ms.max(50)),
             causality_wait: Duration::from_millis(config.causality_wait_ms),
             peers: ArcSwap::from_pointee(config.peers.iter().filter(|p| p.name != config.name).cloned().collect()),
+            instance_share: config
+                .max_instances_per_app
+                .unwrap_or(config.max_instances / 4)
+                .clamp(1, config.max_instances.max(1)),
         };
         let mut apps = Vec::new();
         for e in std::fs::read_dir(config.data_dir.join("apps"))? {
@@ -387,6 +396,7 @@ impl Region {
             return r;
         };
         if version.admission.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+            app.counters.count(StatusCode::TOO_MANY_REQUESTS, false);
             return self.too_many("the app's requests_per_second in this region");
         }
         let kv = app.kv();
@@ -404,6 +414,7 @@ impl Region {
             }
         }
         let mut resp = self.serve_app(&version, kv, req).await;
+        app.counters.count(resp.status(), resp.headers().contains_key(headers::FAULT));
         let h = resp.headers_mut();
         h.insert(headers::REGION, self.region_header.clone());
         h.insert(headers::VERSION, version.version_header.clone());
@@ -434,12 +445,9 @@ impl Region {
                 };
                 // Held while the function runs: an app at its concurrency
                 // cannot take more of the region's instances.
-                let _slot = match &version.admission.slots {
-                    None => None,
-                    Some(s) => match s.clone().try_acquire_owned() {
-                        Ok(p) => Some(p),
-                        Err(_) => return self.too_many("the app's max_concurrency in this region"),
-                    },
+                let Ok(_slot) = version.admission.slots.clone().try_acquire_owned() else {
+                    return self
+                        .too_many("the app's concurrency (max_concurrency, or its share of instances) in this region");
                 };
                 // The function learns where it runs from trusted headers; a
                 // client cannot spoof them.
@@ -680,7 +688,22 @@ impl Region {
             apps.by_name.values().map(|a| (a.name.as_str(), a.active().map(|d| d.id.short().to_string()))).collect();
         let serving = versions.values().any(Option::is_some);
         let status = if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        let mut r = json(status, &serde_json::json!({"region": self.config.name, "apps": versions}));
+        // Edges enforce each app's rate too, before the WAN.
+        let limits: Vec<meridian_core::wire::AppLimit> = apps
+            .by_name
+            .values()
+            .filter_map(|a| {
+                let rps = a.active()?.manifest.traffic.requests_per_second?;
+                let r = a.record.load();
+                Some(meridian_core::wire::AppLimit {
+                    app: a.name.clone(),
+                    hosts: r.hosts.clone(),
+                    default: r.default,
+                    requests_per_second: rps,
+                })
+            })
+            .collect();
+        let mut r = json(status, &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits}));
         r.headers_mut().insert(headers::REGION, self.region_header.clone());
         r
     }
@@ -696,11 +719,51 @@ impl Region {
     fn metrics(&self) -> Response<Body> {
         let mut apps: Vec<Arc<App>> = self.apps.load().by_name.values().cloned().collect();
         apps.sort_by(|a, b| a.name.cmp(&b.name));
-        let texts: Vec<String> = apps.iter().filter_map(|a| a.kv()).map(|kv| kv.metrics_text(true)).collect();
+        let mut texts: Vec<String> = vec![self.request_metrics(&apps)];
+        texts.extend(apps.iter().filter_map(|a| a.kv()).map(|kv| kv.metrics_text(true)));
         let mut r = Response::new(meridian_http::full(merge_exposition(&texts)));
         r.headers_mut()
             .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
         r
+    }
+}
+
+impl Region {
+    /// Every app's request counters in the Prometheus text format.
+    fn request_metrics(&self, apps: &[Arc<App>]) -> String {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.config.name;
+        let mut out = String::new();
+        let _ =
+            writeln!(out, "# HELP meridian_app_requests_total App requests answered in this region, by status class.");
+        let _ = writeln!(out, "# TYPE meridian_app_requests_total counter");
+        for a in apps {
+            for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let n = a.counters.by_class[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "meridian_app_requests_total{{region=\"{r}\",app=\"{}\",class=\"{class}\"}} {n}",
+                    a.name
+                );
+            }
+        }
+        for (name, help, f) in [
+            (
+                "meridian_app_throttled_total",
+                "App requests refused by its limits (429).",
+                (|c: &app::Counters| c.throttled.load(Relaxed)) as fn(&app::Counters) -> u64,
+            ),
+            ("meridian_app_faults_total", "App requests failed in the guest (deadline, memory, trap).", |c| {
+                c.faults.load(Relaxed)
+            }),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for a in apps {
+                let _ = writeln!(out, "{name}{{region=\"{r}\",app=\"{}\"}} {}", a.name, f(&a.counters));
+            }
+        }
+        out
     }
 }
 
@@ -799,7 +862,9 @@ pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'st
     let allowed: &[Role] = match first {
         "health" => &[Role::Edge, Role::Region, Role::Control, Role::Operator],
         "repl" | "raft" => &[Role::Region],
-        "kv" if api == "kv/op" || api.starts_with("kv/digest/") => &[Role::Region, Role::Operator],
+        // The control plane runs operations for holders of a data-admin token.
+        "kv" if api == "kv/op" => &[Role::Region, Role::Control, Role::Operator],
+        "kv" if api.starts_with("kv/digest/") => &[Role::Region, Role::Operator],
         "kv" | "metrics" | "status" => &[Role::Control, Role::Operator],
         "versions" | "active" | "peers" => &[Role::Control, Role::Operator],
         _ => &[Role::Operator],
@@ -832,7 +897,7 @@ mod tests {
             ("/_meridian/repl/stream", &[Role::Region]),
             ("/_meridian/repl/push", &[Role::Region]),
             ("/_meridian/raft/ledger/append", &[Role::Region]),
-            ("/_meridian/kv/op", &[Role::Region, Role::Operator]),
+            ("/_meridian/kv/op", &[Role::Region, Role::Control, Role::Operator]),
             ("/_meridian/kv/digest/sessions", &[Role::Region, Role::Operator]),
             ("/_meridian/kv/status", &[Role::Control, Role::Operator]),
             ("/_meridian/kv/conflicts/sessions", &[Role::Control, Role::Operator]),
@@ -845,7 +910,7 @@ mod tests {
             ("/_meridian/apps/shop", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/repl/stream", &[Role::Region]),
             ("/_meridian/apps/shop/raft/ledger/vote", &[Role::Region]),
-            ("/_meridian/apps/shop/kv/op", &[Role::Region, Role::Operator]),
+            ("/_meridian/apps/shop/kv/op", &[Role::Region, Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/kv/status", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/versions/abc", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/active", &[Role::Control, Role::Operator]),

@@ -31,6 +31,7 @@ fn config(data: &Path) -> RegionConfig {
         tls: meridian_trust::TlsFiles::in_dir(&certs, "test"),
         cluster_key_file: ca.cluster_key.clone(),
         max_instances: 20,
+        max_instances_per_app: None,
         max_memory_mb: 128,
         max_bundle_mb: 64,
         peers: Vec::new(),

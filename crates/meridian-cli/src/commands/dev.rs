@@ -331,6 +331,7 @@ async fn bring_up(
             tls: dev_tls(&plan.certs, &r.name),
             cluster_key_file: plan.certs.join("cluster.key"),
             max_instances: 200,
+            max_instances_per_app: Some(100),
             max_memory_mb: 512,
             max_bundle_mb: 256,
             peers: Vec::new(),

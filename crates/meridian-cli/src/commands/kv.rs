@@ -1,25 +1,27 @@
-//! `meridian kv`: read and write a world's key-value namespaces, and see
+//! `meridian kv`: read and write an app's key-value namespaces, and see
 //! their replication.
 //!
-//! Operations go to one region's API (`--region`, default the first): a
-//! namespace that region may not hold is forwarded by it to the nearest
-//! region that may, exactly as a function's calls are.
+//! Everything goes through the control plane with a token (`data-admin`
+//! on the app for values, `read` for status), which has one region
+//! (`--region`, default the first that answers) run it: a namespace that
+//! region may not hold is forwarded by it to the nearest region that may,
+//! exactly as a function's calls are. Works with a dev world, a context or
+//! flags alike.
 
-use crate::api::{Operator, WorldArg};
+use crate::api::Operator;
+use crate::commands::deploy::ControlArgs;
 use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_core::wire::KvStatus;
-use meridian_core::world::{RegionInfo, WorldDescription};
 use meridian_region::kv::{Op, OpResult};
-use meridian_trust::Expect;
 use std::io::Read;
 use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub world: WorldArg,
+    pub control: ControlArgs,
     /// The app whose data to use (default: the world's default app).
     #[arg(long, global = true)]
     pub app: Option<String>,
@@ -32,7 +34,7 @@ pub struct Target {
     /// Namespace (a `[kv.NAME]` of the app's manifest).
     #[arg(long)]
     pub ns: String,
-    /// Region to ask (default: the world's first region).
+    /// Region to ask (default: the first that answers).
     #[arg(long)]
     pub region: Option<String>,
 }
@@ -83,34 +85,12 @@ pub enum KvCommand {
     },
 }
 
-fn region<'a>(w: &'a WorldDescription, region: Option<&str>) -> anyhow::Result<&'a RegionInfo> {
-    match region {
-        Some(name) => {
-            w.regions.iter().find(|r| r.name == name).with_context(|| format!("no region {name:?} in this world"))
-        }
-        None => w.regions.first().context("the world has no regions"),
-    }
-}
-
-/// Calls a region's cluster port as the operator.
-pub async fn region_call(
-    op: &Operator,
-    r: &RegionInfo,
-    method: Method,
-    path: &str,
-    body: Bytes,
-    timeout: Duration,
-) -> anyhow::Result<Bytes> {
-    op.node_ok(&r.cluster_url, Expect::region(&r.name, &r.jurisdiction), method, path, body, timeout).await
-}
-
 /// The app named, or the world's default one (asked of the control plane).
-pub async fn app_or_default(w: &WorldDescription, operator: &Operator, app: Option<&str>) -> anyhow::Result<String> {
+pub async fn app_or_default(operator: &Operator, url: &str, app: Option<&str>) -> anyhow::Result<String> {
     if let Some(a) = app {
         return Ok(a.to_string());
     }
-    let (status, body) =
-        operator.control(&w.control_url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
+    let (status, body) = operator.control(url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
     if !status.is_success() {
         anyhow::bail!("cannot list the apps: {status}: {}", String::from_utf8_lossy(&body).trim());
     }
@@ -119,35 +99,55 @@ pub async fn app_or_default(w: &WorldDescription, operator: &Operator, app: Opti
         .find(|a| a["default"].as_bool() == Some(true))
         .and_then(|a| a["name"].as_str())
         .map(str::to_string)
-        .context("the world has no default app; name one with --app")
+        .context("no default app among those this token may read; name one with --app")
 }
 
-async fn op(a: &WorldArg, app: Option<&str>, region_name: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
-    let (w, operator) = a.connect()?;
-    let r = region(&w, region_name)?;
-    let app = app_or_default(&w, &operator, app).await?;
-    let body = region_call(
-        &operator,
-        r,
-        Method::POST,
-        &format!("/_meridian/apps/{app}/kv/op"),
-        Bytes::from(serde_json::to_vec(&op)?),
-        Duration::from_secs(15),
-    )
-    .await?;
-    let r: OpResult = serde_json::from_slice(&body)?;
-    if let Some(e) = r.error {
-        anyhow::bail!("{e}");
+/// One call to the control plane's key-value API of `app`.
+async fn kv_call(
+    operator: &Operator,
+    url: &str,
+    app: &str,
+    method: Method,
+    rest: &str,
+    region: Option<&str>,
+    body: Bytes,
+) -> anyhow::Result<Bytes> {
+    let mut path = format!("/v1/apps/{app}/kv/{rest}");
+    if let Some(r) = region {
+        path += &format!("?region={r}");
     }
-    Ok(r)
+    let (status, answer) = operator.control(url, method, &path, body, Duration::from_secs(20)).await?;
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&answer).trim());
+    }
+    Ok(answer)
+}
+
+struct Session {
+    operator: Operator,
+    url: String,
+    app: String,
+}
+
+impl Session {
+    async fn op(&self, region: Option<&str>, op: Op) -> anyhow::Result<OpResult> {
+        let body = Bytes::from(serde_json::to_vec(&op)?);
+        let answer = kv_call(&self.operator, &self.url, &self.app, Method::POST, "op", region, body).await?;
+        let r: OpResult = serde_json::from_slice(&answer)?;
+        if let Some(e) = r.error {
+            anyhow::bail!("{e}");
+        }
+        Ok(r)
+    }
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let w = &a.world;
-    let app = a.app.as_deref();
+    let (url, operator) = a.control.connect()?;
+    let app = app_or_default(&operator, &url, a.app.as_deref()).await?;
+    let w = &Session { operator, url, app };
     match a.op {
         KvCommand::Get { t, key } => {
-            let r = op(w, app, t.region.as_deref(), Op::Get { ns: t.ns, key }).await?;
+            let r = w.op(t.region.as_deref(), Op::Get { ns: t.ns, key }).await?;
             match r.value_hex {
                 Some(h) => {
                     let v = hex::decode(h)?;
@@ -164,22 +164,21 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 value.into_bytes()
             };
-            let r = op(w, app, t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
+            let r = w.op(t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
             out!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
         }
         KvCommand::Delete { t, key } => {
-            let r = op(w, app, t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
+            let r = w.op(t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
             out!("deleted in {}", r.region);
         }
         KvCommand::Incr { t, key, delta } => {
-            let r = op(w, app, t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
+            let r = w.op(t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
             out!("{}", r.total.unwrap_or_default());
         }
         KvCommand::List { t } => {
             let mut cursor = None;
             loop {
-                let r =
-                    op(w, app, t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
+                let r = w.op(t.region.as_deref(), Op::List { ns: t.ns.clone(), cursor, limit: Some(1000) }).await?;
                 for k in r.keys {
                     out!("{k}");
                 }
@@ -190,11 +189,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         KvCommand::Conflicts { t } => {
-            let (world, operator) = w.connect()?;
-            let r = region(&world, t.region.as_deref())?;
-            let app = app_or_default(&world, &operator, app).await?;
-            let path = format!("/_meridian/apps/{app}/kv/conflicts/{}", t.ns);
-            let body = region_call(&operator, r, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
+            let rest = format!("conflicts/{}", t.ns);
+            let body =
+                kv_call(&w.operator, &w.url, &w.app, Method::GET, &rest, t.region.as_deref(), Bytes::new()).await?;
             let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             for c in &list {
                 let v = c["value_hex"].as_str().and_then(|h| hex::decode(h).ok());
@@ -209,9 +206,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             out!("{} conflict(s)", list.len());
         }
         KvCommand::Status { json } => {
-            let (world, operator) = w.connect()?;
-            let app = app_or_default(&world, &operator, app).await?;
-            let all = statuses(&world, &operator, &app).await;
+            let all = statuses(&w.operator, &w.url, &w.app).await?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -222,18 +217,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Key-value status of one app in every region (a region that does not
-/// answer, or holds no store for the app, is left out).
-pub async fn statuses(w: &WorldDescription, operator: &Operator, app: &str) -> Vec<KvStatus> {
-    let mut out = Vec::new();
-    let path = format!("/_meridian/apps/{app}/kv/status");
-    for r in &w.regions {
-        let s = region_call(operator, r, Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await;
-        if let Some(s) = s.ok().and_then(|b| serde_json::from_slice::<KvStatus>(&b).ok()) {
-            out.push(s);
-        }
-    }
-    out
+/// Key-value status of one app in every region that holds a store for it
+/// and answered.
+pub async fn statuses(operator: &Operator, url: &str, app: &str) -> anyhow::Result<Vec<KvStatus>> {
+    let body = kv_call(operator, url, app, Method::GET, "status", None, Bytes::new()).await?;
+    Ok(serde_json::from_slice(&body)?)
 }
 
 pub fn print_status(all: &[KvStatus]) {

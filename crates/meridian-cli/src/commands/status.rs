@@ -17,56 +17,48 @@ pub struct Args {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let t = Duration::from_secs(5);
-    if a.control.selected_context()?.is_some() || a.control.control.is_some() {
-        // A hand-built world: the control plane's view (edges and
-        // key-value status need the world's description).
-        let (url, operator) = a.control.connect()?;
-        let (status, control) = operator.control(&url, Method::GET, "/v1/status", Bytes::new(), t).await?;
-        if !status.is_success() {
-            anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
-        }
-        let control: serde_json::Value = serde_json::from_slice(&control)?;
-        if a.json {
-            out!("{}", serde_json::to_string_pretty(&serde_json::json!({ "control": control }))?);
-        } else {
-            print_control(&control);
-        }
-        return Ok(());
-    }
-    let (w, mut operator) = a.control.world.connect()?;
-    if let Some(tf) = &a.control.token_file {
-        operator.token = std::fs::read_to_string(tf)?.trim().to_string();
-    }
-    let (status, control) = operator.control(&w.control_url, Method::GET, "/v1/status", Bytes::new(), t).await?;
+    let (url, operator) = a.control.connect()?;
+    let (status, control) = operator.control(&url, Method::GET, "/v1/status", Bytes::new(), t).await?;
     if !status.is_success() {
         anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
     }
     let control: serde_json::Value = serde_json::from_slice(&control)?;
+    // Key-value replication of every app that has a store (through the
+    // control plane; a token without `read` on an app sees none of it).
+    let mut kv = Vec::new();
+    for app in control["apps"].as_array().into_iter().flatten() {
+        let name = app["app"].as_str().unwrap_or_default();
+        let s = crate::commands::kv::statuses(&operator, &url, name).await.unwrap_or_default();
+        if !s.is_empty() {
+            kv.push((name.to_string(), s));
+        }
+    }
+    // Edges are not the control plane's to know: only a dev world's
+    // description lists them.
+    let world = if a.control.selected_context()?.is_some() || a.control.control.is_some() {
+        None
+    } else {
+        Some(a.control.world.connect()?.0)
+    };
     let mut edges = Vec::new();
-    for e in &w.edges {
+    for e in world.iter().flat_map(|w| &w.edges) {
         let path = meridian_core::headers::EDGE_STATUS_PATH;
         let s = operator
             .node_ok(&e.cluster_url, Expect::new(&e.name, Role::Edge), Method::GET, path, Bytes::new(), t)
             .await;
         edges.push((e, s.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())));
     }
-    let mut kv = Vec::new();
-    for app in control["apps"].as_array().into_iter().flatten() {
-        let name = app["app"].as_str().unwrap_or_default();
-        let s = crate::commands::kv::statuses(&w, &operator, name).await;
-        if !s.is_empty() {
-            kv.push((name.to_string(), s));
-        }
-    }
     if a.json {
+        let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
         let kv: serde_json::Map<String, serde_json::Value> =
             kv.iter().map(|(a, s)| (a.clone(), serde_json::to_value(s).unwrap_or_default())).collect();
-        let edges: Vec<_> = edges.iter().map(|(e, s)| serde_json::json!({"edge": e.name, "status": s})).collect();
         out!("{}", serde_json::to_string_pretty(&serde_json::json!({"control": control, "edges": edges, "kv": kv}))?);
         return Ok(());
     }
     print_control(&control);
-    out!("\nedges (health and smoothed probe RTT of each region):");
+    if !edges.is_empty() {
+        out!("\nedges (health and smoothed probe RTT of each region):");
+    }
     for (e, s) in &edges {
         out_part!("  {:<20} {}", e.name, e.url);
         match s {

@@ -60,6 +60,10 @@ enum Command {
     Chaos(commands::chaos::Args),
     /// Name a control plane and its credentials: add, use, list, remove.
     Context(commands::context::Args),
+    /// An app's deployed versions, oldest first.
+    Versions(commands::versions::VersionsArgs),
+    /// Put an app back on an earlier version, in every region at once.
+    Rollback(commands::versions::RollbackArgs),
     /// The world's apps: list, create (with hostnames), delete (with data).
     Apps(commands::apps::Args),
     /// Operator tokens scoped to one app: create, list, revoke.
@@ -100,6 +104,8 @@ fn main() -> std::process::ExitCode {
             Command::Certs(a) => commands::certs::run(a),
             Command::Context(a) => commands::context::run(a),
             Command::Apps(a) => commands::apps::run(a).await,
+            Command::Versions(a) => commands::versions::versions(a).await,
+            Command::Rollback(a) => commands::versions::rollback(a).await,
             Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,

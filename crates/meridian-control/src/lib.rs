@@ -20,6 +20,7 @@
 //! its versions and data (each says how much) and revokes its tokens; a
 //! region that was down is told by the reconcile loop when it is back.
 
+pub mod rollout;
 pub mod tokens;
 
 use bytes::Bytes;
@@ -114,6 +115,9 @@ pub struct DeployReport {
     pub app: String,
     pub version: VersionId,
     pub regions: Vec<RegionOutcome>,
+    /// Every smoke test, traffic step and gate of the rollout, in order.
+    #[serde(default)]
+    pub steps: Vec<rollout::StepOutcome>,
 }
 
 /// What deleting an app did in each region.
@@ -370,6 +374,8 @@ impl Control {
                 ),
             ));
         }
+        // A plan naming regions this world lacks is refused before anything.
+        let waves = self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
         let id = bundle.id.clone();
         let path = self.bundle_path(&id);
         if !path.exists() {
@@ -398,6 +404,45 @@ impl Control {
         if outcomes.iter().all(|(_, ok, _)| !ok) {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no region is reachable; nothing was changed".into()));
         }
+        // Phase 2: the rollout, wave by wave, over the regions that hold it.
+        // The desired version changes only once it succeeded (the reconcile
+        // loop, blocked meanwhile by the deploy lock, then brings regions
+        // that were unreachable to it).
+        let old = self.state.lock().unwrap().apps.get(&app).and_then(|a| a.desired.clone());
+        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.name.as_str()).collect();
+        let waves: Vec<Vec<&ControlRegion>> = waves
+            .into_iter()
+            .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).collect::<Vec<_>>())
+            .filter(|w| !w.is_empty())
+            .collect();
+        let plan = rollout::Plan {
+            app: &app,
+            old: old.clone().filter(|o| o != &id),
+            new: id.clone(),
+            rollout: &bundle.manifest.rollout,
+            smoke: &bundle.manifest.smoke,
+        };
+        let mut steps = Vec::new();
+        if let Err(stopped) = self.run_rollout(&plan, waves, &mut steps).await {
+            let log: Vec<String> = steps
+                .iter()
+                .map(|s| {
+                    format!("  {:<16} {:<8} {} {}", s.region, s.step, if s.ok { "ok  " } else { "FAIL" }, s.detail)
+                })
+                .collect();
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "rollout of version {} stopped in {} at step {}: {}\nrolled back; the app stays on {}.\n{}",
+                    id.short(),
+                    stopped.region,
+                    stopped.step,
+                    stopped.reason,
+                    old.as_ref().map(|o| o.short().to_string()).unwrap_or_else(|| "no version".into()),
+                    log.join("\n")
+                ),
+            ));
+        }
         self.update(|s| {
             if let Some(a) = s.apps.get_mut(&app) {
                 a.desired = Some(id.clone());
@@ -406,17 +451,72 @@ impl Control {
                 }
             }
         })?;
-        // Phase 2: switch each region that holds it.
-        let mut report = Vec::new();
-        let active_path = format!("apps/{app}/active");
-        for (r, installed, err) in outcomes {
-            let outcome = if !installed {
-                RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: err }
-            } else {
-                match self
-                    .call(r, Method::PUT, &active_path, Bytes::from(id.to_string()), Duration::from_secs(10))
-                    .await
-                {
+        let report: Vec<RegionOutcome> = outcomes
+            .into_iter()
+            .map(|(r, installed, err)| {
+                let ok = steps.iter().any(|s| s.region == r.name && s.step == "100%" && s.ok);
+                match (installed, ok) {
+                    (true, true) => {
+                        RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() }
+                    }
+                    (_, _) => RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: err },
+                }
+            })
+            .collect();
+        Ok(DeployReport { app, version: id, regions: report, steps })
+    }
+
+    /// Puts an app back on an earlier version (default: the one before the
+    /// desired one) in every region at once — an emergency, so no waves.
+    /// Regions that cannot be reached get it from the reconcile loop.
+    pub async fn rollback(&self, app: &str, to: Option<&str>, caller: &Caller) -> Result<DeployReport, ApiError> {
+        if !caller.may(Scope::Deploy, app) {
+            return Err((StatusCode::FORBIDDEN, format!("this token may not roll back app {app:?} (needs deploy)")));
+        }
+        let _guard = self.deploy_lock.lock().await;
+        let (desired, history) = match self.state.lock().unwrap().apps.get(app) {
+            Some(a) => (a.desired.clone(), a.history.clone()),
+            None => return Err((StatusCode::NOT_FOUND, format!("no app named {app:?}"))),
+        };
+        let target = match to {
+            Some(v) => history
+                .iter()
+                .rev()
+                .find(|h| h.as_str() == v || h.short() == v || h.as_str().starts_with(v))
+                .cloned()
+                .ok_or_else(|| (StatusCode::NOT_FOUND, format!("app {app:?} never had a version {v:?}")))?,
+            None => history
+                .iter()
+                .rev()
+                .find(|h| Some(*h) != desired.as_ref())
+                .cloned()
+                .ok_or_else(|| (StatusCode::CONFLICT, format!("app {app:?} has no earlier version")))?,
+        };
+        let tar = std::fs::read(self.bundle_path(&target))
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read version {}: {e}", target.short())))?;
+        let tar = Bytes::from(tar);
+        self.update(|s| {
+            if let Some(a) = s.apps.get_mut(app) {
+                a.desired = Some(target.clone());
+            }
+        })?;
+        let calls = self.config.regions.iter().map(|r| {
+            let (tar, target) = (tar.clone(), target.clone());
+            async move {
+                let _ = self
+                    .call(r, Method::DELETE, &format!("apps/{app}/split"), Bytes::new(), Duration::from_secs(5))
+                    .await;
+                let installed = self
+                    .call(r, Method::PUT, &format!("apps/{app}/versions/{target}"), tar, Duration::from_secs(300))
+                    .await;
+                let result = match installed {
+                    RegionCall::Ok(_) => {
+                        let path = format!("apps/{app}/active");
+                        self.call(r, Method::PUT, &path, Bytes::from(target.to_string()), Duration::from_secs(10)).await
+                    }
+                    other => other,
+                };
+                match result {
                     RegionCall::Ok(_) => {
                         RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() }
                     }
@@ -424,10 +524,11 @@ impl Control {
                         RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: e }
                     }
                 }
-            };
-            report.push(outcome);
-        }
-        Ok(DeployReport { app, version: id, regions: report })
+            }
+        });
+        let regions = futures::future::join_all(calls).await;
+        tracing::info!(app, version = target.short(), "rolled back");
+        Ok(DeployReport { app: app.to_string(), version: target, regions, steps: Vec::new() })
     }
 
     /// Brings every region to the desired state (apps, their versions,
@@ -483,6 +584,16 @@ impl Control {
                 {
                     errors.push(e);
                     continue;
+                }
+            }
+            // A split outside a rollout is a leftover (a control plane that
+            // stopped mid-rollout): end it.
+            if have.is_some_and(|a| a.split.is_some()) {
+                let path = format!("apps/{name}/split");
+                if let RegionCall::Unreachable(e) | RegionCall::Refused(e) =
+                    self.call(r, Method::DELETE, &path, Bytes::new(), Duration::from_secs(5)).await
+                {
+                    errors.push(e);
                 }
             }
             let Some(desired) = &app.desired else { continue };
@@ -722,6 +833,27 @@ impl Control {
                 Ok(report) => json(StatusCode::OK, &report),
                 Err((status, msg)) => text(status, msg),
             },
+            (Method::GET, ["v1", "apps", app, "versions"]) => {
+                if !caller.may(Scope::Read, app) {
+                    return forbidden(&format!("read app {app:?}"));
+                }
+                match self.state.lock().unwrap().apps.get(*app) {
+                    Some(a) => json(StatusCode::OK, &serde_json::json!({"desired": a.desired, "history": a.history})),
+                    None => text(StatusCode::NOT_FOUND, format!("no app named {app:?}")),
+                }
+            }
+            (Method::POST, ["v1", "apps", app, "rollback"]) => {
+                let app = app.to_string();
+                let to = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("to=")))
+                    .map(str::to_string);
+                match self.rollback(&app, to.as_deref(), &caller).await {
+                    Ok(report) => json(StatusCode::OK, &report),
+                    Err((status, msg)) => text(status, msg),
+                }
+            }
             (method, ["v1", "apps", app, "kv", rest @ ..]) => {
                 let (app, rest): (String, Vec<String>) =
                     (app.to_string(), rest.iter().map(|x| x.to_string()).collect());

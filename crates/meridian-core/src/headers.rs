@@ -29,5 +29,12 @@ pub const CAUSALITY_COOKIE: &str = "meridian-causality";
 /// (honoured only from region and operator certificates; the public port
 /// drops it and chooses the app by `Host`).
 pub const APP: &str = "x-meridian-app";
+/// A request naming the version (short or full id) that must serve it,
+/// installed but possibly taking no traffic: how smoke tests reach a new
+/// version. Honoured only from control and operator certificates.
+pub const VERSION_OVERRIDE: &str = "x-meridian-version-override";
+/// The cookie that keeps a client on one version while a region splits an
+/// app's traffic between two.
+pub const VERSION_COOKIE: &str = "meridian-version";
 /// Set on a request a region forwarded to another one (never forwarded again).
 pub const FORWARDED: &str = "x-meridian-forwarded";

@@ -10,6 +10,7 @@ pub mod fs;
 pub mod geo;
 pub mod headers;
 pub mod kv;
+pub mod stats;
 pub mod topology;
 pub mod version;
 pub mod wire;

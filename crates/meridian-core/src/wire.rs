@@ -23,6 +23,20 @@ pub struct AppStatus {
     pub active: Option<VersionId>,
     /// Versions loaded in memory, ready to activate at once.
     pub installed: Vec<VersionId>,
+    /// A rollout in progress here: a share of the app's traffic on a new
+    /// version.
+    #[serde(default)]
+    pub split: Option<Split>,
+}
+
+/// `PUT /_meridian/apps/<app>/split`: `percent` of the app's new clients
+/// in this region go to `version` (installed, not the active one); each
+/// client keeps the version it got (a cookie). 0 % is reachable only with
+/// the version-override header (smoke tests).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    pub version: VersionId,
+    pub percent: u8,
 }
 
 /// An app as the control plane defines it and every region learns it

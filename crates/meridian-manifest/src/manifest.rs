@@ -97,6 +97,67 @@ pub struct Manifest {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub kv: BTreeMap<String, Namespace>,
+    /// How a new version reaches the regions (`[rollout]`).
+    #[serde(default)]
+    pub rollout: Rollout,
+    /// Requests a region's new version must answer as expected before it
+    /// takes any user traffic (`[[smoke]]`).
+    #[serde(default)]
+    pub smoke: Vec<SmokeTest>,
+}
+
+/// A rollout plan: waves of regions, traffic steps within each region,
+/// and the gates every step must pass.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rollout {
+    /// Ordered waves of region names; empty means the default: the world's
+    /// first region alone (the canary), then all the others.
+    pub waves: Vec<Vec<String>>,
+    /// Percent of a region's traffic on the new version at each step; the
+    /// last is 100.
+    pub steps: Vec<u8>,
+    /// How long each step runs before its gate is judged (0: no gate).
+    pub bake_ms: u64,
+    /// The new version's share of 5xx answers may exceed the old one's by
+    /// at most this many percentage points.
+    pub max_error_percent: u32,
+    /// The new version's p99 may be at most this percent of the old one's
+    /// (plus 10 ms, so that sub-millisecond noise trips nothing).
+    pub max_p99_percent: u32,
+    /// Requests the new version must have answered in a step for its gate
+    /// to judge it; with fewer the step passes as inconclusive.
+    pub min_requests: u64,
+}
+
+impl Default for Rollout {
+    fn default() -> Rollout {
+        Rollout {
+            waves: Vec::new(),
+            steps: vec![100],
+            bake_ms: 0,
+            max_error_percent: 1,
+            max_p99_percent: 200,
+            min_requests: 20,
+        }
+    }
+}
+
+/// One smoke test: a request sent to a region's new version before it
+/// takes traffic (with the version-override header, so users never see
+/// it), and what the answer must be.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SmokeTest {
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: String,
+    /// Expected status (default 200).
+    pub status: u16,
+    /// Text the body must contain, if set.
+    #[serde(default)]
+    pub body_contains: Option<String>,
 }
 
 /// How much traffic one region admits for the app (`[limits]`); beyond it
@@ -328,6 +389,134 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    fn rollout(&mut self, t: &dyn TableLike) -> Rollout {
+        let d = Rollout::default();
+        self.only_keys(
+            t,
+            "rollout",
+            &["waves", "steps", "bake_ms", "max_error_percent", "max_p99_percent", "min_requests"],
+        );
+        let mut waves = Vec::new();
+        if let Some(item) = t.get("waves") {
+            let parsed: Option<Vec<Vec<String>>> = item.as_array().and_then(|a| {
+                a.iter()
+                    .map(|w| w.as_array().and_then(|w| w.iter().map(|r| r.as_str().map(String::from)).collect()))
+                    .collect()
+            });
+            match parsed {
+                Some(w) => {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for r in w.iter().flatten() {
+                        if !is_valid_name(r) || !seen.insert(r.clone()) {
+                            self.error(
+                                item_span(t, "waves"),
+                                "rollout.waves",
+                                format!("{r:?} is not a region name, or is in two waves"),
+                            );
+                        }
+                    }
+                    if w.iter().any(Vec::is_empty) {
+                        self.error(item_span(t, "waves"), "rollout.waves", "a wave needs at least one region");
+                    }
+                    waves = w;
+                }
+                None => self.error(
+                    item_span(t, "waves"),
+                    "rollout.waves",
+                    "expected a list of lists of region names, e.g. [[\"us-east\"], [\"eu-west\", \"ap-southeast\"]]",
+                ),
+            }
+        }
+        let mut steps = d.steps.clone();
+        if let Some(item) = t.get("steps") {
+            let parsed: Option<Vec<i64>> = item.as_array().and_then(|a| a.iter().map(|v| v.as_integer()).collect());
+            match parsed {
+                Some(p)
+                    if !p.is_empty()
+                        && p.iter().all(|v| (0..=100).contains(v))
+                        && p.windows(2).all(|w| w[0] < w[1])
+                        && p.last() == Some(&100) =>
+                {
+                    steps = p.into_iter().map(|v| v as u8).collect()
+                }
+                _ => self.error(
+                    item_span(t, "steps"),
+                    "rollout.steps",
+                    "expected rising percentages ending with 100, e.g. [10, 50, 100]",
+                ),
+            }
+        }
+        Rollout {
+            waves,
+            steps,
+            bake_ms: self.integer(t, "rollout", "bake_ms", 0..3_600_001).unwrap_or(d.bake_ms),
+            max_error_percent: self
+                .integer(t, "rollout", "max_error_percent", 0..101)
+                .map(|v| v as u32)
+                .unwrap_or(d.max_error_percent),
+            max_p99_percent: self
+                .integer(t, "rollout", "max_p99_percent", 100..100_001)
+                .map(|v| v as u32)
+                .unwrap_or(d.max_p99_percent),
+            min_requests: self.integer(t, "rollout", "min_requests", 1..1_000_001).unwrap_or(d.min_requests),
+        }
+    }
+
+    fn smoke_tests(&mut self, entries: Vec<Located<'_>>) -> Vec<SmokeTest> {
+        let mut out = Vec::new();
+        for (i, (st, span)) in entries.into_iter().enumerate() {
+            let prefix = format!("smoke[{i}]");
+            self.only_keys(st, &prefix, &["method", "path", "headers", "body", "status", "body_contains"]);
+            let method = self.string(st, &prefix, "method").unwrap_or_else(|| "GET".into());
+            if http::Method::from_bytes(method.as_bytes()).is_err() {
+                self.error(item_span(st, "method"), &format!("{prefix}.method"), format!("{method:?} is not a method"));
+            }
+            let Some(path) = self.string(st, &prefix, "path") else {
+                if st.get("path").is_none() {
+                    self.error(span, &format!("{prefix}.path"), "missing; the path to request");
+                }
+                continue;
+            };
+            if !path.starts_with('/') {
+                self.error(item_span(st, "path"), &format!("{prefix}.path"), format!("{path:?} must start with '/'"));
+            }
+            let mut headers = Vec::new();
+            if let Some(item) = st.get("headers") {
+                match as_table(item) {
+                    Some(h) => {
+                        for (k, v) in h.iter() {
+                            match v.as_str() {
+                                Some(v)
+                                    if http::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                                        && http::HeaderValue::from_str(v).is_ok() =>
+                                {
+                                    headers.push((k.to_string(), v.to_string()))
+                                }
+                                _ => self.error(
+                                    item_span(h, k),
+                                    &format!("{prefix}.headers.{k}"),
+                                    "expected a valid header name with a string value",
+                                ),
+                            }
+                        }
+                    }
+                    None => self.error(item_span(st, "headers"), &format!("{prefix}.headers"), "expected a table"),
+                }
+            }
+            out.push(SmokeTest {
+                method,
+                path,
+                headers,
+                body: self.string(st, &prefix, "body").unwrap_or_default(),
+                status: self.integer(st, &prefix, "status", 100..600).map(|v| v as u16).unwrap_or(200),
+                body_contains: self.string(st, &prefix, "body_contains"),
+            });
+        }
+        out
+    }
+}
+
 fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()
@@ -392,7 +581,7 @@ impl Manifest {
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        c.only_keys(root, "", &["app", "limits", "components", "routes", "kv"]);
+        c.only_keys(root, "", &["app", "limits", "components", "routes", "kv", "rollout", "smoke"]);
 
         let mut name = String::new();
         match root.get("app").map(|i| (as_table(i), i)) {
@@ -582,8 +771,29 @@ impl Manifest {
             },
         };
 
+        let rollout = match root.get("rollout") {
+            None => Rollout::default(),
+            Some(item) => match as_table(item) {
+                None => {
+                    c.error(item_span(root, "rollout"), "rollout", "expected a table");
+                    Rollout::default()
+                }
+                Some(t) => c.rollout(t),
+            },
+        };
+        let smoke = match root.get("smoke") {
+            None => Vec::new(),
+            Some(item) => match table_array(item) {
+                None => {
+                    c.error(item_span(root, "smoke"), "smoke", "expected an array of tables ([[smoke]])");
+                    Vec::new()
+                }
+                Some(entries) => c.smoke_tests(entries),
+            },
+        };
+
         if c.errors.is_empty() {
-            Ok(Manifest { name, limits, traffic, components, routes, kv })
+            Ok(Manifest { name, limits, traffic, components, routes, kv, rollout, smoke })
         } else {
             Err(ManifestErrors(c.errors))
         }
@@ -750,6 +960,34 @@ jurisdiction = "eu"
             vec![("kv.a.mode", 7), ("kv.b", 8), ("kv.c.regions", 12), ("kv.d.jurisdiction", 15), ("kv.e.mode", 16)],
             "{errs:#?}"
         );
+    }
+
+    #[test]
+    fn rollout_plans_and_smoke_tests() {
+        let base = "[app]\nname = \"a\"\n[[routes]]\npath = \"/\"\nstatic = \"s\"\n";
+        let m = Manifest::parse("m", base).unwrap();
+        assert_eq!(m.rollout, Rollout::default());
+        assert!(m.smoke.is_empty());
+        let text = format!(
+            "{base}[rollout]\nwaves = [[\"us-east\"], [\"eu-west\", \"ap-southeast\"]]\nsteps = [10, 50, 100]\nbake_ms = 2000\n\
+             max_error_percent = 2\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n\
+             [[smoke]]\nmethod = \"POST\"\npath = \"/echo\"\nbody = \"x\"\nstatus = 201\nheaders = {{ x-a = \"b\" }}\n"
+        );
+        let m = Manifest::parse("m", &text).unwrap();
+        assert_eq!(m.rollout.waves, vec![vec!["us-east".to_string()], vec!["eu-west".into(), "ap-southeast".into()]]);
+        assert_eq!(
+            (m.rollout.steps.clone(), m.rollout.bake_ms, m.rollout.max_error_percent),
+            (vec![10, 50, 100], 2000, 2)
+        );
+        assert_eq!(m.smoke.len(), 2);
+        assert_eq!((m.smoke[0].method.as_str(), m.smoke[0].status), ("GET", 200));
+        assert_eq!(m.smoke[1].headers, vec![("x-a".to_string(), "b".to_string())]);
+        let bad = format!(
+            "{base}[rollout]\nwaves = [[\"us-east\"], [\"us-east\"]]\nsteps = [50, 10]\nspeed = 1\n[[smoke]]\nstatus = 9\n"
+        );
+        let errs = Manifest::parse("m", &bad).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["rollout.speed", "rollout.waves", "rollout.steps", "smoke[0].path"], "{errs:#?}");
     }
 
     #[test]

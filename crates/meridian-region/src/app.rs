@@ -14,7 +14,8 @@ use crate::statics::StaticSite;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::HeaderValue;
-use meridian_core::wire::{AppRecord, AppRemoved, AppStatus};
+use meridian_core::stats::{StatsSnapshot, VersionStats};
+use meridian_core::wire::{AppRecord, AppRemoved, AppStatus, Split};
 use meridian_core::VersionId;
 use meridian_data::{kv, repl, strong};
 use meridian_host::{Host, Prepared};
@@ -97,8 +98,17 @@ pub struct Deployed {
     pub(crate) statics: HashMap<String, StaticSite>,
     pub(crate) version_header: HeaderValue,
     pub(crate) admission: Admission,
+    /// What this version answered here (a rollout's gates read it).
+    pub stats: VersionStats,
     /// Whether every component came from the compile cache.
     pub all_cached: bool,
+}
+
+/// A rollout step in this region: a share of the app's traffic on a new
+/// version.
+pub struct Canary {
+    pub version: Arc<Deployed>,
+    pub percent: u8,
 }
 
 pub struct App {
@@ -106,6 +116,7 @@ pub struct App {
     pub record: ArcSwap<AppRecord>,
     dir: PathBuf,
     active: ArcSwapOption<Deployed>,
+    canary: ArcSwapOption<Canary>,
     installed: Mutex<HashMap<VersionId, Arc<Deployed>>>,
     kv: ArcSwapOption<kv::KvService>,
     kv_open: Mutex<()>,
@@ -127,6 +138,7 @@ impl App {
             record: ArcSwap::from_pointee(record),
             dir,
             active: ArcSwapOption::empty(),
+            canary: ArcSwapOption::empty(),
             installed: Mutex::new(HashMap::new()),
             kv: ArcSwapOption::empty(),
             kv_open: Mutex::new(()),
@@ -148,6 +160,7 @@ impl App {
             record: ArcSwap::from_pointee(record),
             dir: dir.to_path_buf(),
             active: ArcSwapOption::empty(),
+            canary: ArcSwapOption::empty(),
             installed: Mutex::new(HashMap::new()),
             kv: ArcSwapOption::empty(),
             kv_open: Mutex::new(()),
@@ -179,6 +192,70 @@ impl App {
 
     pub fn active(&self) -> Option<Arc<Deployed>> {
         self.active.load_full()
+    }
+
+    /// An installed version by full or short id (active, rolling out, or
+    /// taking no traffic at all: what the version-override header reaches).
+    pub fn installed(&self, id: &str) -> Option<Arc<Deployed>> {
+        let installed = self.installed.lock().unwrap();
+        installed.values().find(|d| d.id.as_str() == id || d.id.short() == id).cloned()
+    }
+
+    /// The version a rollout is shifting traffic to here, if any.
+    pub fn canary(&self) -> Option<Arc<Canary>> {
+        self.canary.load_full()
+    }
+
+    /// Sends `percent` of new clients to an installed version (a rollout
+    /// step); clients keep the version they got.
+    pub fn set_split(&self, split: &Split) -> Result<(), String> {
+        if split.percent > 100 {
+            return Err(format!("{} is not a percentage", split.percent));
+        }
+        let d = self
+            .installed
+            .lock()
+            .unwrap()
+            .get(&split.version)
+            .cloned()
+            .ok_or_else(|| format!("version {} is not installed here; install it first", split.version.short()))?;
+        if self.active().is_some_and(|a| a.id == split.version) {
+            return Err(format!("version {} is already the active one", split.version.short()));
+        }
+        self.canary.store(Some(Arc::new(Canary { version: d, percent: split.percent })));
+        tracing::info!(app = %self.name, version = split.version.short(), percent = split.percent, "traffic split");
+        Ok(())
+    }
+
+    /// Ends a split: every client back on the active version.
+    pub fn clear_split(&self) {
+        if self.canary.swap(None).is_some() {
+            tracing::info!(app = %self.name, "traffic split ended");
+        }
+    }
+
+    /// Takes the app's traffic off every version (a rolled-back first
+    /// deploy): requests get 503 until a version is activated.
+    pub fn deactivate(&self) -> std::io::Result<()> {
+        self.clear_split();
+        match std::fs::remove_file(self.active_file()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(d) = self.active.swap(None) {
+            tracing::info!(app = %self.name, version = d.id.short(), "deactivated");
+        }
+        Ok(())
+    }
+
+    /// Counters of the active version and of the canary.
+    pub fn stats(&self) -> Vec<StatsSnapshot> {
+        let mut out: Vec<StatsSnapshot> = self.active().iter().map(|d| d.stats.snapshot(&d.id)).collect();
+        if let Some(c) = self.canary() {
+            out.push(c.version.stats.snapshot(&c.version.id));
+        }
+        out
     }
 
     /// The app's key-value service, if it is open.
@@ -307,6 +384,8 @@ impl App {
             tokio::spawn(async move { strong::ensure_groups(&svc, &dir, &nss).await });
         }
         let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
+        // A rollout that reached 100 % ends its split here.
+        self.canary.store(None);
         // Keep the new and the previous version in memory (a rollback is a
         // pointer swap); older ones are dropped once their last request ends.
         // Their bundles and compiled code stay on disk, so reinstalling one
@@ -319,7 +398,12 @@ impl App {
     pub fn status(&self) -> AppStatus {
         let mut installed: Vec<VersionId> = self.installed.lock().unwrap().keys().cloned().collect();
         installed.sort();
-        AppStatus { app: self.name.clone(), active: self.active.load().as_ref().map(|d| d.id.clone()), installed }
+        AppStatus {
+            app: self.name.clone(),
+            active: self.active.load().as_ref().map(|d| d.id.clone()),
+            installed,
+            split: self.canary().map(|c| Split { version: c.version.id.clone(), percent: c.percent }),
+        }
     }
 
     /// Stops the app's background work (replication, Raft) so its store can
@@ -344,6 +428,7 @@ impl App {
         let _ = std::fs::remove_file(self.dir.join("app.json"));
         self.stop().await;
         self.active.store(None);
+        self.canary.store(None);
         self.installed.lock().unwrap().clear();
         if let Some(svc) = self.kv.swap(None) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -446,6 +531,7 @@ fn prepare(host: &Host, bundle: Bundle, region: &str, share: u32) -> Result<Depl
         statics,
         version_header,
         admission,
+        stats: VersionStats::default(),
         all_cached,
     })
 }

@@ -330,6 +330,7 @@ impl Region {
         // Only a region may say it forwarded a request, or which app it is for.
         req.headers_mut().remove(headers::FORWARDED);
         req.headers_mut().remove(headers::APP);
+        req.headers_mut().remove(headers::VERSION_OVERRIDE);
         let host = request_host(&req, http::header::HOST.as_str());
         let app = match self.apps.load().for_host(host.as_deref()) {
             Ok(a) => a.clone(),
@@ -356,10 +357,14 @@ impl Region {
         if peer.role != Role::Region {
             req.headers_mut().remove(headers::FORWARDED);
         }
+        // Only the control plane (smoke tests) and operators pick a version.
+        if !matches!(peer.role, Role::Control | Role::Operator) {
+            req.headers_mut().remove(headers::VERSION_OVERRIDE);
+        }
         // A region forwarding a request names its app; an edge passes the
-        // user's host on; an operator may do either.
+        // user's host on; the control plane and operators may do either.
         let named = match peer.role {
-            Role::Region | Role::Operator => {
+            Role::Region | Role::Control | Role::Operator => {
                 req.headers().get(headers::APP).and_then(|v| v.to_str().ok()).map(str::to_string)
             }
             _ => None,
@@ -387,13 +392,13 @@ impl Region {
     }
 
     async fn handle_app(self: Arc<Self>, app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-        let Some(version) = app.active() else {
-            let mut r = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no version of app {:?} is deployed in this region yet", app.name),
-            );
-            r.headers_mut().insert(headers::REGION, self.region_header.clone());
-            return r;
+        let (version, pin) = match pick_version(&app, &req) {
+            Ok(v) => v,
+            Err(e) => {
+                let mut r = e.into_response();
+                r.headers_mut().insert(headers::REGION, self.region_header.clone());
+                return r;
+            }
         };
         if version.admission.rate.as_ref().is_some_and(|r| r.check().is_err()) {
             app.counters.count(StatusCode::TOO_MANY_REQUESTS, false);
@@ -413,11 +418,22 @@ impl Region {
                 }
             }
         }
+        let started = Instant::now();
         let mut resp = self.serve_app(&version, kv, req).await;
         app.counters.count(resp.status(), resp.headers().contains_key(headers::FAULT));
+        version.stats.record(started.elapsed(), resp.status().is_server_error());
         let h = resp.headers_mut();
         h.insert(headers::REGION, self.region_header.clone());
         h.insert(headers::VERSION, version.version_header.clone());
+        // While a rollout splits this app's traffic, the client keeps the
+        // version it got.
+        if pin {
+            let cookie =
+                format!("{}={}; Path=/; Max-Age=3600; SameSite=Lax", headers::VERSION_COOKIE, version.id.short());
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                h.append(http::header::SET_COOKIE, v);
+            }
+        }
         resp
     }
 
@@ -593,6 +609,28 @@ impl Region {
                     }
                 }
             }
+            (Method::GET, ["stats"]) => json(StatusCode::OK, &app.stats()),
+            (Method::PUT, ["split"]) => {
+                let split = match meridian_http::read_body(req.into_body(), 1024).await {
+                    Ok(b) => match serde_json::from_slice::<meridian_core::wire::Split>(&b) {
+                        Ok(s) => s,
+                        Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected {{version, percent}}: {e}")),
+                    },
+                    Err(e) => return e.into_response(),
+                };
+                match app.set_split(&split) {
+                    Ok(()) => json(StatusCode::OK, &app.status()),
+                    Err(e) => text(StatusCode::CONFLICT, e),
+                }
+            }
+            (Method::DELETE, ["split"]) => {
+                app.clear_split();
+                json(StatusCode::OK, &app.status())
+            }
+            (Method::DELETE, ["active"]) => match app.deactivate() {
+                Ok(()) => json(StatusCode::OK, &app.status()),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the change: {e}")),
+            },
             (Method::PUT, ["active"]) => {
                 let body = match meridian_http::read_body(req.into_body(), 1024).await {
                     Ok(b) => b,
@@ -809,6 +847,67 @@ fn merge_exposition(texts: &[String]) -> String {
     out
 }
 
+/// Why no version of an app can serve a request here.
+#[derive(Debug, thiserror::Error)]
+enum NoVersion {
+    /// Retry elsewhere: another region may have one.
+    #[error("no version of app {app:?} is deployed in this region yet")]
+    NoneDeployed { app: String },
+    /// The override header names a version this region does not hold.
+    #[error("version {version:?} of app {app:?} is not installed here")]
+    NotInstalled { app: String, version: String },
+}
+
+impl NoVersion {
+    fn into_response(self) -> Response<Body> {
+        let status = match self {
+            NoVersion::NoneDeployed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            NoVersion::NotInstalled { .. } => StatusCode::NOT_FOUND,
+        };
+        text(status, self.to_string())
+    }
+}
+
+/// Which version serves a request, and whether the client must be pinned
+/// to it (a split is on): the override header (smoke tests; only control
+/// and operators keep it), else the client's version cookie if it names
+/// one of the two, else a draw by the split's percentage.
+fn pick_version<B>(app: &App, req: &Request<B>) -> Result<(Arc<Deployed>, bool), NoVersion> {
+    let active = app.active();
+    let canary = app.canary();
+    let named = |v: &str| {
+        let matches = |d: &Deployed| d.id.as_str() == v || d.id.short() == v;
+        active
+            .iter()
+            .find(|d| matches(d))
+            .cloned()
+            .or_else(|| canary.as_ref().filter(|c| matches(&c.version)).map(|c| c.version.clone()))
+    };
+    if let Some(v) = req.headers().get(headers::VERSION_OVERRIDE).and_then(|v| v.to_str().ok()) {
+        return match app.installed(v.trim()) {
+            Some(d) => Ok((d, false)),
+            None => Err(NoVersion::NotInstalled { app: app.name.clone(), version: v.trim().to_string() }),
+        };
+    }
+    let Some(canary) = canary.clone() else {
+        return match active {
+            Some(d) => Ok((d, false)),
+            None => Err(NoVersion::NoneDeployed { app: app.name.clone() }),
+        };
+    };
+    let cookie = req.headers().get_all(http::header::COOKIE).iter().find_map(|v| {
+        v.to_str().ok()?.split(';').find_map(|c| {
+            c.trim().strip_prefix(headers::VERSION_COOKIE).and_then(|r| r.strip_prefix('=')).map(str::to_string)
+        })
+    });
+    if let Some(d) = cookie.as_deref().and_then(named) {
+        return Ok((d, true));
+    }
+    let Some(active) = active.clone() else { return Ok((canary.version.clone(), true)) };
+    let on_canary = rand::random::<u32>() % 100 < canary.percent as u32;
+    Ok((if on_canary { canary.version.clone() } else { active }, true))
+}
+
 /// The host a request names in header `name`, normalised.
 fn request_host<B>(req: &Request<B>, name: &str) -> Option<String> {
     req.headers().get(name).and_then(|v| v.to_str().ok()).and_then(meridian_core::wire::host_of).or_else(|| {
@@ -845,10 +944,9 @@ fn causality_token<B>(kv: &kv::KvService, req: &Request<B>) -> Vec<kv::TokenEntr
 /// status; operators may do everything but speak Raft or replication.
 pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'static str> {
     let Some(api) = path.strip_prefix(headers::RESERVED_PREFIX) else {
-        return match peer.role {
-            Role::Edge | Role::Region | Role::Operator => Ok(()),
-            Role::Control => Err("the control plane does not send app traffic"),
-        };
+        // App traffic: users through edges, forwarded by regions, smoke
+        // tests from the control plane, operators.
+        return Ok(());
     };
     // One app's API is judged like the node's: `apps/<name>/kv/op` as
     // `kv/op`. Creating, changing and deleting apps is the control plane's.
@@ -866,7 +964,7 @@ pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'st
         "kv" if api == "kv/op" => &[Role::Region, Role::Control, Role::Operator],
         "kv" if api.starts_with("kv/digest/") => &[Role::Region, Role::Operator],
         "kv" | "metrics" | "status" => &[Role::Control, Role::Operator],
-        "versions" | "active" | "peers" => &[Role::Control, Role::Operator],
+        "versions" | "active" | "peers" | "split" | "stats" => &[Role::Control, Role::Operator],
         _ => &[Role::Operator],
     };
     role_in(peer, allowed)
@@ -892,7 +990,7 @@ mod tests {
     #[test]
     fn each_role_reaches_exactly_what_it_needs() {
         let cases: &[(&str, &[Role])] = &[
-            ("/hello", &[Role::Edge, Role::Region, Role::Operator]),
+            ("/hello", &[Role::Edge, Role::Region, Role::Control, Role::Operator]),
             ("/_meridian/health", &[Role::Edge, Role::Region, Role::Control, Role::Operator]),
             ("/_meridian/repl/stream", &[Role::Region]),
             ("/_meridian/repl/push", &[Role::Region]),
@@ -914,6 +1012,8 @@ mod tests {
             ("/_meridian/apps/shop/kv/status", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/versions/abc", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/active", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop/split", &[Role::Control, Role::Operator]),
+            ("/_meridian/apps/shop/stats", &[Role::Control, Role::Operator]),
         ];
         for (path, allowed) in cases {
             for role in [Role::Edge, Role::Region, Role::Control, Role::Operator] {

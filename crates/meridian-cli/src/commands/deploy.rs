@@ -97,6 +97,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, operator) = a.control.connect()?;
     let report = deploy_dir(&operator, &url, &a.dir).await?;
     out!("deployed {} version {}", report.app, report.version.short());
+    for s in &report.steps {
+        out!(
+            "  {:<16} {:<8} {}{}",
+            s.region,
+            s.step,
+            if s.ok { "ok" } else { "FAILED" },
+            if s.detail.is_empty() { String::new() } else { format!("  {}", s.detail) }
+        );
+    }
     for r in &report.regions {
         if r.detail.is_empty() {
             out!("  {:<16} {}", r.region, r.outcome);

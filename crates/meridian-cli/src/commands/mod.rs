@@ -8,3 +8,4 @@ pub mod kv;
 pub mod roles;
 pub mod status;
 pub mod tokens;
+pub mod versions;

@@ -1,0 +1,237 @@
+//! Rollouts: a new version reaches users region by region, behind smoke
+//! tests and health gates, and is rolled back when it misbehaves.
+
+mod support;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The example app with `extra` appended to its manifest; with
+/// `hostile_trap`, a `/trap` route whose function traps (a 500).
+fn example_with(extra: &str, hostile_trap: bool) -> (tempfile::TempDir, String) {
+    let app = example_app_copy();
+    let mut manifest = std::fs::read_to_string(app.path().join("meridian.toml")).unwrap();
+    if hostile_trap {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/hostile.wasm");
+        std::fs::copy(src, app.path().join("components/hostile.wasm")).unwrap();
+        manifest = manifest.replacen(
+            "[[routes]]",
+            "[components.hostile]\nsource = \"components/hostile.wasm\"\n\n[[routes]]\npath = \"/trap\"\ncomponent = \"hostile\"\n\n[[routes]]",
+            1,
+        );
+    }
+    manifest.push_str(extra);
+    std::fs::write(app.path().join("meridian.toml"), manifest).unwrap();
+    let id = meridian_manifest::Bundle::from_dir(app.path()).unwrap().id.short().to_string();
+    (app, id)
+}
+
+struct Seen {
+    at: Instant,
+    status: u16,
+    region: String,
+    version: String,
+}
+
+/// Requests `paths` in turn through `edge` until stopped; each loop is one
+/// client keeping its cookies (or none, a new client every time).
+fn load(
+    edge: String,
+    paths: &'static [&'static str],
+    geo: &'static str,
+    keep_cookies: bool,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Seen>> {
+    tokio::spawn(async move {
+        let c = client();
+        let mut seen = Vec::new();
+        let mut cookie = String::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let path = paths[i % paths.len()];
+            i += 1;
+            let mut headers = vec![("x-meridian-client-geo", geo)];
+            if keep_cookies && !cookie.is_empty() {
+                headers.push(("cookie", cookie.as_str()));
+            }
+            let r = get(&c, &format!("{edge}{path}"), &headers).await;
+            if keep_cookies {
+                if let Some(v) = r
+                    .headers
+                    .get_all("set-cookie")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find(|v| v.starts_with("meridian-version="))
+                {
+                    cookie = v.split(';').next().unwrap().to_string();
+                }
+            }
+            seen.push(Seen {
+                at: Instant::now(),
+                status: r.status,
+                region: r.region(),
+                version: r.header("x-meridian-version"),
+            });
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    })
+}
+
+const US: &str = "40.71,-74.0";
+const EU: &str = "53.35,-6.26";
+const AP: &str = "1.29,103.85";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_trips_its_gate_and_no_other_region_ever_runs_it() {
+    let w = World::start(&[]);
+    let c = client();
+    let old = get(&c, &format!("{}/hello", w.edge("edge-us-east")), &[]).await.header("x-meridian-version");
+    let (app, new) = example_with(
+        "\n[rollout]\nwaves = [[\"us-east\"], [\"eu-west\", \"ap-southeast\"]]\nsteps = [25, 100]\nbake_ms = 2500\nmax_error_percent = 5\nmin_requests = 10\n",
+        true,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let us = load(w.edge("edge-us-east"), &["/hello", "/trap"], US, false, stop.clone());
+    let eu = load(w.edge("edge-eu-west"), &["/hello"], EU, false, stop.clone());
+    let ap = load(w.edge("edge-ap-southeast"), &["/hello"], AP, false, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (us, eu, ap) = (us.await.unwrap(), eu.await.unwrap(), ap.await.unwrap());
+    assert!(!ok, "the rollout of a failing version succeeded: {out}");
+    assert!(out.contains("stopped in us-east at step 25%") && out.contains("gate: 5xx"), "{out}");
+    assert!(out.contains("rolled back") && out.contains(&format!("stays on {}", &old[..12.min(old.len())])), "{out}");
+
+    // No other region ever ran it; their users saw nothing of it.
+    for s in eu.iter().chain(&ap) {
+        assert_eq!(s.status, 200);
+        assert_ne!(s.version, new, "{} served the failing version", s.region);
+    }
+    // The canary's users: the failing version had 25 % of new clients,
+    // and only /trap (half the requests) fails on it, so the share of
+    // failed requests is bounded by the canary's traffic share.
+    let failed = us.iter().filter(|s| s.status >= 500).count();
+    assert!(us.iter().any(|s| s.version == new), "the canary never took traffic");
+    let share = failed as f64 / us.len() as f64;
+    assert!(failed > 0 && share <= 0.25, "{failed} of {} requests failed ({share:.2}); bound 0.25", us.len());
+    // Back on the old version, with no split, everywhere.
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        let (_, body) = w.region_call(r, "GET", "/_meridian/apps/hello/status", vec![]).await;
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(s["active"].as_str().unwrap().starts_with(&old), "{r}: {body}");
+        assert!(s["split"].is_null(), "{r}: {body}");
+    }
+    let after = get(&c, &format!("{}/trap", w.edge("edge-us-east")), &[]).await;
+    assert_eq!((after.status, after.header("x-meridian-version")), (404, old));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_failing_its_smoke_test_never_takes_user_traffic() {
+    let w = World::start(&[]);
+    let (app, new) = example_with("\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Goodbye\"\n", false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = [("edge-us-east", US), ("edge-eu-west", EU), ("edge-ap-southeast", AP)]
+        .into_iter()
+        .map(|(e, geo)| load(w.edge(e), &["/hello"], geo, false, stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    stop.store(true, Ordering::Relaxed);
+    assert!(!ok, "{out}");
+    assert!(out.contains("step smoke") && out.contains("does not contain \"Goodbye\""), "{out}");
+    for l in loads {
+        for s in l.await.unwrap() {
+            assert_eq!(s.status, 200);
+            assert_ne!(s.version, new, "a user reached the version that failed its smoke test");
+        }
+    }
+    // A passing smoke test lets the version through.
+    let (app, new) = example_with("\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n", false);
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(ok && out.contains("smoke") && out.contains("1 passed"), "{out}");
+    let r = get(&client(), &format!("{}/hello", w.edge("edge-eu-west")), &[]).await;
+    assert_eq!(r.header("x-meridian-version"), new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed_request() {
+    let w = World::start(&[]);
+    let old = get(&client(), &format!("{}/hello", w.edge("edge-us-east")), &[]).await.header("x-meridian-version");
+    let (app, new) = example_with(
+        "\n[rollout]\nsteps = [30, 100]\nbake_ms = 1500\nmin_requests = 5\n[[smoke]]\npath = \"/hello\"\n",
+        false,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for (e, geo) in [("edge-us-east", US), ("edge-eu-west", EU), ("edge-ap-southeast", AP)] {
+        for _ in 0..4 {
+            clients.push(load(w.edge(e), &["/hello", "/"], geo, true, stop.clone()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    let done = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(ok, "{out}");
+    // The canary (the world's first region, us-east) went first, step by
+    // step; the other regions after it.
+    let order: Vec<&str> = out.lines().filter(|l| l.contains(" ok")).collect();
+    let pos = |region: &str, step: &str| {
+        order
+            .iter()
+            .position(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some(region) && words.next() == Some(step)
+            })
+            .unwrap_or_else(|| panic!("no {region} {step} in: {out}"))
+    };
+    assert!(pos("us-east", "smoke") < pos("us-east", "30%"), "{out}");
+    assert!(pos("us-east", "30%") < pos("us-east", "100%"), "{out}");
+    assert!(pos("us-east", "100%") < pos("eu-west", "smoke"), "{out}");
+    assert!(pos("eu-west", "30%") < pos("eu-west", "100%"), "{out}");
+    assert!(pos("us-east", "100%") < pos("ap-southeast", "30%"), "{out}");
+
+    let mut per_version: BTreeMap<String, usize> = BTreeMap::new();
+    for c in clients {
+        let seen = c.await.unwrap();
+        // No request failed because of a switch.
+        assert!(seen.iter().all(|s| s.status == 200), "a request failed during the rollout");
+        // Stickiness: while the rollout runs, a client moves at most once,
+        // from the old version to the new one, never back.
+        let during: Vec<&Seen> = seen.iter().filter(|s| s.at > started && s.at < done).collect();
+        let mut switched = false;
+        for pair in during.windows(2) {
+            if pair[0].version != pair[1].version {
+                assert!(!switched, "a client switched versions twice");
+                assert_eq!((pair[0].version.as_str(), pair[1].version.as_str()), (old.as_str(), new.as_str()));
+                switched = true;
+            }
+        }
+        for s in &seen {
+            *per_version.entry(s.version.clone()).or_default() += 1;
+        }
+    }
+    assert!(per_version.contains_key(&new) && per_version.contains_key(&old), "{per_version:?}");
+    for e in &w.desc.edges {
+        let r = get(&client(), &format!("{}/hello", e.url), &[]).await;
+        assert_eq!(r.header("x-meridian-version"), new);
+    }
+
+    // The history, and an emergency rollback: every region at once.
+    let (ok, out) = w.cli(&["versions"]);
+    assert!(ok && out.contains(&old) && out.contains(&format!("{new}  (desired)")), "{out}");
+    let (ok, out) = w.cli(&["rollback"]);
+    assert!(ok && out.contains(&format!("rolled back to version {old}")), "{out}");
+    for e in &w.desc.edges {
+        let r = get(&client(), &format!("{}/hello", e.url), &[]).await;
+        assert_eq!(r.header("x-meridian-version"), old);
+    }
+    let (ok, out) = w.cli(&["versions"]);
+    assert!(ok && out.contains(&format!("{old}  (desired)")), "{out}");
+}

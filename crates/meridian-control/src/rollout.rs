@@ -1,0 +1,299 @@
+//! A rollout: how a version that every reachable region has installed
+//! reaches their users, region by region, as the manifest's `[rollout]`
+//! plan says.
+//!
+//! Waves of regions run one after another (the default plan: the world's
+//! first region alone — the canary —, then all the others at once). In a
+//! region, the new version first answers the manifest's smoke tests, asked
+//! with the version-override header so no user sees it; then takes each
+//! traffic step (a split of new clients, each kept on its version by a
+//! cookie) for `bake_ms`, after which its gate compares it with the old
+//! version in the same region and the same window: the share of 5xx
+//! answers and the p99. A failed smoke test or gate stops the rollout and
+//! rolls back every region it touched (ends the split; a region already
+//! switched goes back to the old version); regions of later waves never
+//! ran the new version.
+
+use crate::{Control, ControlRegion, RegionCall};
+use bytes::Bytes;
+use http::Method;
+use meridian_core::stats::StatsSnapshot;
+use meridian_core::wire::Split;
+use meridian_core::{headers, VersionId};
+use meridian_http::cluster::Target;
+use meridian_http::Role;
+use meridian_manifest::{Rollout, SmokeTest};
+use meridian_trust::Expect;
+use std::time::Duration;
+
+/// One thing the rollout did in one region.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StepOutcome {
+    pub region: String,
+    /// `smoke`, `10%`, …, `100%`, or `rollback`.
+    pub step: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Why a rollout stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    pub region: String,
+    pub step: String,
+    pub reason: String,
+}
+
+pub(crate) struct Plan<'a> {
+    pub app: &'a str,
+    pub old: Option<VersionId>,
+    pub new: VersionId,
+    pub rollout: &'a Rollout,
+    pub smoke: &'a [SmokeTest],
+}
+
+impl Control {
+    /// The plan's waves over this world's regions: the manifest's waves in
+    /// order (names this world lacks are refused before anything starts),
+    /// then any region no wave names, as a last wave.
+    pub(crate) fn waves(&self, rollout: &Rollout) -> Result<Vec<Vec<&ControlRegion>>, String> {
+        let regions = &self.config.regions;
+        if rollout.waves.is_empty() {
+            let (first, rest) = regions.split_first().ok_or("the control plane has no regions")?;
+            let mut waves = vec![vec![first]];
+            if !rest.is_empty() {
+                waves.push(rest.iter().collect());
+            }
+            return Ok(waves);
+        }
+        let mut waves = Vec::new();
+        for w in &rollout.waves {
+            let mut wave = Vec::new();
+            for name in w {
+                let r = regions
+                    .iter()
+                    .find(|r| &r.name == name)
+                    .ok_or_else(|| format!("[rollout] waves name region {name:?}, which this world does not have"))?;
+                wave.push(r);
+            }
+            waves.push(wave);
+        }
+        let rest: Vec<&ControlRegion> =
+            regions.iter().filter(|r| !rollout.waves.iter().flatten().any(|n| n == &r.name)).collect();
+        if !rest.is_empty() {
+            waves.push(rest);
+        }
+        Ok(waves)
+    }
+
+    /// Runs the plan over `waves` (regions that could not install the
+    /// version are left to the reconcile loop). On a failure, rolls back
+    /// every region touched and says why.
+    pub(crate) async fn run_rollout(
+        &self,
+        plan: &Plan<'_>,
+        waves: Vec<Vec<&ControlRegion>>,
+        log: &mut Vec<StepOutcome>,
+    ) -> Result<(), Stopped> {
+        let mut touched: Vec<&ControlRegion> = Vec::new();
+        for wave in waves {
+            // The regions of a wave in parallel; the wave fails if one does.
+            let results = futures::future::join_all(wave.iter().map(|r| self.roll_region(plan, r))).await;
+            let mut failure = None;
+            for (r, (steps, result)) in wave.iter().zip(results) {
+                log.extend(steps);
+                touched.push(r);
+                if let Err(stopped) = result {
+                    failure.get_or_insert(stopped);
+                }
+            }
+            if let Some(stopped) = failure {
+                for r in touched {
+                    let (ok, detail) = match self.roll_back(plan, r).await {
+                        Ok(d) => (true, d),
+                        Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
+                    };
+                    log.push(StepOutcome { region: r.name.clone(), step: "rollback".into(), ok, detail });
+                }
+                return Err(stopped);
+            }
+        }
+        Ok(())
+    }
+
+    /// Smoke tests, then every traffic step with its gate, in one region.
+    async fn roll_region(&self, plan: &Plan<'_>, r: &ControlRegion) -> (Vec<StepOutcome>, Result<(), Stopped>) {
+        let mut log = Vec::new();
+        let stop = |step: &str, reason: String| Stopped { region: r.name.clone(), step: step.into(), reason };
+        if !plan.smoke.is_empty() {
+            match self.smoke(plan, r).await {
+                Ok(n) => log.push(StepOutcome {
+                    region: r.name.clone(),
+                    step: "smoke".into(),
+                    ok: true,
+                    detail: format!("{n} passed"),
+                }),
+                Err(e) => {
+                    log.push(StepOutcome {
+                        region: r.name.clone(),
+                        step: "smoke".into(),
+                        ok: false,
+                        detail: e.clone(),
+                    });
+                    return (log, Err(stop("smoke", e)));
+                }
+            }
+        }
+        for &percent in &plan.rollout.steps {
+            let step = format!("{percent}%");
+            let set = if percent >= 100 {
+                let path = format!("apps/{}/active", plan.app);
+                self.call(r, Method::PUT, &path, Bytes::from(plan.new.to_string()), Duration::from_secs(10)).await
+            } else {
+                let split = Split { version: plan.new.clone(), percent };
+                let body = Bytes::from(serde_json::to_vec(&split).unwrap_or_default());
+                self.call(r, Method::PUT, &format!("apps/{}/split", plan.app), body, Duration::from_secs(10)).await
+            };
+            if let RegionCall::Refused(e) | RegionCall::Unreachable(e) = set {
+                log.push(StepOutcome { region: r.name.clone(), step: step.clone(), ok: false, detail: e.clone() });
+                return (log, Err(stop(&step, format!("cannot switch: {e}"))));
+            }
+            // The last step is the switch itself: judged before it (as the
+            // previous step), not after it.
+            if plan.rollout.bake_ms == 0 || percent >= 100 || plan.old.is_none() {
+                log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail: String::new() });
+                continue;
+            }
+            let before = self.stats(r, plan.app).await;
+            tokio::time::sleep(Duration::from_millis(plan.rollout.bake_ms)).await;
+            let after = self.stats(r, plan.app).await;
+            match gate(plan, before.as_deref(), after.as_deref()) {
+                Ok(detail) => log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail }),
+                Err(reason) => {
+                    log.push(StepOutcome {
+                        region: r.name.clone(),
+                        step: step.clone(),
+                        ok: false,
+                        detail: reason.clone(),
+                    });
+                    return (log, Err(stop(&step, format!("gate: {reason}"))));
+                }
+            }
+        }
+        (log, Ok(()))
+    }
+
+    async fn stats(&self, r: &ControlRegion, app: &str) -> Option<Vec<StatsSnapshot>> {
+        match self.call(r, Method::GET, &format!("apps/{app}/stats"), Bytes::new(), Duration::from_secs(5)).await {
+            RegionCall::Ok(b) => serde_json::from_str(&b).ok(),
+            _ => None,
+        }
+    }
+
+    /// Every smoke test against the new version in one region; how many.
+    async fn smoke(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<usize, String> {
+        let target = Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region))
+            .map_err(|e| e.to_string())?;
+        let new = plan.new.to_string();
+        for t in plan.smoke {
+            let method = Method::from_bytes(t.method.as_bytes()).map_err(|e| e.to_string())?;
+            let mut hs: Vec<(&str, &str)> = vec![(headers::APP, plan.app), (headers::VERSION_OVERRIDE, &new)];
+            hs.extend(t.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let what = format!("{} {}", t.method, t.path);
+            let a = self
+                .client
+                .call_with(&target, method, &t.path, &hs, Bytes::from(t.body.clone()), Duration::from_secs(30))
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            let body = a.text();
+            if a.status.as_u16() != t.status {
+                return Err(format!("{what}: expected {}, got {}: {}", t.status, a.status, snippet(&body)));
+            }
+            if let Some(want) = &t.body_contains {
+                if !body.contains(want.as_str()) {
+                    return Err(format!("{what}: the body does not contain {want:?}: {}", snippet(&body)));
+                }
+            }
+        }
+        Ok(plan.smoke.len())
+    }
+
+    /// Undoes what a rollout did in one region: no split, the old version
+    /// active (or none, if this was the app's first version).
+    async fn roll_back(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<String, String> {
+        let app = plan.app;
+        if let RegionCall::Refused(e) | RegionCall::Unreachable(e) =
+            self.call(r, Method::DELETE, &format!("apps/{app}/split"), Bytes::new(), Duration::from_secs(10)).await
+        {
+            return Err(e);
+        }
+        let path = format!("apps/{app}/active");
+        let (call, detail) = match &plan.old {
+            Some(old) => (
+                self.call(r, Method::PUT, &path, Bytes::from(old.to_string()), Duration::from_secs(10)).await,
+                format!("back on {}", old.short()),
+            ),
+            None => (
+                self.call(r, Method::DELETE, &path, Bytes::new(), Duration::from_secs(10)).await,
+                "no version (it was the first)".to_string(),
+            ),
+        };
+        match call {
+            RegionCall::Ok(_) => Ok(detail),
+            RegionCall::Refused(e) | RegionCall::Unreachable(e) => Err(e),
+        }
+    }
+}
+
+/// Judges one baked step from the region's counters before and after: the
+/// new version against the old one over the same window.
+fn gate(plan: &Plan<'_>, before: Option<&[StatsSnapshot]>, after: Option<&[StatsSnapshot]>) -> Result<String, String> {
+    let after = after.ok_or("the region's counters could not be read")?;
+    let window = |v: &VersionId| {
+        let now = after.iter().find(|s| &s.version == v)?;
+        Some(now.since(before.and_then(|b| b.iter().find(|s| &s.version == v))))
+    };
+    let new = window(&plan.new).ok_or("the new version reported no counters")?;
+    let rollout = plan.rollout;
+    if new.requests < rollout.min_requests {
+        return Ok(format!("inconclusive: {} requests (fewer than {})", new.requests, rollout.min_requests));
+    }
+    let old = plan.old.as_ref().and_then(window).filter(|o| o.requests > 0);
+    let old_rate = old.as_ref().map(StatsSnapshot::error_rate).unwrap_or(0.0);
+    let limit = old_rate + rollout.max_error_percent as f64 / 100.0;
+    if new.error_rate() > limit {
+        return Err(format!(
+            "5xx on {:.1}% of {} requests to the new version vs {:.1}% on the old one (allowed: +{} points)",
+            new.error_rate() * 100.0,
+            new.requests,
+            old_rate * 100.0,
+            rollout.max_error_percent
+        ));
+    }
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let (new_p99, old_p99) = (ms(new.quantile(0.99)), ms(old.as_ref().and_then(|o| o.quantile(0.99))));
+    if let (Some(n), Some(o), Some(old)) = (new_p99, old_p99, old.as_ref()) {
+        let allowed = o * rollout.max_p99_percent as f64 / 100.0 + 10.0;
+        if old.requests >= rollout.min_requests && n > allowed {
+            return Err(format!(
+                "p99 {n:.1} ms on the new version vs {o:.1} ms on the old one (allowed {allowed:.1} ms)"
+            ));
+        }
+    }
+    Ok(format!(
+        "{} requests, 5xx {:.1}% (old {:.1}%), p99 {} ms (old {} ms)",
+        new.requests,
+        new.error_rate() * 100.0,
+        old_rate * 100.0,
+        new_p99.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+        old_p99.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+    ))
+}
+
+fn snippet(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}

@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
@@ -391,6 +391,82 @@ def bench_deploy(work, runs=10):
           f"{statistics.median(firsts) - statistics.median(warms):.2f} | < 5 ms slower |")
 
 
+def bench_rollout(work, runs=10):
+    """Deploy -> every region serving the new version (no bake), under load
+    from every edge; and a gate breach -> the last region back on the old
+    version."""
+    wdir, w = dev_world(work)
+    geos = {"edge-us-east": "40.71,-74.0", "edge-eu-west": "53.35,-6.26", "edge-ap-southeast": "1.29,103.85"}
+    loads = [Load(int(e["url"].rsplit(":", 1)[1]), "/hello", {"x-meridian-client-geo": geos.get(e["name"], "0,0")}, 2)
+             for e in w["edges"]]
+    example = os.path.join(wdir, "example-app")
+    regions = [(r["name"], int(r["url"].rsplit(":", 1)[1])) for r in w["regions"]]
+
+    def version_at(port):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/hello")
+        r = c.getresponse()
+        r.read()
+        return r.getheader("x-meridian-version")
+
+    def variant(i, extra_manifest="", trap=False):
+        d = os.path.join(work, f"v{i}")
+        shutil.copytree(example, d)
+        with open(os.path.join(d, "static", "index.html"), "a") as f:
+            f.write(f"<!-- {i} {time.time()} -->")
+        text = open(os.path.join(d, "meridian.toml")).read()
+        if trap:
+            shutil.copy(os.path.join(ROOT, "guests", "hostile.wasm"), os.path.join(d, "components", "hostile.wasm"))
+            text = text.replace("[[routes]]", '[components.hostile]\nsource = "components/hostile.wasm"\n\n'
+                                '[[routes]]\npath = "/trap"\ncomponent = "hostile"\n\n[[routes]]', 1)
+        with open(os.path.join(d, "meridian.toml"), "w") as f:
+            f.write(text + extra_manifest)
+        return d
+
+    times = []
+    for i in range(runs):
+        d = variant(i)
+        t0 = time.monotonic()
+        out = subprocess.run([MERIDIAN, "deploy", d, "--world", wdir], capture_output=True, text=True, check=True)
+        returned = time.monotonic() - t0
+        new = re.search(r"deployed hello version (\w+)", out.stdout).group(1)
+        for name, port in regions:
+            while version_at(port) != new:
+                time.sleep(0.005)
+        times.append((returned, time.monotonic() - t0))
+        time.sleep(0.5)
+    for l in loads:
+        l.finish()
+    samples = sum((l.samples for l in loads), [])
+    failed = sum(1 for s in samples if not s[2])
+
+    # A version whose /trap route fails (500) on the canary under load.
+    trap_load = Load(int(next(e["url"] for e in w["edges"] if e["name"] == "edge-us-east").rsplit(":", 1)[1]),
+                     "/trap", {"x-meridian-client-geo": "40.71,-74.0"}, 2)
+    d = variant(99, '\n[rollout]\nwaves = [["us-east"], ["eu-west", "ap-southeast"]]\nsteps = [25, 50, 100]\n'
+                    'bake_ms = 1000\nmax_error_percent = 5\nmin_requests = 10\n', trap=True)
+    out = subprocess.run([MERIDIAN, "deploy", d, "--world", wdir], capture_output=True, text=True)
+    trap_load.finish()
+    text = out.stdout + out.stderr
+    breach = [int(m.group(1)) for m in re.finditer(r"FAIL \+(\d+) ms", text)]
+    back = [int(m.group(1)) for m in re.finditer(r"rollback ok   \+(\d+) ms", text)]
+    print(f"\n## Rollout of the example app to three regions (dev world, no bake time, {runs} deploys)\n")
+    print("Default plan: us-east (canary) first, then eu-west and ap-southeast; every deploy changes a static file.")
+    print("Load: 2 closed-loop clients per edge on /hello throughout.\n")
+    print("| deploy | `meridian deploy` returned s | every region serving it s | target |")
+    print("|---|---|---|---|")
+    for i, (r, a) in enumerate(times):
+        print(f"| {i + 1} | {r:.2f} | {a:.2f} | < 2 |")
+    print(f"\nRequests during the deploys: {len(samples)}, failed: {failed}.")
+    print("\n## Gate breach -> last region back on the old version\n")
+    if out.returncode == 0 or not breach or not back:
+        print(f"(the failing version was not rolled back as expected)\n```\n{text}\n```")
+    else:
+        print("| gate breach at (ms into the rollout) | last rollback done at | breach -> rolled back ms | target |")
+        print("|---|---|---|---|")
+        print(f"| {breach[0]} | {max(back)} | {max(back) - breach[0]} | < 1000 |")
+
+
 PUT_LUA = """
 counter = 0
 local body = string.rep("v", 100)
@@ -628,7 +704,7 @@ def bench_strong(work, writes=100):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong",
-                                                         "density"])
+                                                         "density", "rollout"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -638,7 +714,7 @@ def main():
     try:
         for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
-                         ("strong", bench_strong), ("density", bench_density)]:
+                         ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
                 if name in ("host", "edge", "replication", "kvget", "density"):

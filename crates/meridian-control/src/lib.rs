@@ -416,6 +416,7 @@ impl Control {
             .filter(|w| !w.is_empty())
             .collect();
         let plan = rollout::Plan {
+            started: std::time::Instant::now(),
             app: &app,
             old: old.clone().filter(|o| o != &id),
             new: id.clone(),
@@ -427,7 +428,8 @@ impl Control {
             let log: Vec<String> = steps
                 .iter()
                 .map(|s| {
-                    format!("  {:<16} {:<8} {} {}", s.region, s.step, if s.ok { "ok  " } else { "FAIL" }, s.detail)
+                    let ok = if s.ok { "ok  " } else { "FAIL" };
+                    format!("  {:<16} {:<8} {ok} +{} ms  {}", s.region, s.step, s.at_ms, s.detail)
                 })
                 .collect();
             return Err((

@@ -34,6 +34,9 @@ pub struct StepOutcome {
     pub step: String,
     pub ok: bool,
     pub detail: String,
+    /// When it ended, in ms since the rollout began.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// Why a rollout stopped.
@@ -45,6 +48,8 @@ pub struct Stopped {
 }
 
 pub(crate) struct Plan<'a> {
+    /// When the rollout began (steps report their time from it).
+    pub started: std::time::Instant,
     pub app: &'a str,
     pub old: Option<VersionId>,
     pub new: VersionId,
@@ -113,7 +118,13 @@ impl Control {
                         Ok(d) => (true, d),
                         Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
                     };
-                    log.push(StepOutcome { region: r.name.clone(), step: "rollback".into(), ok, detail });
+                    log.push(StepOutcome {
+                        region: r.name.clone(),
+                        step: "rollback".into(),
+                        ok,
+                        detail,
+                        at_ms: ms(plan),
+                    });
                 }
                 return Err(stopped);
             }
@@ -132,6 +143,7 @@ impl Control {
                     step: "smoke".into(),
                     ok: true,
                     detail: format!("{n} passed"),
+                    at_ms: ms(plan),
                 }),
                 Err(e) => {
                     log.push(StepOutcome {
@@ -139,6 +151,7 @@ impl Control {
                         step: "smoke".into(),
                         ok: false,
                         detail: e.clone(),
+                        at_ms: ms(plan),
                     });
                     return (log, Err(stop("smoke", e)));
                 }
@@ -155,26 +168,39 @@ impl Control {
                 self.call(r, Method::PUT, &format!("apps/{}/split", plan.app), body, Duration::from_secs(10)).await
             };
             if let RegionCall::Refused(e) | RegionCall::Unreachable(e) = set {
-                log.push(StepOutcome { region: r.name.clone(), step: step.clone(), ok: false, detail: e.clone() });
+                log.push(StepOutcome {
+                    region: r.name.clone(),
+                    step: step.clone(),
+                    ok: false,
+                    detail: e.clone(),
+                    at_ms: ms(plan),
+                });
                 return (log, Err(stop(&step, format!("cannot switch: {e}"))));
             }
             // The last step is the switch itself: judged before it (as the
             // previous step), not after it.
             if plan.rollout.bake_ms == 0 || percent >= 100 || plan.old.is_none() {
-                log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail: String::new() });
+                log.push(StepOutcome {
+                    region: r.name.clone(),
+                    step,
+                    ok: true,
+                    detail: String::new(),
+                    at_ms: ms(plan),
+                });
                 continue;
             }
             let before = self.stats(r, plan.app).await;
             tokio::time::sleep(Duration::from_millis(plan.rollout.bake_ms)).await;
             let after = self.stats(r, plan.app).await;
             match gate(plan, before.as_deref(), after.as_deref()) {
-                Ok(detail) => log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail }),
+                Ok(detail) => log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail, at_ms: ms(plan) }),
                 Err(reason) => {
                     log.push(StepOutcome {
                         region: r.name.clone(),
                         step: step.clone(),
                         ok: false,
                         detail: reason.clone(),
+                        at_ms: ms(plan),
                     });
                     return (log, Err(stop(&step, format!("gate: {reason}"))));
                 }
@@ -288,6 +314,10 @@ fn gate(plan: &Plan<'_>, before: Option<&[StatsSnapshot]>, after: Option<&[Stats
         new_p99.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
         old_p99.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
     ))
+}
+
+fn ms(plan: &Plan<'_>) -> u64 {
+    plan.started.elapsed().as_millis() as u64
 }
 
 fn snippet(s: &str) -> String {

@@ -99,10 +99,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     out!("deployed {} version {}", report.app, report.version.short());
     for s in &report.steps {
         out!(
-            "  {:<16} {:<8} {}{}",
+            "  {:<16} {:<8} {} +{} ms{}",
             s.region,
             s.step,
             if s.ok { "ok" } else { "FAILED" },
+            s.at_ms,
             if s.detail.is_empty() { String::new() } else { format!("  {}", s.detail) }
         );
     }

@@ -60,6 +60,8 @@ enum Command {
     Chaos(commands::chaos::Args),
     /// Name a control plane and its credentials: add, use, list, remove.
     Context(commands::context::Args),
+    /// Watch and steer a rollout: status, pause, resume, abort, approve.
+    Rollout(commands::rollout::Args),
     /// An app's deployed versions, oldest first.
     Versions(commands::versions::VersionsArgs),
     /// Put an app back on an earlier version, in every region at once.
@@ -105,6 +107,7 @@ fn main() -> std::process::ExitCode {
             Command::Context(a) => commands::context::run(a),
             Command::Apps(a) => commands::apps::run(a).await,
             Command::Versions(a) => commands::versions::versions(a).await,
+            Command::Rollout(a) => commands::rollout::run(a).await,
             Command::Rollback(a) => commands::versions::rollback(a).await,
             Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,

@@ -235,3 +235,89 @@ async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed
     let (ok, out) = w.cli(&["versions"]);
     assert!(ok && out.contains(&format!("{old}  (desired)")), "{out}");
 }
+
+/// Polls `meridian rollout status` until it says `state`.
+fn wait_state(w: &World, state: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out) = w.cli(&["rollout", "status"]);
+        if out.lines().next().is_some_and(|l| l.ends_with(state)) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "the rollout never reached {state:?}: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn version_in(w: &World, region: &str) -> String {
+    get(&client(), &format!("{}/hello", w.region_url(region)), &[]).await.header("x-meridian-version")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_approves_each_wave_or_aborts_and_everything_rolls_back() {
+    let w = World::start(&[]);
+    let old = version_in(&w, "eu-west").await;
+    let deploy_in_background = |dir: std::path::PathBuf| {
+        let world = w.dir.path().to_path_buf();
+        std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output().unwrap())
+    };
+
+    // Approved: the canary wave, a stop, then the rest.
+    let (app, new) = example_with("\n[rollout]\nmanual_approval = true\n", false);
+    let deploy = deploy_in_background(app.path().to_path_buf());
+    let status = wait_state(&w, "awaiting approval");
+    assert!(status.contains("us-east") && status.contains("100%"), "{status}");
+    assert_eq!(version_in(&w, "us-east").await, new);
+    assert_eq!(version_in(&w, "eu-west").await, old, "the second wave ran before its approval");
+    // Meanwhile another deploy of the app is refused, and says why.
+    let (other, _) = example_with("\n# another\n", false);
+    let (ok, out) = w.cli(&["deploy", other.path().to_str().unwrap()]);
+    assert!(!ok && out.contains("is in progress"), "{out}");
+    let (ok, out) = w.cli(&["rollout", "approve"]);
+    assert!(ok, "{out}");
+    let out = deploy.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("us-east") && text.contains("eu-west") && text.contains("+"), "live steps: {text}");
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, new, "{r}");
+    }
+    assert!(wait_state(&w, "succeeded").contains(&new));
+
+    // Aborted at the approval: the canary goes back, nobody else moved.
+    let (app, newer) = example_with("\n[rollout]\nmanual_approval = true\n# newer\n", false);
+    let deploy = deploy_in_background(app.path().to_path_buf());
+    wait_state(&w, "awaiting approval");
+    assert_eq!(version_in(&w, "us-east").await, newer);
+    let (ok, out) = w.cli(&["rollout", "abort"]);
+    assert!(ok, "{out}");
+    let out = deploy.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("aborted by an operator"), "{text}");
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, new, "{r} after the abort");
+    }
+    assert!(wait_state(&w, "aborted and rolled back").contains("rollback"));
+
+    // The rollout belongs to the control plane, not to the client that
+    // started it: the client killed, an approval still finishes it.
+    let (app, newest) = example_with("\n[rollout]\nmanual_approval = true\n# newest\n", false);
+    let mut client_process = meridian()
+        .arg("deploy")
+        .arg(app.path())
+        .arg("--world")
+        .arg(w.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_state(&w, "awaiting approval");
+    client_process.kill().unwrap();
+    client_process.wait().unwrap();
+    let (ok, out) = w.cli(&["rollout", "approve"]);
+    assert!(ok, "{out}");
+    assert!(wait_state(&w, "succeeded").contains(&newest));
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, newest, "{r}");
+    }
+}

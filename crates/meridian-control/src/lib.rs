@@ -97,8 +97,13 @@ pub struct Control {
     pub tls: Arc<Tls>,
     client: ClusterClient,
     state: Mutex<ControlState>,
-    /// Serialises deploys, app changes and reconcile rounds.
+    /// Serialises deploys' first phase, app changes and reconcile rounds.
     deploy_lock: tokio::sync::Mutex<()>,
+    /// Rollouts in progress, by app (registered under `deploy_lock`; the
+    /// reconcile loop leaves these apps alone).
+    rollouts: Mutex<std::collections::HashMap<String, Arc<rollout::RolloutCtl>>>,
+    /// The last finished rollout of each app.
+    finished: Mutex<std::collections::HashMap<String, rollout::RolloutStatus>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -182,6 +187,8 @@ impl Control {
             tls,
             state: Mutex::new(state),
             deploy_lock: tokio::sync::Mutex::new(()),
+            rollouts: Default::default(),
+            finished: Default::default(),
         }))
     }
 
@@ -356,7 +363,7 @@ impl Control {
 
     /// Stores a version of an existing app and makes it run everywhere
     /// (see the module docs).
-    pub async fn deploy(&self, tar: Bytes, caller: &Caller) -> Result<DeployReport, ApiError> {
+    pub async fn deploy(self: &Arc<Self>, tar: Bytes, caller: &Caller) -> Result<DeployReport, ApiError> {
         let bundle = Bundle::from_tar(&tar).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
         let app = bundle.manifest.name.clone();
         if !caller.may(Scope::Deploy, &app) {
@@ -365,7 +372,17 @@ impl Control {
                 format!("this token may not deploy app {app:?} (it needs the deploy scope on it)"),
             ));
         }
-        let _guard = self.deploy_lock.lock().await;
+        let guard = self.deploy_lock.lock().await;
+        if let Some(r) = self.rollouts.lock().unwrap().get(&app) {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "a rollout of app {app:?} (version {}) is in progress; see `meridian rollout status`, \
+                     abort it or wait for it",
+                    r.version.short()
+                ),
+            ));
+        }
         if !self.state.lock().unwrap().apps.contains_key(&app) {
             return Err((
                 StatusCode::NOT_FOUND,
@@ -375,7 +392,7 @@ impl Control {
             ));
         }
         // A plan naming regions this world lacks is refused before anything.
-        let waves = self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
         let id = bundle.id.clone();
         let path = self.bundle_path(&id);
         if !path.exists() {
@@ -404,12 +421,42 @@ impl Control {
         if outcomes.iter().all(|(_, ok, _)| !ok) {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no region is reachable; nothing was changed".into()));
         }
-        // Phase 2: the rollout, wave by wave, over the regions that hold it.
-        // The desired version changes only once it succeeded (the reconcile
-        // loop, blocked meanwhile by the deploy lock, then brings regions
-        // that were unreachable to it).
-        let old = self.state.lock().unwrap().apps.get(&app).and_then(|a| a.desired.clone());
-        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.name.as_str()).collect();
+        // Phase 2: the rollout, wave by wave, over the regions that hold it,
+        // in a task of its own: a client that goes away does not stop it
+        // halfway. It runs without the deploy lock (other apps deploy
+        // meanwhile); this app is marked as rolling out instead.
+        let old = self.state.lock().unwrap().apps.get(&app).and_then(|a| a.desired.clone()).filter(|o| o != &id);
+        let ctl = Arc::new(rollout::RolloutCtl::new(&app, id.clone(), old.clone()));
+        self.rollouts.lock().unwrap().insert(app.clone(), ctl.clone());
+        drop(guard);
+        let outcomes: Vec<(String, bool, String)> =
+            outcomes.into_iter().map(|(r, ok, e)| (r.name.clone(), ok, e)).collect();
+        let this = self.clone();
+        let manifest = bundle.manifest;
+        tokio::spawn(async move { this.phase_two(app, id, old, manifest, outcomes, ctl).await })
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("the rollout task failed: {e}")))?
+    }
+
+    /// The rollout of a version every region in `outcomes` marked `true`
+    /// has installed; records the outcome.
+    async fn phase_two(
+        &self,
+        app: String,
+        id: VersionId,
+        old: Option<VersionId>,
+        manifest: meridian_manifest::Manifest,
+        outcomes: Vec<(String, bool, String)>,
+        ctl: Arc<rollout::RolloutCtl>,
+    ) -> Result<DeployReport, ApiError> {
+        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.as_str()).collect();
+        let waves: Vec<Vec<&ControlRegion>> = match self.waves(&manifest.rollout) {
+            Ok(w) => w,
+            Err(e) => {
+                self.rollouts.lock().unwrap().remove(&app);
+                return Err((StatusCode::UNPROCESSABLE_ENTITY, e));
+            }
+        };
         let waves: Vec<Vec<&ControlRegion>> = waves
             .into_iter()
             .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).collect::<Vec<_>>())
@@ -417,14 +464,35 @@ impl Control {
             .collect();
         let plan = rollout::Plan {
             started: std::time::Instant::now(),
+            ctl: &ctl,
             app: &app,
-            old: old.clone().filter(|o| o != &id),
+            old: old.clone(),
             new: id.clone(),
-            rollout: &bundle.manifest.rollout,
-            smoke: &bundle.manifest.smoke,
+            rollout: &manifest.rollout,
+            smoke: &manifest.smoke,
         };
-        let mut steps = Vec::new();
-        if let Err(stopped) = self.run_rollout(&plan, waves, &mut steps).await {
+        let result = self.run_rollout(&plan, waves).await;
+        let steps = ctl.steps();
+        if result.is_ok() {
+            let saved = self.update(|s| {
+                if let Some(a) = s.apps.get_mut(&app) {
+                    a.desired = Some(id.clone());
+                    if a.history.last() != Some(&id) {
+                        a.history.push(id.clone());
+                    }
+                }
+            });
+            ctl.set_state(if saved.is_ok() { "succeeded" } else { "failed to record" });
+            self.finished.lock().unwrap().insert(app.clone(), ctl.status());
+            self.rollouts.lock().unwrap().remove(&app);
+            saved?;
+        } else {
+            let aborted = result.as_ref().err().is_some_and(|s| s.reason.starts_with("aborted"));
+            ctl.set_state(if aborted { "aborted and rolled back" } else { "rolled back" });
+            self.finished.lock().unwrap().insert(app.clone(), ctl.status());
+            self.rollouts.lock().unwrap().remove(&app);
+        }
+        if let Err(stopped) = result {
             let log: Vec<String> = steps
                 .iter()
                 .map(|s| {
@@ -445,23 +513,15 @@ impl Control {
                 ),
             ));
         }
-        self.update(|s| {
-            if let Some(a) = s.apps.get_mut(&app) {
-                a.desired = Some(id.clone());
-                if a.history.last() != Some(&id) {
-                    a.history.push(id.clone());
-                }
-            }
-        })?;
         let report: Vec<RegionOutcome> = outcomes
             .into_iter()
             .map(|(r, installed, err)| {
-                let ok = steps.iter().any(|s| s.region == r.name && s.step == "100%" && s.ok);
+                let ok = steps.iter().any(|s| s.region == r && s.step == "100%" && s.ok);
                 match (installed, ok) {
                     (true, true) => {
-                        RegionOutcome { region: r.name.clone(), outcome: "active".into(), detail: String::new() }
+                        RegionOutcome { region: r.clone(), outcome: "active".into(), detail: String::new() }
                     }
-                    (_, _) => RegionOutcome { region: r.name.clone(), outcome: "pending".into(), detail: err },
+                    (_, _) => RegionOutcome { region: r.clone(), outcome: "pending".into(), detail: err },
                 }
             })
             .collect();
@@ -476,6 +536,12 @@ impl Control {
             return Err((StatusCode::FORBIDDEN, format!("this token may not roll back app {app:?} (needs deploy)")));
         }
         let _guard = self.deploy_lock.lock().await;
+        if self.rollouts.lock().unwrap().contains_key(app) {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("a rollout of app {app:?} is in progress: `meridian rollout abort` rolls it back"),
+            ));
+        }
         let (desired, history) = match self.state.lock().unwrap().apps.get(app) {
             Some(a) => (a.desired.clone(), a.history.clone()),
             None => return Err((StatusCode::NOT_FOUND, format!("no app named {app:?}"))),
@@ -577,7 +643,8 @@ impl Control {
             }
         }
         let mut errors = Vec::new();
-        for (name, app) in &state.apps {
+        let rolling: Vec<String> = self.rollouts.lock().unwrap().keys().cloned().collect();
+        for (name, app) in state.apps.iter().filter(|(n, _)| !rolling.contains(n)) {
             let have = status.app(name);
             if have.is_none() {
                 let body = Bytes::from(serde_json::to_vec(&app.record).unwrap_or_default());
@@ -843,6 +910,41 @@ impl Control {
                     Some(a) => json(StatusCode::OK, &serde_json::json!({"desired": a.desired, "history": a.history})),
                     None => text(StatusCode::NOT_FOUND, format!("no app named {app:?}")),
                 }
+            }
+            (Method::GET, ["v1", "apps", app, "rollout"]) => {
+                if !caller.may(Scope::Read, app) {
+                    return forbidden(&format!("read app {app:?}"));
+                }
+                let current = self.rollouts.lock().unwrap().get(*app).map(|c| c.status());
+                match current.or_else(|| self.finished.lock().unwrap().get(*app).cloned()) {
+                    Some(s) => json(StatusCode::OK, &s),
+                    None => text(
+                        StatusCode::NOT_FOUND,
+                        format!("no rollout of app {app:?} since the control plane started"),
+                    ),
+                }
+            }
+            (Method::POST, ["v1", "apps", app, "rollout", action]) => {
+                if !caller.may(Scope::Deploy, app) {
+                    return forbidden(&format!("steer app {app:?}'s rollout (needs deploy)"));
+                }
+                let Some(ctl) = self.rollouts.lock().unwrap().get(*app).cloned() else {
+                    return text(StatusCode::NOT_FOUND, format!("no rollout of app {app:?} is in progress"));
+                };
+                match *action {
+                    "pause" => ctl.command(rollout::Command::Pause),
+                    "resume" => ctl.command(rollout::Command::Run),
+                    "abort" => ctl.command(rollout::Command::Abort),
+                    "approve" => ctl.approve(),
+                    other => {
+                        return text(
+                            StatusCode::NOT_FOUND,
+                            format!("no rollout action {other:?}: pause, resume, abort, approve"),
+                        )
+                    }
+                }
+                tracing::info!(app, action, "rollout steered");
+                json(StatusCode::OK, &ctl.status())
             }
             (Method::POST, ["v1", "apps", app, "rollback"]) => {
                 let app = app.to_string();

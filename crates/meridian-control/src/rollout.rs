@@ -39,6 +39,127 @@ pub struct StepOutcome {
     pub at_ms: u64,
 }
 
+/// What an operator asked of a running rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Command {
+    Run,
+    Pause,
+    Abort,
+}
+
+/// A rollout in progress, as operators see and steer it: its steps so far
+/// (live), and pause/resume/abort/approve.
+pub struct RolloutCtl {
+    pub app: String,
+    pub version: VersionId,
+    pub old: Option<VersionId>,
+    command: tokio::sync::watch::Sender<Command>,
+    approvals: tokio::sync::watch::Sender<u64>,
+    steps: std::sync::Mutex<Vec<StepOutcome>>,
+    /// `running`, `paused`, `awaiting approval`, then `succeeded` or
+    /// `rolled back`.
+    state: std::sync::Mutex<String>,
+}
+
+/// `GET /v1/apps/<app>/rollout`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RolloutStatus {
+    pub app: String,
+    pub version: VersionId,
+    pub old: Option<VersionId>,
+    pub state: String,
+    pub steps: Vec<StepOutcome>,
+}
+
+impl RolloutCtl {
+    pub fn new(app: &str, version: VersionId, old: Option<VersionId>) -> RolloutCtl {
+        RolloutCtl {
+            app: app.to_string(),
+            version,
+            old,
+            command: tokio::sync::watch::Sender::new(Command::Run),
+            approvals: tokio::sync::watch::Sender::new(0),
+            steps: Default::default(),
+            state: std::sync::Mutex::new("running".into()),
+        }
+    }
+
+    pub fn status(&self) -> RolloutStatus {
+        RolloutStatus {
+            app: self.app.clone(),
+            version: self.version.clone(),
+            old: self.old.clone(),
+            state: self.state.lock().unwrap().clone(),
+            steps: self.steps.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn steps(&self) -> Vec<StepOutcome> {
+        self.steps.lock().unwrap().clone()
+    }
+
+    pub fn command(&self, c: Command) {
+        self.command.send_replace(c);
+    }
+
+    pub fn approve(&self) {
+        self.approvals.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn set_state(&self, s: &str) {
+        *self.state.lock().unwrap() = s.to_string();
+    }
+
+    fn push(&self, step: StepOutcome) {
+        self.steps.lock().unwrap().push(step);
+    }
+
+    /// Between steps: waits while paused; `Err` once aborted.
+    async fn checkpoint(&self) -> Result<(), ()> {
+        let mut rx = self.command.subscribe();
+        loop {
+            let c = *rx.borrow_and_update();
+            match c {
+                Command::Run => return Ok(()),
+                Command::Abort => return Err(()),
+                Command::Pause => {
+                    self.set_state("paused");
+                    if rx.changed().await.is_err() {
+                        return Err(());
+                    }
+                    self.set_state("running");
+                }
+            }
+        }
+    }
+
+    /// Before a wave that needs an operator's go: waits for `approve` (or
+    /// an abort).
+    async fn await_approval(&self) -> Result<(), ()> {
+        let mut approvals = self.approvals.subscribe();
+        let seen = *approvals.borrow_and_update();
+        let mut commands = self.command.subscribe();
+        self.set_state("awaiting approval");
+        loop {
+            tokio::select! {
+                r = approvals.changed() => {
+                    if r.is_err() || *approvals.borrow() > seen {
+                        break;
+                    }
+                }
+                r = commands.changed() => {
+                    if r.is_err() || *commands.borrow() == Command::Abort {
+                        return Err(());
+                    }
+                }
+            }
+        }
+        self.set_state("running");
+        self.checkpoint().await
+    }
+}
+
 /// Why a rollout stopped.
 #[derive(Debug)]
 pub struct Stopped {
@@ -50,6 +171,7 @@ pub struct Stopped {
 pub(crate) struct Plan<'a> {
     /// When the rollout began (steps report their time from it).
     pub started: std::time::Instant,
+    pub ctl: &'a RolloutCtl,
     pub app: &'a str,
     pub old: Option<VersionId>,
     pub new: VersionId,
@@ -94,22 +216,27 @@ impl Control {
     /// Runs the plan over `waves` (regions that could not install the
     /// version are left to the reconcile loop). On a failure, rolls back
     /// every region touched and says why.
-    pub(crate) async fn run_rollout(
-        &self,
-        plan: &Plan<'_>,
-        waves: Vec<Vec<&ControlRegion>>,
-        log: &mut Vec<StepOutcome>,
-    ) -> Result<(), Stopped> {
+    pub(crate) async fn run_rollout(&self, plan: &Plan<'_>, waves: Vec<Vec<&ControlRegion>>) -> Result<(), Stopped> {
         let mut touched: Vec<&ControlRegion> = Vec::new();
-        for wave in waves {
-            // The regions of a wave in parallel; the wave fails if one does.
-            let results = futures::future::join_all(wave.iter().map(|r| self.roll_region(plan, r))).await;
-            let mut failure = None;
-            for (r, (steps, result)) in wave.iter().zip(results) {
-                log.extend(steps);
-                touched.push(r);
-                if let Err(stopped) = result {
-                    failure.get_or_insert(stopped);
+        for (i, wave) in waves.into_iter().enumerate() {
+            let go = if i > 0 && plan.rollout.manual_approval {
+                plan.ctl.await_approval().await
+            } else {
+                plan.ctl.checkpoint().await
+            };
+            let mut failure = go.err().map(|()| Stopped {
+                region: wave.first().map(|r| r.name.clone()).unwrap_or_default(),
+                step: "start".into(),
+                reason: "aborted by an operator".into(),
+            });
+            if failure.is_none() {
+                // The regions of a wave in parallel; the wave fails if one does.
+                let results = futures::future::join_all(wave.iter().map(|r| self.roll_region(plan, r))).await;
+                for (r, result) in wave.iter().zip(results) {
+                    touched.push(r);
+                    if let Err(stopped) = result {
+                        failure.get_or_insert(stopped);
+                    }
                 }
             }
             if let Some(stopped) = failure {
@@ -118,13 +245,7 @@ impl Control {
                         Ok(d) => (true, d),
                         Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
                     };
-                    log.push(StepOutcome {
-                        region: r.name.clone(),
-                        step: "rollback".into(),
-                        ok,
-                        detail,
-                        at_ms: ms(plan),
-                    });
+                    plan.ctl.push(step(plan, r, "rollback", ok, detail));
                 }
                 return Err(stopped);
             }
@@ -133,32 +254,24 @@ impl Control {
     }
 
     /// Smoke tests, then every traffic step with its gate, in one region.
-    async fn roll_region(&self, plan: &Plan<'_>, r: &ControlRegion) -> (Vec<StepOutcome>, Result<(), Stopped>) {
-        let mut log = Vec::new();
+    async fn roll_region(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<(), Stopped> {
+        let log = plan.ctl;
         let stop = |step: &str, reason: String| Stopped { region: r.name.clone(), step: step.into(), reason };
         if !plan.smoke.is_empty() {
             match self.smoke(plan, r).await {
-                Ok(n) => log.push(StepOutcome {
-                    region: r.name.clone(),
-                    step: "smoke".into(),
-                    ok: true,
-                    detail: format!("{n} passed"),
-                    at_ms: ms(plan),
-                }),
+                Ok(n) => log.push(step(plan, r, "smoke", true, format!("{n} passed"))),
                 Err(e) => {
-                    log.push(StepOutcome {
-                        region: r.name.clone(),
-                        step: "smoke".into(),
-                        ok: false,
-                        detail: e.clone(),
-                        at_ms: ms(plan),
-                    });
-                    return (log, Err(stop("smoke", e)));
+                    log.push(step(plan, r, "smoke", false, e.clone()));
+                    return Err(stop("smoke", e));
                 }
             }
         }
         for &percent in &plan.rollout.steps {
-            let step = format!("{percent}%");
+            let name = format!("{percent}%");
+            if plan.ctl.checkpoint().await.is_err() {
+                log.push(step(plan, r, &name, false, "aborted by an operator".into()));
+                return Err(stop(&name, "aborted by an operator".into()));
+            }
             let set = if percent >= 100 {
                 let path = format!("apps/{}/active", plan.app);
                 self.call(r, Method::PUT, &path, Bytes::from(plan.new.to_string()), Duration::from_secs(10)).await
@@ -168,45 +281,27 @@ impl Control {
                 self.call(r, Method::PUT, &format!("apps/{}/split", plan.app), body, Duration::from_secs(10)).await
             };
             if let RegionCall::Refused(e) | RegionCall::Unreachable(e) = set {
-                log.push(StepOutcome {
-                    region: r.name.clone(),
-                    step: step.clone(),
-                    ok: false,
-                    detail: e.clone(),
-                    at_ms: ms(plan),
-                });
-                return (log, Err(stop(&step, format!("cannot switch: {e}"))));
+                log.push(step(plan, r, &name, false, e.clone()));
+                return Err(stop(&name, format!("cannot switch: {e}")));
             }
             // The last step is the switch itself: judged before it (as the
             // previous step), not after it.
             if plan.rollout.bake_ms == 0 || percent >= 100 || plan.old.is_none() {
-                log.push(StepOutcome {
-                    region: r.name.clone(),
-                    step,
-                    ok: true,
-                    detail: String::new(),
-                    at_ms: ms(plan),
-                });
+                log.push(step(plan, r, &name, true, String::new()));
                 continue;
             }
             let before = self.stats(r, plan.app).await;
             tokio::time::sleep(Duration::from_millis(plan.rollout.bake_ms)).await;
             let after = self.stats(r, plan.app).await;
             match gate(plan, before.as_deref(), after.as_deref()) {
-                Ok(detail) => log.push(StepOutcome { region: r.name.clone(), step, ok: true, detail, at_ms: ms(plan) }),
+                Ok(detail) => log.push(step(plan, r, &name, true, detail)),
                 Err(reason) => {
-                    log.push(StepOutcome {
-                        region: r.name.clone(),
-                        step: step.clone(),
-                        ok: false,
-                        detail: reason.clone(),
-                        at_ms: ms(plan),
-                    });
-                    return (log, Err(stop(&step, format!("gate: {reason}"))));
+                    log.push(step(plan, r, &name, false, reason.clone()));
+                    return Err(stop(&name, format!("gate: {reason}")));
                 }
             }
         }
-        (log, Ok(()))
+        Ok(())
     }
 
     async fn stats(&self, r: &ControlRegion, app: &str) -> Option<Vec<StatsSnapshot>> {
@@ -318,6 +413,10 @@ fn gate(plan: &Plan<'_>, before: Option<&[StatsSnapshot]>, after: Option<&[Stats
 
 fn ms(plan: &Plan<'_>) -> u64 {
     plan.started.elapsed().as_millis() as u64
+}
+
+fn step(plan: &Plan<'_>, r: &ControlRegion, step: &str, ok: bool, detail: String) -> StepOutcome {
+    StepOutcome { region: r.name.clone(), step: step.into(), ok, detail, at_ms: ms(plan) }
 }
 
 fn snippet(s: &str) -> String {

@@ -127,6 +127,10 @@ pub struct Rollout {
     /// Requests the new version must have answered in a step for its gate
     /// to judge it; with fewer the step passes as inconclusive.
     pub min_requests: u64,
+    /// Wait for `meridian rollout approve` before every wave after the
+    /// first.
+    #[serde(default)]
+    pub manual_approval: bool,
 }
 
 impl Default for Rollout {
@@ -138,6 +142,7 @@ impl Default for Rollout {
             max_error_percent: 1,
             max_p99_percent: 200,
             min_requests: 20,
+            manual_approval: false,
         }
     }
 }
@@ -395,7 +400,7 @@ impl Checker<'_> {
         self.only_keys(
             t,
             "rollout",
-            &["waves", "steps", "bake_ms", "max_error_percent", "max_p99_percent", "min_requests"],
+            &["waves", "steps", "bake_ms", "max_error_percent", "max_p99_percent", "min_requests", "manual_approval"],
         );
         let mut waves = Vec::new();
         if let Some(item) = t.get("waves") {
@@ -460,6 +465,13 @@ impl Checker<'_> {
                 .map(|v| v as u32)
                 .unwrap_or(d.max_p99_percent),
             min_requests: self.integer(t, "rollout", "min_requests", 1..1_000_001).unwrap_or(d.min_requests),
+            manual_approval: match t.get("manual_approval") {
+                None => false,
+                Some(v) => v.as_bool().unwrap_or_else(|| {
+                    self.error(item_span(t, "manual_approval"), "rollout.manual_approval", "expected true or false");
+                    false
+                }),
+            },
         }
     }
 

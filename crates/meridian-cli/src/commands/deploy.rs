@@ -95,18 +95,8 @@ impl ControlArgs {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, operator) = a.control.connect()?;
-    let report = deploy_dir(&operator, &url, &a.dir).await?;
+    let report = deploy_dir(&operator, &url, &a.dir, true).await?;
     out!("deployed {} version {}", report.app, report.version.short());
-    for s in &report.steps {
-        out!(
-            "  {:<16} {:<8} {} +{} ms{}",
-            s.region,
-            s.step,
-            if s.ok { "ok" } else { "FAILED" },
-            s.at_ms,
-            if s.detail.is_empty() { String::new() } else { format!("  {}", s.detail) }
-        );
-    }
     for r in &report.regions {
         if r.detail.is_empty() {
             out!("  {:<16} {}", r.region, r.outcome);
@@ -117,8 +107,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Packages `dir` and deploys it through the control plane at `url`.
-pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path) -> anyhow::Result<DeployReport> {
+/// Packages `dir` and deploys it through the control plane at `url`; with
+/// `live`, prints each rollout step as it happens.
+pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) -> anyhow::Result<DeployReport> {
     // A manifest problem is reported here, before anything leaves the machine.
     let bundle = Bundle::from_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
@@ -136,15 +127,45 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path) -> anyhow::R
     if !status.is_success() {
         anyhow::bail!("the control plane refused the request ({status}): {}", String::from_utf8_lossy(&body).trim());
     }
-    let (status, body) = operator
-        .control(
-            url.trim_end_matches('/'),
-            Method::POST,
-            "/v1/deploy",
-            Bytes::from(bundle.to_tar()),
-            Duration::from_secs(600),
-        )
-        .await?;
+    let url = url.trim_end_matches('/');
+    let deploy =
+        operator.control(url, Method::POST, "/v1/deploy", Bytes::from(bundle.to_tar()), Duration::from_secs(3600));
+    // While it runs, print each rollout step as it happens.
+    let printed = std::sync::atomic::AtomicUsize::new(0);
+    let progress = async {
+        if !live {
+            return std::future::pending().await;
+        }
+        let path = format!("/v1/apps/{}/rollout", bundle.manifest.name);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok((status, body)) =
+                operator.control(url, Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await
+            else {
+                continue;
+            };
+            let Ok(s) = serde_json::from_slice::<meridian_control::rollout::RolloutStatus>(&body) else { continue };
+            if !status.is_success() || s.version != bundle.id {
+                continue;
+            }
+            let from = printed.load(std::sync::atomic::Ordering::Relaxed);
+            for st in s.steps.iter().skip(from) {
+                crate::commands::rollout::print_step(st);
+            }
+            printed.store(s.steps.len().max(from), std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let (status, body) = tokio::select! {
+        r = deploy => r?,
+        () = progress => unreachable!("the progress loop never ends"),
+    };
+    if status.is_success() && live {
+        if let Ok(r) = serde_json::from_slice::<DeployReport>(&body) {
+            for st in r.steps.iter().skip(printed.load(std::sync::atomic::Ordering::Relaxed)) {
+                crate::commands::rollout::print_step(st);
+            }
+        }
+    }
     if !status.is_success() {
         anyhow::bail!("deploy refused ({status}):\n{}", String::from_utf8_lossy(&body).trim());
     }

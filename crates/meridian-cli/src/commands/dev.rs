@@ -494,7 +494,7 @@ async fn bring_up(
         let manifest = meridian_manifest::Bundle::from_dir(app_dir).map_err(|e| anyhow::anyhow!("{e}"))?.manifest;
         let new = meridian_control::NewApp { name: manifest.name.clone(), hosts: Vec::new(), default: *default };
         let record = crate::commands::apps::create(operator, &control_url, &new).await?;
-        let report = crate::commands::deploy::deploy_dir(operator, &control_url, app_dir).await?;
+        let report = crate::commands::deploy::deploy_dir(operator, &control_url, app_dir, false).await?;
         eprintln!("deployed {} version {} at {}", report.app, report.version.short(), record.hosts.join(", "));
     }
     // Ready means routable: every edge sees every region healthy.

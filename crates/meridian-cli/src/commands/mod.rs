@@ -6,6 +6,7 @@ pub mod deploy;
 pub mod dev;
 pub mod kv;
 pub mod roles;
+pub mod rollout;
 pub mod status;
 pub mod tokens;
 pub mod versions;

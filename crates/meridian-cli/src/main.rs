@@ -60,6 +60,8 @@ enum Command {
     Chaos(commands::chaos::Args),
     /// Name a control plane and its credentials: add, use, list, remove.
     Context(commands::context::Args),
+    /// Every change asked of the control plane: who, what, when, outcome.
+    Audit(commands::audit::Args),
     /// Watch and steer a rollout: status, pause, resume, abort, approve.
     Rollout(commands::rollout::Args),
     /// An app's deployed versions, oldest first.
@@ -108,6 +110,7 @@ fn main() -> std::process::ExitCode {
             Command::Apps(a) => commands::apps::run(a).await,
             Command::Versions(a) => commands::versions::versions(a).await,
             Command::Rollout(a) => commands::rollout::run(a).await,
+            Command::Audit(a) => commands::audit::run(a).await,
             Command::Rollback(a) => commands::versions::rollback(a).await,
             Command::Tokens(a) => commands::tokens::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,

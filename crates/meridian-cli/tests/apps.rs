@@ -136,6 +136,35 @@ async fn apps_are_chosen_by_host_and_cannot_reach_each_others_data() {
     // needs no --app.
     let (ok, out) = w.cli(&["kv", "get", "--ns", "sessions", "shared"]);
     assert!(ok && out.contains("HELLO-SESSION"), "{out}");
+
+    // Every change asked of the control plane is in the audit log, refused
+    // ones too, numbered without gaps; a token sees only its app's.
+    let (ok, out) = w.cli(&["audit", "--json"]);
+    assert!(ok, "{out}");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "a gap in the audit log");
+    let has = |action: &str, app: &str, outcome: &str, detail: &str| {
+        entries.iter().any(|e| {
+            e["action"] == action
+                && e["app"] == app
+                && e["outcome"].as_str().unwrap().starts_with(outcome)
+                && e["detail"].as_str().unwrap().contains(detail)
+        })
+    };
+    assert!(has("apps.create", "mirror", "ok", "mirror.localhost"), "{out}");
+    assert!(has("deploy", "mirror", "ok", ""), "{out}");
+    assert!(has("deploy", "hello", "403", ""), "{out}");
+    assert!(has("apps.delete", "hello", "403", ""), "{out}");
+    assert!(has("tokens.create", "notes", "ok", "DataAdmin"), "{out}");
+    assert!(has("kv.write", "notes", "ok", "set notes/n2"), "{out}");
+    assert!(!out.contains("by-cli"), "a value reached the audit log");
+    let who = entries.iter().find(|e| e["action"] == "kv.write").unwrap()["who"].as_str().unwrap().to_string();
+    assert!(who.starts_with("token "), "{who}");
+    let (ok, out) = w.cli(&["audit", "--json", "--token-file", tf]);
+    assert!(ok, "{out}");
+    let mine: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(!mine.is_empty() && mine.iter().all(|e| e["app"] == "notes"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,3 +321,29 @@ async fn an_operator_approves_each_wave_or_aborts_and_everything_rolls_back() {
         assert_eq!(version_in(&w, r).await, newest, "{r}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_down_during_a_rollout_gets_the_version_when_it_returns() {
+    let w = World::start(&[]);
+    w.chaos(&["kill", "ap-southeast"]);
+    let (app, new) = example_with("\n# while ap-southeast is down\n", false);
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.lines().any(|l| l.contains("ap-southeast") && l.contains("pending")), "{out}");
+    let (ok, status) = w.cli(&["status"]);
+    assert!(ok && status.contains("ap-southeast") && status.contains("DOWN"), "{status}");
+    w.chaos(&["restart", "ap-southeast"]);
+    // The reconcile loop brings it to the desired version; drift is
+    // reported until then, and not after.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(&client(), "GET", &format!("{}/hello", w.region_url("ap-southeast")), &[], "").await;
+        if r.as_ref().is_ok_and(|r| r.header("x-meridian-version") == new) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ap-southeast never got the version");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, status) = w.cli(&["status"]);
+    assert!(ok && !status.contains("DRIFT") && !status.contains("DOWN"), "{status}");
+}

@@ -20,6 +20,7 @@
 //! its versions and data (each says how much) and revokes its tokens; a
 //! region that was down is told by the reconcile loop when it is back.
 
+pub mod audit;
 pub mod rollout;
 pub mod tokens;
 
@@ -104,6 +105,8 @@ pub struct Control {
     rollouts: Mutex<std::collections::HashMap<String, Arc<rollout::RolloutCtl>>>,
     /// The last finished rollout of each app.
     finished: Mutex<std::collections::HashMap<String, rollout::RolloutStatus>>,
+    /// Every change asked of this control plane.
+    audit: audit::Audit,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -180,6 +183,7 @@ impl Control {
             Err(e) => return Err(e.into()),
         };
         let tokens = Tokens::open(config.data_dir.join("tokens.json"), &token)?;
+        let audit = audit::Audit::open(config.data_dir.join("audit.jsonl"))?;
         Ok(Arc::new(Control {
             config,
             tokens,
@@ -189,6 +193,7 @@ impl Control {
             deploy_lock: tokio::sync::Mutex::new(()),
             rollouts: Default::default(),
             finished: Default::default(),
+            audit,
         }))
     }
 
@@ -754,11 +759,20 @@ impl Control {
                 let per_region: Vec<serde_json::Value> = regions
                     .iter()
                     .map(|(name, s)| match s {
-                        Ok(s) => serde_json::json!({
-                            "region": name,
-                            "reachable": true,
-                            "active": s.app(&a.record.name).and_then(|x| x.active.clone()),
-                        }),
+                        Ok(s) => {
+                            let have = s.app(&a.record.name);
+                            let active = have.and_then(|x| x.active.clone());
+                            serde_json::json!({
+                                "region": name,
+                                "reachable": true,
+                                "active": active,
+                                "split": have.and_then(|x| x.split.clone()),
+                                // Not what the control plane wants (the
+                                // reconcile loop is on it; a rollout in
+                                // progress is drift too, on purpose).
+                                "drift": a.desired.is_some() && active != a.desired,
+                            })
+                        }
                         Err(e) => serde_json::json!({"region": name, "reachable": false, "error": e}),
                     })
                     .collect();
@@ -845,6 +859,18 @@ impl Control {
         text(StatusCode::SERVICE_UNAVAILABLE, format!("no region answered ({last})"))
     }
 
+    /// Records a change in the audit log (a failure to record is logged:
+    /// the change itself already happened).
+    fn note(&self, caller: &Caller, action: &str, app: Option<&str>, detail: &str, outcome: &str) {
+        let who = match caller {
+            Caller::Admin => "admin".to_string(),
+            Caller::App { id, .. } => format!("token {id}"),
+        };
+        if let Err(e) = self.audit.record(&who, action, app, detail, outcome) {
+            tracing::error!(error = %e, action, "cannot write the audit log");
+        }
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or("")) else {
             return unauthorized();
@@ -881,7 +907,11 @@ impl Control {
                     .collect();
                 json(StatusCode::OK, &list)
             }
-            (Method::POST, ["v1", "apps"]) | (Method::DELETE, ["v1", "apps", _]) if caller != Caller::Admin => {
+            (method, ["v1", "apps"] | ["v1", "apps", _])
+                if caller != Caller::Admin && (method == Method::POST || method == Method::DELETE) =>
+            {
+                let action = if method == Method::POST { "apps.create" } else { "apps.delete" };
+                self.note(&caller, action, parts.get(2).copied(), "", "403: not the administrator token");
                 forbidden("create or delete apps (only the world's administrator token can)")
             }
             (Method::POST, ["v1", "apps"]) => {
@@ -893,15 +923,48 @@ impl Control {
                     Ok(n) => n,
                     Err(e) => return text(StatusCode::BAD_REQUEST, format!("expected {{name, hosts, default}}: {e}")),
                 };
+                let (name, hosts) = (n.name.clone(), n.hosts.join(","));
                 match self.create_app(n).await {
-                    Ok(record) => json(StatusCode::OK, &record),
-                    Err((status, msg)) => text(status, msg),
+                    Ok(record) => {
+                        self.note(&caller, "apps.create", Some(&name), &record.hosts.join(","), "ok");
+                        json(StatusCode::OK, &record)
+                    }
+                    Err((status, msg)) => {
+                        self.note(&caller, "apps.create", Some(&name), &hosts, &format!("{status}: {msg}"));
+                        text(status, msg)
+                    }
                 }
             }
             (Method::DELETE, ["v1", "apps", name]) => match self.delete_app(name).await {
-                Ok(report) => json(StatusCode::OK, &report),
-                Err((status, msg)) => text(status, msg),
+                Ok(report) => {
+                    let bytes: u64 = report.removed.iter().map(|r| r.bytes).sum();
+                    let detail = format!("{bytes} bytes removed; pending: {}", report.pending.join(", "));
+                    self.note(&caller, "apps.delete", Some(name), &detail, "ok");
+                    json(StatusCode::OK, &report)
+                }
+                Err((status, msg)) => {
+                    self.note(&caller, "apps.delete", Some(name), "", &format!("{status}: {msg}"));
+                    text(status, msg)
+                }
             },
+            (Method::GET, ["v1", "audit"]) => {
+                let wanted = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")))
+                    .map(str::to_string);
+                let entries = self.audit.read(|e| {
+                    let readable = match &caller {
+                        Caller::Admin => true,
+                        Caller::App { .. } => e.app.as_deref().is_some_and(|a| caller.may(Scope::Read, a)),
+                    };
+                    readable && wanted.as_ref().is_none_or(|w| e.app.as_deref() == Some(w.as_str()))
+                });
+                match entries {
+                    Ok(list) => json(StatusCode::OK, &list),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
             (Method::GET, ["v1", "apps", app, "versions"]) => {
                 if !caller.may(Scope::Read, app) {
                     return forbidden(&format!("read app {app:?}"));
@@ -925,10 +988,13 @@ impl Control {
                 }
             }
             (Method::POST, ["v1", "apps", app, "rollout", action]) => {
+                let what = format!("rollout.{action}");
                 if !caller.may(Scope::Deploy, app) {
+                    self.note(&caller, &what, Some(app), "", "403: needs deploy");
                     return forbidden(&format!("steer app {app:?}'s rollout (needs deploy)"));
                 }
                 let Some(ctl) = self.rollouts.lock().unwrap().get(*app).cloned() else {
+                    self.note(&caller, &what, Some(app), "", "404: no rollout in progress");
                     return text(StatusCode::NOT_FOUND, format!("no rollout of app {app:?} is in progress"));
                 };
                 match *action {
@@ -944,6 +1010,7 @@ impl Control {
                     }
                 }
                 tracing::info!(app, action, "rollout steered");
+                self.note(&caller, &what, Some(app), ctl.version.short(), "ok");
                 json(StatusCode::OK, &ctl.status())
             }
             (Method::POST, ["v1", "apps", app, "rollback"]) => {
@@ -954,8 +1021,15 @@ impl Control {
                     .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("to=")))
                     .map(str::to_string);
                 match self.rollback(&app, to.as_deref(), &caller).await {
-                    Ok(report) => json(StatusCode::OK, &report),
-                    Err((status, msg)) => text(status, msg),
+                    Ok(report) => {
+                        self.note(&caller, "rollback", Some(&app), report.version.short(), "ok");
+                        json(StatusCode::OK, &report)
+                    }
+                    Err((status, msg)) => {
+                        let to = to.as_deref().unwrap_or("");
+                        self.note(&caller, "rollback", Some(&app), to, &format!("{status}: {msg}"));
+                        text(status, msg)
+                    }
                 }
             }
             (method, ["v1", "apps", app, "kv", rest @ ..]) => {
@@ -967,20 +1041,52 @@ impl Control {
                     Err(e) => return e.into_response(),
                 };
                 let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-                self.kv_api(&caller, &app, &rest, method, query.as_deref(), body).await
+                // Changes to data are audited (which key, never the value).
+                let change = (rest == ["op"])
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+                    .flatten()
+                    .filter(|op| matches!(op["op"].as_str(), Some("set" | "delete" | "increment" | "swap")))
+                    .map(|op| {
+                        let key = op["key"].as_str().map(|k| format!("/{k}")).unwrap_or_default();
+                        format!("{} {}{key}", op["op"].as_str().unwrap_or("?"), op["ns"].as_str().unwrap_or("?"))
+                    });
+                let resp = self.kv_api(&caller, &app, &rest, method, query.as_deref(), body).await;
+                if let Some(detail) = change {
+                    let outcome = if resp.status().is_success() { "ok".to_string() } else { resp.status().to_string() };
+                    self.note(&caller, "kv.write", Some(&app), &detail, &outcome);
+                }
+                resp
             }
             (Method::POST, ["v1", "deploy"]) => {
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
-                match self.deploy(body, &caller).await {
-                    Ok(report) => json(StatusCode::OK, &report),
-                    Err((status, msg)) => text(status, msg),
+                let peek = body.clone();
+                let result = self.deploy(body, &caller).await;
+                let (app, version) = match &result {
+                    Ok(r) => (Some(r.app.clone()), r.version.short().to_string()),
+                    Err(_) => match Bundle::from_tar(&peek) {
+                        Ok(b) => (Some(b.manifest.name), b.id.short().to_string()),
+                        Err(_) => (None, "an unreadable bundle".into()),
+                    },
+                };
+                match result {
+                    Ok(report) => {
+                        self.note(&caller, "deploy", app.as_deref(), &version, "ok");
+                        json(StatusCode::OK, &report)
+                    }
+                    Err((status, msg)) => {
+                        let first = msg.lines().next().unwrap_or("");
+                        self.note(&caller, "deploy", app.as_deref(), &version, &format!("{status}: {first}"));
+                        text(status, msg)
+                    }
                 }
             }
             (method, ["v1", "tokens", ..]) if caller != Caller::Admin => {
-                let _ = method;
+                if method != Method::GET {
+                    self.note(&caller, "tokens", None, "", "403: not the administrator token");
+                }
                 forbidden("manage tokens (only the world's administrator token can)")
             }
             (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &self.tokens.list()),
@@ -1001,15 +1107,20 @@ impl Control {
                 if !meridian_core::wire::is_valid_app_name(&n.app) || n.scopes.is_empty() {
                     return text(StatusCode::BAD_REQUEST, "a token needs an app name and at least one scope");
                 }
+                let scopes = format!("{:?}", n.scopes);
                 match self.tokens.create(&n.app, n.scopes) {
                     Ok((record, secret)) => {
+                        self.note(&caller, "tokens.create", Some(&n.app), &format!("{} {scopes}", record.id), "ok");
                         json(StatusCode::OK, &serde_json::json!({"token": secret, "record": record}))
                     }
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the token: {e}")),
                 }
             }
             (Method::DELETE, ["v1", "tokens", id]) => match self.tokens.revoke(id) {
-                Ok(true) => json(StatusCode::OK, &serde_json::json!({"revoked": id})),
+                Ok(true) => {
+                    self.note(&caller, "tokens.revoke", None, id, "ok");
+                    json(StatusCode::OK, &serde_json::json!({"revoked": id}))
+                }
                 Ok(false) => text(StatusCode::NOT_FOUND, format!("no token {id}")),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the tokens: {e}")),
             },

@@ -1,4 +1,5 @@
 pub mod apps;
+pub mod audit;
 pub mod certs;
 pub mod chaos;
 pub mod context;

@@ -103,7 +103,14 @@ fn print_control(control: &serde_json::Value) {
         );
         for r in app["regions"].as_array().into_iter().flatten() {
             let state = if r["reachable"].as_bool() == Some(true) { "up" } else { "DOWN" };
-            out!("  {:<16} {:<5} active {}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
+            let mut notes = String::new();
+            if let Some(p) = r["split"]["percent"].as_u64() {
+                notes += &format!("  (rolling out {} to {p}%)", short(&r["split"]["version"]));
+            }
+            if r["drift"].as_bool() == Some(true) {
+                notes += &format!("  DRIFT: desired {}", short(&app["desired"]));
+            }
+            out!("  {:<16} {:<5} active {}{notes}", r["region"].as_str().unwrap_or("?"), state, short(&r["active"]));
         }
     }
 }

@@ -38,7 +38,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         out!(
             "{:>5} {} {:<14} {:<16} {:<10} {}  -> {}",
             e.seq,
-            e.at_ms,
+            utc(e.at_ms),
             e.who,
             e.action,
             e.app.as_deref().unwrap_or("-"),
@@ -47,4 +47,31 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `2026-11-29T07:34:08.065Z` for milliseconds since the Unix epoch (the
+/// civil-from-days algorithm of H. Hinnant's `date`).
+fn utc(ms: u64) -> String {
+    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_times() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::utc(1_795_936_448_065), "2026-11-29T07:14:08.065Z");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
 }

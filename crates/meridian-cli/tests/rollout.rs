@@ -44,6 +44,19 @@ fn load(
     keep_cookies: bool,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<Seen>> {
+    load_as(edge, paths, geo, keep_cookies, None, stop)
+}
+
+/// `load`, with an `x-user` header naming the client (and no cookies, if
+/// `keep_cookies` is false: the header alone must keep it on one version).
+fn load_as(
+    edge: String,
+    paths: &'static [&'static str],
+    geo: &'static str,
+    keep_cookies: bool,
+    user: Option<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Seen>> {
     tokio::spawn(async move {
         let c = client();
         let mut seen = Vec::new();
@@ -53,6 +66,9 @@ fn load(
             let path = paths[i % paths.len()];
             i += 1;
             let mut headers = vec![("x-meridian-client-geo", geo)];
+            if let Some(u) = &user {
+                headers.push(("x-user", u.as_str()));
+            }
             if keep_cookies && !cookie.is_empty() {
                 headers.push(("cookie", cookie.as_str()));
             }
@@ -162,7 +178,7 @@ async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed
     let w = World::start(&[]);
     let old = get(&client(), &format!("{}/hello", w.edge("edge-us-east")), &[]).await.header("x-meridian-version");
     let (app, new) = example_with(
-        "\n[rollout]\nsteps = [30, 100]\nbake_ms = 1500\nmin_requests = 5\n[[smoke]]\npath = \"/hello\"\n",
+        "\n[rollout]\nsteps = [30, 100]\nbake_ms = 1500\nmin_requests = 5\nsticky_header = \"x-user\"\n[[smoke]]\npath = \"/hello\"\n",
         false,
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -170,6 +186,11 @@ async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed
     for (e, geo) in [("edge-us-east", US), ("edge-eu-west", EU), ("edge-ap-southeast", AP)] {
         for _ in 0..4 {
             clients.push(load(w.edge(e), &["/hello", "/"], geo, true, stop.clone()));
+        }
+        // Clients known by the sticky header, keeping no cookies.
+        for i in 0..3 {
+            let user = Some(format!("user-{e}-{i}"));
+            clients.push(load_as(w.edge(e), &["/hello"], geo, false, user, stop.clone()));
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

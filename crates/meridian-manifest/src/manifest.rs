@@ -131,6 +131,12 @@ pub struct Rollout {
     /// first.
     #[serde(default)]
     pub manual_approval: bool,
+    /// A request header (a user or account id) that keeps a client on one
+    /// version in every region and across devices: the same value always
+    /// lands on the same side of a split. Without it (or the header), a
+    /// cookie pins the client.
+    #[serde(default)]
+    pub sticky_header: Option<String>,
 }
 
 impl Default for Rollout {
@@ -143,6 +149,7 @@ impl Default for Rollout {
             max_p99_percent: 200,
             min_requests: 20,
             manual_approval: false,
+            sticky_header: None,
         }
     }
 }
@@ -400,7 +407,16 @@ impl Checker<'_> {
         self.only_keys(
             t,
             "rollout",
-            &["waves", "steps", "bake_ms", "max_error_percent", "max_p99_percent", "min_requests", "manual_approval"],
+            &[
+                "waves",
+                "steps",
+                "bake_ms",
+                "max_error_percent",
+                "max_p99_percent",
+                "min_requests",
+                "manual_approval",
+                "sticky_header",
+            ],
         );
         let mut waves = Vec::new();
         if let Some(item) = t.get("waves") {
@@ -465,6 +481,18 @@ impl Checker<'_> {
                 .map(|v| v as u32)
                 .unwrap_or(d.max_p99_percent),
             min_requests: self.integer(t, "rollout", "min_requests", 1..1_000_001).unwrap_or(d.min_requests),
+            sticky_header: match self.string(t, "rollout", "sticky_header") {
+                Some(h) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => Some(h.to_ascii_lowercase()),
+                Some(h) => {
+                    self.error(
+                        item_span(t, "sticky_header"),
+                        "rollout.sticky_header",
+                        format!("{h:?} is not a header name"),
+                    );
+                    None
+                }
+                None => None,
+            },
             manual_approval: match t.get("manual_approval") {
                 None => false,
                 Some(v) => v.as_bool().unwrap_or_else(|| {
@@ -982,7 +1010,7 @@ jurisdiction = "eu"
         assert!(m.smoke.is_empty());
         let text = format!(
             "{base}[rollout]\nwaves = [[\"us-east\"], [\"eu-west\", \"ap-southeast\"]]\nsteps = [10, 50, 100]\nbake_ms = 2000\n\
-             max_error_percent = 2\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n\
+             max_error_percent = 2\nsticky_header = \"X-User\"\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n\
              [[smoke]]\nmethod = \"POST\"\npath = \"/echo\"\nbody = \"x\"\nstatus = 201\nheaders = {{ x-a = \"b\" }}\n"
         );
         let m = Manifest::parse("m", &text).unwrap();
@@ -991,6 +1019,7 @@ jurisdiction = "eu"
             (m.rollout.steps.clone(), m.rollout.bake_ms, m.rollout.max_error_percent),
             (vec![10, 50, 100], 2000, 2)
         );
+        assert_eq!(m.rollout.sticky_header.as_deref(), Some("x-user"));
         assert_eq!(m.smoke.len(), 2);
         assert_eq!((m.smoke[0].method.as_str(), m.smoke[0].status), ("GET", 200));
         assert_eq!(m.smoke[1].headers, vec![("x-a".to_string(), "b".to_string())]);

@@ -904,8 +904,24 @@ fn pick_version<B>(app: &App, req: &Request<B>) -> Result<(Arc<Deployed>, bool),
         return Ok((d, true));
     }
     let Some(active) = active.clone() else { return Ok((canary.version.clone(), true)) };
-    let on_canary = rand::random::<u32>() % 100 < canary.percent as u32;
+    // A client the manifest's sticky header names lands on the same side in
+    // every region and on every device: a hash of its value (salted with the
+    // version, so each rollout picks different clients first) below the
+    // split's percentage. As the percentage grows, nobody moves back.
+    let sticky = canary.version.manifest.rollout.sticky_header.as_deref().and_then(|h| req.headers().get(h));
+    let bucket = match sticky {
+        Some(v) => fnv1a(canary.version.id.as_str().as_bytes(), v.as_bytes()) % 100,
+        None => u64::from(rand::random::<u32>() % 100),
+    };
+    let on_canary = bucket < u64::from(canary.percent);
     Ok((if on_canary { canary.version.clone() } else { active }, true))
+}
+
+/// 64-bit FNV-1a of `salt` then `value`: cheap, stable across processes
+/// and machines (unlike std's `RandomState`), and plenty for splitting
+/// clients into 100 buckets.
+fn fnv1a(salt: &[u8], value: &[u8]) -> u64 {
+    salt.iter().chain(value).fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The host a request names in header `name`, normalised.

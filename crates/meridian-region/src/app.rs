@@ -186,6 +186,10 @@ impl App {
         self.dir.join("versions").join(format!("{id}.tar"))
     }
 
+    fn split_file(&self) -> PathBuf {
+        self.dir.join("split")
+    }
+
     fn kv_file(&self) -> PathBuf {
         self.dir.join("kv.redb")
     }
@@ -222,6 +226,10 @@ impl App {
         if self.active().is_some_and(|a| a.id == split.version) {
             return Err(format!("version {} is already the active one", split.version.short()));
         }
+        // Recorded, so a region that restarts mid-rollout keeps the split.
+        let bytes = serde_json::to_vec(split).map_err(|e| e.to_string())?;
+        meridian_core::fs::write_atomic(&self.split_file(), &bytes)
+            .map_err(|e| format!("cannot record the split: {e}"))?;
         self.canary.store(Some(Arc::new(Canary { version: d, percent: split.percent })));
         tracing::info!(app = %self.name, version = split.version.short(), percent = split.percent, "traffic split");
         Ok(())
@@ -229,6 +237,7 @@ impl App {
 
     /// Ends a split: every client back on the active version.
     pub fn clear_split(&self) {
+        let _ = std::fs::remove_file(self.split_file());
         if self.canary.swap(None).is_some() {
             tracing::info!(app = %self.name, "traffic split ended");
         }
@@ -299,6 +308,11 @@ impl App {
         if self.kv_file().exists() {
             self.kv_or_open(node)?;
         }
+        let split: Option<Split> = match std::fs::read(self.split_file()) {
+            Ok(b) => Some(serde_json::from_slice(&b)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
         if let Ok(id) = std::fs::read_to_string(self.active_file()) {
             let id: VersionId = id.trim().parse()?;
             let tar = std::fs::read(self.bundle_path(&id))?;
@@ -306,6 +320,14 @@ impl App {
             self.install(node, host, &id, Bytes::from(tar)).await?;
             self.activate(node, &id).map_err(anyhow::Error::msg)?;
             tracing::info!(app = %self.name, version = id.short(), elapsed = ?t.elapsed(), "restored active version");
+        }
+        // A rollout's split survives a restart (activate above removed the
+        // file; it is read first).
+        if let Some(split) = split {
+            let tar = std::fs::read(self.bundle_path(&split.version))?;
+            self.install(node, host, &split.version, Bytes::from(tar)).await?;
+            self.set_split(&split).map_err(anyhow::Error::msg)?;
+            tracing::info!(app = %self.name, version = split.version.short(), percent = split.percent, "restored traffic split");
         }
         Ok(())
     }
@@ -385,6 +407,7 @@ impl App {
         }
         let previous = self.active.swap(Some(d)).map(|p| p.id.clone());
         // A rollout that reached 100 % ends its split here.
+        let _ = std::fs::remove_file(self.split_file());
         self.canary.store(None);
         // Keep the new and the previous version in memory (a rollback is a
         // pointer swap); older ones are dropped once their last request ends.

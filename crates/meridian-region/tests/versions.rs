@@ -70,6 +70,9 @@ async fn versions_switch_old_ones_leave_memory_and_a_restart_needs_no_compilatio
         let other = region.app("other").unwrap();
         let err = region.install(&other, &bundles[0].id, Bytes::from(bundles[0].to_tar())).await.err().unwrap();
         assert!(err.to_string().contains("is app \"hello\""), "{err}");
+        // A rollout's split (a share of new clients on an installed version).
+        let split = meridian_core::wire::Split { version: bundles[1].id.clone(), percent: 30 };
+        hello.set_split(&split).unwrap();
         region.shutdown().await;
     }
     // Restart: the apps come back, the active version from disk, compiled
@@ -79,4 +82,8 @@ async fn versions_switch_old_ones_leave_memory_and_a_restart_needs_no_compilatio
     let active = region.app("hello").unwrap().active().expect("active version restored");
     assert_eq!(active.id, bundles[2].id);
     assert!(active.all_cached, "a restart recompiled the component");
+    // ...and the split survived the restart.
+    let status = region.status();
+    let split = status.app("hello").unwrap().split.clone().expect("split restored");
+    assert_eq!((split.version, split.percent), (bundles[1].id.clone(), 30));
 }

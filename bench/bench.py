@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout|large] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
@@ -467,6 +467,92 @@ def bench_rollout(work, runs=10):
         print(f"| {breach[0]} | {max(back)} | {max(back) - breach[0]} | < 1000 |")
 
 
+def build_python_components(work, n=4):
+    """n distinct componentize-py components (bench/large/app.py, each with
+    its own greeting), built here: `pip install componentize-py==0.17.2`."""
+    import glob
+    wit = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/wasmtime-wasi-http-48.0.8/wit"))
+    if not wit or not shutil.which("componentize-py"):
+        raise RuntimeError("needs componentize-py (pip) and the wasmtime-wasi-http 48.0.8 crate source (cargo fetch)")
+    out = []
+    for i in range(n):
+        d = os.path.join(work, f"py{i}")
+        os.makedirs(d, exist_ok=True)
+        shutil.copytree(wit[0], os.path.join(d, "wit"), dirs_exist_ok=True)
+        src = open(os.path.join(ROOT, "bench", "large", "app.py")).read()
+        open(os.path.join(d, "app.py"), "w").write(src.replace("Hello from Python 0", f"Hello from Python {i}"))
+        subprocess.run(["componentize-py", "--features", "clocks-timezone,network-error-code", "-d", "wit", "-w", "wasi:http/proxy@0.2.12", "bindings", "."],
+                       cwd=d, check=True, capture_output=True)
+        subprocess.run(["componentize-py", "--features", "clocks-timezone,network-error-code", "-d", "wit", "-w", "wasi:http/proxy@0.2.12", "componentize",
+                        "app", "-o", f"py{i}.wasm"], cwd=d, check=True, capture_output=True)
+        out.append(os.path.join(d, f"py{i}.wasm"))
+    return out
+
+
+def bench_large(work, duration):
+    """An app of four componentize-py components: deploy to three regions
+    until every one serves it, vs `wasmtime compile` of the four one after
+    another; then serving one of them vs `wasmtime serve`."""
+    wasms = build_python_components(work)
+    mib = sum(os.path.getsize(w) for w in wasms) / 2**20
+    # The peer: wasmtime compile, one after another.
+    t0 = time.monotonic()
+    for w in wasms:
+        subprocess.run(["wasmtime", "compile", w, "-o", w + ".cwasm"], check=True, capture_output=True)
+    wasmtime_s = time.monotonic() - t0
+    wdir, wj = dev_world(work)
+    app = os.path.join(work, "big")
+    os.makedirs(os.path.join(app, "c"), exist_ok=True)
+    manifest = '[app]\nname = "big"\n[limits]\nmemory_mb = 256\ndeadline_ms = 10000\n'
+    for i, w in enumerate(wasms):
+        shutil.copy(w, os.path.join(app, "c", f"py{i}.wasm"))
+        manifest += f'[components.py{i}]\nsource = "c/py{i}.wasm"\n[[routes]]\npath = "/p{i}"\ncomponent = "py{i}"\n'
+    open(os.path.join(app, "meridian.toml"), "w").write(manifest)
+    subprocess.run([MERIDIAN, "apps", "create", "big", "--world", wdir], check=True, capture_output=True)
+    regions = [int(r["url"].rsplit(":", 1)[1]) for r in wj["regions"]]
+
+    def serves(port, i):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.request("GET", f"/p{i}", headers={"Host": "big.localhost"})
+            r = c.getresponse()
+            return r.status == 200 and f"Python {i}".encode() in r.read()
+        except OSError:
+            return False
+
+    t0 = time.monotonic()
+    subprocess.run([MERIDIAN, "deploy", app, "--world", wdir], check=True, capture_output=True)
+    for port in regions:
+        for i in range(len(wasms)):
+            while not serves(port, i):
+                time.sleep(0.05)
+    meridian_s = time.monotonic() - t0
+    # Serving: the region's public port vs wasmtime serve, same component.
+    us = regions[0]
+    script = os.path.join(work, "host.lua")
+    open(script, "w").write('wrk.headers["Host"] = "big.localhost"\n')
+    wt_port = free_port()
+    start(["wasmtime", "serve", "-S", "cli", f"--addr=127.0.0.1:{wt_port}", wasms[0]], os.path.join(work, "wt.log"))
+    wait_port(wt_port)
+
+    def wrk_s(url, extra):
+        out = subprocess.run(["wrk", "-t1", "-c8", f"-d{duration}s", "--latency", *extra, url],
+                             capture_output=True, text=True, check=True).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        m = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
+        return rps, float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    m_rps, m_p99 = wrk_s(f"http://127.0.0.1:{us}/p0", ["-s", script])
+    w_rps, w_p99 = wrk_s(f"http://127.0.0.1:{wt_port}/", [])
+    print(f"\n## Large components: four componentize-py components ({mib:.0f} MiB in all)\n")
+    print("| measure | Meridian | wasmtime | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| deploy to 3 regions until all serve / `wasmtime compile` x4 sequentially, s | {meridian_s:.1f} | "
+          f"{wasmtime_s:.1f} | {meridian_s / wasmtime_s:.2f}x | <= 1.0x |")
+    print(f"| serving one, req/s (wrk -c8, {duration}s) | {m_rps:.0f} | {w_rps:.0f} | {m_rps / w_rps:.2f}x | >= 1.0x |")
+    print(f"| serving one, p99 ms | {m_p99:.1f} | {w_p99:.1f} | {m_p99 / w_p99:.2f}x | |")
+
+
 PUT_LUA = """
 counter = 0
 local body = string.rep("v", 100)
@@ -704,7 +790,7 @@ def bench_strong(work, writes=100):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong",
-                                                         "density", "rollout"])
+                                                         "density", "rollout", "large"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -714,10 +800,11 @@ def main():
     try:
         for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
-                         ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout)]:
+                         ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
+                         ("large", bench_large)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "edge", "replication", "kvget", "density"):
+                if name in ("host", "edge", "replication", "kvget", "density", "large"):
                     fn(work, a.duration)
                 else:
                     fn(work)

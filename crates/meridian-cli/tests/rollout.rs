@@ -368,3 +368,37 @@ async fn a_region_down_during_a_rollout_gets_the_version_when_it_returns() {
     let (ok, status) = w.cli(&["status"]);
     assert!(ok && !status.contains("DRIFT") && !status.contains("DOWN"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_component_is_compiled_once_by_the_control_plane_and_loaded_by_every_region() {
+    let w = World::start(&[]);
+    // A component no one has compiled yet: hello.wasm with a custom section.
+    let app = single_component_app(
+        "hello.wasm",
+        "[app]\nname = \"fresh\"\n[components.h]\nsource = \"c/hello.wasm\"\n[[routes]]\npath = \"/\"\ncomponent = \"h\"\n",
+    );
+    let wasm = app.path().join("c/hello.wasm");
+    let (name, payload) = (b"meridian-test", format!("{:?}", Instant::now()).into_bytes());
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(&payload);
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    bytes.push(0);
+    bytes.push(section.len() as u8);
+    bytes.extend_from_slice(&section);
+    std::fs::write(&wasm, &bytes).unwrap();
+
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "{out}");
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(r) && l.contains("active"))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(line.contains("loaded compiled code"), "{r} compiled it itself: {out}");
+    }
+    let compiled: Vec<_> = std::fs::read_dir(w.dir.path().join("data/control/compiled")).unwrap().flatten().collect();
+    assert!(!compiled.is_empty(), "the control plane kept no compiled code");
+    let r = get(&client(), &format!("{}/hello", w.edge("edge-eu-west")), &[("host", "fresh.localhost")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -107,6 +107,9 @@ pub struct Control {
     finished: Mutex<std::collections::HashMap<String, rollout::RolloutStatus>>,
     /// Every change asked of this control plane.
     audit: audit::Audit,
+    /// Compiles each component once for every region (same engine
+    /// configuration; its compile cache keeps what was compiled).
+    compiler: Arc<meridian_host::Host>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -184,6 +187,11 @@ impl Control {
         };
         let tokens = Tokens::open(config.data_dir.join("tokens.json"), &token)?;
         let audit = audit::Audit::open(config.data_dir.join("audit.jsonl"))?;
+        let compiler = Arc::new(meridian_host::Host::new(meridian_host::HostConfig {
+            cache_dir: config.data_dir.join("compiled"),
+            max_instances: 1,
+            max_memory_mb: 64,
+        })?);
         Ok(Arc::new(Control {
             config,
             tokens,
@@ -194,6 +202,7 @@ impl Control {
             rollouts: Default::default(),
             finished: Default::default(),
             audit,
+            compiler,
         }))
     }
 
@@ -268,6 +277,85 @@ impl Control {
             })
         });
         futures::future::join_all(calls).await;
+    }
+
+    /// Compiles the bundle's components the regions do not have yet (in
+    /// parallel, from this node's cache if compiled before) and sends each
+    /// region the ones it lacks.
+    async fn ship_compiled(&self, bundle: &Bundle) {
+        use sha2::Digest;
+        let mut components: std::collections::BTreeMap<String, Bytes> = Default::default();
+        for c in bundle.manifest.components.values() {
+            if let Some(wasm) = bundle.files.get(&c.source) {
+                components.insert(hex::encode(sha2::Sha256::digest(wasm)), Bytes::from(wasm.clone()));
+            }
+        }
+        // Which region lacks which.
+        let digests: Vec<String> = components.keys().cloned().collect();
+        let digests = &digests;
+        let lacks = futures::future::join_all(self.config.regions.iter().map(|r| async move {
+            let mut missing = Vec::new();
+            for d in digests {
+                let path = format!("compiled/{d}");
+                if let RegionCall::Refused(_) =
+                    self.call(r, Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await
+                {
+                    missing.push(d.clone());
+                }
+            }
+            (r, missing)
+        }))
+        .await;
+        let needed: BTreeSet<&String> = lacks.iter().flat_map(|(_, m)| m).collect();
+        if needed.is_empty() {
+            return;
+        }
+        let t = std::time::Instant::now();
+        let compiled = futures::future::join_all(needed.iter().map(|d| {
+            let (compiler, wasm, d) = (self.compiler.clone(), components[*d].clone(), (*d).clone());
+            async move {
+                let r = tokio::task::spawn_blocking(move || compiler.compile(&wasm)).await;
+                (d, r)
+            }
+        }))
+        .await;
+        let mut artifacts: std::collections::BTreeMap<String, Bytes> = Default::default();
+        for (d, r) in compiled {
+            match r {
+                Ok(Ok(a)) => {
+                    artifacts.insert(d, Bytes::from(a));
+                }
+                Ok(Err(e)) => tracing::warn!(component = %d, error = %e, "cannot compile; regions will try"),
+                Err(e) => tracing::warn!(component = %d, error = %e, "compile task failed"),
+            }
+        }
+        tracing::info!(components = artifacts.len(), elapsed = ?t.elapsed(), "compiled for the regions");
+        let engine = self.compiler.engine_key();
+        futures::future::join_all(lacks.iter().map(|(r, missing)| {
+            let (artifacts, engine) = (&artifacts, &engine);
+            async move {
+                for d in missing {
+                    let Some(a) = artifacts.get(d) else { continue };
+                    let target = match Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region))
+                    {
+                        Ok(t) => t,
+                        Err(_) => continue,
+                    };
+                    let path = format!("{}compiled/{d}", headers::RESERVED_PREFIX);
+                    let hs = [(headers::ENGINE, engine.as_str())];
+                    match self
+                        .client
+                        .call_with(&target, Method::PUT, &path, &hs, a.clone(), Duration::from_secs(300))
+                        .await
+                    {
+                        Ok(ans) if ans.status.is_success() => {}
+                        Ok(ans) => tracing::info!(region = %r.name, answer = %ans.text(), "compiled code not taken"),
+                        Err(e) => tracing::debug!(region = %r.name, error = %e, "compiled code not sent"),
+                    }
+                }
+            }
+        }))
+        .await;
     }
 
     /// Creates an app (or changes its hostnames and default flag).
@@ -404,7 +492,11 @@ impl Control {
             meridian_core::fs::write_atomic(&path, &tar)
                 .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the version: {e}")))?;
         }
-        // Phase 1: install (compile) everywhere reachable.
+        // Phase 0: compile each component once, here, and ship the machine
+        // code to the regions that lack it (they load it at install instead
+        // of compiling). Best effort: a region that did not get it compiles.
+        self.ship_compiled(&bundle).await;
+        // Phase 1: install everywhere reachable.
         let install_timeout = Duration::from_secs(300);
         let install_path = format!("apps/{app}/versions/{id}");
         let installs = self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout).await;
@@ -412,7 +504,18 @@ impl Control {
         let mut refused = Vec::new();
         for (r, res) in self.config.regions.iter().zip(installs) {
             match res {
-                RegionCall::Ok(_) => outcomes.push((r, true, String::new())),
+                RegionCall::Ok(answer) => {
+                    // Whether the region loaded machine code (shipped from
+                    // here, or compiled before) or had to compile.
+                    let cached =
+                        serde_json::from_str::<serde_json::Value>(&answer).ok().and_then(|v| v["from_cache"].as_bool());
+                    let note = match cached {
+                        Some(true) => "loaded compiled code",
+                        Some(false) => "compiled in the region",
+                        None => "",
+                    };
+                    outcomes.push((r, true, note.to_string()))
+                }
                 RegionCall::Unreachable(e) => outcomes.push((r, false, e)),
                 RegionCall::Refused(e) => refused.push(e),
             }
@@ -523,9 +626,7 @@ impl Control {
             .map(|(r, installed, err)| {
                 let ok = steps.iter().any(|s| s.region == r && s.step == "100%" && s.ok);
                 match (installed, ok) {
-                    (true, true) => {
-                        RegionOutcome { region: r.clone(), outcome: "active".into(), detail: String::new() }
-                    }
+                    (true, true) => RegionOutcome { region: r.clone(), outcome: "active".into(), detail: err },
                     (_, _) => RegionOutcome { region: r.clone(), outcome: "pending".into(), detail: err },
                 }
             })

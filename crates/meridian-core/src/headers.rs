@@ -36,5 +36,7 @@ pub const VERSION_OVERRIDE: &str = "x-meridian-version-override";
 /// The cookie that keeps a client on one version while a region splits an
 /// app's traffic between two.
 pub const VERSION_COOKIE: &str = "meridian-version";
+/// The engine (compatibility hash) a shipped compiled artifact was made for.
+pub const ENGINE: &str = "x-meridian-engine";
 /// Set on a request a region forwarded to another one (never forwarded again).
 pub const FORWARDED: &str = "x-meridian-forwarded";

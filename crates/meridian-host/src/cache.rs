@@ -11,10 +11,14 @@ use wasmtime::Engine;
 /// (wasmtime version, target, tunables), so a changed engine never loads a
 /// stale artifact.
 pub(crate) fn path_for(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
+    dir.join(format!("{}-{}.cwasm", hex::encode(Sha256::digest(wasm)), engine_key(engine)))
+}
+
+/// The engine's compatibility hash as a short hex string.
+pub(crate) fn engine_key(engine: &Engine) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    let digest = Sha256::digest(wasm);
-    dir.join(format!("{}-{:016x}.cwasm", hex::encode(digest), h.finish()))
+    format!("{:016x}", h.finish())
 }
 
 /// Loads the compiled form of `wasm` from the cache, compiling and storing it
@@ -23,11 +27,18 @@ pub(crate) fn load_or_compile(dir: &Path, engine: &Engine, wasm: &[u8]) -> wasmt
     let path = path_for(dir, engine, wasm);
     if path.is_file() {
         // SAFETY: `deserialize_file` trusts the file to be machine code that
-        // wasmtime produced. Only this module writes into the cache
-        // directory, which lives in the region's private data directory, and
-        // it writes only the output of `Component::serialize` under a name
-        // that encodes this engine's compatibility hash. A torn write cannot
-        // be observed: files appear by atomic rename after fsync.
+        // wasmtime produced for this engine; loading it runs that code. Two
+        // writers fill the cache directory, which lives in the node's private
+        // data directory: this module (the output of `Component::serialize`)
+        // and `Host::accept_artifact`, which a region calls only for
+        // artifacts its control plane sent over mutual TLS with a
+        // certificate of role `control` (the control plane compiled them
+        // with this same wasmtime; loading native code trusts its producer,
+        // as loading this binary does). Both write under a name that encodes
+        // the component's SHA-256 and this engine's compatibility hash, and
+        // wasmtime checks the artifact's own engine header on load. A torn
+        // write cannot be observed: files appear by atomic rename after
+        // fsync.
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(c) => return Ok((c, true)),
             Err(e) => {
@@ -41,4 +52,27 @@ pub(crate) fn load_or_compile(dir: &Path, engine: &Engine, wasm: &[u8]) -> wasmt
     std::fs::create_dir_all(dir)?;
     meridian_core::fs::write_atomic(&path, &bytes)?;
     Ok((component, false))
+}
+
+/// The file an artifact for the component with SHA-256 `digest_hex` and
+/// engine `key` lives in.
+pub(crate) fn path_for_digest(dir: &Path, digest_hex: &str, key: &str) -> PathBuf {
+    dir.join(format!("{digest_hex}-{key}.cwasm"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_engine_key_does_not_depend_on_the_pool_size() {
+        // So a control plane with a small pool compiles for every region.
+        let a = crate::Host::new(crate::HostConfig { cache_dir: "/tmp/x".into(), max_instances: 2, max_memory_mb: 64 })
+            .unwrap();
+        let b = crate::Host::new(crate::HostConfig {
+            cache_dir: "/tmp/x".into(),
+            max_instances: 1000,
+            max_memory_mb: 1024,
+        })
+        .unwrap();
+        assert_eq!(a.engine_key(), b.engine_key());
+    }
 }

@@ -81,6 +81,21 @@ impl Drop for Host {
     }
 }
 
+/// Why compiled code from elsewhere was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("not a SHA-256 in hex")]
+    BadDigest,
+    #[error("compiled for engine {theirs}, this one is {ours}: the region compiles it itself")]
+    OtherEngine { theirs: String, ours: String },
+    #[error("cannot store it: {0}")]
+    Io(std::io::Error),
+}
+
+fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
         let mut pool = PoolingAllocationConfig::new();
@@ -127,6 +142,53 @@ impl Host {
             })
             .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.to_string())))?;
         Ok(Host { engine, linker: Arc::new(linker), config, stop_ticker, own_addrs: Default::default() })
+    }
+
+    /// What compiled code must have been made for to run here: the
+    /// engine's compatibility hash (wasmtime version, target, tunables).
+    pub fn engine_key(&self) -> String {
+        crate::cache::engine_key(&self.engine)
+    }
+
+    /// The compiled form of a component for this engine, from the cache
+    /// or compiled now (and cached): what a control plane ships to regions
+    /// so that a version is compiled once, not once per region.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Vec<u8>, HostError> {
+        let path = crate::cache::path_for(&self.config.cache_dir, &self.engine, wasm);
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Ok(bytes);
+        }
+        let bytes = self.engine.precompile_component(wasm).map_err(HostError::Compile)?;
+        std::fs::create_dir_all(&self.config.cache_dir).map_err(|e| HostError::Engine(e.into()))?;
+        meridian_core::fs::write_atomic(&path, &bytes).map_err(|e| HostError::Engine(e.into()))?;
+        Ok(bytes)
+    }
+
+    /// Whether the cache holds compiled code for the component with this
+    /// SHA-256, for this engine.
+    pub fn has_artifact(&self, digest_hex: &str) -> bool {
+        is_digest(digest_hex)
+            && crate::cache::path_for_digest(&self.config.cache_dir, digest_hex, &self.engine_key()).is_file()
+    }
+
+    /// Takes compiled code made elsewhere into the cache, where the next
+    /// install of that component finds it.
+    ///
+    /// The caller vouches for the artifact's producer: loading it later
+    /// runs its machine code (see the SAFETY note in `cache.rs`). A region
+    /// takes artifacts only from the control plane, over mutual TLS with a
+    /// certificate of role `control`.
+    pub fn accept_artifact(&self, digest_hex: &str, engine_key: &str, artifact: &[u8]) -> Result<(), ArtifactError> {
+        if !is_digest(digest_hex) {
+            return Err(ArtifactError::BadDigest);
+        }
+        let ours = self.engine_key();
+        if engine_key != ours {
+            return Err(ArtifactError::OtherEngine { theirs: engine_key.to_string(), ours });
+        }
+        let path = crate::cache::path_for_digest(&self.config.cache_dir, digest_hex, &ours);
+        std::fs::create_dir_all(&self.config.cache_dir).map_err(ArtifactError::Io)?;
+        meridian_core::fs::write_atomic(&path, artifact).map_err(ArtifactError::Io)
     }
 
     /// The node's own listeners, which guests may never reach whatever

@@ -533,6 +533,36 @@ impl Region {
                 },
                 Err(e) => e.into_response(),
             },
+            // Compiled code the control plane made once for every region.
+            (Method::GET | Method::HEAD, ["compiled", digest]) => {
+                if self.host.has_artifact(digest) {
+                    text(StatusCode::OK, "present")
+                } else {
+                    text(StatusCode::NOT_FOUND, "absent")
+                }
+            }
+            (Method::PUT, ["compiled", digest]) => {
+                let digest = digest.to_string();
+                let engine = req.headers().get(headers::ENGINE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                let limit = (self.config.max_bundle_mb as usize) << 22;
+                let body = match meridian_http::read_body(req.into_body(), limit).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                let host = self.host.clone();
+                let stored = tokio::task::spawn_blocking(move || host.accept_artifact(&digest, &engine, &body)).await;
+                match stored {
+                    Ok(Ok(())) => text(StatusCode::OK, "stored"),
+                    Ok(Err(e @ meridian_host::ArtifactError::OtherEngine { .. })) => {
+                        text(StatusCode::CONFLICT, e.to_string())
+                    }
+                    Ok(Err(e @ meridian_host::ArtifactError::BadDigest)) => {
+                        text(StatusCode::BAD_REQUEST, e.to_string())
+                    }
+                    Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
             (Method::GET, ["apps"]) => {
                 let mut list: Vec<AppRecord> =
                     self.apps.load().by_name.values().map(|a| (**a.record.load()).clone()).collect();
@@ -981,6 +1011,8 @@ pub fn authorize(peer: &meridian_trust::Identity, path: &str) -> Result<(), &'st
         "kv" if api.starts_with("kv/digest/") => &[Role::Region, Role::Operator],
         "kv" | "metrics" | "status" => &[Role::Control, Role::Operator],
         "versions" | "active" | "peers" | "split" | "stats" => &[Role::Control, Role::Operator],
+        // Native code: only the control plane, which compiled it.
+        "compiled" => &[Role::Control],
         _ => &[Role::Operator],
     };
     role_in(peer, allowed)
@@ -1020,6 +1052,7 @@ mod tests {
             ("/_meridian/active", &[Role::Control, Role::Operator]),
             ("/_meridian/peers", &[Role::Control, Role::Operator]),
             ("/_meridian/anything-new", &[Role::Operator]),
+            ("/_meridian/compiled/abc", &[Role::Control]),
             ("/_meridian/apps", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop", &[Role::Control, Role::Operator]),
             ("/_meridian/apps/shop/repl/stream", &[Role::Region]),

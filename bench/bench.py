@@ -4,8 +4,9 @@ would otherwise pick, in one run, on this machine, and prints ratios.
 
     python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout|large] [--duration S]
 
-Needs: a release build (`cargo build --release`), wrk and nginx (apt), and
-`wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`).
+Needs: a release build (`cargo build --release`), wrk and nginx (apt),
+`wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`), and
+for `large` componentize-py (`pip install componentize-py==0.17.2`).
 Every process it starts listens on 127.0.0.1 and is killed by PID at exit.
 """
 import argparse

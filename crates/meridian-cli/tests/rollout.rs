@@ -399,6 +399,52 @@ async fn a_new_component_is_compiled_once_by_the_control_plane_and_loaded_by_eve
     }
     let compiled: Vec<_> = std::fs::read_dir(w.dir.path().join("data/control/compiled")).unwrap().flatten().collect();
     assert!(!compiled.is_empty(), "the control plane kept no compiled code");
+
+    // Machine code goes into a region only signed by the control plane:
+    // an operator's signature, a forged one, or none are refused, and no
+    // other role may even send it.
+    let digest = "ab".repeat(32);
+    let path = format!("/_meridian/compiled/{digest}");
+    let r = &w.desc.regions[0];
+    let target = meridian_http::cluster::Target::from_url(
+        &r.cluster_url,
+        meridian_trust::Expect::region(&r.name, &r.jurisdiction),
+    )
+    .unwrap();
+    let operator_tls =
+        meridian_trust::Tls::load(meridian_trust::TlsFiles::in_dir(&w.dir.path().join("certs"), "operator")).unwrap();
+    let (sig, cert) = operator_tls.sign(b"anything").unwrap();
+    let (sig, cert) = (hex_encode(&sig), hex_encode(&cert));
+    for (who, headers) in [
+        ("control", vec![]),
+        ("control", vec![("x-meridian-signature", sig.as_str()), ("x-meridian-signer", cert.as_str())]),
+        ("operator", vec![]),
+        ("eu-west", vec![]),
+    ] {
+        let a = w
+            .client_as(who)
+            .call_with(
+                &target,
+                http::Method::PUT,
+                &path,
+                &headers,
+                bytes::Bytes::from_static(b"\x7fELF machine code"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert!(a.status == 400 || a.status == 403, "{who} {headers:?}: {} {}", a.status, a.text());
+    }
+    let cached: Vec<_> = std::fs::read_dir(w.dir.path().join("data").join(&r.name).join("compiled"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&digest))
+        .collect();
+    assert!(cached.is_empty(), "unsigned code reached the cache");
     let r = get(&client(), &format!("{}/hello", w.edge("edge-eu-west")), &[("host", "fresh.localhost")]).await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -342,7 +342,18 @@ impl Control {
                         Err(_) => continue,
                     };
                     let path = format!("{}compiled/{d}", headers::RESERVED_PREFIX);
-                    let hs = [(headers::ENGINE, engine.as_str())];
+                    // Signed with this control plane's certificate: a region
+                    // loads native code only from its control plane.
+                    use sha2::Digest;
+                    let msg = headers::artifact_message(d, engine, &sha2::Sha256::digest(a));
+                    let (sig, cert) = match self.tls.sign(&msg) {
+                        Ok(x) => (hex::encode(x.0), hex::encode(x.1)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot sign compiled code; regions will compile");
+                            continue;
+                        }
+                    };
+                    let hs = [(headers::ENGINE, engine.as_str()), (headers::SIGNATURE, &sig), (headers::SIGNER, &cert)];
                     match self
                         .client
                         .call_with(&target, Method::PUT, &path, &hs, a.clone(), Duration::from_secs(300))

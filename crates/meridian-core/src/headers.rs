@@ -38,5 +38,24 @@ pub const VERSION_OVERRIDE: &str = "x-meridian-version-override";
 pub const VERSION_COOKIE: &str = "meridian-version";
 /// The engine (compatibility hash) a shipped compiled artifact was made for.
 pub const ENGINE: &str = "x-meridian-engine";
+/// A shipped compiled artifact's signature (hex, ECDSA P-256) and the
+/// signer's certificate (hex DER): see [`artifact_message`].
+pub const SIGNATURE: &str = "x-meridian-signature";
+pub const SIGNER: &str = "x-meridian-signer";
+
+/// What the control plane signs for a compiled artifact: the component's
+/// SHA-256 (hex), the engine it was compiled for and the artifact's own
+/// SHA-256, so a signature covers exactly one artifact of one component
+/// for one engine.
+pub fn artifact_message(component_sha256_hex: &str, engine: &str, artifact_sha256: &[u8]) -> Vec<u8> {
+    let mut m = b"meridian-artifact-v1\0".to_vec();
+    m.extend_from_slice(component_sha256_hex.as_bytes());
+    m.push(0);
+    m.extend_from_slice(engine.as_bytes());
+    m.push(0);
+    m.extend_from_slice(artifact_sha256);
+    m
+}
+
 /// Set on a request a region forwarded to another one (never forwarded again).
 pub const FORWARDED: &str = "x-meridian-forwarded";

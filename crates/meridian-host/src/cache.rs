@@ -31,10 +31,12 @@ pub(crate) fn load_or_compile(dir: &Path, engine: &Engine, wasm: &[u8]) -> wasmt
         // writers fill the cache directory, which lives in the node's private
         // data directory: this module (the output of `Component::serialize`)
         // and `Host::accept_artifact`, which a region calls only for
-        // artifacts its control plane sent over mutual TLS with a
-        // certificate of role `control` (the control plane compiled them
-        // with this same wasmtime; loading native code trusts its producer,
-        // as loading this binary does). Both write under a name that encodes
+        // artifacts signed by its cluster's control plane (a certificate of
+        // role `control` from the cluster CA, over this component's SHA-256,
+        // this engine's key and the artifact's SHA-256), received over
+        // mutual TLS from that role (the control plane compiled them with
+        // this same wasmtime; loading native code trusts its producer, as
+        // loading this binary does). Both write under a name that encodes
         // the component's SHA-256 and this engine's compatibility hash, and
         // wasmtime checks the artifact's own engine header on load. A torn
         // write cannot be observed: files appear by atomic rename after

@@ -176,8 +176,7 @@ impl Host {
     ///
     /// The caller vouches for the artifact's producer: loading it later
     /// runs its machine code (see the SAFETY note in `cache.rs`). A region
-    /// takes artifacts only from the control plane, over mutual TLS with a
-    /// certificate of role `control`.
+    /// takes artifacts only signed by its control plane's certificate.
     pub fn accept_artifact(&self, digest_hex: &str, engine_key: &str, artifact: &[u8]) -> Result<(), ArtifactError> {
         if !is_digest(digest_hex) {
             return Err(ArtifactError::BadDigest);

@@ -543,23 +543,50 @@ impl Region {
             }
             (Method::PUT, ["compiled", digest]) => {
                 let digest = digest.to_string();
+                let req_headers = req.headers().clone();
                 let engine = req.headers().get(headers::ENGINE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 let limit = (self.config.max_bundle_mb as usize) << 22;
                 let body = match meridian_http::read_body(req.into_body(), limit).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
-                let host = self.host.clone();
-                let stored = tokio::task::spawn_blocking(move || host.accept_artifact(&digest, &engine, &body)).await;
+                let header =
+                    |n: &str| req_headers.get(n).and_then(|v| v.to_str().ok()).and_then(|v| hex::decode(v).ok());
+                let (Some(sig), Some(cert)) = (header(headers::SIGNATURE), header(headers::SIGNER)) else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "compiled code must come signed (x-meridian-signature, x-meridian-signer)",
+                    );
+                };
+                let (host, tls) = (self.host.clone(), self.tls.clone());
+                let stored = tokio::task::spawn_blocking(move || {
+                    // Loading native code trusts its producer: only code the
+                    // control plane signed for this component and engine.
+                    use sha2::Digest;
+                    let msg = headers::artifact_message(&digest, &engine, &sha2::Sha256::digest(&body));
+                    match tls.verify_signed(&cert, &msg, &sig) {
+                        Ok(who) if who.role == Role::Control => {}
+                        Ok(who) => return Err(ArtifactRefused::NotControl(who)),
+                        Err(e) => return Err(ArtifactRefused::Signature(e)),
+                    }
+                    host.accept_artifact(&digest, &engine, &body).map_err(ArtifactRefused::Stored)
+                })
+                .await;
                 match stored {
                     Ok(Ok(())) => text(StatusCode::OK, "stored"),
-                    Ok(Err(e @ meridian_host::ArtifactError::OtherEngine { .. })) => {
-                        text(StatusCode::CONFLICT, e.to_string())
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "compiled code refused");
+                        let status = match e {
+                            ArtifactRefused::Stored(meridian_host::ArtifactError::Io(_)) => {
+                                StatusCode::INTERNAL_SERVER_ERROR
+                            }
+                            ArtifactRefused::Stored(meridian_host::ArtifactError::OtherEngine { .. }) => {
+                                StatusCode::CONFLICT
+                            }
+                            _ => StatusCode::FORBIDDEN,
+                        };
+                        text(status, format!("compiled code refused: {e}"))
                     }
-                    Ok(Err(e @ meridian_host::ArtifactError::BadDigest)) => {
-                        text(StatusCode::BAD_REQUEST, e.to_string())
-                    }
-                    Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }
@@ -875,6 +902,17 @@ fn merge_exposition(texts: &[String]) -> String {
         }
     }
     out
+}
+
+/// Why a region did not take compiled code it was sent.
+#[derive(Debug, thiserror::Error)]
+enum ArtifactRefused {
+    #[error("the signature does not hold: {0}")]
+    Signature(meridian_trust::TrustError),
+    #[error("signed by {0}, not the control plane")]
+    NotControl(meridian_trust::Identity),
+    #[error("{0}")]
+    Stored(meridian_host::ArtifactError),
 }
 
 /// Why no version of an app can serve a request here.

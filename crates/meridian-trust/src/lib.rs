@@ -51,4 +51,10 @@ pub enum TrustError {
     MissingJurisdiction,
     #[error("only region certificates carry a jurisdiction")]
     UnexpectedJurisdiction,
+    #[error("this node's key cannot sign with ECDSA P-256")]
+    CannotSign,
+    #[error("the signer's certificate is not from this cluster's CA: {0}")]
+    UntrustedSigner(String),
+    #[error("the signature does not verify")]
+    BadSignature,
 }

@@ -98,6 +98,12 @@ impl Expect {
 
 struct Loaded {
     identity: Identity,
+    /// This node's certificate (DER), sent along with what it signs.
+    cert_der: CertificateDer<'static>,
+    /// Signs with this node's key (ECDSA P-256, SHA-256, ASN.1).
+    signer: Box<dyn rustls::sign::Signer>,
+    /// Checks that a certificate chains to the cluster CA.
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     server_required: Arc<ServerConfig>,
     server_optional: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
@@ -148,6 +154,10 @@ fn build(files: &TlsFiles) -> Result<Loaded, TrustError> {
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| TrustError::Pem { path: files.key.clone(), what: e.to_string() })?;
 
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?
+        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or(TrustError::CannotSign)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
     let server = |auth: ClientAuth| -> Result<Arc<ServerConfig>, TrustError> {
         let mut v = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
         if auth == ClientAuth::Optional {
@@ -170,6 +180,9 @@ fn build(files: &TlsFiles) -> Result<Loaded, TrustError> {
     source.extend_from_slice(&key_pem);
     Ok(Loaded {
         identity,
+        cert_der: chain[0].clone(),
+        signer,
+        verifier,
         server_required: server(ClientAuth::Required)?,
         server_optional: server(ClientAuth::Optional)?,
         client: Arc::new(client),
@@ -186,6 +199,33 @@ impl Tls {
     /// Who this node is, by its own certificate.
     pub fn identity(&self) -> Identity {
         self.loaded.load().identity.clone()
+    }
+
+    /// Signs `msg` with this node's key; returns the signature and this
+    /// node's certificate (DER), which is what a verifier needs.
+    pub fn sign(&self, msg: &[u8]) -> Result<(Vec<u8>, Vec<u8>), TrustError> {
+        let l = self.loaded.load();
+        let sig = l.signer.sign(msg)?;
+        Ok((sig, l.cert_der.to_vec()))
+    }
+
+    /// Checks that `cert_der` is a certificate of this cluster's CA and that
+    /// its key signed `msg`; returns whose it is. The caller decides what
+    /// that identity may vouch for.
+    pub fn verify_signed(&self, cert_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<Identity, TrustError> {
+        let cert = CertificateDer::from(cert_der.to_vec());
+        self.loaded
+            .load()
+            .verifier
+            .verify_client_cert(&cert, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| TrustError::UntrustedSigner(e.to_string()))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(cert_der).map_err(|e| TrustError::UntrustedSigner(e.to_string()))?;
+        let point = &parsed.public_key().subject_public_key.data;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, point)
+            .verify(msg, sig)
+            .map_err(|_| TrustError::BadSignature)?;
+        Identity::from_cert_der(&cert)
     }
 
     pub fn server_config(&self, auth: ClientAuth) -> Arc<ServerConfig> {
@@ -383,5 +423,21 @@ mod tests {
             handshake(&us, Some(eu.client_config()), &Expect::region("us-east", "us")).await.unwrap(),
             Some(eu.identity())
         );
+    }
+
+    #[test]
+    fn a_signature_names_its_signer_and_binds_the_message() {
+        let pki = Pki::new();
+        let control = pki.node("control", Role::Control, None);
+        let region = pki.node("eu-west", Role::Region, Some("eu"));
+        let (sig, cert) = control.sign(b"artifact digest").unwrap();
+        let who = region.verify_signed(&cert, b"artifact digest", &sig).unwrap();
+        assert_eq!((who.name.as_str(), who.role), ("control", Role::Control));
+        assert!(matches!(region.verify_signed(&cert, b"another digest", &sig), Err(TrustError::BadSignature)));
+        // A signer whose certificate another CA issued is nobody here.
+        let other = Pki::new();
+        let stranger = other.node("control", Role::Control, None);
+        let (sig, cert) = stranger.sign(b"artifact digest").unwrap();
+        assert!(matches!(region.verify_signed(&cert, b"artifact digest", &sig), Err(TrustError::UntrustedSigner(_))));
     }
 }

@@ -837,18 +837,16 @@ impl Control {
         }
     }
 
+    /// The apps a caller may read (an app token: its own app only).
+    fn readable_apps(&self, caller: &Caller) -> Vec<AppState> {
+        let state = self.state.lock().unwrap();
+        state.apps.values().filter(|a| caller.may(Scope::Read, &a.record.name)).cloned().collect()
+    }
+
     /// Every app the caller may read, with its desired version and what
     /// each region runs.
     pub async fn status(&self, caller: &Caller) -> serde_json::Value {
-        let apps: Vec<AppState> = self
-            .state
-            .lock()
-            .unwrap()
-            .apps
-            .values()
-            .filter(|a| caller.may(Scope::Read, &a.record.name))
-            .cloned()
-            .collect();
+        let apps = self.readable_apps(caller);
         let calls = self.call_all(Method::GET, "status", Bytes::new(), Duration::from_secs(2)).await;
         let regions: Vec<(String, Result<RegionStatus, String>)> = self
             .config
@@ -1001,12 +999,8 @@ impl Control {
             (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status(&caller).await),
             (Method::GET, ["v1", "apps"]) => {
                 let list: Vec<serde_json::Value> = self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .apps
-                    .values()
-                    .filter(|a| caller.may(Scope::Read, &a.record.name))
+                    .readable_apps(&caller)
+                    .iter()
                     .map(|a| {
                         serde_json::json!({
                             "name": a.record.name,

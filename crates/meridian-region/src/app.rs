@@ -133,7 +133,13 @@ impl App {
     pub fn create(data_dir: &Path, record: AppRecord) -> std::io::Result<App> {
         let dir = App::dir_in(data_dir, &record.name);
         std::fs::create_dir_all(dir.join("versions"))?;
-        let app = App {
+        let app = App::new(record, dir);
+        app.save_record()?;
+        Ok(app)
+    }
+
+    fn new(record: AppRecord, dir: PathBuf) -> App {
+        App {
             name: record.name.clone(),
             record: ArcSwap::from_pointee(record),
             dir,
@@ -143,9 +149,7 @@ impl App {
             kv: ArcSwapOption::empty(),
             kv_open: Mutex::new(()),
             counters: Counters::default(),
-        };
-        app.save_record()?;
-        Ok(app)
+        }
     }
 
     /// The app recorded in `dir`, if it holds a readable record.
@@ -155,17 +159,7 @@ impl App {
             Ok(r) => r,
             Err(e) => return Some(Err(format!("{}: {e}", dir.join("app.json").display()))),
         };
-        Some(Ok(App {
-            name: record.name.clone(),
-            record: ArcSwap::from_pointee(record),
-            dir: dir.to_path_buf(),
-            active: ArcSwapOption::empty(),
-            canary: ArcSwapOption::empty(),
-            installed: Mutex::new(HashMap::new()),
-            kv: ArcSwapOption::empty(),
-            kv_open: Mutex::new(()),
-            counters: Counters::default(),
-        }))
+        Some(Ok(App::new(record, dir.to_path_buf())))
     }
 
     pub fn set_record(&self, record: AppRecord) -> std::io::Result<()> {

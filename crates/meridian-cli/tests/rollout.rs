@@ -167,8 +167,14 @@ async fn a_version_failing_its_smoke_test_never_takes_user_traffic() {
     }
     // A passing smoke test lets the version through.
     let (app, new) = example_with("\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n", false);
-    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
-    assert!(ok && out.contains("smoke") && out.contains("1 passed"), "{out}");
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap(), "--json"]);
+    assert!(ok, "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').unwrap()..=out.rfind('}').unwrap()]).unwrap();
+    let smoke: Vec<&serde_json::Value> =
+        report["steps"].as_array().unwrap().iter().filter(|s| s["step"] == "smoke").collect();
+    assert_eq!(smoke.len(), 3, "a smoke test in every region: {out}");
+    assert!(smoke.iter().all(|s| s["ok"] == true && s["detail"] == "1 passed"), "{out}");
     let r = get(&client(), &format!("{}/hello", w.edge("edge-eu-west")), &[]).await;
     assert_eq!(r.header("x-meridian-version"), new);
 }

@@ -17,6 +17,10 @@ pub struct Args {
     pub dir: PathBuf,
     #[command(flatten)]
     pub control: ControlArgs,
+    /// Print the deploy report (regions, every rollout step) as JSON,
+    /// without live progress.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How to reach a control plane: the running dev world's, or any one.
@@ -95,7 +99,11 @@ impl ControlArgs {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, operator) = a.control.connect()?;
-    let report = deploy_dir(&operator, &url, &a.dir, true).await?;
+    let report = deploy_dir(&operator, &url, &a.dir, !a.json).await?;
+    if a.json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     out!("deployed {} version {}", report.app, report.version.short());
     for r in &report.regions {
         if r.detail.is_empty() {

@@ -29,6 +29,8 @@ pub struct RollbackArgs {
     /// before the current one).
     #[arg(long)]
     pub to: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn versions(a: VersionsArgs) -> anyhow::Result<()> {
@@ -64,6 +66,10 @@ pub async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
         anyhow::bail!("rollback refused ({status}): {}", String::from_utf8_lossy(&body).trim());
     }
     let r: DeployReport = serde_json::from_slice(&body)?;
+    if a.json {
+        out!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     out!("{} rolled back to version {}", r.app, r.version.short());
     for o in &r.regions {
         if o.detail.is_empty() {

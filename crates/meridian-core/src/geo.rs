@@ -43,6 +43,32 @@ impl GeoPoint {
     }
 }
 
+impl GeoPoint {
+    /// The point as a unit vector from the Earth's centre: computed once
+    /// per region, it makes "which is nearer" a dot product instead of
+    /// trigonometry per region per request.
+    pub fn unit(&self) -> UnitVector {
+        let (lat, lon) = (self.lat.to_radians(), self.lon.to_radians());
+        UnitVector([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()])
+    }
+}
+
+/// A point on the globe as a unit vector (see [`GeoPoint::unit`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UnitVector(pub [f64; 3]);
+
+impl UnitVector {
+    /// The cosine of the angle between two points: larger is nearer.
+    pub fn closeness(&self, other: &UnitVector) -> f64 {
+        self.0[0] * other.0[0] + self.0[1] * other.0[1] + self.0[2] * other.0[2]
+    }
+
+    /// Great-circle distance in kilometres.
+    pub fn distance_km(&self, other: &UnitVector) -> f64 {
+        EARTH_RADIUS_KM * self.closeness(other).clamp(-1.0, 1.0).acos()
+    }
+}
+
 impl FromStr for GeoPoint {
     type Err = GeoParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -90,6 +116,24 @@ const COUNTRY_CENTROIDS: &[(&str, f64, f64)] = &[
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unit_vectors_order_and_measure_like_haversine() {
+        let pts = [(38.9, -77.0), (53.35, -6.26), (1.29, 103.85), (-33.9, 151.2), (64.1, -21.9), (0.0, 0.0)];
+        let pts: Vec<GeoPoint> = pts.iter().map(|&(lat, lon)| GeoPoint::new(lat, lon).unwrap()).collect();
+        for a in &pts {
+            for b in &pts {
+                let (h, u) = (a.distance_km(b), a.unit().distance_km(&b.unit()));
+                assert!((h - u).abs() < 1.0, "{a} {b}: {h} vs {u}");
+                for c in &pts {
+                    let nearer = a.distance_km(b) < a.distance_km(c) - 1.0;
+                    if nearer {
+                        assert!(a.unit().closeness(&b.unit()) > a.unit().closeness(&c.unit()));
+                    }
+                }
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -14,7 +14,8 @@ use std::time::Instant;
 fn regions(n: usize) -> Vec<Candidate> {
     (0..n)
         .map(|i| Candidate {
-            location: GeoPoint { lat: -60.0 + (i as f64 * 137.0) % 120.0, lon: -170.0 + (i as f64 * 97.0) % 340.0 },
+            // As an edge holds them: each region's unit vector made once.
+            unit: GeoPoint { lat: -60.0 + (i as f64 * 137.0) % 120.0, lon: -170.0 + (i as f64 * 97.0) % 340.0 }.unit(),
             healthy: i % 5 != 4,
             rtt_ms: Some(5.0 + i as f64 * 11.0),
         })

@@ -106,6 +106,8 @@ struct Upstream {
     host: HeaderValue,
     pool: Arc<pool::Pool>,
     health: Mutex<RegionHealth>,
+    /// Its location as a unit vector, for ranking without trigonometry.
+    unit: meridian_core::geo::UnitVector,
 }
 
 pub struct Edge {
@@ -177,7 +179,13 @@ impl Edge {
                 );
                 let host = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
-                Ok(Upstream { target: r.clone(), host, pool, health: Mutex::new(RegionHealth::new()) })
+                Ok(Upstream {
+                    target: r.clone(),
+                    host,
+                    pool,
+                    health: Mutex::new(RegionHealth::new()),
+                    unit: r.location.unit(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let geoip = match &config.geoip_db {
@@ -272,7 +280,7 @@ impl Edge {
     /// Region indices to try, best first.
     fn plan(&self, client: GeoPoint) -> Vec<usize> {
         let cands: Vec<Candidate> =
-            self.upstreams.iter().map(|u| Candidate::new(u.target.location, &u.health.lock().unwrap())).collect();
+            self.upstreams.iter().map(|u| Candidate::at(u.unit, &u.health.lock().unwrap())).collect();
         rank(self.config.policy, client, &cands)
     }
 

@@ -1,6 +1,7 @@
 //! Which regions to try for a request, in order.
 
 use crate::health::RegionHealth;
+use meridian_core::geo::UnitVector;
 use meridian_core::GeoPoint;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -17,14 +18,20 @@ pub enum Policy {
 /// while sorting.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate {
-    pub location: GeoPoint,
+    /// The region's location as a unit vector, computed once per region.
+    pub unit: UnitVector,
     pub healthy: bool,
     pub rtt_ms: Option<f64>,
 }
 
 impl Candidate {
     pub fn new(location: GeoPoint, health: &RegionHealth) -> Candidate {
-        Candidate { location, healthy: health.healthy, rtt_ms: health.rtt_ms }
+        Candidate::at(location.unit(), health)
+    }
+
+    /// A candidate whose location's unit vector is already known.
+    pub fn at(unit: UnitVector, health: &RegionHealth) -> Candidate {
+        Candidate { unit, healthy: health.healthy, rtt_ms: health.rtt_ms }
     }
 }
 
@@ -34,13 +41,15 @@ impl Candidate {
 /// (the probes may be what is broken), and costs nothing otherwise because
 /// retries stop at the first success.
 pub fn rank(policy: Policy, client: GeoPoint, regions: &[Candidate]) -> Vec<usize> {
-    // Keys are computed once per region: great-circle distance is trig-heavy
-    // and this runs on every request.
+    // Keys are computed once per region, and nearness is a dot product of
+    // unit vectors (the client's trigonometry once, none per region): this
+    // runs on every request. Larger closeness is nearer, so it is negated.
+    let client = client.unit();
     let keys: Vec<(bool, f64, f64, usize)> = regions
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let distance = client.distance_km(&c.location);
+            let distance = -client.closeness(&c.unit);
             let primary = match policy {
                 Policy::Geo => distance,
                 Policy::Latency => c.rtt_ms.unwrap_or(f64::INFINITY),

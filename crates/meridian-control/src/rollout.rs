@@ -426,3 +426,96 @@ fn snippet(s: &str) -> String {
         None => s.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_core::stats::VersionStats;
+
+    fn id(c: char) -> VersionId {
+        c.to_string().repeat(64).parse().unwrap()
+    }
+
+    /// Counters of `version` after `ok` answers taking `ms` and `errors`
+    /// 5xx answers.
+    fn window(version: &VersionId, ok: u64, errors: u64, ms: u64) -> StatsSnapshot {
+        let s = VersionStats::default();
+        for i in 0..ok + errors {
+            s.record(Duration::from_millis(ms), i < errors);
+        }
+        s.snapshot(version)
+    }
+
+    fn judge(rollout: &Rollout, old: Option<StatsSnapshot>, new: StatsSnapshot) -> Result<String, String> {
+        let ctl = RolloutCtl::new("a", new.version.clone(), old.as_ref().map(|o| o.version.clone()));
+        let plan = Plan {
+            started: std::time::Instant::now(),
+            ctl: &ctl,
+            app: "a",
+            old: old.as_ref().map(|o| o.version.clone()),
+            new: new.version.clone(),
+            rollout,
+            smoke: &[],
+        };
+        let after: Vec<StatsSnapshot> = old.into_iter().chain([new]).collect();
+        gate(&plan, Some(&[]), Some(&after))
+    }
+
+    #[test]
+    fn gates_compare_the_new_version_with_the_old_one_in_the_same_window() {
+        let r = Rollout { max_error_percent: 2, max_p99_percent: 200, min_requests: 20, ..Rollout::default() };
+        let (old, new) = (id('a'), id('b'));
+        // Healthy: same errors, same latency.
+        assert!(judge(&r, Some(window(&old, 99, 1, 5)), window(&new, 99, 1, 5)).is_ok());
+        // Errors beyond the old rate + 2 points trip it; within, they pass.
+        let e = judge(&r, Some(window(&old, 99, 1, 5)), window(&new, 95, 5, 5)).unwrap_err();
+        assert!(e.contains("5xx on 5.0% of 100") && e.contains("1.0% on the old"), "{e}");
+        assert!(judge(&r, Some(window(&old, 99, 1, 5)), window(&new, 98, 2, 5)).is_ok());
+        // A p99 over twice the old one + 10 ms trips it; a small one does not.
+        let e = judge(&r, Some(window(&old, 100, 0, 20)), window(&new, 100, 0, 80)).unwrap_err();
+        assert!(e.starts_with("p99"), "{e}");
+        assert!(judge(&r, Some(window(&old, 100, 0, 1)), window(&new, 100, 0, 3)).is_ok(), "+10 ms of slack");
+        // Too few requests to judge: passes, and says so.
+        let ok = judge(&r, Some(window(&old, 100, 0, 5)), window(&new, 5, 5, 5)).unwrap();
+        assert!(ok.starts_with("inconclusive"), "{ok}");
+        // No old version (an app's first): absolute error budget, no p99 gate.
+        assert!(judge(&r, None, window(&new, 100, 0, 900)).is_ok());
+        assert!(judge(&r, None, window(&new, 90, 10, 5)).is_err());
+    }
+
+    #[test]
+    fn default_waves_are_the_first_region_then_the_rest_and_unknown_regions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let ca = meridian_trust::ensure_ca(&certs, "t", 1).unwrap();
+        let me = meridian_trust::Identity::new("control", Role::Control, None).unwrap();
+        meridian_trust::issue(&ca, &me, &certs, 1).unwrap();
+        std::fs::write(dir.path().join("token"), "admin").unwrap();
+        let region = |n: &str| crate::ControlRegion { name: n.into(), url: format!("https://127.0.0.1:1/{n}") };
+        let config = crate::ControlConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            token_file: dir.path().join("token"),
+            tls: meridian_trust::TlsFiles::in_dir(&certs, "control"),
+            regions: vec![region("us-east"), region("eu-west"), region("ap-southeast")],
+            reconcile_interval_ms: 1000,
+            apps_domain: None,
+        };
+        let control = crate::Control::open(config).unwrap();
+        let names = |w: Vec<Vec<&ControlRegion>>| -> Vec<Vec<String>> {
+            w.into_iter().map(|w| w.into_iter().map(|r| r.name.clone()).collect()).collect()
+        };
+        assert_eq!(
+            names(control.waves(&Rollout::default()).unwrap()),
+            vec![vec!["us-east".to_string()], vec!["eu-west".into(), "ap-southeast".into()]]
+        );
+        let r = Rollout { waves: vec![vec!["eu-west".into()]], ..Rollout::default() };
+        assert_eq!(
+            names(control.waves(&r).unwrap()),
+            vec![vec!["eu-west".to_string()], vec!["us-east".into(), "ap-southeast".into()]],
+            "regions no wave names go last"
+        );
+        let r = Rollout { waves: vec![vec!["mars".into()]], ..Rollout::default() };
+        assert!(control.waves(&r).unwrap_err().contains("\"mars\""));
+    }
+}

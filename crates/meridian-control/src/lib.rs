@@ -73,6 +73,14 @@ pub struct ControlRegion {
     pub url: String,
 }
 
+impl ControlRegion {
+    /// Where to reach the region, and who it must prove to be: a region
+    /// certificate with its name.
+    pub fn target(&self) -> Result<Target, CallError> {
+        Target::from_url(self.url.trim_end_matches('/'), Expect::new(&self.name, Role::Region))
+    }
+}
+
 /// One app as the control plane keeps it.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 pub struct AppState {
@@ -234,7 +242,7 @@ impl Control {
         body: Bytes,
         timeout: Duration,
     ) -> RegionCall {
-        let target = match Target::from_url(region.url.trim_end_matches('/'), Expect::new(&region.name, Role::Region)) {
+        let target = match region.target() {
             Ok(t) => t,
             Err(e) => return RegionCall::Refused(e.to_string()),
         };
@@ -336,8 +344,7 @@ impl Control {
             async move {
                 for d in missing {
                     let Some(a) = artifacts.get(d) else { continue };
-                    let target = match Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region))
-                    {
+                    let target = match r.target() {
                         Ok(t) => t,
                         Err(_) => continue,
                     };
@@ -947,7 +954,7 @@ impl Control {
         };
         let mut last = String::from("no region");
         for r in regions {
-            let target = match Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region)) {
+            let target = match r.target() {
                 Ok(t) => t,
                 Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
             };

@@ -20,10 +20,7 @@ use http::Method;
 use meridian_core::stats::StatsSnapshot;
 use meridian_core::wire::Split;
 use meridian_core::{headers, VersionId};
-use meridian_http::cluster::Target;
-use meridian_http::Role;
 use meridian_manifest::{Rollout, SmokeTest};
-use meridian_trust::Expect;
 use std::time::Duration;
 
 /// One thing the rollout did in one region.
@@ -313,8 +310,7 @@ impl Control {
 
     /// Every smoke test against the new version in one region; how many.
     async fn smoke(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<usize, String> {
-        let target = Target::from_url(r.url.trim_end_matches('/'), Expect::new(&r.name, Role::Region))
-            .map_err(|e| e.to_string())?;
+        let target = r.target().map_err(|e| e.to_string())?;
         let new = plan.new.to_string();
         for t in plan.smoke {
             let method = Method::from_bytes(t.method.as_bytes()).map_err(|e| e.to_string())?;
@@ -488,7 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let ca = meridian_trust::ensure_ca(&certs, "t", 1).unwrap();
-        let me = meridian_trust::Identity::new("control", Role::Control, None).unwrap();
+        let me = meridian_trust::Identity::new("control", meridian_trust::Role::Control, None).unwrap();
         meridian_trust::issue(&ca, &me, &certs, 1).unwrap();
         std::fs::write(dir.path().join("token"), "admin").unwrap();
         let region = |n: &str| crate::ControlRegion { name: n.into(), url: format!("https://127.0.0.1:1/{n}") };

@@ -539,19 +539,17 @@ impl KvService {
         }
     }
 
-    /// The key-value state in the Prometheus text format, one family per
-    /// metric with `help` lines only when `with_help` (a node concatenating
-    /// several apps prints them once). Labels are region, app and peer
-    /// names only: no key or value ever appears in metrics.
-    pub fn metrics_text(&self, with_help: bool) -> String {
+    /// The key-value state in the Prometheus text format (a node with
+    /// several apps merges their families, `merge_exposition` in the
+    /// region). Labels are region, app and peer names only: no key or value
+    /// ever appears in metrics.
+    pub fn metrics_text(&self) -> String {
         use std::fmt::Write;
         let s = self.status();
         let (r, app) = (&s.region, &self.app);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-            if with_help {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, v) in rows {
                 let _ = writeln!(out, "{name}{{region=\"{r}\",app=\"{app}\"{labels}}} {v}");
             }
@@ -657,7 +655,7 @@ impl KvService {
             },
             (Method::GET, ["kv", "status"]) => json(StatusCode::OK, &self.status()),
             (Method::GET, ["metrics"]) => {
-                let mut r = Response::new(meridian_http::full(self.metrics_text(true)));
+                let mut r = Response::new(meridian_http::full(self.metrics_text()));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

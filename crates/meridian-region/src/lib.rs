@@ -815,7 +815,7 @@ impl Region {
         let mut apps: Vec<Arc<App>> = self.apps.load().by_name.values().cloned().collect();
         apps.sort_by(|a, b| a.name.cmp(&b.name));
         let mut texts: Vec<String> = vec![self.request_metrics(&apps)];
-        texts.extend(apps.iter().filter_map(|a| a.kv()).map(|kv| kv.metrics_text(true)));
+        texts.extend(apps.iter().filter_map(|a| a.kv()).map(|kv| kv.metrics_text()));
         let mut r = Response::new(meridian_http::full(merge_exposition(&texts)));
         r.headers_mut()
             .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

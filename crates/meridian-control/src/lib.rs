@@ -503,7 +503,7 @@ impl Control {
             ));
         }
         // A plan naming regions this world lacks is refused before anything.
-        self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        let waves = self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
         let id = bundle.id.clone();
         let path = self.bundle_path(&id);
         if !path.exists() {
@@ -555,38 +555,37 @@ impl Control {
         let ctl = Arc::new(rollout::RolloutCtl::new(&app, id.clone(), old.clone()));
         self.rollouts.lock().unwrap().insert(app.clone(), ctl.clone());
         drop(guard);
+        // The plan's waves, by region name (the task owns its data), over
+        // the regions that installed the version.
+        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.name.as_str()).collect();
+        let waves: Vec<Vec<String>> = waves
+            .into_iter()
+            .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).map(|r| r.name.clone()).collect())
+            .filter(|w: &Vec<String>| !w.is_empty())
+            .collect();
         let outcomes: Vec<(String, bool, String)> =
             outcomes.into_iter().map(|(r, ok, e)| (r.name.clone(), ok, e)).collect();
         let this = self.clone();
         let manifest = bundle.manifest;
-        tokio::spawn(async move { this.phase_two(app, id, old, manifest, outcomes, ctl).await })
+        tokio::spawn(async move { this.phase_two(ctl, manifest, waves, outcomes).await })
             .await
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("the rollout task failed: {e}")))?
     }
 
-    /// The rollout of a version every region in `outcomes` marked `true`
-    /// has installed; records the outcome.
+    /// The rollout of a version over `waves` (regions that installed it);
+    /// records the outcome.
     async fn phase_two(
         &self,
-        app: String,
-        id: VersionId,
-        old: Option<VersionId>,
-        manifest: meridian_manifest::Manifest,
-        outcomes: Vec<(String, bool, String)>,
         ctl: Arc<rollout::RolloutCtl>,
+        manifest: meridian_manifest::Manifest,
+        waves: Vec<Vec<String>>,
+        outcomes: Vec<(String, bool, String)>,
     ) -> Result<DeployReport, ApiError> {
-        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.as_str()).collect();
-        let waves: Vec<Vec<&ControlRegion>> = match self.waves(&manifest.rollout) {
-            Ok(w) => w,
-            Err(e) => {
-                self.rollouts.lock().unwrap().remove(&app);
-                return Err((StatusCode::UNPROCESSABLE_ENTITY, e));
-            }
-        };
+        // The app, the version and the one it replaces are the rollout's.
+        let (app, id, old) = (ctl.app.clone(), ctl.version.clone(), ctl.old.clone());
         let waves: Vec<Vec<&ControlRegion>> = waves
-            .into_iter()
-            .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).collect::<Vec<_>>())
-            .filter(|w| !w.is_empty())
+            .iter()
+            .map(|w| w.iter().filter_map(|n| self.config.regions.iter().find(|r| &r.name == n)).collect())
             .collect();
         let plan = rollout::Plan {
             started: std::time::Instant::now(),

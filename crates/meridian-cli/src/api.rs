@@ -97,6 +97,18 @@ impl Operator {
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         self.node(control_url, Expect::new("control", Role::Control), method, path, body, timeout).await
     }
+
+    /// Like [`Operator::control`], but any non-2xx status is an error carrying the body.
+    pub async fn control_ok(
+        &self,
+        control_url: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> anyhow::Result<Bytes> {
+        self.node_ok(control_url, Expect::new("control", Role::Control), method, path, body, timeout).await
+    }
 }
 
 /// A plain-HTTP call with a bearer token (the dev supervisor's chaos API).

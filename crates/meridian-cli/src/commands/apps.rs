@@ -4,6 +4,7 @@
 
 use crate::api::Operator;
 use crate::commands::deploy::ControlArgs;
+use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_control::{DeleteReport, NewApp};
@@ -48,10 +49,10 @@ pub enum Cmd {
 
 pub async fn create(op: &Operator, url: &str, app: &NewApp) -> anyhow::Result<AppRecord> {
     let body = Bytes::from(serde_json::to_vec(app)?);
-    let (status, answer) = op.control(url, Method::POST, "/v1/apps", body, Duration::from_secs(30)).await?;
-    if !status.is_success() {
-        anyhow::bail!("cannot create app {}: {status}: {}", app.name, String::from_utf8_lossy(&answer).trim());
-    }
+    let answer = op
+        .control_ok(url, Method::POST, "/v1/apps", body, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("cannot create app {}", app.name))?;
     Ok(serde_json::from_slice(&answer)?)
 }
 
@@ -59,11 +60,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (url, op) = a.control.connect()?;
     match a.cmd {
         Cmd::List { json } => {
-            let (status, body) =
-                op.control(&url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
-            if !status.is_success() {
-                anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-            }
+            let body = op.control_ok(&url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
             let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&list)?);
@@ -92,11 +89,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 anyhow::bail!("deleting app {name} removes its versions and data from every region; add --yes");
             }
             let path = format!("/v1/apps/{name}");
-            let (status, body) =
-                op.control(&url, Method::DELETE, &path, Bytes::new(), Duration::from_secs(120)).await?;
-            if !status.is_success() {
-                anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-            }
+            let body = op.control_ok(&url, Method::DELETE, &path, Bytes::new(), Duration::from_secs(120)).await?;
             let r: DeleteReport = serde_json::from_slice(&body)?;
             out!("deleted app {}", r.app);
             for rm in &r.removed {

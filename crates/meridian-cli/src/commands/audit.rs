@@ -25,10 +25,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Some(app) => format!("/v1/audit?app={app}"),
         None => "/v1/audit".to_string(),
     };
-    let (status, body) = op.control(&url, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+    let body = op.control_ok(&url, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
     let entries: Vec<Entry> = serde_json::from_slice(&body)?;
     if a.json {
         out!("{}", serde_json::to_string_pretty(&entries)?);

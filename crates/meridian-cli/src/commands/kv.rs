@@ -90,10 +90,10 @@ pub async fn app_or_default(operator: &Operator, url: &str, app: Option<&str>) -
     if let Some(a) = app {
         return Ok(a.to_string());
     }
-    let (status, body) = operator.control(url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10)).await?;
-    if !status.is_success() {
-        anyhow::bail!("cannot list the apps: {status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+    let body = operator
+        .control_ok(url, Method::GET, "/v1/apps", Bytes::new(), Duration::from_secs(10))
+        .await
+        .context("cannot list the apps")?;
     let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
     list.iter()
         .find(|a| a["default"].as_bool() == Some(true))
@@ -116,11 +116,7 @@ async fn kv_call(
     if let Some(r) = region {
         path += &format!("?region={r}");
     }
-    let (status, answer) = operator.control(url, method, &path, body, Duration::from_secs(20)).await?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&answer).trim());
-    }
-    Ok(answer)
+    operator.control_ok(url, method, &path, body, Duration::from_secs(20)).await
 }
 
 struct Session {

@@ -68,10 +68,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Abort => (Method::POST, format!("/v1/apps/{app}/rollout/abort")),
         Cmd::Approve => (Method::POST, format!("/v1/apps/{app}/rollout/approve")),
     };
-    let (status, body) = op.control(&url, method, &path, Bytes::new(), Duration::from_secs(10)).await?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+    let body = op.control_ok(&url, method, &path, Bytes::new(), Duration::from_secs(10)).await?;
     let s: RolloutStatus = serde_json::from_slice(&body)?;
     if a.json {
         out!("{}", serde_json::to_string_pretty(&s)?);

@@ -1,6 +1,7 @@
 //! `meridian status`: every app's versions per region, and health as each
 //! edge sees it.
 
+use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
 use meridian_trust::{Expect, Role};
@@ -18,10 +19,8 @@ pub struct Args {
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let t = Duration::from_secs(5);
     let (url, operator) = a.control.connect()?;
-    let (status, control) = operator.control(&url, Method::GET, "/v1/status", Bytes::new(), t).await?;
-    if !status.is_success() {
-        anyhow::bail!("control plane: {status}: {}", String::from_utf8_lossy(&control).trim());
-    }
+    let control =
+        operator.control_ok(&url, Method::GET, "/v1/status", Bytes::new(), t).await.context("control plane")?;
     let control: serde_json::Value = serde_json::from_slice(&control)?;
     // Key-value replication of every app that has a store (through the
     // control plane; a token without `read` on an app sees none of it).

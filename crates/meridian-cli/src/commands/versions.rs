@@ -37,10 +37,7 @@ pub async fn versions(a: VersionsArgs) -> anyhow::Result<()> {
     let (url, op) = a.control.connect()?;
     let app = crate::commands::kv::app_or_default(&op, &url, a.app.as_deref()).await?;
     let path = format!("/v1/apps/{app}/versions");
-    let (status, body) = op.control(&url, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+    let body = op.control_ok(&url, Method::GET, &path, Bytes::new(), Duration::from_secs(10)).await?;
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     if a.json {
         out!("{}", serde_json::to_string_pretty(&v)?);

@@ -673,7 +673,7 @@ impl Control {
             Some(v) => history
                 .iter()
                 .rev()
-                .find(|h| h.as_str() == v || h.short() == v || h.as_str().starts_with(v))
+                .find(|h| h.is_named(v) || h.as_str().starts_with(v))
                 .cloned()
                 .ok_or_else(|| (StatusCode::NOT_FOUND, format!("app {app:?} never had a version {v:?}")))?,
             None => history

@@ -29,6 +29,12 @@ impl VersionId {
     pub fn short(&self) -> &str {
         &self.0[..12]
     }
+
+    /// Whether `s` names this version: its full id or its short form (what
+    /// headers, cookies and the CLI show).
+    pub fn is_named(&self, s: &str) -> bool {
+        s == self.0 || s == self.short()
+    }
 }
 
 impl FromStr for VersionId {

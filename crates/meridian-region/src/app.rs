@@ -196,7 +196,7 @@ impl App {
     /// taking no traffic at all: what the version-override header reaches).
     pub fn installed(&self, id: &str) -> Option<Arc<Deployed>> {
         let installed = self.installed.lock().unwrap();
-        installed.values().find(|d| d.id.as_str() == id || d.id.short() == id).cloned()
+        installed.values().find(|d| d.id.is_named(id)).cloned()
     }
 
     /// The version a rollout is shifting traffic to here, if any.

@@ -944,7 +944,7 @@ fn pick_version<B>(app: &App, req: &Request<B>) -> Result<(Arc<Deployed>, bool),
     let active = app.active();
     let canary = app.canary();
     let named = |v: &str| {
-        let matches = |d: &Deployed| d.id.as_str() == v || d.id.short() == v;
+        let matches = |d: &Deployed| d.id.is_named(v);
         active
             .iter()
             .find(|d| matches(d))

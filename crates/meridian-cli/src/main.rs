@@ -40,7 +40,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Run a WebAssembly app in many regions at once")]
+#[command(name = "meridian", version, about = "Run WebAssembly apps in many regions at once")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,9 +48,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local multi-region world (regions, edges, control plane) and deploy an app to it.
+    /// Start a local multi-region world (regions, edges, control plane) and deploy the example apps (hello, notes) to it.
     Dev(commands::dev::Args),
-    /// Ship an app directory as a new immutable version to every region.
+    /// Ship an app directory as a new immutable version, rolled out region by region as its manifest says.
     Deploy(commands::deploy::Args),
     /// Show what a running world is doing.
     Status(commands::status::Args),

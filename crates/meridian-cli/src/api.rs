@@ -87,6 +87,10 @@ impl Operator {
         Ok(body)
     }
 
+    /// Calls the control plane. `control_url` may list several control
+    /// nodes, comma-separated: the next is tried when one cannot be reached
+    /// (nothing was sent) or says it cannot serve now (503: no leader yet,
+    /// or the leader unreachable from it). Any node forwards to the leader.
     pub async fn control(
         &self,
         control_url: &str,
@@ -95,7 +99,19 @@ impl Operator {
         body: Bytes,
         timeout: Duration,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        self.node(control_url, Expect::new("control", Role::Control), method, path, body, timeout).await
+        let mut last = None;
+        for url in control_urls(control_url) {
+            let target = Target::from_url(url, Expect::service(Role::Control))?;
+            let auth = format!("Bearer {}", self.token);
+            let hs = [("authorization", auth.as_str())];
+            match self.client.call_with(&target, method.clone(), path, &hs, body.clone(), timeout).await {
+                Ok(a) if a.status == StatusCode::SERVICE_UNAVAILABLE => last = Some(Ok((a.status, a.body))),
+                Ok(a) => return Ok((a.status, a.body)),
+                Err(e) if e.nothing_sent() => last = Some(Err(anyhow::Error::new(e))),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        last.unwrap_or_else(|| Err(anyhow::anyhow!("no control plane URL given")))
     }
 
     /// Like [`Operator::control`], but any non-2xx status is an error carrying the body.
@@ -107,8 +123,17 @@ impl Operator {
         body: Bytes,
         timeout: Duration,
     ) -> anyhow::Result<Bytes> {
-        self.node_ok(control_url, Expect::new("control", Role::Control), method, path, body, timeout).await
+        let (status, body) = self.control(control_url, method, path, body, timeout).await?;
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
+        }
+        Ok(body)
     }
+}
+
+/// The control nodes' URLs in a comma-separated list.
+pub fn control_urls(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(|u| u.trim().trim_end_matches('/')).filter(|u| !u.is_empty())
 }
 
 /// A plain-HTTP call with a bearer token (the dev supervisor's chaos API).

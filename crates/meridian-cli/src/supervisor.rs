@@ -229,8 +229,10 @@ impl Supervisor {
         }
     }
 
-    pub fn region_names(&self) -> Vec<String> {
-        self.procs.lock().unwrap().iter().filter(|(_, p)| p.role == "region").map(|(n, _)| n.clone()).collect()
+    /// The processes chaos may kill and restart: regions and control nodes.
+    fn chaos_targets(&self) -> Vec<String> {
+        let procs = self.procs.lock().unwrap();
+        procs.iter().filter(|(_, p)| p.role == "region" || p.role == "control").map(|(n, _)| n.clone()).collect()
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -244,10 +246,11 @@ impl Supervisor {
             (Method::GET, ["world"]) => json(StatusCode::OK, &*self.world.lock().unwrap()),
             (Method::GET, ["links"]) => json(StatusCode::OK, &self.netem.status()),
             (Method::POST, ["regions", name, action]) => {
-                if !self.region_names().iter().any(|n| n == name) {
+                let targets = self.chaos_targets();
+                if !targets.iter().any(|n| n == name) {
                     return text(
                         StatusCode::NOT_FOUND,
-                        format!("no region named {name:?}; regions: {}", self.region_names().join(", ")),
+                        format!("no region or control node named {name:?}; there are: {}", targets.join(", ")),
                     );
                 }
                 let r = match *action {

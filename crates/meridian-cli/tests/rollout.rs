@@ -403,7 +403,12 @@ async fn a_new_component_is_compiled_once_by_the_control_plane_and_loaded_by_eve
             .unwrap_or_else(|| panic!("{out}"));
         assert!(line.contains("loaded compiled code"), "{r} compiled it itself: {out}");
     }
-    let compiled: Vec<_> = std::fs::read_dir(w.dir.path().join("data/control/compiled")).unwrap().flatten().collect();
+    // By the leader, which keeps it (the world's first control node, unless
+    // an election moved the lead).
+    let compiled: Vec<_> = (1..=3)
+        .filter_map(|i| std::fs::read_dir(w.dir.path().join(format!("data/control-{i}/compiled"))).ok())
+        .flat_map(|d| d.flatten())
+        .collect();
     assert!(!compiled.is_empty(), "the control plane kept no compiled code");
 
     // Machine code goes into a region only signed by the control plane:
@@ -422,8 +427,8 @@ async fn a_new_component_is_compiled_once_by_the_control_plane_and_loaded_by_eve
     let (sig, cert) = operator_tls.sign(b"anything").unwrap();
     let (sig, cert) = (hex_encode(&sig), hex_encode(&cert));
     for (who, headers) in [
-        ("control", vec![]),
-        ("control", vec![("x-meridian-signature", sig.as_str()), ("x-meridian-signer", cert.as_str())]),
+        ("control-1", vec![]),
+        ("control-1", vec![("x-meridian-signature", sig.as_str()), ("x-meridian-signer", cert.as_str())]),
         ("operator", vec![]),
         ("eu-west", vec![]),
     ] {
@@ -453,4 +458,119 @@ async fn a_new_component_is_compiled_once_by_the_control_plane_and_loaded_by_eve
 
 fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Who leads the control plane, from `meridian status --json`.
+fn control_leader(w: &World) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = w.cli(&["status", "--json"]);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+            if let Some(l) = v["control"]["control"]["leader"].as_str() {
+                return l.to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no control-plane leader: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_the_loss_of_the_control_plane_leader_and_the_audit_log_has_no_gap() {
+    let w = World::start(&[]);
+    let leader = control_leader(&w);
+    let (app, new) = example_with("\n[rollout]\nsteps = [20, 50, 100]\nbake_ms = 1500\nmin_requests = 5\n", false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for (e, geo) in [("edge-us-east", US), ("edge-eu-west", EU), ("edge-ap-southeast", AP)] {
+        for _ in 0..3 {
+            clients.push(load(w.edge(e), &["/hello"], geo, true, stop.clone()));
+        }
+    }
+    let world = w.dir.path().to_path_buf();
+    let dir = app.path().to_path_buf();
+    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
+    // Mid-rollout (the canary baked its first step), the leader dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out) = w.cli(&["rollout", "status"]);
+        if out.lines().any(|l| l.contains("us-east") && l.contains("20%") && l.contains("ok")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout never got going: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.chaos(&["kill", &leader]);
+    let killed_at = Instant::now();
+
+    // The client that started the deploy follows the rollout to its end on
+    // the new leader.
+    let out = deploy.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("following the rollout"), "{text}");
+    stop.store(true, Ordering::Relaxed);
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(40), "the rollout took {took:?} after the leader died");
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, new, "{r}");
+    }
+    let status = wait_state(&w, "succeeded");
+    // Every step once and in order per region, although two leaders ran it.
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        let steps: Vec<&str> = status
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(r)).then(|| words.next().unwrap_or(""))
+            })
+            .collect();
+        assert_eq!(steps, vec!["20%", "50%", "100%"], "{r}: {status}");
+    }
+    for c in clients {
+        let seen = c.await.unwrap();
+        assert!(seen.iter().all(|s| s.status == 200), "a user request failed while the control plane failed over");
+    }
+
+    // The audit log: numbered without a gap across both leaders, the
+    // rollout's start by the operator, its resumption and end by the new
+    // leader.
+    let new_leader = control_leader(&w);
+    assert_ne!(new_leader, leader);
+    let (ok, out) = w.cli(&["audit", "--json"]);
+    assert!(ok, "{out}");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out[out.find('[').unwrap()..]).unwrap();
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "a gap: {out}");
+    let find = |action: &str| {
+        entries
+            .iter()
+            .rev()
+            .find(|e| e["action"] == action && e["detail"].as_str().unwrap_or("").starts_with(&new))
+            .unwrap_or_else(|| panic!("no {action} of {new}: {out}"))
+    };
+    assert_eq!(find("rollout.start")["who"], "admin");
+    assert_eq!(find("rollout.resume")["who"], format!("control {new_leader}"));
+    let end = find("rollout.end");
+    assert_eq!(
+        (end["who"].as_str().unwrap(), end["outcome"].as_str().unwrap()),
+        (format!("control {new_leader}").as_str(), "succeeded")
+    );
+
+    // The old leader comes back as a follower and catches up; the control
+    // plane still takes changes.
+    w.chaos(&["restart", &leader]);
+    let (ok, out) = w.cli(&["apps", "create", "after-failover"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out) = w.cli(&["status"]);
+        let line = out.lines().find(|l| l.starts_with("control plane")).unwrap_or("").to_string();
+        if line.contains(&leader) && !line.contains("behind") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{leader} never caught up: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

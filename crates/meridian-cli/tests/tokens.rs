@@ -46,10 +46,16 @@ async fn scoped_tokens_deploy_only_their_app_and_die_when_revoked() {
     let (ok, out) = w.cli(&["tokens", "list", "--token-file", &f]);
     assert!(!ok && out.contains("403"), "{out}");
 
-    // Only hashes are stored, in a private file.
-    let stored = std::fs::read_to_string(w.dir.path().join("data/control/tokens.json")).unwrap();
+    // Only hashes are stored (replicated to every control node), in
+    // private files.
     for secret in [&deploy_hello, &read_hello, &deploy_other] {
-        assert!(!stored.contains(&secret[13..]), "a token's secret is on the control plane's disk");
+        let found = files_containing(&w.dir.path().join("data"), secret[13..].as_bytes());
+        assert!(found.is_empty(), "a token's secret is on disk: {found:?}");
+    }
+    for i in 1..=3 {
+        let db = w.dir.path().join(format!("data/control-{i}/control.redb"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600, "{}", db.display());
     }
     // Revoked: refused at once.
     let (ok, list) = w.cli(&["tokens", "list"]);
@@ -63,4 +69,12 @@ async fn scoped_tokens_deploy_only_their_app_and_die_when_revoked() {
 
     // A region's certificate is no credential for the control plane.
     assert_eq!(w.control_call_as("eu-west", http::Method::POST, "/v1/deploy").await, 401);
+    // Only another control node speaks Raft to a control node or hands it
+    // versions: not a region, not an operator, token or not.
+    for who in ["eu-west", "operator"] {
+        assert_eq!(w.control_call_as(who, http::Method::POST, "/v1/internal/raft/vote").await, 403, "{who}");
+        let bundle = format!("/v1/internal/bundles/{}", "0".repeat(64));
+        assert_eq!(w.control_call_as(who, http::Method::PUT, &bundle).await, 403, "{who}");
+    }
+    assert_eq!(w.control_call_as("control-2", http::Method::POST, "/v1/internal/raft/nonsense").await, 404);
 }

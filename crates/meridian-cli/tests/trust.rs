@@ -128,7 +128,7 @@ async fn cluster_ports_refuse_clients_without_a_certificate_or_from_another_ca()
     }
     // The control plane takes operators by token, but a certificate from
     // another CA is still refused.
-    let control = addr_of(&w.desc.control_url);
+    let control = addr_of(w.desc.control_url.split(',').next().unwrap());
     let e = raw_tls_request(&control, foreign, "control.control.meridian").await;
     assert!(e.is_err(), "the control plane answered a certificate from another CA: {e:?}");
     // And the world's own CLI works through all of it.
@@ -158,7 +158,7 @@ async fn roles_come_from_certificates_an_edge_cannot_replicate_or_vote() {
     for (method, path) in
         [("POST", "/_meridian/apps/hello/repl/push"), ("POST", "/_meridian/apps/hello/raft/ledger/vote")]
     {
-        let (status, body) = w.region_call_as("control", "eu-west", method, path, b"{}".to_vec()).await.unwrap();
+        let (status, body) = w.region_call_as("control-1", "eu-west", method, path, b"{}".to_vec()).await.unwrap();
         assert_eq!(status, 403, "the control plane called {path}: {body}");
     }
     // A region may not speak Raft for another member: us-east's certificate
@@ -280,7 +280,7 @@ async fn garbage_and_truncated_tls_on_every_port_harm_nothing() {
         ports.push(addr_of(&r.url));
         ports.push(addr_of(&r.cluster_url));
     }
-    ports.push(addr_of(&w.desc.control_url));
+    ports.extend(w.desc.control_url.split(',').map(addr_of));
     // A TLS 1.3 ClientHello's first bytes, cut off; a record header that
     // promises 16 KiB and stops; random bytes; an HTTP request with a
     // gigantic header.

@@ -12,8 +12,15 @@
 //! verify it against the cluster CA) and every call needs the operator's
 //! bearer token. Regions are called on their cluster ports with mutual TLS:
 //! the control plane proves it is the control plane with its certificate,
-//! never with a token. State lives in the data directory: bundles by content id, and `state.json` with the desired
-//! version of every app and the apps being deleted, written atomically.
+//! never with a token.
+//!
+//! State: everything but the bundles is replicated by Raft across the
+//! control nodes (see [`consensus`]): apps, desired versions, tokens,
+//! rollouts in progress, the audit log. Only the leader acts; the others
+//! forward API calls to it and take over, rollouts included, when it is
+//! gone. Bundles are files by content id in `DATA_DIR/bundles`, pushed to
+//! every control node at deploy and fetched from a peer (id checked) by a
+//! node that lacks one.
 //!
 //! Apps: `POST /v1/apps` creates one (administrator token only) and records
 //! it on every region; `DELETE /v1/apps/<name>` makes every region remove
@@ -21,10 +28,12 @@
 //! region that was down is told by the reconcile loop when it is back.
 
 pub mod audit;
+pub mod consensus;
 pub mod rollout;
 pub mod tokens;
 
 use bytes::Bytes;
+use consensus::{Command, Consensus, ControlMember, ProposeError};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use meridian_core::wire::{AppRecord, AppRemoved, AppStatus, RegionStatus};
@@ -59,10 +68,23 @@ pub struct ControlConfig {
     /// `<app>.fly.dev`); `meridian dev` uses `localhost`.
     #[serde(default)]
     pub apps_domain: Option<String>,
+    /// The control nodes of a highly-available control plane, this one
+    /// included (three in different regions survive losing one). Empty:
+    /// this node alone.
+    #[serde(default)]
+    pub members: Vec<ControlMember>,
+    /// Raft heartbeat between control nodes; elections time out after 4-6
+    /// of them. Must exceed the longest round trip between members.
+    #[serde(default = "default_heartbeat_ms")]
+    pub raft_heartbeat_ms: u64,
 }
 
 fn default_reconcile_ms() -> u64 {
     2000
+}
+
+fn default_heartbeat_ms() -> u64 {
+    250
 }
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -105,16 +127,13 @@ pub struct Control {
     tokens: Tokens,
     pub tls: Arc<Tls>,
     client: ClusterClient,
-    state: Mutex<ControlState>,
+    /// The replicated state, and whether this node leads.
+    pub consensus: Arc<Consensus>,
     /// Serialises deploys' first phase, app changes and reconcile rounds.
     deploy_lock: tokio::sync::Mutex<()>,
-    /// Rollouts in progress, by app (registered under `deploy_lock`; the
-    /// reconcile loop leaves these apps alone).
-    rollouts: Mutex<std::collections::HashMap<String, Arc<rollout::RolloutCtl>>>,
-    /// The last finished rollout of each app.
-    finished: Mutex<std::collections::HashMap<String, rollout::RolloutStatus>>,
-    /// Every change asked of this control plane.
-    audit: audit::Audit,
+    /// Apps whose rollout runs on this node (registered under
+    /// `deploy_lock`), so a rollout is never run twice here.
+    running: Mutex<BTreeSet<String>>,
     /// Compiles each component once for every region (same engine
     /// configuration; its compile cache keeps what was compiled).
     compiler: Arc<meridian_host::Host>,
@@ -170,8 +189,19 @@ enum RegionCall {
 
 type ApiError = (StatusCode, String);
 
+fn propose_failed(e: ProposeError) -> ApiError {
+    match e {
+        ProposeError::NotLeader { .. } => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry")),
+        ProposeError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Marks a request a control node forwarded to the leader (so it is never
+/// forwarded again).
+const FORWARDED: &str = "x-meridian-forwarded";
+
 impl Control {
-    pub fn open(config: ControlConfig) -> anyhow::Result<Arc<Control>> {
+    pub async fn open(config: ControlConfig) -> anyhow::Result<Arc<Control>> {
         let token = std::fs::read_to_string(&config.token_file)
             .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", config.token_file.display()))?
             .trim()
@@ -187,14 +217,18 @@ impl Control {
             }
         }
         std::fs::create_dir_all(config.data_dir.join("bundles"))?;
-        let state = match std::fs::read(config.data_dir.join("state.json")) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", config.data_dir.join("state.json").display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ControlState::default(),
-            Err(e) => return Err(e.into()),
-        };
-        let tokens = Tokens::open(config.data_dir.join("tokens.json"), &token)?;
-        let audit = audit::Audit::open(config.data_dir.join("audit.jsonl"))?;
+        let client = ClusterClient::new(tls.clone(), Duration::from_secs(2));
+        let own_url = format!("https://{}", config.listen);
+        let consensus = Consensus::start(
+            &config.data_dir,
+            &me.name,
+            &own_url,
+            &config.members,
+            config.raft_heartbeat_ms.max(20),
+            client.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("control state: {e}"))?;
         let compiler = Arc::new(meridian_host::Host::new(meridian_host::HostConfig {
             cache_dir: config.data_dir.join("compiled"),
             max_instances: 1,
@@ -202,36 +236,105 @@ impl Control {
         })?);
         Ok(Arc::new(Control {
             config,
-            tokens,
-            client: ClusterClient::new(tls.clone(), Duration::from_secs(2)),
+            tokens: Tokens::new(&token),
+            client,
             tls,
-            state: Mutex::new(state),
+            consensus,
             deploy_lock: tokio::sync::Mutex::new(()),
-            rollouts: Default::default(),
-            finished: Default::default(),
-            audit,
+            running: Default::default(),
             compiler,
         }))
     }
 
-    fn save_state(&self, s: &ControlState) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-        meridian_core::fs::write_atomic(&self.config.data_dir.join("state.json"), &bytes)
+    /// The apps' state as this node last applied it.
+    fn state(&self) -> ControlState {
+        self.consensus.read(|m| m.state.clone())
     }
 
-    /// Changes the state and saves it; unchanged if saving fails.
-    fn update<T>(&self, f: impl FnOnce(&mut ControlState) -> T) -> Result<T, ApiError> {
-        let mut s = self.state.lock().unwrap();
-        let mut next = s.clone();
-        let out = f(&mut next);
-        self.save_state(&next)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record the change: {e}")))?;
-        *s = next;
-        Ok(out)
+    /// Changes the apps' state through the log: `f` runs on the current
+    /// state and the result applies only if nothing changed it meanwhile
+    /// (else `f` runs again on the newer state).
+    async fn update<T>(&self, mut f: impl FnMut(&mut ControlState) -> T) -> Result<T, ApiError> {
+        for _ in 0..16 {
+            let (revision, mut next) = self.consensus.read(|m| (m.revision, m.state.clone()));
+            let out = f(&mut next);
+            match self.consensus.propose(Command::SetState { revision, state: next }).await {
+                Ok(r) if r.applied => return Ok(out),
+                Ok(_) => continue,
+                Err(e) => return Err(propose_failed(e)),
+            }
+        }
+        Err((StatusCode::CONFLICT, "the control state changed too often meanwhile; retry".into()))
     }
 
     fn bundle_path(&self, id: &VersionId) -> PathBuf {
         self.config.data_dir.join("bundles").join(format!("{id}.tar"))
+    }
+
+    /// The other control nodes.
+    fn peers(&self) -> Vec<ControlMember> {
+        let me = self.consensus.node_id;
+        self.consensus.members.iter().filter(|(id, _)| **id != me).map(|(_, m)| m.clone()).collect()
+    }
+
+    /// Stores a bundle here and on every other control node (in parallel;
+    /// one that misses it fetches it when it needs it).
+    async fn store_bundle(&self, id: &VersionId, tar: &Bytes) -> Result<(), ApiError> {
+        let path = self.bundle_path(id);
+        if !path.exists() {
+            meridian_core::fs::write_atomic(&path, tar)
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the version: {e}")))?;
+        }
+        let peers = self.peers();
+        futures::future::join_all(peers.iter().map(|m| async move {
+            let Ok(target) = m.target() else { return };
+            let path = format!("/v1/internal/bundles/{id}");
+            match self.client.call(&target, Method::PUT, &path, tar.clone(), Duration::from_secs(120)).await {
+                Ok(a) if a.status.is_success() => {}
+                Ok(a) => tracing::warn!(node = %m.name, answer = %a.text(), "bundle not taken"),
+                Err(e) => tracing::info!(node = %m.name, error = %e, "bundle not sent; it will fetch it"),
+            }
+        }))
+        .await;
+        Ok(())
+    }
+
+    /// A stored bundle: from this node's disk, else from another control
+    /// node (kept only if its content is the id asked for).
+    async fn bundle(&self, id: &VersionId) -> Result<Bytes, String> {
+        let path = self.bundle_path(id);
+        match std::fs::read(&path) {
+            Ok(b) => return Ok(Bytes::from(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+        let mut last = "no other control node".to_string();
+        for m in self.peers() {
+            let Ok(target) = m.target() else { continue };
+            let got = self
+                .client
+                .call(
+                    &target,
+                    Method::GET,
+                    &format!("/v1/internal/bundles/{id}"),
+                    Bytes::new(),
+                    Duration::from_secs(120),
+                )
+                .await;
+            match got {
+                Ok(a) if a.status.is_success() => match Bundle::from_tar(&a.body) {
+                    Ok(b) if &b.id == id => {
+                        meridian_core::fs::write_atomic(&path, &a.body).map_err(|e| e.to_string())?;
+                        return Ok(a.body);
+                    }
+                    Ok(b) => last = format!("{} sent version {} instead", m.name, b.id.short()),
+                    Err(e) => last = format!("{} sent an unreadable bundle: {e}", m.name),
+                },
+                Ok(a) => last = format!("{}: {}", m.name, a.text()),
+                Err(e) => last = format!("{}: {e}", m.name),
+            }
+        }
+        Err(format!("version {} is on no reachable control node ({last})", id.short()))
     }
 
     async fn call(
@@ -398,32 +501,34 @@ impl Control {
             }
         }
         let _guard = self.deploy_lock.lock().await;
-        let changed = self.update(|s| {
-            if let Some((other, _)) =
-                s.apps.iter().find(|(name, a)| **name != n.name && a.record.hosts.iter().any(|h| hosts.contains(h)))
-            {
-                return Err((StatusCode::CONFLICT, format!("a hostname is already app {other:?}'s")));
-            }
-            // The first app is the default one unless told otherwise.
-            let default = n.default || (s.apps.is_empty() && !s.apps.contains_key(&n.name));
-            let record = AppRecord { name: n.name.clone(), hosts: hosts.clone(), default };
-            let mut changed = vec![record.clone()];
-            if default {
-                for (name, a) in s.apps.iter_mut() {
-                    if *name != n.name && a.record.default {
-                        a.record.default = false;
-                        changed.push(a.record.clone());
+        let changed = self
+            .update(|s| {
+                if let Some((other, _)) =
+                    s.apps.iter().find(|(name, a)| **name != n.name && a.record.hosts.iter().any(|h| hosts.contains(h)))
+                {
+                    return Err((StatusCode::CONFLICT, format!("a hostname is already app {other:?}'s")));
+                }
+                // The first app is the default one unless told otherwise.
+                let default = n.default || (s.apps.is_empty() && !s.apps.contains_key(&n.name));
+                let record = AppRecord { name: n.name.clone(), hosts: hosts.clone(), default };
+                let mut changed = vec![record.clone()];
+                if default {
+                    for (name, a) in s.apps.iter_mut() {
+                        if *name != n.name && a.record.default {
+                            a.record.default = false;
+                            changed.push(a.record.clone());
+                        }
                     }
                 }
-            }
-            s.deleting.remove(&n.name);
-            s.apps.entry(n.name.clone()).and_modify(|a| a.record = record.clone()).or_insert(AppState {
-                record,
-                desired: None,
-                history: Vec::new(),
-            });
-            Ok(changed)
-        })??;
+                s.deleting.remove(&n.name);
+                s.apps.entry(n.name.clone()).and_modify(|a| a.record = record.clone()).or_insert(AppState {
+                    record,
+                    desired: None,
+                    history: Vec::new(),
+                });
+                Ok(changed)
+            })
+            .await??;
         self.push_records(&changed).await;
         Ok(changed[0].clone())
     }
@@ -433,20 +538,21 @@ impl Control {
     pub async fn delete_app(&self, name: &str) -> Result<DeleteReport, ApiError> {
         let _guard = self.deploy_lock.lock().await;
         let regions: BTreeSet<String> = self.config.regions.iter().map(|r| r.name.clone()).collect();
-        let existed = self.update(|s| {
-            let existed = s.apps.remove(name).is_some();
-            if existed {
-                s.deleting.insert(name.to_string(), regions.clone());
-            }
-            existed
-        })?;
-        if !existed && !self.state.lock().unwrap().deleting.contains_key(name) {
+        let existed = self
+            .update(|s| {
+                let existed = s.apps.remove(name).is_some();
+                if existed {
+                    s.deleting.insert(name.to_string(), regions.clone());
+                }
+                existed
+            })
+            .await?;
+        if !existed && !self.state().deleting.contains_key(name) {
             return Err((StatusCode::NOT_FOUND, format!("no app named {name:?}")));
         }
-        let tokens_revoked = self
-            .tokens
-            .revoke_app(name)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot revoke the app's tokens: {e}")))?;
+        let tokens_revoked =
+            self.consensus.propose(Command::RevokeApp { app: name.to_string() }).await.map_err(propose_failed)?.count
+                as usize;
         let path = format!("apps/{name}");
         let calls = self.call_all(Method::DELETE, &path, Bytes::new(), Duration::from_secs(60)).await;
         let mut removed = Vec::new();
@@ -468,7 +574,8 @@ impl Control {
                     s.deleting.remove(name);
                 }
             }
-        })?;
+        })
+        .await?;
         Ok(DeleteReport { app: name.to_string(), removed, pending, tokens_revoked })
     }
 
@@ -484,7 +591,8 @@ impl Control {
             ));
         }
         let guard = self.deploy_lock.lock().await;
-        if let Some(r) = self.rollouts.lock().unwrap().get(&app) {
+        let current = self.consensus.read(|m| m.rollouts.get(&app).filter(|r| !r.finished()).cloned());
+        if let Some(r) = current {
             return Err((
                 StatusCode::CONFLICT,
                 format!(
@@ -494,7 +602,7 @@ impl Control {
                 ),
             ));
         }
-        if !self.state.lock().unwrap().apps.contains_key(&app) {
+        if !self.state().apps.contains_key(&app) {
             return Err((
                 StatusCode::NOT_FOUND,
                 format!(
@@ -505,15 +613,13 @@ impl Control {
         // A plan naming regions this world lacks is refused before anything.
         let waves = self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
         let id = bundle.id.clone();
-        let path = self.bundle_path(&id);
-        if !path.exists() {
-            meridian_core::fs::write_atomic(&path, &tar)
-                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the version: {e}")))?;
-        }
-        // Phase 0: compile each component once, here, and ship the machine
-        // code to the regions that lack it (they load it at install instead
-        // of compiling). Best effort: a region that did not get it compiles.
-        self.ship_compiled(&bundle).await;
+        // The bundle reaches every control node (a new leader may need it to
+        // bring a returning region up to date) while, phase 0, each
+        // component is compiled once, here, and the machine code shipped to
+        // the regions that lack it (they load it at install instead of
+        // compiling). Best effort: a region that did not get it compiles.
+        let (stored, ()) = tokio::join!(self.store_bundle(&id, &tar), self.ship_compiled(&bundle));
+        stored?;
         // Phase 1: install everywhere reachable.
         let install_timeout = Duration::from_secs(300);
         let install_path = format!("apps/{app}/versions/{id}");
@@ -532,9 +638,9 @@ impl Control {
                         Some(false) => "compiled in the region",
                         None => "",
                     };
-                    outcomes.push((r, true, note.to_string()))
+                    outcomes.push((r.name.clone(), true, note.to_string()))
                 }
-                RegionCall::Unreachable(e) => outcomes.push((r, false, e)),
+                RegionCall::Unreachable(e) => outcomes.push((r.name.clone(), false, e)),
                 RegionCall::Refused(e) => refused.push(e),
             }
         }
@@ -547,77 +653,79 @@ impl Control {
         if outcomes.iter().all(|(_, ok, _)| !ok) {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no region is reachable; nothing was changed".into()));
         }
-        // Phase 2: the rollout, wave by wave, over the regions that hold it,
-        // in a task of its own: a client that goes away does not stop it
-        // halfway. It runs without the deploy lock (other apps deploy
-        // meanwhile); this app is marked as rolling out instead.
-        let old = self.state.lock().unwrap().apps.get(&app).and_then(|a| a.desired.clone()).filter(|o| o != &id);
-        let ctl = Arc::new(rollout::RolloutCtl::new(&app, id.clone(), old.clone()));
-        self.rollouts.lock().unwrap().insert(app.clone(), ctl.clone());
-        drop(guard);
-        // The plan's waves, by region name (the task owns its data), over
-        // the regions that installed the version.
-        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.name.as_str()).collect();
+        // Phase 2: the rollout, wave by wave, over the regions that hold it.
+        // Its plan and progress are in the replicated state (a new leader
+        // finishes it); it runs in a task of its own (a client that goes
+        // away does not stop it halfway), without the deploy lock (other
+        // apps deploy meanwhile).
+        let installed: Vec<&str> = outcomes.iter().filter(|(_, ok, _)| *ok).map(|(r, _, _)| r.as_str()).collect();
         let waves: Vec<Vec<String>> = waves
             .into_iter()
             .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).map(|r| r.name.clone()).collect())
             .filter(|w: &Vec<String>| !w.is_empty())
             .collect();
-        let outcomes: Vec<(String, bool, String)> =
-            outcomes.into_iter().map(|(r, ok, e)| (r.name.clone(), ok, e)).collect();
+        let old = self.state().apps.get(&app).and_then(|a| a.desired.clone()).filter(|o| o != &id);
+        let record = rollout::RolloutRecord {
+            app: app.clone(),
+            version: id.clone(),
+            old,
+            state: "running".into(),
+            command: rollout::Command::Run,
+            approvals: 0,
+            steps: Vec::new(),
+            waves,
+            rollout: bundle.manifest.rollout.clone(),
+            smoke: bundle.manifest.smoke.clone(),
+            installs: outcomes,
+            started_ms: consensus::now_ms(),
+            stopped: None,
+            by: caller.who(),
+        };
+        self.running.lock().unwrap().insert(app.clone());
+        let started = self.consensus.propose(Command::Rollout { record: Box::new(record.clone()) }).await;
+        if let Err(e) = started {
+            self.running.lock().unwrap().remove(&app);
+            return Err(propose_failed(e));
+        }
+        self.note(caller, "rollout.start", Some(&app), id.short(), "ok").await;
+        drop(guard);
         let this = self.clone();
-        let manifest = bundle.manifest;
-        tokio::spawn(async move { this.phase_two(ctl, manifest, waves, outcomes).await })
+        tokio::spawn(async move { this.drive(record).await })
             .await
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("the rollout task failed: {e}")))?
     }
 
-    /// The rollout of a version over `waves` (regions that installed it);
-    /// records the outcome.
-    async fn phase_two(
-        &self,
-        ctl: Arc<rollout::RolloutCtl>,
-        manifest: meridian_manifest::Manifest,
-        waves: Vec<Vec<String>>,
-        outcomes: Vec<(String, bool, String)>,
-    ) -> Result<DeployReport, ApiError> {
-        // The app, the version and the one it replaces are the rollout's.
-        let (app, id, old) = (ctl.app.clone(), ctl.version.clone(), ctl.old.clone());
-        let waves: Vec<Vec<&ControlRegion>> = waves
-            .iter()
-            .map(|w| w.iter().filter_map(|n| self.config.regions.iter().find(|r| &r.name == n)).collect())
-            .collect();
-        let plan = rollout::Plan {
-            started: std::time::Instant::now(),
-            ctl: &ctl,
-            app: &app,
-            old: old.clone(),
-            new: id.clone(),
-            rollout: &manifest.rollout,
-            smoke: &manifest.smoke,
+    /// Runs a rollout from its record to the end (here, while this node
+    /// leads) and records how it ended.
+    async fn drive(&self, record: rollout::RolloutRecord) -> Result<DeployReport, ApiError> {
+        let (app, id, old) = (record.app.clone(), record.version.clone(), record.old.clone());
+        let ctl = rollout::RolloutCtl::new(self.consensus.clone(), record.clone());
+        let result = self.run_rollout(&rollout::Plan { ctl: &ctl, record: &record }).await;
+        self.running.lock().unwrap().remove(&app);
+        let system = Caller::System(self.consensus.me().name.clone());
+        let (state, desired) = match &result {
+            Err(rollout::Halted::Deposed(e)) => {
+                tracing::info!(app, error = %e, "lost the lead mid-rollout; the new leader continues it");
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "this control node stopped leading during the rollout of version {}; the new leader \
+                         continues it from its last recorded step: see `meridian rollout status {app}`",
+                        id.short()
+                    ),
+                ));
+            }
+            Ok(()) => ("succeeded", Some(id.clone())),
+            Err(rollout::Halted::Stopped(s)) if s.reason.starts_with("aborted") => ("aborted and rolled back", None),
+            Err(rollout::Halted::Stopped(_)) => ("rolled back", None),
         };
-        let result = self.run_rollout(&plan, waves).await;
-        let steps = ctl.steps();
-        if result.is_ok() {
-            let saved = self.update(|s| {
-                if let Some(a) = s.apps.get_mut(&app) {
-                    a.desired = Some(id.clone());
-                    if a.history.last() != Some(&id) {
-                        a.history.push(id.clone());
-                    }
-                }
-            });
-            ctl.set_state(if saved.is_ok() { "succeeded" } else { "failed to record" });
-            self.finished.lock().unwrap().insert(app.clone(), ctl.status());
-            self.rollouts.lock().unwrap().remove(&app);
-            saved?;
-        } else {
-            let aborted = result.as_ref().err().is_some_and(|s| s.reason.starts_with("aborted"));
-            ctl.set_state(if aborted { "aborted and rolled back" } else { "rolled back" });
-            self.finished.lock().unwrap().insert(app.clone(), ctl.status());
-            self.rollouts.lock().unwrap().remove(&app);
+        let finish = Command::FinishRollout { app: app.clone(), state: state.into(), desired };
+        if let Err(e) = self.consensus.propose(finish).await {
+            return Err(propose_failed(e));
         }
-        if let Err(stopped) = result {
+        self.note(&system, "rollout.end", Some(&app), id.short(), state).await;
+        let steps = self.consensus.read(|m| m.rollouts.get(&app).map(|r| r.steps.clone())).unwrap_or_default();
+        if let Err(rollout::Halted::Stopped(stopped)) = result {
             let log: Vec<String> = steps
                 .iter()
                 .map(|s| {
@@ -638,7 +746,8 @@ impl Control {
                 ),
             ));
         }
-        let report: Vec<RegionOutcome> = outcomes
+        let report: Vec<RegionOutcome> = record
+            .installs
             .into_iter()
             .map(|(r, installed, err)| {
                 let ok = steps.iter().any(|s| s.region == r && s.step == "100%" && s.ok);
@@ -651,6 +760,51 @@ impl Control {
         Ok(DeployReport { app, version: id, regions: report, steps })
     }
 
+    /// While this node leads: takes over every rollout the replicated state
+    /// says is unfinished and not running here (its leader was lost), and
+    /// runs the reconcile loop's rounds. Forever.
+    pub async fn lead_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut caught_up_term = None;
+        loop {
+            tick.tick().await;
+            if !self.consensus.is_leader() {
+                continue;
+            }
+            let term = self.consensus.raft.metrics().borrow().current_term;
+            if caught_up_term != Some(term) {
+                // A committed entry of this term: everything before it is
+                // applied here, so the state read next is the latest.
+                if self.consensus.propose(Command::Noop).await.is_err() {
+                    continue;
+                }
+                caught_up_term = Some(term);
+                tracing::info!(node = %self.consensus.me().name, term, "leading the control plane");
+            }
+            let orphans: Vec<rollout::RolloutRecord> = {
+                let running = self.running.lock().unwrap();
+                self.consensus.read(|m| {
+                    m.rollouts.values().filter(|r| !r.finished() && !running.contains(&r.app)).cloned().collect()
+                })
+            };
+            for record in orphans {
+                self.running.lock().unwrap().insert(record.app.clone());
+                let system = Caller::System(self.consensus.me().name.clone());
+                let at = record.steps.last().map(|s| format!(" after {} {}", s.region, s.step)).unwrap_or_default();
+                let detail = format!("{}{at}", record.version.short());
+                self.note(&system, "rollout.resume", Some(&record.app), &detail, "ok").await;
+                tracing::info!(app = %record.app, version = record.version.short(), "resuming a rollout");
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err((status, msg)) = this.drive(record).await {
+                        tracing::info!(%status, msg = msg.lines().next().unwrap_or(""), "resumed rollout ended");
+                    }
+                });
+            }
+        }
+    }
+
     /// Puts an app back on an earlier version (default: the one before the
     /// desired one) in every region at once — an emergency, so no waves.
     /// Regions that cannot be reached get it from the reconcile loop.
@@ -659,13 +813,13 @@ impl Control {
             return Err((StatusCode::FORBIDDEN, format!("this token may not roll back app {app:?} (needs deploy)")));
         }
         let _guard = self.deploy_lock.lock().await;
-        if self.rollouts.lock().unwrap().contains_key(app) {
+        if self.consensus.read(|m| m.rollouts.get(app).is_some_and(|r| !r.finished())) {
             return Err((
                 StatusCode::CONFLICT,
                 format!("a rollout of app {app:?} is in progress: `meridian rollout abort` rolls it back"),
             ));
         }
-        let (desired, history) = match self.state.lock().unwrap().apps.get(app) {
+        let (desired, history) = match self.state().apps.get(app) {
             Some(a) => (a.desired.clone(), a.history.clone()),
             None => return Err((StatusCode::NOT_FOUND, format!("no app named {app:?}"))),
         };
@@ -683,14 +837,13 @@ impl Control {
                 .cloned()
                 .ok_or_else(|| (StatusCode::CONFLICT, format!("app {app:?} has no earlier version")))?,
         };
-        let tar = std::fs::read(self.bundle_path(&target))
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read version {}: {e}", target.short())))?;
-        let tar = Bytes::from(tar);
+        let tar = self.bundle(&target).await.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
         self.update(|s| {
             if let Some(a) = s.apps.get_mut(app) {
                 a.desired = Some(target.clone());
             }
-        })?;
+        })
+        .await?;
         let calls = self.config.regions.iter().map(|r| {
             let (tar, target) = (tar.clone(), target.clone());
             async move {
@@ -729,10 +882,14 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // Only the leader changes regions.
+            if !self.consensus.is_leader() {
+                continue;
+            }
             // Read the desired state under the deploy lock: read before it,
             // a deploy finishing meanwhile would be undone.
             let _guard = self.deploy_lock.lock().await;
-            let state = self.state.lock().unwrap().clone();
+            let state = self.state();
             for r in &self.config.regions {
                 if let Err(e) = self.reconcile_region(r, &state).await {
                     tracing::debug!(region = %r.name, error = %e, "reconcile pending");
@@ -755,18 +912,21 @@ impl Control {
                 self.call(r, Method::DELETE, &format!("apps/{name}"), Bytes::new(), Duration::from_secs(60)).await
             {
                 tracing::info!(region = %r.name, app = %name, answer = %b, "removed a deleted app");
-                let _ = self.update(|s| {
-                    if let Some(left) = s.deleting.get_mut(name) {
-                        left.remove(&r.name);
-                        if left.is_empty() {
-                            s.deleting.remove(name);
+                let _ = self
+                    .update(|s| {
+                        if let Some(left) = s.deleting.get_mut(name) {
+                            left.remove(&r.name);
+                            if left.is_empty() {
+                                s.deleting.remove(name);
+                            }
                         }
-                    }
-                });
+                    })
+                    .await;
             }
         }
         let mut errors = Vec::new();
-        let rolling: Vec<String> = self.rollouts.lock().unwrap().keys().cloned().collect();
+        let rolling: Vec<String> =
+            self.consensus.read(|m| m.rollouts.values().filter(|r| !r.finished()).map(|r| r.app.clone()).collect());
         for (name, app) in state.apps.iter().filter(|(n, _)| !rolling.contains(n)) {
             let have = status.app(name);
             if have.is_none() {
@@ -811,15 +971,9 @@ impl Control {
         have: Option<&AppStatus>,
     ) -> Result<(), String> {
         if !have.is_some_and(|a| a.installed.contains(desired)) {
-            let tar = std::fs::read(self.bundle_path(desired)).map_err(|e| e.to_string())?;
+            let tar = self.bundle(desired).await?;
             if let RegionCall::Unreachable(e) | RegionCall::Refused(e) = self
-                .call(
-                    r,
-                    Method::PUT,
-                    &format!("apps/{app}/versions/{desired}"),
-                    Bytes::from(tar),
-                    Duration::from_secs(300),
-                )
+                .call(r, Method::PUT, &format!("apps/{app}/versions/{desired}"), tar, Duration::from_secs(300))
                 .await
             {
                 return Err(e);
@@ -845,8 +999,8 @@ impl Control {
 
     /// The apps a caller may read (an app token: its own app only).
     fn readable_apps(&self, caller: &Caller) -> Vec<AppState> {
-        let state = self.state.lock().unwrap();
-        state.apps.values().filter(|a| caller.may(Scope::Read, &a.record.name)).cloned().collect()
+        self.consensus
+            .read(|m| m.state.apps.values().filter(|a| caller.may(Scope::Read, &a.record.name)).cloned().collect())
     }
 
     /// Every app the caller may read, with its desired version and what
@@ -901,7 +1055,31 @@ impl Control {
                 })
             })
             .collect();
-        serde_json::json!({"apps": apps})
+        serde_json::json!({"apps": apps, "control": self.control_status()})
+    }
+
+    /// The control nodes as the leader sees them: who leads, in which term,
+    /// and how far behind each node's log is (a node that is down falls
+    /// behind as changes are made).
+    pub fn control_status(&self) -> serde_json::Value {
+        let m = self.consensus.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let nodes: Vec<serde_json::Value> = self
+            .consensus
+            .members
+            .iter()
+            .map(|(id, member)| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(id)).map(|l| l.map(|l| l.index).unwrap_or(0));
+                serde_json::json!({
+                    "name": member.name,
+                    "url": member.url,
+                    "leader": m.current_leader == Some(*id),
+                    "behind": matched.map(|x| last.saturating_sub(x)),
+                })
+            })
+            .collect();
+        let leader = m.current_leader.and_then(|id| self.consensus.members.get(&id)).map(|l| l.name.clone());
+        serde_json::json!({"term": m.current_term, "leader": leader, "last_index": last, "nodes": nodes})
     }
 
     /// An app's key-value data through the control plane, so an app's
@@ -923,7 +1101,7 @@ impl Control {
             let what = if needs == Scope::Read { "read" } else { "data-admin" };
             return text(StatusCode::FORBIDDEN, format!("this token may not use app {app:?}'s data (needs {what})"));
         }
-        if !self.state.lock().unwrap().apps.contains_key(app) {
+        if !self.state().apps.contains_key(app) {
             return text(StatusCode::NOT_FOUND, format!("no app named {app:?}"));
         }
         if rest == ["status"] {
@@ -977,29 +1155,138 @@ impl Control {
 
     /// Records a change in the audit log (a failure to record is logged:
     /// the change itself already happened).
-    fn note(&self, caller: &Caller, action: &str, app: Option<&str>, detail: &str, outcome: &str) {
-        let who = match caller {
-            Caller::Admin => "admin".to_string(),
-            Caller::App { id, .. } => format!("token {id}"),
+    async fn note(&self, caller: &Caller, action: &str, app: Option<&str>, detail: &str, outcome: &str) {
+        let entry = audit::Entry {
+            seq: 0,
+            at_ms: consensus::now_ms(),
+            who: caller.who(),
+            action: action.to_string(),
+            app: app.map(str::to_string),
+            detail: detail.to_string(),
+            outcome: outcome.to_string(),
         };
-        if let Err(e) = self.audit.record(&who, action, app, detail, outcome) {
+        if let Err(e) = self.consensus.propose(Command::Audit { entry }).await {
             tracing::error!(error = %e, action, "cannot write the audit log");
         }
     }
 
+    /// `/v1/internal/…`: other control nodes only (their certificate).
+    async fn internal(&self, req: Request<Incoming>, rest: &[&str]) -> Response<Body> {
+        let member = meridian_http::Peer::of(&req)
+            .is_some_and(|p| p.role == Role::Control && self.consensus.members.values().any(|m| m.name == p.name));
+        if !member {
+            return text(StatusCode::FORBIDDEN, "only the control plane's other nodes may call this");
+        }
+        match (req.method().clone(), rest) {
+            (Method::POST, ["raft", what]) => {
+                let what = what.to_string();
+                match meridian_http::read_body(req.into_body(), 64 << 20).await {
+                    Ok(body) => self.consensus.handle_rpc(&what, body).await,
+                    Err(e) => e.into_response(),
+                }
+            }
+            (Method::GET, ["bundles", id]) => match id.parse::<VersionId>() {
+                Ok(id) => match std::fs::read(self.bundle_path(&id)) {
+                    Ok(b) => Response::new(meridian_http::full(b)),
+                    Err(e) => text(StatusCode::NOT_FOUND, format!("version {}: {e}", id.short())),
+                },
+                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+            },
+            (Method::PUT, ["bundles", id]) => {
+                let Ok(id) = id.parse::<VersionId>() else {
+                    return text(StatusCode::BAD_REQUEST, "not a version id");
+                };
+                let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                match Bundle::from_tar(&body) {
+                    Ok(b) if b.id == id => match meridian_core::fs::write_atomic(&self.bundle_path(&id), &body) {
+                        Ok(()) => text(StatusCode::OK, "stored"),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    },
+                    Ok(b) => text(StatusCode::BAD_REQUEST, format!("this bundle is version {}", b.id)),
+                    Err(e) => text(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "no such internal API"),
+        }
+    }
+
+    /// Passes an API call to the leader (as is: its token is checked
+    /// there) and its answer back.
+    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.headers().contains_key(FORWARDED) {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control plane is changing leaders; retry in a few seconds",
+            );
+        }
+        let leader = match self.consensus.await_leader(Duration::from_secs(5)).await {
+            Some(l) => l,
+            None => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no control node leads yet (an election is under way, or most control nodes are down); retry",
+                )
+            }
+        };
+        let target = match leader.target() {
+            Ok(t) => t,
+            Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
+        };
+        let (parts, body) = req.into_parts();
+        let body = match meridian_http::read_body(body, MAX_DEPLOY_BYTES).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let header = |name: http::header::HeaderName| {
+            parts.headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name.as_str().to_string(), v.to_string()))
+        };
+        let mut hs: Vec<(String, String)> =
+            [http::header::AUTHORIZATION, http::header::CONTENT_TYPE].into_iter().filter_map(header).collect();
+        hs.push((FORWARDED.into(), self.consensus.me().name.clone()));
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        // Deploys wait for their rollout: as long as the leader takes.
+        match self.client.call_with(&target, parts.method, path, &hs, body, Duration::from_secs(3600)).await {
+            Ok(a) => {
+                let mut resp = Response::new(meridian_http::full(a.body));
+                *resp.status_mut() = a.status;
+                resp
+            }
+            Err(e) if e.nothing_sent() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the leader {} cannot be reached ({e}); nothing was sent; retry", leader.name),
+            ),
+            Err(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("the leader {} did not answer ({e}); the outcome is unknown", leader.name),
+            ),
+        }
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or("")) else {
+        let path = req.uri().path().to_string();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["v1", "internal", rest @ ..] = parts.as_slice() {
+            return self.internal(req, rest).await;
+        }
+        if !self.consensus.is_leader() {
+            return self.forward(req).await;
+        }
+        let records = self.consensus.read(|m| m.tokens.clone());
+        let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or(""), &records) else {
             return unauthorized();
         };
         let forbidden = |what: &str| text(StatusCode::FORBIDDEN, format!("this token may not {what}"));
-        let path = req.uri().path().to_string();
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method().clone(), parts.as_slice()) {
             (Method::GET, ["v1", "whoami"]) => json(
                 StatusCode::OK,
                 &match &caller {
                     Caller::Admin => serde_json::json!({"admin": true}),
                     Caller::App { id, app, scopes } => serde_json::json!({"token": id, "app": app, "scopes": scopes}),
+                    Caller::System(node) => serde_json::json!({"node": node}),
                 },
             ),
             (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &self.status(&caller).await),
@@ -1023,7 +1310,7 @@ impl Control {
                 if caller != Caller::Admin && (method == Method::POST || method == Method::DELETE) =>
             {
                 let action = if method == Method::POST { "apps.create" } else { "apps.delete" };
-                self.note(&caller, action, parts.get(2).copied(), "", "403: not the administrator token");
+                self.note(&caller, action, parts.get(2).copied(), "", "403: not the administrator token").await;
                 forbidden("create or delete apps (only the world's administrator token can)")
             }
             (Method::POST, ["v1", "apps"]) => {
@@ -1038,11 +1325,11 @@ impl Control {
                 let (name, hosts) = (n.name.clone(), n.hosts.join(","));
                 match self.create_app(n).await {
                     Ok(record) => {
-                        self.note(&caller, "apps.create", Some(&name), &record.hosts.join(","), "ok");
+                        self.note(&caller, "apps.create", Some(&name), &record.hosts.join(","), "ok").await;
                         json(StatusCode::OK, &record)
                     }
                     Err((status, msg)) => {
-                        self.note(&caller, "apps.create", Some(&name), &hosts, &format!("{status}: {msg}"));
+                        self.note(&caller, "apps.create", Some(&name), &hosts, &format!("{status}: {msg}")).await;
                         text(status, msg)
                     }
                 }
@@ -1051,11 +1338,11 @@ impl Control {
                 Ok(report) => {
                     let bytes: u64 = report.removed.iter().map(|r| r.bytes).sum();
                     let detail = format!("{bytes} bytes removed; pending: {}", report.pending.join(", "));
-                    self.note(&caller, "apps.delete", Some(name), &detail, "ok");
+                    self.note(&caller, "apps.delete", Some(name), &detail, "ok").await;
                     json(StatusCode::OK, &report)
                 }
                 Err((status, msg)) => {
-                    self.note(&caller, "apps.delete", Some(name), "", &format!("{status}: {msg}"));
+                    self.note(&caller, "apps.delete", Some(name), "", &format!("{status}: {msg}")).await;
                     text(status, msg)
                 }
             },
@@ -1065,10 +1352,10 @@ impl Control {
                     .query()
                     .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")))
                     .map(str::to_string);
-                let entries = self.audit.read(|e| {
+                let entries = self.consensus.store.audit(|e| {
                     let readable = match &caller {
                         Caller::Admin => true,
-                        Caller::App { .. } => e.app.as_deref().is_some_and(|a| caller.may(Scope::Read, a)),
+                        _ => e.app.as_deref().is_some_and(|a| caller.may(Scope::Read, a)),
                     };
                     readable && wanted.as_ref().is_none_or(|w| e.app.as_deref() == Some(w.as_str()))
                 });
@@ -1081,7 +1368,7 @@ impl Control {
                 if !caller.may(Scope::Read, app) {
                     return forbidden(&format!("read app {app:?}"));
                 }
-                match self.state.lock().unwrap().apps.get(*app) {
+                match self.state().apps.get(*app) {
                     Some(a) => json(StatusCode::OK, &serde_json::json!({"desired": a.desired, "history": a.history})),
                     None => text(StatusCode::NOT_FOUND, format!("no app named {app:?}")),
                 }
@@ -1090,40 +1377,46 @@ impl Control {
                 if !caller.may(Scope::Read, app) {
                     return forbidden(&format!("read app {app:?}"));
                 }
-                let current = self.rollouts.lock().unwrap().get(*app).map(|c| c.status());
-                match current.or_else(|| self.finished.lock().unwrap().get(*app).cloned()) {
+                match self.consensus.read(|m| m.rollouts.get(*app).map(|r| r.status())) {
                     Some(s) => json(StatusCode::OK, &s),
-                    None => text(
-                        StatusCode::NOT_FOUND,
-                        format!("no rollout of app {app:?} since the control plane started"),
-                    ),
+                    None => text(StatusCode::NOT_FOUND, format!("app {app:?} has had no rollout")),
                 }
             }
             (Method::POST, ["v1", "apps", app, "rollout", action]) => {
                 let what = format!("rollout.{action}");
                 if !caller.may(Scope::Deploy, app) {
-                    self.note(&caller, &what, Some(app), "", "403: needs deploy");
+                    self.note(&caller, &what, Some(app), "", "403: needs deploy").await;
                     return forbidden(&format!("steer app {app:?}'s rollout (needs deploy)"));
                 }
-                let Some(ctl) = self.rollouts.lock().unwrap().get(*app).cloned() else {
-                    self.note(&caller, &what, Some(app), "", "404: no rollout in progress");
-                    return text(StatusCode::NOT_FOUND, format!("no rollout of app {app:?} is in progress"));
-                };
-                match *action {
-                    "pause" => ctl.command(rollout::Command::Pause),
-                    "resume" => ctl.command(rollout::Command::Run),
-                    "abort" => ctl.command(rollout::Command::Abort),
-                    "approve" => ctl.approve(),
+                let (command, approve) = match *action {
+                    "pause" => (Some(rollout::Command::Pause), false),
+                    "resume" => (Some(rollout::Command::Run), false),
+                    "abort" => (Some(rollout::Command::Abort), false),
+                    "approve" => (None, true),
                     other => {
                         return text(
                             StatusCode::NOT_FOUND,
                             format!("no rollout action {other:?}: pause, resume, abort, approve"),
                         )
                     }
+                };
+                let steer = Command::Steer { app: app.to_string(), command, approve };
+                match self.consensus.propose(steer).await {
+                    Ok(r) if r.applied => {}
+                    Ok(_) => {
+                        self.note(&caller, &what, Some(app), "", "404: no rollout in progress").await;
+                        return text(StatusCode::NOT_FOUND, format!("no rollout of app {app:?} is in progress"));
+                    }
+                    Err(e) => {
+                        let (status, msg) = propose_failed(e);
+                        return text(status, msg);
+                    }
                 }
                 tracing::info!(app, action, "rollout steered");
-                self.note(&caller, &what, Some(app), ctl.version.short(), "ok");
-                json(StatusCode::OK, &ctl.status())
+                let status = self.consensus.read(|m| m.rollouts.get(*app).map(|r| r.status()));
+                let version = status.as_ref().map(|s| s.version.short().to_string()).unwrap_or_default();
+                self.note(&caller, &what, Some(app), &version, "ok").await;
+                json(StatusCode::OK, &status)
             }
             (Method::POST, ["v1", "apps", app, "rollback"]) => {
                 let app = app.to_string();
@@ -1134,12 +1427,12 @@ impl Control {
                     .map(str::to_string);
                 match self.rollback(&app, to.as_deref(), &caller).await {
                     Ok(report) => {
-                        self.note(&caller, "rollback", Some(&app), report.version.short(), "ok");
+                        self.note(&caller, "rollback", Some(&app), report.version.short(), "ok").await;
                         json(StatusCode::OK, &report)
                     }
                     Err((status, msg)) => {
                         let to = to.as_deref().unwrap_or("");
-                        self.note(&caller, "rollback", Some(&app), to, &format!("{status}: {msg}"));
+                        self.note(&caller, "rollback", Some(&app), to, &format!("{status}: {msg}")).await;
                         text(status, msg)
                     }
                 }
@@ -1165,7 +1458,7 @@ impl Control {
                 let resp = self.kv_api(&caller, &app, &rest, method, query.as_deref(), body).await;
                 if let Some(detail) = change {
                     let outcome = if resp.status().is_success() { "ok".to_string() } else { resp.status().to_string() };
-                    self.note(&caller, "kv.write", Some(&app), &detail, &outcome);
+                    self.note(&caller, "kv.write", Some(&app), &detail, &outcome).await;
                 }
                 resp
             }
@@ -1185,23 +1478,23 @@ impl Control {
                 };
                 match result {
                     Ok(report) => {
-                        self.note(&caller, "deploy", app.as_deref(), &version, "ok");
+                        self.note(&caller, "deploy", app.as_deref(), &version, "ok").await;
                         json(StatusCode::OK, &report)
                     }
                     Err((status, msg)) => {
                         let first = msg.lines().next().unwrap_or("");
-                        self.note(&caller, "deploy", app.as_deref(), &version, &format!("{status}: {first}"));
+                        self.note(&caller, "deploy", app.as_deref(), &version, &format!("{status}: {first}")).await;
                         text(status, msg)
                     }
                 }
             }
             (method, ["v1", "tokens", ..]) if caller != Caller::Admin => {
                 if method != Method::GET {
-                    self.note(&caller, "tokens", None, "", "403: not the administrator token");
+                    self.note(&caller, "tokens", None, "", "403: not the administrator token").await;
                 }
                 forbidden("manage tokens (only the world's administrator token can)")
             }
-            (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &self.tokens.list()),
+            (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &records),
             (Method::POST, ["v1", "tokens"]) => {
                 #[derive(serde::Deserialize)]
                 struct NewToken {
@@ -1220,22 +1513,33 @@ impl Control {
                     return text(StatusCode::BAD_REQUEST, "a token needs an app name and at least one scope");
                 }
                 let scopes = format!("{:?}", n.scopes);
-                match self.tokens.create(&n.app, n.scopes) {
-                    Ok((record, secret)) => {
-                        self.note(&caller, "tokens.create", Some(&n.app), &format!("{} {scopes}", record.id), "ok");
+                let (record, secret) = Tokens::make(&n.app, n.scopes);
+                let added = self.consensus.propose(Command::AddToken { record: record.clone() }).await;
+                match added {
+                    Ok(_) => {
+                        self.note(&caller, "tokens.create", Some(&n.app), &format!("{} {scopes}", record.id), "ok")
+                            .await;
                         json(StatusCode::OK, &serde_json::json!({"token": secret, "record": record}))
                     }
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the token: {e}")),
+                    Err(e) => {
+                        let (status, msg) = propose_failed(e);
+                        text(status, format!("cannot store the token: {msg}"))
+                    }
                 }
             }
-            (Method::DELETE, ["v1", "tokens", id]) => match self.tokens.revoke(id) {
-                Ok(true) => {
-                    self.note(&caller, "tokens.revoke", None, id, "ok");
-                    json(StatusCode::OK, &serde_json::json!({"revoked": id}))
+            (Method::DELETE, ["v1", "tokens", id]) => {
+                match self.consensus.propose(Command::RevokeToken { id: id.to_string() }).await {
+                    Ok(r) if r.applied => {
+                        self.note(&caller, "tokens.revoke", None, id, "ok").await;
+                        json(StatusCode::OK, &serde_json::json!({"revoked": id}))
+                    }
+                    Ok(_) => text(StatusCode::NOT_FOUND, format!("no token {id}")),
+                    Err(e) => {
+                        let (status, msg) = propose_failed(e);
+                        text(status, format!("cannot store the tokens: {msg}"))
+                    }
                 }
-                Ok(false) => text(StatusCode::NOT_FOUND, format!("no token {id}")),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the tokens: {e}")),
-            },
+            }
             _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
         }
     }

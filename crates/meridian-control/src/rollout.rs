@@ -14,6 +14,7 @@
 //! switched goes back to the old version); regions of later waves never
 //! ran the new version.
 
+use crate::consensus::{self, Consensus};
 use crate::{Control, ControlRegion, RegionCall};
 use bytes::Bytes;
 use http::Method;
@@ -21,10 +22,11 @@ use meridian_core::stats::StatsSnapshot;
 use meridian_core::wire::Split;
 use meridian_core::{headers, VersionId};
 use meridian_manifest::{Rollout, SmokeTest};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One thing the rollout did in one region.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StepOutcome {
     pub region: String,
     /// `smoke`, `10%`, …, `100%`, or `rollback`.
@@ -45,18 +47,62 @@ pub enum Command {
     Abort,
 }
 
-/// A rollout in progress, as operators see and steer it: its steps so far
-/// (live), and pause/resume/abort/approve.
-pub struct RolloutCtl {
+/// A rollout as the replicated control state keeps it: its plan, where it
+/// is, and how operators steer it. Whichever control node leads runs it
+/// from here, so a rollout outlives the node that started it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RolloutRecord {
     pub app: String,
     pub version: VersionId,
     pub old: Option<VersionId>,
-    command: tokio::sync::watch::Sender<Command>,
-    approvals: tokio::sync::watch::Sender<u64>,
-    steps: std::sync::Mutex<Vec<StepOutcome>>,
-    /// `running`, `paused`, `awaiting approval`, then `succeeded` or
-    /// `rolled back`.
-    state: std::sync::Mutex<String>,
+    /// `running`, `paused`, `awaiting approval`, `rolling back`, then
+    /// `succeeded`, `rolled back` or `aborted and rolled back`.
+    pub state: String,
+    /// The operators' last word (pause / resume / abort).
+    pub command: Command,
+    /// Approvals given (a wave after the first, under `manual_approval`,
+    /// waits until there are as many as waves before it).
+    pub approvals: u64,
+    /// Every step done so far, in order.
+    pub steps: Vec<StepOutcome>,
+    /// Waves by region name (regions that installed the version).
+    pub waves: Vec<Vec<String>>,
+    pub rollout: Rollout,
+    pub smoke: Vec<SmokeTest>,
+    /// Every region at install: whether it installed the version, and what
+    /// it said.
+    pub installs: Vec<(String, bool, String)>,
+    /// Wall-clock ms when it began.
+    pub started_ms: u64,
+    /// Why it stopped, once it has.
+    pub stopped: Option<Stopped>,
+    /// Who asked for it: `admin` or `token <id>`.
+    pub by: String,
+}
+
+/// Whether a rollout in this state has ended.
+pub fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "rolled back" | "aborted and rolled back")
+}
+
+impl RolloutRecord {
+    pub fn finished(&self) -> bool {
+        is_final(&self.state)
+    }
+
+    pub fn status(&self) -> RolloutStatus {
+        RolloutStatus {
+            app: self.app.clone(),
+            version: self.version.clone(),
+            old: self.old.clone(),
+            state: self.state.clone(),
+            steps: self.steps.clone(),
+        }
+    }
+
+    fn done(&self, region: &str, step: &str) -> bool {
+        self.steps.iter().any(|s| s.region == region && s.step == step && s.ok)
+    }
 }
 
 /// `GET /v1/apps/<app>/rollout`.
@@ -69,111 +115,147 @@ pub struct RolloutStatus {
     pub steps: Vec<StepOutcome>,
 }
 
-impl RolloutCtl {
-    pub fn new(app: &str, version: VersionId, old: Option<VersionId>) -> RolloutCtl {
-        RolloutCtl {
-            app: app.to_string(),
-            version,
-            old,
-            command: tokio::sync::watch::Sender::new(Command::Run),
-            approvals: tokio::sync::watch::Sender::new(0),
-            steps: Default::default(),
-            state: std::sync::Mutex::new("running".into()),
-        }
-    }
-
-    pub fn status(&self) -> RolloutStatus {
-        RolloutStatus {
-            app: self.app.clone(),
-            version: self.version.clone(),
-            old: self.old.clone(),
-            state: self.state.lock().unwrap().clone(),
-            steps: self.steps.lock().unwrap().clone(),
-        }
-    }
-
-    pub fn steps(&self) -> Vec<StepOutcome> {
-        self.steps.lock().unwrap().clone()
-    }
-
-    pub fn command(&self, c: Command) {
-        self.command.send_replace(c);
-    }
-
-    pub fn approve(&self) {
-        self.approvals.send_modify(|n| *n += 1);
-    }
-
-    pub(crate) fn set_state(&self, s: &str) {
-        *self.state.lock().unwrap() = s.to_string();
-    }
-
-    fn push(&self, step: StepOutcome) {
-        self.steps.lock().unwrap().push(step);
-    }
-
-    /// Between steps: waits while paused; `Err` once aborted.
-    async fn checkpoint(&self) -> Result<(), ()> {
-        let mut rx = self.command.subscribe();
-        loop {
-            let c = *rx.borrow_and_update();
-            match c {
-                Command::Run => return Ok(()),
-                Command::Abort => return Err(()),
-                Command::Pause => {
-                    self.set_state("paused");
-                    if rx.changed().await.is_err() {
-                        return Err(());
-                    }
-                    self.set_state("running");
-                }
-            }
-        }
-    }
-
-    /// Before a wave that needs an operator's go: waits for `approve` (or
-    /// an abort).
-    async fn await_approval(&self) -> Result<(), ()> {
-        let mut approvals = self.approvals.subscribe();
-        let seen = *approvals.borrow_and_update();
-        let mut commands = self.command.subscribe();
-        self.set_state("awaiting approval");
-        loop {
-            tokio::select! {
-                r = approvals.changed() => {
-                    if r.is_err() || *approvals.borrow() > seen {
-                        break;
-                    }
-                }
-                r = commands.changed() => {
-                    if r.is_err() || *commands.borrow() == Command::Abort {
-                        return Err(());
-                    }
-                }
-            }
-        }
-        self.set_state("running");
-        self.checkpoint().await
-    }
-}
-
 /// Why a rollout stopped.
-#[derive(Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Stopped {
     pub region: String,
     pub step: String,
     pub reason: String,
+    /// The wave it stopped in: it and the waves before it are rolled back.
+    pub wave: usize,
+}
+
+/// Why a rollout did not finish here.
+#[derive(Debug)]
+pub enum Halted {
+    /// A step failed, or an operator aborted: rolled back.
+    Stopped(Stopped),
+    /// This node no longer leads the control plane; the leader continues
+    /// the rollout from its recorded progress. Nothing was undone.
+    Deposed(String),
+}
+
+/// Why a rollout cannot go on to its next step.
+enum Halt {
+    Aborted,
+    Deposed(String),
+}
+
+/// A rollout this control node is running: reports each step to the
+/// replicated record before going on, and reads operators' steering from
+/// it.
+pub struct RolloutCtl {
+    pub app: String,
+    pub version: VersionId,
+    pub old: Option<VersionId>,
+    consensus: Arc<Consensus>,
+    record: tokio::sync::Mutex<RolloutRecord>,
+}
+
+impl RolloutCtl {
+    pub fn new(consensus: Arc<Consensus>, record: RolloutRecord) -> RolloutCtl {
+        RolloutCtl {
+            app: record.app.clone(),
+            version: record.version.clone(),
+            old: record.old.clone(),
+            consensus,
+            record: tokio::sync::Mutex::new(record),
+        }
+    }
+
+    pub async fn record(&self) -> RolloutRecord {
+        self.record.lock().await.clone()
+    }
+
+    /// Changes the record and makes the change durable on a majority;
+    /// `Deposed` if this node no longer leads.
+    async fn change(&self, f: impl FnOnce(&mut RolloutRecord)) -> Result<(), Halt> {
+        let mut r = self.record.lock().await;
+        let mut next = r.clone();
+        f(&mut next);
+        self.consensus
+            .propose(consensus::Command::Rollout { record: Box::new(next.clone()) })
+            .await
+            .map_err(|e| Halt::Deposed(e.to_string()))?;
+        *r = next;
+        Ok(())
+    }
+
+    async fn push(&self, step: StepOutcome) -> Result<(), Halt> {
+        self.change(|r| r.steps.push(step)).await
+    }
+
+    async fn set_state(&self, s: &str) -> Result<(), Halt> {
+        if self.record.lock().await.state == s {
+            return Ok(());
+        }
+        self.change(|r| r.state = s.to_string()).await
+    }
+
+    async fn done(&self, region: &str, step: &str) -> bool {
+        self.record.lock().await.done(region, step)
+    }
+
+    /// The operators' steering, from the replicated state.
+    fn steering(&self) -> (Command, u64) {
+        self.consensus
+            .read(|m| m.rollouts.get(&self.app).filter(|r| r.version == self.version).map(|r| (r.command, r.approvals)))
+            .unwrap_or((Command::Run, 0))
+    }
+
+    fn still_leading(&self) -> Result<(), Halt> {
+        if self.consensus.is_leader() {
+            Ok(())
+        } else {
+            Err(Halt::Deposed("this control node no longer leads".into()))
+        }
+    }
+
+    /// Between steps: waits while paused; `Aborted` once aborted.
+    async fn checkpoint(&self) -> Result<(), Halt> {
+        let mut changes = self.consensus.changes();
+        loop {
+            self.still_leading()?;
+            match self.steering().0 {
+                Command::Run => return self.set_state("running").await,
+                Command::Abort => return Err(Halt::Aborted),
+                Command::Pause => {
+                    self.set_state("paused").await?;
+                    // Applies tick it; the timeout notices a lost lead.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+                }
+            }
+        }
+    }
+
+    /// Before wave `wave` (> 0) of a plan with manual approval: waits for
+    /// the `wave`-th approval (or an abort).
+    async fn await_approval(&self, wave: usize) -> Result<(), Halt> {
+        let mut changes = self.consensus.changes();
+        loop {
+            self.still_leading()?;
+            let (command, approvals) = self.steering();
+            if command == Command::Abort {
+                return Err(Halt::Aborted);
+            }
+            if approvals >= wave as u64 {
+                return self.checkpoint().await;
+            }
+            self.set_state("awaiting approval").await?;
+            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+        }
+    }
 }
 
 pub(crate) struct Plan<'a> {
-    /// When the rollout began (steps report their time from it).
-    pub started: std::time::Instant,
     pub ctl: &'a RolloutCtl,
-    pub app: &'a str,
-    pub old: Option<VersionId>,
-    pub new: VersionId,
-    pub rollout: &'a Rollout,
-    pub smoke: &'a [SmokeTest],
+    pub record: &'a RolloutRecord,
+}
+
+impl Plan<'_> {
+    fn app(&self) -> &str {
+        &self.record.app
+    }
 }
 
 impl Control {
@@ -210,90 +292,158 @@ impl Control {
         Ok(waves)
     }
 
-    /// Runs the plan over `waves` (regions that could not install the
-    /// version are left to the reconcile loop). On a failure, rolls back
-    /// every region touched and says why.
-    pub(crate) async fn run_rollout(&self, plan: &Plan<'_>, waves: Vec<Vec<&ControlRegion>>) -> Result<(), Stopped> {
-        let mut touched: Vec<&ControlRegion> = Vec::new();
-        for (i, wave) in waves.into_iter().enumerate() {
-            let go = if i > 0 && plan.rollout.manual_approval {
-                plan.ctl.await_approval().await
+    /// Runs the plan from where its record says it is (regions that could
+    /// not install the version are left to the reconcile loop). On a
+    /// failure, rolls back every region of this wave and the ones before,
+    /// and says why.
+    pub(crate) async fn run_rollout(&self, plan: &Plan<'_>) -> Result<(), Halted> {
+        let region = |n: &String| self.config.regions.iter().find(|r| &r.name == n);
+        let waves: Vec<Vec<&ControlRegion>> =
+            plan.record.waves.iter().map(|w| w.iter().filter_map(region).collect()).collect();
+        // Picked up by a new leader while rolling back: finish that.
+        if let Some(stopped) = plan.record.stopped.clone() {
+            return self.roll_back_all(plan, &waves, stopped).await;
+        }
+        let last = plan.record.rollout.steps.last().map(|p| format!("{p}%")).unwrap_or_default();
+        for (i, wave) in waves.iter().enumerate() {
+            let mut pending = Vec::new();
+            for r in wave {
+                if !plan.ctl.done(&r.name, &last).await {
+                    pending.push(*r);
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let go = if i > 0 && plan.record.rollout.manual_approval {
+                plan.ctl.await_approval(i).await
             } else {
                 plan.ctl.checkpoint().await
             };
-            let mut failure = go.err().map(|()| Stopped {
-                region: wave.first().map(|r| r.name.clone()).unwrap_or_default(),
-                step: "start".into(),
-                reason: "aborted by an operator".into(),
-            });
+            let mut failure = match go {
+                Ok(()) => None,
+                Err(Halt::Deposed(e)) => return Err(Halted::Deposed(e)),
+                Err(Halt::Aborted) => Some(Stopped {
+                    region: pending[0].name.clone(),
+                    step: "start".into(),
+                    reason: "aborted by an operator".into(),
+                    wave: i,
+                }),
+            };
             if failure.is_none() {
                 // The regions of a wave in parallel; the wave fails if one does.
-                let results = futures::future::join_all(wave.iter().map(|r| self.roll_region(plan, r))).await;
-                for (r, result) in wave.iter().zip(results) {
-                    touched.push(r);
-                    if let Err(stopped) = result {
-                        failure.get_or_insert(stopped);
+                let results = futures::future::join_all(pending.iter().map(|r| self.roll_region(plan, r, i))).await;
+                for result in results {
+                    match result {
+                        Ok(()) => {}
+                        Err(Halted::Deposed(e)) => return Err(Halted::Deposed(e)),
+                        Err(Halted::Stopped(s)) => {
+                            failure.get_or_insert(s);
+                        }
                     }
                 }
             }
             if let Some(stopped) = failure {
-                for r in touched {
-                    let (ok, detail) = match self.roll_back(plan, r).await {
-                        Ok(d) => (true, d),
-                        Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
-                    };
-                    plan.ctl.push(step(plan, r, "rollback", ok, detail));
-                }
-                return Err(stopped);
+                return self.roll_back_all(plan, &waves, stopped).await;
             }
         }
         Ok(())
     }
 
-    /// Smoke tests, then every traffic step with its gate, in one region.
-    async fn roll_region(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<(), Stopped> {
+    /// Records why the rollout stopped (before touching any region), then
+    /// rolls back every region of the waves up to the one it stopped in.
+    async fn roll_back_all(
+        &self,
+        plan: &Plan<'_>,
+        waves: &[Vec<&ControlRegion>],
+        stopped: Stopped,
+    ) -> Result<(), Halted> {
+        let deposed = |h: Halt| match h {
+            Halt::Deposed(e) => Halted::Deposed(e),
+            Halt::Aborted => Halted::Deposed("aborted while rolling back".into()),
+        };
+        let s = stopped.clone();
+        plan.ctl
+            .change(|r| {
+                r.state = "rolling back".into();
+                r.stopped = Some(s);
+            })
+            .await
+            .map_err(deposed)?;
+        for r in waves.iter().take(stopped.wave + 1).flatten() {
+            if plan.ctl.done(&r.name, "rollback").await {
+                continue;
+            }
+            let (ok, detail) = match self.roll_back(plan, r).await {
+                Ok(d) => (true, d),
+                Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
+            };
+            plan.ctl.push(step(plan, r, "rollback", ok, detail)).await.map_err(deposed)?;
+        }
+        Err(Halted::Stopped(stopped))
+    }
+
+    /// Smoke tests, then every traffic step with its gate, in one region
+    /// (skipping what the record says is done).
+    async fn roll_region(&self, plan: &Plan<'_>, r: &ControlRegion, wave: usize) -> Result<(), Halted> {
         let log = plan.ctl;
-        let stop = |step: &str, reason: String| Stopped { region: r.name.clone(), step: step.into(), reason };
-        if !plan.smoke.is_empty() {
+        let stop = |step: &str, reason: String| {
+            Halted::Stopped(Stopped { region: r.name.clone(), step: step.into(), reason, wave })
+        };
+        let deposed = |h: Halt| match h {
+            Halt::Deposed(e) => Halted::Deposed(e),
+            Halt::Aborted => stop("start", "aborted by an operator".into()),
+        };
+        if !plan.record.smoke.is_empty() && !log.done(&r.name, "smoke").await {
             match self.smoke(plan, r).await {
-                Ok(n) => log.push(step(plan, r, "smoke", true, format!("{n} passed"))),
+                Ok(n) => log.push(step(plan, r, "smoke", true, format!("{n} passed"))).await.map_err(deposed)?,
                 Err(e) => {
-                    log.push(step(plan, r, "smoke", false, e.clone()));
+                    log.push(step(plan, r, "smoke", false, e.clone())).await.map_err(deposed)?;
                     return Err(stop("smoke", e));
                 }
             }
         }
-        for &percent in &plan.rollout.steps {
+        let rollout = &plan.record.rollout;
+        for &percent in &rollout.steps {
             let name = format!("{percent}%");
-            if plan.ctl.checkpoint().await.is_err() {
-                log.push(step(plan, r, &name, false, "aborted by an operator".into()));
-                return Err(stop(&name, "aborted by an operator".into()));
+            if log.done(&r.name, &name).await {
+                continue;
             }
+            match log.checkpoint().await {
+                Ok(()) => {}
+                Err(Halt::Deposed(e)) => return Err(Halted::Deposed(e)),
+                Err(Halt::Aborted) => {
+                    log.push(step(plan, r, &name, false, "aborted by an operator".into())).await.map_err(deposed)?;
+                    return Err(stop(&name, "aborted by an operator".into()));
+                }
+            }
+            let new = &plan.record.version;
             let set = if percent >= 100 {
-                let path = format!("apps/{}/active", plan.app);
-                self.call(r, Method::PUT, &path, Bytes::from(plan.new.to_string()), Duration::from_secs(10)).await
+                let path = format!("apps/{}/active", plan.app());
+                self.call(r, Method::PUT, &path, Bytes::from(new.to_string()), Duration::from_secs(10)).await
             } else {
-                let split = Split { version: plan.new.clone(), percent };
+                let split = Split { version: new.clone(), percent };
                 let body = Bytes::from(serde_json::to_vec(&split).unwrap_or_default());
-                self.call(r, Method::PUT, &format!("apps/{}/split", plan.app), body, Duration::from_secs(10)).await
+                self.call(r, Method::PUT, &format!("apps/{}/split", plan.app()), body, Duration::from_secs(10)).await
             };
             if let RegionCall::Refused(e) | RegionCall::Unreachable(e) = set {
-                log.push(step(plan, r, &name, false, e.clone()));
+                log.push(step(plan, r, &name, false, e.clone())).await.map_err(deposed)?;
                 return Err(stop(&name, format!("cannot switch: {e}")));
             }
             // The last step is the switch itself: judged before it (as the
             // previous step), not after it.
-            if plan.rollout.bake_ms == 0 || percent >= 100 || plan.old.is_none() {
-                log.push(step(plan, r, &name, true, String::new()));
+            if rollout.bake_ms == 0 || percent >= 100 || plan.record.old.is_none() {
+                log.push(step(plan, r, &name, true, String::new())).await.map_err(deposed)?;
                 continue;
             }
-            let before = self.stats(r, plan.app).await;
-            tokio::time::sleep(Duration::from_millis(plan.rollout.bake_ms)).await;
-            let after = self.stats(r, plan.app).await;
-            match gate(plan, before.as_deref(), after.as_deref()) {
-                Ok(detail) => log.push(step(plan, r, &name, true, detail)),
+            let before = self.stats(r, plan.app()).await;
+            tokio::time::sleep(Duration::from_millis(rollout.bake_ms)).await;
+            let after = self.stats(r, plan.app()).await;
+            let (old, new) = (plan.record.old.as_ref(), &plan.record.version);
+            match gate(rollout, old, new, before.as_deref(), after.as_deref()) {
+                Ok(detail) => log.push(step(plan, r, &name, true, detail)).await.map_err(deposed)?,
                 Err(reason) => {
-                    log.push(step(plan, r, &name, false, reason.clone()));
+                    log.push(step(plan, r, &name, false, reason.clone())).await.map_err(deposed)?;
                     return Err(stop(&name, format!("gate: {reason}")));
                 }
             }
@@ -311,10 +461,10 @@ impl Control {
     /// Every smoke test against the new version in one region; how many.
     async fn smoke(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<usize, String> {
         let target = r.target().map_err(|e| e.to_string())?;
-        let new = plan.new.to_string();
-        for t in plan.smoke {
+        let new = plan.record.version.to_string();
+        for t in &plan.record.smoke {
             let method = Method::from_bytes(t.method.as_bytes()).map_err(|e| e.to_string())?;
-            let mut hs: Vec<(&str, &str)> = vec![(headers::APP, plan.app), (headers::VERSION_OVERRIDE, &new)];
+            let mut hs: Vec<(&str, &str)> = vec![(headers::APP, plan.app()), (headers::VERSION_OVERRIDE, &new)];
             hs.extend(t.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let what = format!("{} {}", t.method, t.path);
             let a = self
@@ -332,20 +482,20 @@ impl Control {
                 }
             }
         }
-        Ok(plan.smoke.len())
+        Ok(plan.record.smoke.len())
     }
 
     /// Undoes what a rollout did in one region: no split, the old version
     /// active (or none, if this was the app's first version).
     async fn roll_back(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<String, String> {
-        let app = plan.app;
+        let app = plan.app();
         if let RegionCall::Refused(e) | RegionCall::Unreachable(e) =
             self.call(r, Method::DELETE, &format!("apps/{app}/split"), Bytes::new(), Duration::from_secs(10)).await
         {
             return Err(e);
         }
         let path = format!("apps/{app}/active");
-        let (call, detail) = match &plan.old {
+        let (call, detail) = match &plan.record.old {
             Some(old) => (
                 self.call(r, Method::PUT, &path, Bytes::from(old.to_string()), Duration::from_secs(10)).await,
                 format!("back on {}", old.short()),
@@ -364,18 +514,23 @@ impl Control {
 
 /// Judges one baked step from the region's counters before and after: the
 /// new version against the old one over the same window.
-fn gate(plan: &Plan<'_>, before: Option<&[StatsSnapshot]>, after: Option<&[StatsSnapshot]>) -> Result<String, String> {
+fn gate(
+    rollout: &Rollout,
+    old: Option<&VersionId>,
+    new: &VersionId,
+    before: Option<&[StatsSnapshot]>,
+    after: Option<&[StatsSnapshot]>,
+) -> Result<String, String> {
     let after = after.ok_or("the region's counters could not be read")?;
     let window = |v: &VersionId| {
         let now = after.iter().find(|s| &s.version == v)?;
         Some(now.since(before.and_then(|b| b.iter().find(|s| &s.version == v))))
     };
-    let new = window(&plan.new).ok_or("the new version reported no counters")?;
-    let rollout = plan.rollout;
+    let new = window(new).ok_or("the new version reported no counters")?;
     if new.requests < rollout.min_requests {
         return Ok(format!("inconclusive: {} requests (fewer than {})", new.requests, rollout.min_requests));
     }
-    let old = plan.old.as_ref().and_then(window).filter(|o| o.requests > 0);
+    let old = old.and_then(window).filter(|o| o.requests > 0);
     let old_rate = old.as_ref().map(StatsSnapshot::error_rate).unwrap_or(0.0);
     let limit = old_rate + rollout.max_error_percent as f64 / 100.0;
     if new.error_rate() > limit {
@@ -408,7 +563,7 @@ fn gate(plan: &Plan<'_>, before: Option<&[StatsSnapshot]>, after: Option<&[Stats
 }
 
 fn ms(plan: &Plan<'_>) -> u64 {
-    plan.started.elapsed().as_millis() as u64
+    consensus::now_ms().saturating_sub(plan.record.started_ms)
 }
 
 fn step(plan: &Plan<'_>, r: &ControlRegion, step: &str, ok: bool, detail: String) -> StepOutcome {
@@ -443,18 +598,9 @@ mod tests {
     }
 
     fn judge(rollout: &Rollout, old: Option<StatsSnapshot>, new: StatsSnapshot) -> Result<String, String> {
-        let ctl = RolloutCtl::new("a", new.version.clone(), old.as_ref().map(|o| o.version.clone()));
-        let plan = Plan {
-            started: std::time::Instant::now(),
-            ctl: &ctl,
-            app: "a",
-            old: old.as_ref().map(|o| o.version.clone()),
-            new: new.version.clone(),
-            rollout,
-            smoke: &[],
-        };
+        let (old_id, new_id) = (old.as_ref().map(|o| o.version.clone()), new.version.clone());
         let after: Vec<StatsSnapshot> = old.into_iter().chain([new]).collect();
-        gate(&plan, Some(&[]), Some(&after))
+        gate(rollout, old_id.as_ref(), &new_id, Some(&[]), Some(&after))
     }
 
     #[test]
@@ -479,8 +625,8 @@ mod tests {
         assert!(judge(&r, None, window(&new, 90, 10, 5)).is_err());
     }
 
-    #[test]
-    fn default_waves_are_the_first_region_then_the_rest_and_unknown_regions_are_refused() {
+    #[tokio::test]
+    async fn default_waves_are_the_first_region_then_the_rest_and_unknown_regions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let ca = meridian_trust::ensure_ca(&certs, "t", 1).unwrap();
@@ -496,8 +642,10 @@ mod tests {
             regions: vec![region("us-east"), region("eu-west"), region("ap-southeast")],
             reconcile_interval_ms: 1000,
             apps_domain: None,
+            members: Vec::new(),
+            raft_heartbeat_ms: 250,
         };
-        let control = crate::Control::open(config).unwrap();
+        let control = crate::Control::open(config).await.unwrap();
         let names = |w: Vec<Vec<&ControlRegion>>| -> Vec<Vec<String>> {
             w.into_iter().map(|w| w.into_iter().map(|r| r.name.clone()).collect()).collect()
         };

@@ -1,6 +1,7 @@
 //! Making the cluster CA and issuing node certificates (`meridian certs`).
 
 use crate::identity::Identity;
+use crate::Role;
 use crate::TrustError;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -129,6 +130,11 @@ pub fn issue(ca: &CaFiles, identity: &Identity, out_dir: &Path, days: u32) -> Re
     params.distinguished_name.push(DnType::OrganizationalUnitName, identity.role.as_str());
     params.subject_alt_names =
         vec![SanType::DnsName(identity.dns_name().try_into()?), SanType::URI(identity.uri().try_into()?)];
+    // Control nodes also answer to the control plane's service name, so an
+    // operator can reach whichever of them is up without knowing its name.
+    if identity.role == Role::Control {
+        params.subject_alt_names.push(SanType::DnsName(crate::identity::service_dns_name(Role::Control).try_into()?));
+    }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;

@@ -140,6 +140,12 @@ pub fn dns_name(name: &str, role: Role) -> String {
     format!("{name}.{role}.{DNS_SUFFIX}")
 }
 
+/// `<role>.meridian`: any node of a role that serves as one service (the
+/// control plane's nodes).
+pub fn service_dns_name(role: Role) -> String {
+    format!("{role}.{DNS_SUFFIX}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

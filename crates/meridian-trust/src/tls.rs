@@ -73,14 +73,26 @@ impl Expect {
         Expect { name: name.to_string(), role: Role::Region, jurisdiction: Some(jurisdiction.to_string()) }
     }
 
-    /// The server name the handshake verifies (`<name>.<role>.meridian`).
+    /// Any node of `role` that answers to the role's service name (control
+    /// nodes: the operator reaches whichever is up).
+    pub fn service(role: Role) -> Expect {
+        Expect { name: String::new(), role, jurisdiction: None }
+    }
+
+    /// The server name the handshake verifies (`<name>.<role>.meridian`, or
+    /// `<role>.meridian` for a service).
     pub fn server_name(&self) -> Result<ServerName<'static>, String> {
-        ServerName::try_from(dns_name(&self.name, self.role)).map_err(|e| format!("invalid peer name: {e}"))
+        let name = if self.name.is_empty() {
+            crate::identity::service_dns_name(self.role)
+        } else {
+            dns_name(&self.name, self.role)
+        };
+        ServerName::try_from(name).map_err(|e| format!("invalid peer name: {e}"))
     }
 
     /// Checks a verified server identity against the expectation.
     pub fn check(&self, id: &Identity) -> Result<(), String> {
-        if id.name != self.name || id.role != self.role {
+        if (!self.name.is_empty() && id.name != self.name) || id.role != self.role {
             return Err(format!("expected {} {}, the certificate says {id}", self.role, self.name));
         }
         if let Some(j) = &self.jurisdiction {

@@ -16,9 +16,9 @@ pub struct Args {
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// SIGKILL a region's process.
+    /// SIGKILL the process of a region or a control node (`control-1`, …).
     Kill { region: String },
-    /// Start a region again (kills it first if it is running).
+    /// Start a region or control node again (kills it first if it is running).
     Restart { region: String },
     /// Partition the links between A and B in both directions (bytes are held, not delivered).
     Cut { a: String, b: String },

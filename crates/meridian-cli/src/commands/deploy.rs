@@ -3,7 +3,7 @@
 use crate::api::{Operator, WorldArg};
 use anyhow::Context;
 use bytes::Bytes;
-use http::Method;
+use http::{Method, StatusCode};
 use meridian_control::DeployReport;
 use meridian_core::world::Credentials;
 use meridian_manifest::Bundle;
@@ -163,10 +163,26 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
             printed.store(s.steps.len().max(from), std::sync::atomic::Ordering::Relaxed);
         }
     };
-    let (status, body) = tokio::select! {
-        r = deploy => r?,
+    let answer = tokio::select! {
+        r = deploy => r,
         () = progress => unreachable!("the progress loop never ends"),
     };
+    // The control node running the rollout went away mid-way (killed, or no
+    // longer the leader): the new leader carries on from the replicated
+    // record; follow it there.
+    let lost = match &answer {
+        Err(_) => true,
+        Ok((status, _)) => *status == StatusCode::BAD_GATEWAY,
+    };
+    if lost {
+        let why = match &answer {
+            Err(e) => format!("{e:#}"),
+            Ok((_, b)) => String::from_utf8_lossy(b).trim().to_string(),
+        };
+        eprintln!("the control node running the deploy went away ({why}); following the rollout on the new leader");
+        return follow(operator, url, &bundle, &printed, live).await;
+    }
+    let (status, body) = answer?;
     if status.is_success() && live {
         if let Ok(r) = serde_json::from_slice::<DeployReport>(&body) {
             for st in r.steps.iter().skip(printed.load(std::sync::atomic::Ordering::Relaxed)) {
@@ -178,4 +194,66 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
         anyhow::bail!("deploy refused ({status}):\n{}", String::from_utf8_lossy(&body).trim());
     }
     serde_json::from_slice(&body).context("control plane sent an unreadable deploy report")
+}
+
+/// Follows a rollout of `bundle` that a new leader continues, until it
+/// ends; the report is built from its steps.
+async fn follow(
+    operator: &Operator,
+    url: &str,
+    bundle: &Bundle,
+    printed: &std::sync::atomic::AtomicUsize,
+    live: bool,
+) -> anyhow::Result<DeployReport> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let path = format!("/v1/apps/{}/rollout", bundle.manifest.name);
+    // If the node went away before the rollout was recorded, there is none.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = operator.control(url, Method::GET, &path, Bytes::new(), Duration::from_secs(5)).await;
+        let status = match answer {
+            Ok((s, body)) if s.is_success() => {
+                serde_json::from_slice::<meridian_control::rollout::RolloutStatus>(&body).ok()
+            }
+            _ => None,
+        };
+        match status {
+            Some(s) if s.version == bundle.id => {
+                seen = true;
+                if live {
+                    for st in s.steps.iter().skip(printed.load(Relaxed)) {
+                        crate::commands::rollout::print_step(st);
+                    }
+                    printed.store(s.steps.len().max(printed.load(Relaxed)), Relaxed);
+                }
+                if !meridian_control::rollout::is_final(&s.state) {
+                    continue;
+                }
+                if s.state != "succeeded" {
+                    let failed = s.steps.iter().find(|st| !st.ok);
+                    let why = failed.map(|f| format!(" at {} {}: {}", f.region, f.step, f.detail)).unwrap_or_default();
+                    anyhow::bail!("rollout of version {} {}{why}", s.version.short(), s.state);
+                }
+                let mut regions: Vec<meridian_control::RegionOutcome> = Vec::new();
+                for st in &s.steps {
+                    if st.step == "100%" && st.ok && !regions.iter().any(|r| r.region == st.region) {
+                        regions.push(meridian_control::RegionOutcome {
+                            region: st.region.clone(),
+                            outcome: "active".into(),
+                            detail: String::new(),
+                        });
+                    }
+                }
+                return Ok(DeployReport { app: s.app, version: s.version, regions, steps: s.steps });
+            }
+            _ if !seen && tokio::time::Instant::now() > give_up => anyhow::bail!(
+                "the control node went away before the rollout of version {} was recorded; nothing changed: \
+                 deploy again",
+                bundle.id.short()
+            ),
+            _ => {}
+        }
+    }
 }

@@ -13,6 +13,7 @@ use crate::supervisor::{process_info, Listeners, Supervisor};
 use anyhow::Context;
 use bytes::Bytes;
 use http::Method;
+use meridian_control::consensus::ControlMember;
 use meridian_control::{ControlConfig, ControlRegion};
 use meridian_core::world::{Credentials, EdgeInfo, LinkInfo, RegionInfo, WorldDescription, FORMAT, TOKEN_FILE};
 use meridian_core::Topology;
@@ -51,6 +52,10 @@ pub struct Args {
     /// How often regions compare key-value digests with each peer.
     #[arg(long, default_value_t = 3000)]
     pub anti_entropy_ms: u64,
+    /// Control nodes (their state replicated by Raft): 3 survive losing
+    /// one; 1 is a control plane without failover.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=7))]
+    pub control_nodes: u8,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -76,6 +81,11 @@ const EXAMPLE: &[(&str, &[u8])] = &[
     ("static/style.css", include_bytes!("../../../../examples/hello/static/style.css")),
 ];
 
+/// The name (and certificate name) of the dev world's `i`-th control node.
+fn control_name(i: u8) -> String {
+    format!("control-{i}")
+}
+
 struct Ports {
     next: u16,
 }
@@ -94,11 +104,13 @@ impl Ports {
 
 /// Every node's certificate, from the world's own CA (kept across runs of
 /// the same world; node certificates are issued afresh each time).
-fn issue_certificates(dir: &Path, topology: &Topology) -> anyhow::Result<PathBuf> {
+fn issue_certificates(dir: &Path, topology: &Topology, control_nodes: u8) -> anyhow::Result<PathBuf> {
     let certs = dir.join("certs");
     let ca = meridian_trust::ensure_ca(&certs, "dev", 3650)?;
-    let mut ids =
-        vec![Identity::new("control", Role::Control, None)?, Identity::new("operator", Role::Operator, None)?];
+    let mut ids = vec![Identity::new("operator", Role::Operator, None)?];
+    for i in 1..=control_nodes {
+        ids.push(Identity::new(&control_name(i), Role::Control, None)?);
+    }
     for r in &topology.regions {
         ids.push(Identity::new(&r.name, Role::Region, Some(&r.jurisdiction))?);
         ids.push(Identity::new(&format!("edge-{}", r.name), Role::Edge, None)?);
@@ -152,7 +164,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let token = new_token();
     let token_file = dir.join(TOKEN_FILE);
     meridian_core::fs::write_secret(&token_file, token.as_bytes())?;
-    let certs = issue_certificates(&dir, &topology).context("cannot make the world's certificates")?;
+    let certs = issue_certificates(&dir, &topology, a.control_nodes).context("cannot make the world's certificates")?;
     let operator_creds =
         Credentials { ca: certs.join("ca.pem"), cert: certs.join("operator.pem"), key: certs.join("operator.key") };
 
@@ -162,6 +174,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let control_addr = ports.take()?;
     let supervisor_addr = ports.take()?;
     let region_addrs: Vec<SocketAddr> = topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
+    // Control nodes must know each other's addresses before they start: with
+    // --port-base 0 the kernel picks free ones now (released just before the
+    // nodes bind them).
+    let mut control_addrs = vec![control_addr];
+    for _ in 1..a.control_nodes {
+        control_addrs.push(ports.take()?);
+    }
+    for addr in control_addrs.iter_mut().filter(|a| a.port() == 0) {
+        *addr = std::net::TcpListener::bind(*addr)?.local_addr()?;
+    }
 
     // The chaos API listens first so a script can act as soon as the world exists.
     let listener = tokio::net::TcpListener::bind(supervisor_addr).await.with_context(|| {
@@ -202,7 +224,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     tokio::spawn(async move { s.watch_children().await });
 
     let operator = Operator::new(&operator_creds, token.clone())?;
-    let plan = Plan { topology, edge_addrs, control_addr, region_addrs, token_file, certs };
+    let plan = Plan { topology, edge_addrs, control_addrs, region_addrs, token_file, certs };
     let result = tokio::select! {
         r = bring_up(&sup, &a, plan, &mut ports, &operator) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
@@ -233,7 +255,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 struct Plan {
     topology: Topology,
     edge_addrs: Vec<SocketAddr>,
-    control_addr: SocketAddr,
+    control_addrs: Vec<SocketAddr>,
     region_addrs: Vec<SocketAddr>,
     token_file: PathBuf,
     certs: PathBuf,
@@ -406,23 +428,44 @@ async fn bring_up(
     }
     sup.world.lock().unwrap().links = links;
 
-    let mut control_cfg = ControlConfig {
-        listen: plan.control_addr,
-        data_dir: dir.join("data").join("control"),
-        token_file: plan.token_file.clone(),
-        tls: dev_tls(&plan.certs, "control"),
-        regions: topology
-            .regions
-            .iter()
-            .zip(&region_addrs)
-            .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("https://{addr}") })
-            .collect(),
-        reconcile_interval_ms: 1000,
-        apps_domain: Some("localhost".into()),
-    };
-    start_role(sup, "control", "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
-    let control_url = format!("https://{}", control_cfg.listen);
+    let members: Vec<ControlMember> = plan
+        .control_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| ControlMember { name: control_name(i as u8 + 1), url: format!("https://{addr}") })
+        .collect();
+    for (i, m) in members.iter().enumerate() {
+        let mut control_cfg = ControlConfig {
+            listen: plan.control_addrs[i],
+            data_dir: dir.join("data").join(&m.name),
+            token_file: plan.token_file.clone(),
+            tls: dev_tls(&plan.certs, &m.name),
+            regions: topology
+                .regions
+                .iter()
+                .zip(&region_addrs)
+                .map(|(r, addr)| ControlRegion { name: r.name.clone(), url: format!("https://{addr}") })
+                .collect(),
+            reconcile_interval_ms: 1000,
+            apps_domain: Some("localhost".into()),
+            members: if members.len() > 1 { members.clone() } else { Vec::new() },
+            raft_heartbeat_ms: 250,
+        };
+        start_role(sup, &m.name, "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
+    }
+    let control_url = members.iter().map(|m| m.url.as_str()).collect::<Vec<_>>().join(",");
     sup.world.lock().unwrap().control_url = control_url.clone();
+    // The control nodes elect a leader before the first change.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match operator.control(&control_url, Method::GET, "/v1/whoami", Bytes::new(), Duration::from_secs(5)).await {
+            Ok((status, _)) if status.is_success() => break,
+            answer if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("the control plane elected no leader within 30 s (last answer: {answer:?})")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 
     let policy = match a.policy {
         PolicyArg::Geo => Policy::Geo,

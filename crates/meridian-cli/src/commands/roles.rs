@@ -147,9 +147,10 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
 pub async fn control(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_control::ControlConfig = load(&a.config)?;
     let listener = bind(cfg.listen).await?;
-    let control = meridian_control::Control::open(cfg)?;
+    let control = meridian_control::Control::open(cfg).await?;
     control.tls.spawn_reloader();
     tokio::spawn(control.clone().reconcile_loop());
+    tokio::spawn(control.clone().lead_loop());
     let c = control.clone();
     let handler: Handler = Arc::new(move |req, _peer| {
         let c = c.clone();

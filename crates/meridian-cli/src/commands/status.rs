@@ -90,6 +90,20 @@ fn print_control(control: &serde_json::Value) {
     if apps.is_empty() {
         out!("no apps yet: meridian apps create NAME --host HOST, then meridian deploy");
     }
+    if let Some(nodes) = control["control"]["nodes"].as_array() {
+        let list: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let name = n["name"].as_str().unwrap_or("?");
+                match (n["leader"].as_bool(), n["behind"].as_u64()) {
+                    (Some(true), _) => format!("{name} (leader)"),
+                    (_, Some(0)) | (_, None) => name.to_string(),
+                    (_, Some(b)) => format!("{name} ({b} entries behind)"),
+                }
+            })
+            .collect();
+        out!("control plane  term {}  {}", control["control"]["term"], list.join(", "));
+    }
     for app in apps {
         let hosts: Vec<&str> =
             app["hosts"].as_array().map(|h| h.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();

@@ -131,8 +131,8 @@ impl World {
     /// no token; the status.
     pub async fn control_call_as(&self, as_name: &str, method: http::Method, path: &str) -> u16 {
         let control = meridian_http::cluster::Target::from_url(
-            &self.desc.control_url,
-            meridian_trust::Expect::new("control", meridian_trust::Role::Control),
+            self.desc.control_url.split(',').next().unwrap(),
+            meridian_trust::Expect::service(meridian_trust::Role::Control),
         )
         .unwrap();
         let a = self.client_as(as_name).call(&control, method, path, "x".into(), Duration::from_secs(5)).await.unwrap();

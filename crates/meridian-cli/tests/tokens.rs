@@ -49,7 +49,7 @@ async fn scoped_tokens_deploy_only_their_app_and_die_when_revoked() {
     // Only hashes are stored (replicated to every control node), in
     // private files.
     for secret in [&deploy_hello, &read_hello, &deploy_other] {
-        let found = files_containing(&w.dir.path().join("data"), secret[13..].as_bytes());
+        let found = files_containing(&w.dir.path().join("data"), &secret.as_bytes()[13..]);
         assert!(found.is_empty(), "a token's secret is on disk: {found:?}");
     }
     for i in 1..=3 {

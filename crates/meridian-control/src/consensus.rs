@@ -33,24 +33,21 @@ use http::{Method, StatusCode};
 use meridian_core::VersionId;
 use meridian_http::cluster::{ClusterClient, Target};
 use meridian_http::{json, text, Body};
+use meridian_raft::{dec, enc, io, rpc, RedbLog, META};
 use meridian_trust::{Expect, Role};
-use openraft::error::{
-    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{ClientWriteError, Infallible, InstallSnapshotError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -224,25 +221,11 @@ openraft::declare_raft_types!(
         R = Reply,
 );
 
-pub type NodeId = u64;
+pub use meridian_raft::NodeId;
 pub type Raft = openraft::Raft<TypeConfig>;
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("machine");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-
-fn io<E: std::fmt::Display>(e: E) -> StorageError<NodeId> {
-    StorageIOError::write(AnyError::error(e.to_string())).into()
-}
-
-fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
-    serde_json::to_vec(v).map_err(io)
-}
-
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError<NodeId>> {
-    serde_json::from_slice(b).map_err(io)
-}
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -257,10 +240,12 @@ struct SnapshotData {
     audit: Vec<audit::Entry>,
 }
 
-/// The durable log, vote and machine, and the machine in memory.
+/// The durable machine (the log is a [`RedbLog`] in the same database),
+/// and the machine in memory.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    log: RedbLog<TypeConfig>,
     machine: Arc<Mutex<Machine>>,
     /// Bumped after every apply (rollouts wait on it for steering).
     changed: Arc<tokio::sync::watch::Sender<u64>>,
@@ -274,9 +259,9 @@ impl Store {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        let db = Arc::new(db);
+        let log = RedbLog::new(db.clone()).map_err(|e| e.to_string())?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.open_table(LOG).map_err(|e| e.to_string())?;
-        txn.open_table(META).map_err(|e| e.to_string())?;
         txn.open_table(SM).map_err(|e| e.to_string())?;
         txn.open_table(AUDIT).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
@@ -290,24 +275,12 @@ impl Store {
             }
         };
         Ok(Store {
-            db: Arc::new(db),
+            db,
+            log,
             machine: Arc::new(Mutex::new(machine)),
             changed: Arc::new(tokio::sync::watch::Sender::new(0)),
             snapshot: Default::default(),
         })
-    }
-
-    fn meta_get<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>, StorageError<NodeId>> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(META).map_err(io)?;
-        let v = t.get(k).map_err(io)?;
-        v.map(|v| dec(v.value())).transpose()
-    }
-
-    fn meta_put<T: serde::Serialize>(&self, k: &str, v: &T) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(META).map_err(io)?.insert(k, enc(v)?.as_slice()).map_err(io)?;
-        txn.commit().map_err(io)
     }
 
     /// Audit entries, oldest first, that `keep` accepts.
@@ -326,96 +299,14 @@ impl Store {
     }
 }
 
-impl RaftLogReader<TypeConfig> for Store {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(LOG).map_err(io)?;
-        let mut out = Vec::new();
-        for e in t.range(range).map_err(io)? {
-            let (_, v) = e.map_err(io)?;
-            out.push(dec(v.value())?);
-        }
-        Ok(out)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for Store {
-    type LogReader = Store;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> = self.meta_get("last_purged")?;
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(LOG).map_err(io)?;
-        let last = match t.last().map_err(io)? {
-            Some((_, v)) => Some(dec::<Entry<TypeConfig>>(v.value())?.log_id),
-            None => last_purged,
-        };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("vote", vote)
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.meta_get("vote")
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("committed", &committed)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self.meta_get::<Option<LogId<NodeId>>>("committed")?.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
-        let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut t = txn.open_table(LOG).map_err(io)?;
-            for e in entries {
-                t.insert(e.log_id.index, enc(&e)?.as_slice()).map_err(io)?;
-            }
-        }
-        // Durable (fsync) before Raft counts the entries as stored.
-        txn.commit().map_err(io)?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(LOG).map_err(io)?.retain_in(log_id.index.., |_, _| false).map_err(io)?;
-        txn.commit().map_err(io)
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(META).map_err(io)?.insert("last_purged", enc(&Some(log_id))?.as_slice()).map_err(io)?;
-        txn.open_table(LOG).map_err(io)?.retain_in(..=log_id.index, |_, _| false).map_err(io)?;
-        txn.commit().map_err(io)
-    }
-}
-
 impl RaftStateMachine<TypeConfig> for Store {
     type SnapshotBuilder = Store;
 
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
-        let applied = self.meta_get::<Option<LogId<NodeId>>>("applied")?.flatten();
-        let membership = self.meta_get("membership")?.unwrap_or_default();
+        let applied = self.log.meta_get::<Option<LogId<NodeId>>>("applied")?.flatten();
+        let membership = self.log.meta_get("membership")?.unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -563,50 +454,24 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-#[derive(Debug)]
-struct Failure(String);
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Failure {}
-
 impl Connection {
-    async fn rpc<Req, Resp, E>(
-        &self,
-        what: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    async fn rpc<Req, Resp, E>(&self, what: &str, req: &Req, timeout: Duration) -> Result<Resp, rpc::Error<E>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let unreachable = |m: String| RPCError::Unreachable(Unreachable::new(&Failure(m)));
-        let member = self.member.as_ref().ok_or_else(|| unreachable(format!("no control node {}", self.target)))?;
-        let target = member.target().map_err(|e| unreachable(e.to_string()))?;
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let member =
+            self.member.as_ref().ok_or_else(|| rpc::unreachable(format!("no control node {}", self.target)))?;
+        let target = member.target().map_err(|e| rpc::unreachable(e.to_string()))?;
+        let body = serde_json::to_vec(req).map_err(rpc::encoding)?;
         let path = format!("/v1/internal/raft/{what}");
         let a = self
             .client
             .call(&target, Method::POST, &path, body.into(), timeout)
             .await
-            .map_err(|e| unreachable(format!("{}: {e}", member.name)))?;
-        if a.status != StatusCode::OK {
-            return Err(RPCError::Network(NetworkError::new(&Failure(format!(
-                "{}: HTTP {}: {}",
-                member.name,
-                a.status,
-                a.text().trim()
-            )))));
-        }
-        let r: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&a.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            .map_err(|e| rpc::unreachable(format!("{}: {e}", member.name)))?;
+        rpc::answer(self.target, &member.name, a.status.as_u16(), &a.body)
     }
 }
 
@@ -615,7 +480,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, rpc::Error<Infallible>> {
         self.rpc("append", &rpc, option.hard_ttl()).await
     }
 
@@ -623,8 +488,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<InstallSnapshotResponse<NodeId>, rpc::Error<InstallSnapshotError>> {
         self.rpc("snapshot", &rpc, option.hard_ttl()).await
     }
 
@@ -632,7 +496,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, rpc::Error<Infallible>> {
         self.rpc("vote", &rpc, option.hard_ttl()).await
     }
 }
@@ -693,7 +557,7 @@ impl Consensus {
         let members = Arc::new(members);
         let network = Network { client, members: members.clone() };
         let raft =
-            Raft::new(node_id, config, network, store.clone(), store.clone()).await.map_err(|e| e.to_string())?;
+            Raft::new(node_id, config, network, store.log.clone(), store.clone()).await.map_err(|e| e.to_string())?;
         let c = Arc::new(Consensus { raft, store, node_id, members });
         // The first member forms the group at once (so it is the first
         // leader); the others only if nobody has contacted them for a while

@@ -5,8 +5,9 @@
 //! `regions` list (+1), so every region derives the same membership from the
 //! same manifest; a node's address is its region name, which each region
 //! resolves to its own link to that peer. The log, the vote and the state
-//! machine live in one redb database per group (`DATA_DIR/raft/NS.redb`),
-//! every append fsynced before it is acknowledged.
+//! machine live in one redb database per group (`DATA_DIR/raft/NS.redb`;
+//! the log is meridian-raft's, shared with the control plane), every append
+//! fsynced before it is acknowledged.
 //!
 //! Writes go through the leader's log (a follower forwards the operation to
 //! the leader's region); reads are linearizable: the leader confirms it
@@ -22,23 +23,20 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use meridian_core::wire::Peer;
 use meridian_http::{json, text, Body};
-use openraft::error::{
-    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use meridian_raft::{dec, enc, io, rpc, RedbLog, META};
+use openraft::error::{ClientWriteError, Infallible, InstallSnapshotError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,28 +109,16 @@ impl Versioned {
     }
 }
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("sm");
-
-fn io<E: std::fmt::Display>(e: E) -> StorageError<NodeId> {
-    StorageIOError::write(AnyError::error(e.to_string())).into()
-}
-
-fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
-    serde_json::to_vec(v).map_err(io)
-}
-
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError<NodeId>> {
-    serde_json::from_slice(b).map_err(io)
-}
 
 type SnapshotBytes = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
 
-/// The durable state of one group: log, vote, state machine.
+/// The durable state of one group: its log (and vote) and its state
+/// machine, in one database.
 #[derive(Clone)]
 pub struct GroupStore {
     db: Arc<Database>,
+    log: RedbLog<TypeConfig>,
     /// The latest snapshot built or installed (rebuilt from the state
     /// machine on demand after a restart).
     snapshot: Arc<Mutex<Option<SnapshotBytes>>>,
@@ -143,26 +129,12 @@ impl GroupStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         }
-        let db = Database::create(path).map_err(|e| e.to_string())?;
+        let db = Arc::new(Database::create(path).map_err(|e| e.to_string())?);
+        let log = RedbLog::new(db.clone()).map_err(|e| e.to_string())?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.open_table(LOG).map_err(|e| e.to_string())?;
-        txn.open_table(META).map_err(|e| e.to_string())?;
         txn.open_table(SM).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        Ok(GroupStore { db: Arc::new(db), snapshot: Default::default() })
-    }
-
-    fn meta_get<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>, StorageError<NodeId>> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(META).map_err(io)?;
-        let v = t.get(k).map_err(io)?;
-        v.map(|v| dec(v.value())).transpose()
-    }
-
-    fn meta_put<T: serde::Serialize>(&self, k: &str, v: &T) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(META).map_err(io)?.insert(k, enc(v)?.as_slice()).map_err(io)?;
-        txn.commit().map_err(io)
+        Ok(GroupStore { db, log, snapshot: Default::default() })
     }
 
     /// A key's current value (linearizable only after `ensure_linearizable`).
@@ -198,88 +170,6 @@ impl GroupStore {
             out.insert(k.value().to_string(), dec(v.value())?);
         }
         Ok(out)
-    }
-}
-
-impl RaftLogReader<TypeConfig> for GroupStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(LOG).map_err(io)?;
-        let mut out = Vec::new();
-        for e in t.range(range).map_err(io)? {
-            let (_, v) = e.map_err(io)?;
-            out.push(dec(v.value())?);
-        }
-        Ok(out)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for GroupStore {
-    type LogReader = GroupStore;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> = self.meta_get("last_purged")?;
-        let txn = self.db.begin_read().map_err(io)?;
-        let t = txn.open_table(LOG).map_err(io)?;
-        let last = match t.last().map_err(io)? {
-            Some((_, v)) => Some(dec::<Entry<TypeConfig>>(v.value())?.log_id),
-            None => last_purged,
-        };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("vote", vote)
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.meta_get("vote")
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("committed", &committed)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self.meta_get::<Option<LogId<NodeId>>>("committed")?.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
-        let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut t = txn.open_table(LOG).map_err(io)?;
-            for e in entries {
-                t.insert(e.log_id.index, enc(&e)?.as_slice()).map_err(io)?;
-            }
-        }
-        // Durable (fsync) before Raft counts the entries as stored.
-        txn.commit().map_err(io)?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(LOG).map_err(io)?.retain_in(log_id.index.., |_, _| false).map_err(io)?;
-        txn.commit().map_err(io)
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let txn = self.db.begin_write().map_err(io)?;
-        txn.open_table(META).map_err(io)?.insert("last_purged", enc(&Some(log_id))?.as_slice()).map_err(io)?;
-        txn.open_table(LOG).map_err(io)?.retain_in(..=log_id.index, |_, _| false).map_err(io)?;
-        txn.commit().map_err(io)
     }
 }
 
@@ -347,8 +237,8 @@ impl RaftStateMachine<TypeConfig> for GroupStore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
-        let applied = self.meta_get::<Option<LogId<NodeId>>>("applied")?.flatten();
-        let membership = self.meta_get("membership")?.unwrap_or_default();
+        let applied = self.log.meta_get::<Option<LogId<NodeId>>>("applied")?.flatten();
+        let membership = self.log.meta_get("membership")?.unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -462,24 +352,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-#[derive(Debug)]
-struct Failure(String);
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Failure {}
-
 impl Connection {
-    async fn rpc<Req, Resp, E>(
-        &self,
-        what: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    async fn rpc<Req, Resp, E>(&self, what: &str, req: &Req, timeout: Duration) -> Result<Resp, rpc::Error<E>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -487,29 +361,18 @@ impl Connection {
     {
         let peer = self.svc.peers.load().iter().find(|p| p.name == self.region).cloned();
         let Some(peer) = peer else {
-            return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!("no link to {}", self.region)))));
+            return Err(rpc::unreachable(format!("no link to {}", self.region)));
         };
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = serde_json::to_vec(req).map_err(rpc::encoding)?;
         let path = self.svc.api(&format!("raft/{}/{what}", self.ns));
-        let target =
-            self.svc.target(&peer).map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e.to_string()))))?;
+        let target = self.svc.target(&peer).map_err(|e| rpc::unreachable(e.to_string()))?;
         let a = self
             .svc
             .cluster
             .call(&target, Method::POST, &path, body.into(), timeout)
             .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e.to_string()))))?;
-        let (status, bytes) = (a.status, a.body);
-        if status != StatusCode::OK {
-            return Err(RPCError::Network(NetworkError::new(&Failure(format!(
-                "{}: HTTP {status}: {}",
-                self.region,
-                String::from_utf8_lossy(&bytes).trim()
-            )))));
-        }
-        let r: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            .map_err(|e| rpc::unreachable(e.to_string()))?;
+        rpc::answer(self.target, &self.region, a.status.as_u16(), &a.body)
     }
 }
 
@@ -518,7 +381,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, rpc::Error<Infallible>> {
         self.rpc("append", &rpc, option.hard_ttl()).await
     }
 
@@ -526,8 +389,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<InstallSnapshotResponse<NodeId>, rpc::Error<InstallSnapshotError>> {
         self.rpc("snapshot", &rpc, option.hard_ttl()).await
     }
 
@@ -535,7 +397,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, rpc::Error<Infallible>> {
         self.rpc("vote", &rpc, option.hard_ttl()).await
     }
 }
@@ -586,7 +448,7 @@ impl Group {
         let config = Arc::new(raft_config().validate().map_err(|e| e.to_string())?);
         let network = Network { ns: ns.to_string(), svc: svc.clone() };
         let raft =
-            Raft::new(node_id, config, network, store.clone(), store.clone()).await.map_err(|e| e.to_string())?;
+            Raft::new(node_id, config, network, store.log.clone(), store.clone()).await.map_err(|e| e.to_string())?;
         let group = Arc::new(Group {
             ns: ns.to_string(),
             raft,

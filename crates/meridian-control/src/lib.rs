@@ -760,6 +760,54 @@ impl Control {
         Ok(DeployReport { app, version: id, regions: report, steps })
     }
 
+    /// A control plane from before replication kept its state in files
+    /// (`state.json`, `tokens.json`, `audit.jsonl`): the first leader over
+    /// such a data directory imports them into the replicated state, once,
+    /// and renames them `*.imported`. Files next to a replicated state that
+    /// already holds something are left alone (and said so).
+    pub async fn import_legacy(&self) -> Result<(), String> {
+        let dir = &self.config.data_dir;
+        let files = [dir.join("state.json"), dir.join("tokens.json"), dir.join("audit.jsonl")];
+        if !files.iter().any(|f| f.exists()) {
+            return Ok(());
+        }
+        let empty = self.consensus.read(|m| m.revision == 0 && m.tokens.is_empty() && m.audit_seq == 0);
+        if !empty {
+            tracing::warn!(dir = %dir.display(), "files of an older control plane next to a replicated state; left alone");
+            return Ok(());
+        }
+        let read = |p: &std::path::Path| match std::fs::read(p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        };
+        let state: ControlState = match read(&files[0])? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", files[0].display()))?,
+            None => ControlState::default(),
+        };
+        let tokens: Vec<tokens::TokenRecord> = match read(&files[1])? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", files[1].display()))?,
+            None => Vec::new(),
+        };
+        let entries = audit::read_legacy(&files[2]).map_err(|e| e.to_string())?;
+        let summary = format!("{} apps, {} tokens, {} audit entries", state.apps.len(), tokens.len(), entries.len());
+        let mut commands = vec![Command::SetState { revision: 0, state }];
+        commands.extend(tokens.into_iter().map(|record| Command::AddToken { record }));
+        commands.extend(entries.into_iter().map(|entry| Command::Audit { entry }));
+        for c in commands {
+            self.consensus.propose(c).await.map_err(|e| e.to_string())?;
+        }
+        for f in files.iter().filter(|f| f.exists()) {
+            let mut to = f.clone().into_os_string();
+            to.push(".imported");
+            std::fs::rename(f, &to).map_err(|e| format!("{}: {e}", f.display()))?;
+        }
+        let system = Caller::System(self.consensus.me().name.clone());
+        self.note(&system, "control.import", None, &summary, "ok").await;
+        tracing::info!(%summary, "imported the state of an older control plane");
+        Ok(())
+    }
+
     /// While this node leads: takes over every rollout the replicated state
     /// says is unfinished and not running here (its leader was lost), and
     /// runs the reconcile loop's rounds. Forever.
@@ -781,6 +829,9 @@ impl Control {
                 }
                 caught_up_term = Some(term);
                 tracing::info!(node = %self.consensus.me().name, term, "leading the control plane");
+                if let Err(e) = self.import_legacy().await {
+                    tracing::error!(error = %e, "cannot import the older control plane's files");
+                }
             }
             let orphans: Vec<rollout::RolloutRecord> = {
                 let running = self.running.lock().unwrap();
@@ -1542,5 +1593,75 @@ impl Control {
             }
             _ => text(StatusCode::NOT_FOUND, format!("no such API: {path}")),
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A control plane of one node over `regions` (unreachable addresses),
+    /// in `dir`, leading.
+    pub(crate) async fn control(dir: &std::path::Path, regions: &[&str]) -> Arc<Control> {
+        let certs = dir.join("certs");
+        let ca = meridian_trust::ensure_ca(&certs, "t", 1).unwrap();
+        let me = meridian_trust::Identity::new("control", meridian_trust::Role::Control, None).unwrap();
+        meridian_trust::issue(&ca, &me, &certs, 1).unwrap();
+        std::fs::write(dir.join("token"), "admin").unwrap();
+        let region = |n: &&str| ControlRegion { name: n.to_string(), url: format!("https://127.0.0.1:1/{n}") };
+        let config = ControlConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.join("data"),
+            token_file: dir.join("token"),
+            tls: meridian_trust::TlsFiles::in_dir(&certs, "control"),
+            regions: regions.iter().map(region).collect(),
+            reconcile_interval_ms: 1000,
+            apps_domain: None,
+            members: Vec::new(),
+            raft_heartbeat_ms: 50,
+        };
+        let control = Control::open(config).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !control.consensus.is_leader() {
+            assert!(tokio::time::Instant::now() < deadline, "a group of one never elected itself");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        control
+    }
+
+    #[tokio::test]
+    async fn the_files_of_an_older_control_plane_are_imported_once_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let mut state = ControlState::default();
+        let record = AppRecord { name: "shop".into(), hosts: vec!["shop.example.com".into()], default: true };
+        state.apps.insert("shop".into(), AppState { record, desired: None, history: Vec::new() });
+        std::fs::write(data.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        let (token, secret) = Tokens::make("shop", vec![Scope::Deploy]);
+        std::fs::write(data.join("tokens.json"), serde_json::to_vec(&vec![token]).unwrap()).unwrap();
+        let entry = audit::Entry {
+            seq: 1,
+            at_ms: 5,
+            who: "admin".into(),
+            action: "apps.create".into(),
+            app: Some("shop".into()),
+            detail: String::new(),
+            outcome: "ok".into(),
+        };
+        std::fs::write(data.join("audit.jsonl"), serde_json::to_string(&entry).unwrap() + "\n").unwrap();
+
+        let c = control(dir.path(), &["us-east"]).await;
+        c.import_legacy().await.unwrap();
+        assert!(c.state().apps.contains_key("shop"));
+        let records = c.consensus.read(|m| m.tokens.clone());
+        assert!(c.tokens.caller(&secret, &records).is_some_and(|t| t.may(Scope::Deploy, "shop")));
+        let log = c.consensus.store.audit(|_| true).unwrap();
+        assert_eq!(log[0], entry, "the old entries keep their numbers and times");
+        assert_eq!(log[1].action, "control.import");
+        assert!(data.join("state.json.imported").exists() && !data.join("state.json").exists());
+        // Once: a second call finds nothing to import.
+        c.import_legacy().await.unwrap();
+        assert_eq!(c.consensus.store.audit(|_| true).unwrap().len(), 2);
     }
 }

@@ -628,24 +628,7 @@ mod tests {
     #[tokio::test]
     async fn default_waves_are_the_first_region_then_the_rest_and_unknown_regions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        let ca = meridian_trust::ensure_ca(&certs, "t", 1).unwrap();
-        let me = meridian_trust::Identity::new("control", meridian_trust::Role::Control, None).unwrap();
-        meridian_trust::issue(&ca, &me, &certs, 1).unwrap();
-        std::fs::write(dir.path().join("token"), "admin").unwrap();
-        let region = |n: &str| crate::ControlRegion { name: n.into(), url: format!("https://127.0.0.1:1/{n}") };
-        let config = crate::ControlConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            token_file: dir.path().join("token"),
-            tls: meridian_trust::TlsFiles::in_dir(&certs, "control"),
-            regions: vec![region("us-east"), region("eu-west"), region("ap-southeast")],
-            reconcile_interval_ms: 1000,
-            apps_domain: None,
-            members: Vec::new(),
-            raft_heartbeat_ms: 250,
-        };
-        let control = crate::Control::open(config).await.unwrap();
+        let control = crate::tests::control(dir.path(), &["us-east", "eu-west", "ap-southeast"]).await;
         let names = |w: Vec<Vec<&ControlRegion>>| -> Vec<Vec<String>> {
             w.into_iter().map(|w| w.into_iter().map(|r| r.name.clone()).collect()).collect()
         };

@@ -24,7 +24,8 @@ pub struct WorldDescription {
     /// The operator's certificate, with which the CLI calls nodes' cluster
     /// ports, and the cluster CA that every node's certificate comes from.
     pub operator: Credentials,
-    /// URL of the control plane API (`https://`, certificate from the CA).
+    /// The control nodes' API URLs (`https://`, certificates from the CA),
+    /// comma-separated; any of them forwards to the leader.
     pub control_url: String,
     /// URL of the supervisor's chaos API (`meridian chaos` talks to it).
     pub supervisor_url: String,

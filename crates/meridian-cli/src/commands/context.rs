@@ -22,6 +22,7 @@ pub enum Cmd {
     /// Add (or replace) a context; paths are stored absolute.
     Add {
         name: String,
+        /// The control plane's URL, or several control nodes' (comma-separated).
         #[arg(long)]
         control: String,
         #[arg(long)]
@@ -47,8 +48,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut all = Contexts::load()?;
     match a.cmd {
         Cmd::Add { name, control, token_file, tls_dir } => {
-            if !control.starts_with("https://") {
-                anyhow::bail!("--control must be the control plane's https:// URL");
+            if crate::api::control_urls(&control).next().is_none()
+                || !crate::api::control_urls(&control).all(|u| u.starts_with("https://"))
+            {
+                anyhow::bail!("--control must be the control plane's https:// URL, or several, comma-separated");
             }
             let tls_dir = absolute(tls_dir)?;
             for f in ["ca.pem", "operator.pem", "operator.key"] {

@@ -28,7 +28,7 @@ pub struct Args {
 pub struct ControlArgs {
     #[command(flatten)]
     pub world: WorldArg,
-    /// Control plane URL (default: the world's).
+    /// Control plane URL, or several control nodes comma-separated (default: the world's).
     #[arg(long, global = true, requires_all = ["token_file", "tls_dir"])]
     pub control: Option<String>,
     /// File with a token for the control plane (default: the world's

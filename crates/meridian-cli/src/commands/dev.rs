@@ -583,6 +583,11 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     for r in &w.regions {
         out!("  {:<22} {}  [{}]", r.name, r.url, r.jurisdiction);
     }
+    let controls: Vec<&str> = w.control_url.split(',').collect();
+    out!("\nControl plane ({} nodes, any forwards to the leader):", controls.len());
+    for (p, url) in w.processes.iter().filter(|p| p.role == "control").zip(&controls) {
+        out!("  {:<22} {url}", p.name);
+    }
     let e = &w.edges[0];
     out!("\nTry:");
     out!("  curl -i {}/hello -H 'x-meridian-client-country: DE'", e.url);
@@ -591,6 +596,7 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     out!("  curl -X PUT --data 'hi' {notes}/kv/notes/first   # the second app, by host");
     out!("  meridian status");
     out!("  meridian chaos kill eu-west      # then watch traffic move");
+    out!("  meridian chaos kill control-1    # the control plane's leader: another takes over");
     out!("\nWorld description: {}", dir.join(meridian_core::world::WORLD_FILE).display());
     out!("Logs:              {}", dir.join("logs").display());
     out!("Ctrl-C stops every process.");

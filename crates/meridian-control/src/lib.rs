@@ -277,14 +277,23 @@ impl Control {
         self.consensus.members.iter().filter(|(id, _)| **id != me).map(|(_, m)| m.clone()).collect()
     }
 
-    /// Stores a bundle here and on every other control node (in parallel;
-    /// one that misses it fetches it when it needs it).
+    /// Stores a bundle on this node's disk.
     async fn store_bundle(&self, id: &VersionId, tar: &Bytes) -> Result<(), ApiError> {
         let path = self.bundle_path(id);
-        if !path.exists() {
-            meridian_core::fs::write_atomic(&path, tar)
-                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the version: {e}")))?;
+        if path.exists() {
+            return Ok(());
         }
+        let tar = tar.clone();
+        tokio::task::spawn_blocking(move || meridian_core::fs::write_atomic(&path, &tar))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the version: {e}")))
+    }
+
+    /// Sends a bundle to every other control node (in parallel; one that
+    /// misses it fetches it from another when it needs it).
+    async fn replicate_bundle(&self, id: &VersionId, tar: &Bytes) {
         let peers = self.peers();
         futures::future::join_all(peers.iter().map(|m| async move {
             let Ok(target) = m.target() else { return };
@@ -296,7 +305,6 @@ impl Control {
             }
         }))
         .await;
-        Ok(())
     }
 
     /// A stored bundle: from this node's disk, else from another control
@@ -390,9 +398,9 @@ impl Control {
         futures::future::join_all(calls).await;
     }
 
-    /// Compiles the bundle's components the regions do not have yet (in
-    /// parallel, from this node's cache if compiled before) and sends each
-    /// region the ones it lacks.
+    /// Compiles the bundle's components the regions do not have yet (from
+    /// this node's cache if compiled before) and sends each region the ones
+    /// it lacks.
     async fn ship_compiled(&self, bundle: &Bundle) {
         use sha2::Digest;
         let mut components: std::collections::BTreeMap<String, Bytes> = Default::default();
@@ -417,66 +425,64 @@ impl Control {
             (r, missing)
         }))
         .await;
-        let needed: BTreeSet<&String> = lacks.iter().flat_map(|(_, m)| m).collect();
+        let needed: Vec<String> =
+            lacks.iter().flat_map(|(_, m)| m).cloned().collect::<BTreeSet<String>>().into_iter().collect();
         if needed.is_empty() {
             return;
         }
+        // One component after another (each compile already uses every
+        // core), so a later component reuses the functions an earlier one
+        // compiled (the incremental cache; components of one toolchain
+        // share most of their code); each is shipped while the next compiles.
         let t = std::time::Instant::now();
-        let compiled = futures::future::join_all(needed.iter().map(|d| {
-            let (compiler, wasm, d) = (self.compiler.clone(), components[*d].clone(), (*d).clone());
-            async move {
-                let r = tokio::task::spawn_blocking(move || compiler.compile(&wasm)).await;
-                (d, r)
-            }
-        }))
-        .await;
-        let mut artifacts: std::collections::BTreeMap<String, Bytes> = Default::default();
-        for (d, r) in compiled {
-            match r {
-                Ok(Ok(a)) => {
-                    artifacts.insert(d, Bytes::from(a));
-                }
-                Ok(Err(e)) => tracing::warn!(component = %d, error = %e, "cannot compile; regions will try"),
-                Err(e) => tracing::warn!(component = %d, error = %e, "compile task failed"),
-            }
-        }
-        tracing::info!(components = artifacts.len(), elapsed = ?t.elapsed(), "compiled for the regions");
-        let engine = self.compiler.engine_key();
-        futures::future::join_all(lacks.iter().map(|(r, missing)| {
-            let (artifacts, engine) = (&artifacts, &engine);
-            async move {
-                for d in missing {
-                    let Some(a) = artifacts.get(d) else { continue };
-                    let target = match r.target() {
-                        Ok(t) => t,
-                        Err(_) => continue,
-                    };
-                    let path = format!("{}compiled/{d}", headers::RESERVED_PREFIX);
-                    // Signed with this control plane's certificate: a region
-                    // loads native code only from its control plane.
-                    use sha2::Digest;
-                    let msg = headers::artifact_message(d, engine, &sha2::Sha256::digest(a));
-                    let (sig, cert) = match self.tls.sign(&msg) {
-                        Ok(x) => (hex::encode(x.0), hex::encode(x.1)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot sign compiled code; regions will compile");
-                            continue;
-                        }
-                    };
-                    let hs = [(headers::ENGINE, engine.as_str()), (headers::SIGNATURE, &sig), (headers::SIGNER, &cert)];
-                    match self
-                        .client
-                        .call_with(&target, Method::PUT, &path, &hs, a.clone(), Duration::from_secs(300))
-                        .await
-                    {
-                        Ok(ans) if ans.status.is_success() => {}
-                        Ok(ans) => tracing::info!(region = %r.name, answer = %ans.text(), "compiled code not taken"),
-                        Err(e) => tracing::debug!(region = %r.name, error = %e, "compiled code not sent"),
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(needed.len());
+        let compile = async {
+            for d in &needed {
+                let (compiler, wasm) = (self.compiler.clone(), components[d].clone());
+                match tokio::task::spawn_blocking(move || compiler.compile(&wasm)).await {
+                    Ok(Ok(a)) => {
+                        let _ = tx.send((d.clone(), Bytes::from(a))).await;
                     }
+                    Ok(Err(e)) => tracing::warn!(component = %d, error = %e, "cannot compile; regions will try"),
+                    Err(e) => tracing::warn!(component = %d, error = %e, "compile task failed"),
                 }
             }
-        }))
-        .await;
+            drop(tx);
+            tracing::info!(components = needed.len(), elapsed = ?t.elapsed(), "compiled for the regions");
+        };
+        let ship = async {
+            while let Some((d, artifact)) = rx.recv().await {
+                let to = lacks.iter().filter(|(_, missing)| missing.contains(&d)).map(|(r, _)| *r);
+                futures::future::join_all(to.map(|r| self.ship_artifact(r, &d, &artifact))).await;
+            }
+        };
+        tokio::join!(compile, ship);
+    }
+
+    /// Sends one region the machine code of the component with SHA-256 `d`,
+    /// signed with this control node's certificate: a region loads native
+    /// code only from its control plane. Best effort: a region that does not
+    /// take it compiles the component itself.
+    async fn ship_artifact(&self, r: &ControlRegion, d: &str, artifact: &Bytes) {
+        use sha2::Digest;
+        let Ok(target) = r.target() else { return };
+        let path = format!("{}compiled/{d}", headers::RESERVED_PREFIX);
+        let engine = self.compiler.engine_key();
+        let msg = headers::artifact_message(d, &engine, &sha2::Sha256::digest(artifact));
+        let (sig, cert) = match self.tls.sign(&msg) {
+            Ok(x) => (hex::encode(x.0), hex::encode(x.1)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign compiled code; regions will compile");
+                return;
+            }
+        };
+        let hs = [(headers::ENGINE, engine.as_str()), (headers::SIGNATURE, &sig), (headers::SIGNER, &cert)];
+        match self.client.call_with(&target, Method::PUT, &path, &hs, artifact.clone(), Duration::from_secs(300)).await
+        {
+            Ok(ans) if ans.status.is_success() => {}
+            Ok(ans) => tracing::info!(region = %r.name, answer = %ans.text(), "compiled code not taken"),
+            Err(e) => tracing::debug!(region = %r.name, error = %e, "compiled code not sent"),
+        }
     }
 
     /// Creates an app (or changes its hostnames and default flag).
@@ -613,17 +619,22 @@ impl Control {
         // A plan naming regions this world lacks is refused before anything.
         let waves = self.waves(&bundle.manifest.rollout).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
         let id = bundle.id.clone();
-        // The bundle reaches every control node (a new leader may need it to
-        // bring a returning region up to date) while, phase 0, each
-        // component is compiled once, here, and the machine code shipped to
-        // the regions that lack it (they load it at install instead of
-        // compiling). Best effort: a region that did not get it compiles.
+        // Stored here while, phase 0, each component is compiled once, here,
+        // and the machine code shipped to the regions that lack it (they
+        // load it at install instead of compiling). Best effort: a region
+        // that did not get it compiles.
         let (stored, ()) = tokio::join!(self.store_bundle(&id, &tar), self.ship_compiled(&bundle));
         stored?;
-        // Phase 1: install everywhere reachable.
+        // Phase 1: install everywhere reachable, while the bundle reaches
+        // every other control node (a new leader may need it to bring a
+        // returning region up to date); off the compile's path, which needs
+        // every core.
         let install_timeout = Duration::from_secs(300);
         let install_path = format!("apps/{app}/versions/{id}");
-        let installs = self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout).await;
+        let (installs, ()) = tokio::join!(
+            self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout),
+            self.replicate_bundle(&id, &tar)
+        );
         let mut outcomes = Vec::new();
         let mut refused = Vec::new();
         for (r, res) in self.config.regions.iter().zip(installs) {

@@ -21,6 +21,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// small error message.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// The most compiled functions kept for reuse by later compilations.
+const FUNCTION_CACHE_BYTES: usize = 256 << 20;
+
 /// How often the epoch advances. A spinning guest yields to the scheduler
 /// this often and overshoots its deadline by at most this much.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
@@ -116,6 +119,10 @@ impl Host {
         wc.epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_init_cow(true);
+        // Functions compiled for one component are reused for the next that
+        // has them (the machine code is the same either way).
+        let functions = Arc::new(crate::cache::FunctionCache::new(FUNCTION_CACHE_BYTES));
+        wc.enable_incremental_compilation(functions).map_err(HostError::Engine)?;
         let engine = Engine::new(&wc).map_err(HostError::Engine)?;
 
         let mut linker = Linker::<GuestState>::new(&engine);

@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout|large] [--duration S]
+    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout|large|control] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt),
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`), and
@@ -468,6 +468,39 @@ def bench_rollout(work, runs=10):
         print(f"| {breach[0]} | {max(back)} | {max(back) - breach[0]} | < 1000 |")
 
 
+def bench_control(work, runs=5):
+    """SIGKILL of the control plane's leader -> the control plane takes a
+    change again (an app created through any node), under the dev world's
+    three control nodes."""
+    wdir, w = dev_world(work)
+
+    def leader():
+        out = subprocess.run([MERIDIAN, "status", "--json", "--world", wdir], capture_output=True, text=True)
+        try:
+            return json.loads(out.stdout[out.stdout.index("{"):])["control"]["control"]["leader"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    times = []
+    for i in range(runs):
+        name = None
+        while name is None:
+            name = leader()
+            time.sleep(0.1)
+        subprocess.run([MERIDIAN, "chaos", "kill", name, "--world", wdir], check=True, capture_output=True)
+        killed = time.monotonic()
+        while subprocess.run([MERIDIAN, "apps", "create", f"after-{i}", "--world", wdir],
+                             capture_output=True).returncode != 0:
+            time.sleep(0.02)
+        times.append(time.monotonic() - killed)
+        subprocess.run([MERIDIAN, "chaos", "restart", name, "--world", wdir], check=True, capture_output=True)
+        time.sleep(3)
+    print("\n## Control plane: its leader killed (three control nodes, heartbeat 250 ms)\n")
+    print("| runs | leader SIGKILLed -> a change accepted again, s (median / max) | target |")
+    print("|---|---|---|")
+    print(f"| {runs} | {statistics.median(times):.2f} / {max(times):.2f} | a rollout survives (tests/rollout.rs) |")
+
+
 def build_python_components(work, n=4):
     """n distinct componentize-py components (bench/large/app.py, each with
     its own greeting), built here: `pip install componentize-py==0.17.2`."""
@@ -791,7 +824,7 @@ def bench_strong(work, writes=100):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong",
-                                                         "density", "rollout", "large"])
+                                                         "density", "rollout", "large", "control"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
@@ -802,7 +835,7 @@ def main():
         for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
                          ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
-                         ("large", bench_large)]:
+                         ("large", bench_large), ("control", bench_control)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
                 if name in ("host", "edge", "replication", "kvget", "density", "large"):

@@ -29,6 +29,7 @@ macro_rules! out_part {
 mod api;
 mod commands;
 mod contexts;
+mod progress;
 mod supervisor;
 
 use clap::{Parser, Subcommand};

@@ -402,11 +402,10 @@ impl Control {
     /// this node's cache if compiled before) and sends each region the ones
     /// it lacks.
     async fn ship_compiled(&self, bundle: &Bundle) {
-        use sha2::Digest;
-        let mut components: std::collections::BTreeMap<String, Bytes> = Default::default();
+        let mut components: std::collections::BTreeMap<String, &[u8]> = Default::default();
         for c in bundle.manifest.components.values() {
-            if let Some(wasm) = bundle.files.get(&c.source) {
-                components.insert(hex::encode(sha2::Sha256::digest(wasm)), Bytes::from(wasm.clone()));
+            if let (Some(wasm), Some(d)) = (bundle.files.get(&c.source), bundle.digests.get(&c.source)) {
+                components.insert(hex::encode(d), wasm);
             }
         }
         // Which region lacks which.
@@ -438,9 +437,11 @@ impl Control {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(needed.len());
         let compile = async {
             for d in &needed {
-                let (compiler, wasm) = (self.compiler.clone(), components[d].clone());
+                let (compiler, wasm) = (self.compiler.clone(), components[d].to_vec());
+                let one = std::time::Instant::now();
                 match tokio::task::spawn_blocking(move || compiler.compile(&wasm)).await {
                     Ok(Ok(a)) => {
+                        tracing::info!(component = %&d[..12], elapsed = ?one.elapsed(), "compiled");
                         let _ = tx.send((d.clone(), Bytes::from(a))).await;
                     }
                     Ok(Err(e)) => tracing::warn!(component = %d, error = %e, "cannot compile; regions will try"),
@@ -625,16 +626,15 @@ impl Control {
         // that did not get it compiles.
         let (stored, ()) = tokio::join!(self.store_bundle(&id, &tar), self.ship_compiled(&bundle));
         stored?;
-        // Phase 1: install everywhere reachable, while the bundle reaches
-        // every other control node (a new leader may need it to bring a
-        // returning region up to date); off the compile's path, which needs
-        // every core.
+        // Phase 1: install everywhere reachable.
         let install_timeout = Duration::from_secs(300);
         let install_path = format!("apps/{app}/versions/{id}");
-        let (installs, ()) = tokio::join!(
-            self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout),
-            self.replicate_bundle(&id, &tar)
-        );
+        let installs = self.call_all(Method::PUT, &install_path, tar.clone(), install_timeout).await;
+        // Then the bundle goes to every other control node (a new leader may
+        // need it to bring a returning region up to date), in the
+        // background: off the deploy's path, which needs every core.
+        let (this, bundle_id, bundle_tar) = (self.clone(), id.clone(), tar.clone());
+        tokio::spawn(async move { this.replicate_bundle(&bundle_id, &bundle_tar).await });
         let mut outcomes = Vec::new();
         let mut refused = Vec::new();
         for (r, res) in self.config.regions.iter().zip(installs) {

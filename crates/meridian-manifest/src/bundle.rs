@@ -41,6 +41,8 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// Every file of the version by relative path, the manifest included.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// The SHA-256 of each file (computed once, for the id).
+    pub digests: BTreeMap<String, [u8; 32]>,
     pub id: VersionId,
 }
 
@@ -115,13 +117,16 @@ impl Bundle {
         }
         let mut h = Sha256::new();
         h.update(b"meridian-bundle-v1\0");
+        let mut digests = BTreeMap::new();
         for (path, data) in &files {
+            let d: [u8; 32] = Sha256::digest(data).into();
             h.update(path.as_bytes());
             h.update([0]);
             h.update((data.len() as u64).to_le_bytes());
-            h.update(Sha256::digest(data));
+            h.update(d);
+            digests.insert(path.clone(), d);
         }
-        Ok(Bundle { manifest, files, id: VersionId::from_digest(h.finalize().into()) })
+        Ok(Bundle { manifest, files, digests, id: VersionId::from_digest(h.finalize().into()) })
     }
 
     /// The deterministic tar form: sorted entries, fixed mode, owner and mtime.

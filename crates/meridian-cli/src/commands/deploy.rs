@@ -138,8 +138,9 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
     let url = url.trim_end_matches('/');
     let deploy =
         operator.control(url, Method::POST, "/v1/deploy", Bytes::from(bundle.to_tar()), Duration::from_secs(3600));
-    // While it runs, print each rollout step as it happens.
+    // While it runs, show each rollout step as it happens.
     let printed = std::sync::atomic::AtomicUsize::new(0);
+    let bars = std::sync::Mutex::new(crate::progress::Progress::new(&bundle.manifest));
     let progress = async {
         if !live {
             return std::future::pending().await;
@@ -158,7 +159,7 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
             }
             let from = printed.load(std::sync::atomic::Ordering::Relaxed);
             for st in s.steps.iter().skip(from) {
-                crate::commands::rollout::print_step(st);
+                bars.lock().unwrap().step(st);
             }
             printed.store(s.steps.len().max(from), std::sync::atomic::Ordering::Relaxed);
         }
@@ -167,6 +168,7 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
         r = deploy => r,
         () = progress => unreachable!("the progress loop never ends"),
     };
+    let mut bars = bars.into_inner().unwrap_or_else(|e| e.into_inner());
     // The control node running the rollout went away mid-way (killed, or no
     // longer the leader): the new leader carries on from the replicated
     // record; follow it there.
@@ -180,16 +182,19 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
             Ok((_, b)) => String::from_utf8_lossy(b).trim().to_string(),
         };
         eprintln!("the control node running the deploy went away ({why}); following the rollout on the new leader");
-        return follow(operator, url, &bundle, &printed, live).await;
+        let followed = follow(operator, url, &bundle, &printed, live.then_some(&mut bars)).await;
+        bars.finish();
+        return followed;
     }
     let (status, body) = answer?;
     if status.is_success() && live {
         if let Ok(r) = serde_json::from_slice::<DeployReport>(&body) {
             for st in r.steps.iter().skip(printed.load(std::sync::atomic::Ordering::Relaxed)) {
-                crate::commands::rollout::print_step(st);
+                bars.step(st);
             }
         }
     }
+    bars.finish();
     if !status.is_success() {
         anyhow::bail!("deploy refused ({status}):\n{}", String::from_utf8_lossy(&body).trim());
     }
@@ -203,7 +208,7 @@ async fn follow(
     url: &str,
     bundle: &Bundle,
     printed: &std::sync::atomic::AtomicUsize,
-    live: bool,
+    mut live: Option<&mut crate::progress::Progress>,
 ) -> anyhow::Result<DeployReport> {
     use std::sync::atomic::Ordering::Relaxed;
     let path = format!("/v1/apps/{}/rollout", bundle.manifest.name);
@@ -222,9 +227,9 @@ async fn follow(
         match status {
             Some(s) if s.version == bundle.id => {
                 seen = true;
-                if live {
+                if let Some(bars) = live.as_deref_mut() {
                     for st in s.steps.iter().skip(printed.load(Relaxed)) {
-                        crate::commands::rollout::print_step(st);
+                        bars.step(st);
                     }
                     printed.store(s.steps.len().max(printed.load(Relaxed)), Relaxed);
                 }

@@ -574,3 +574,109 @@ async fn a_rollout_survives_the_loss_of_the_control_plane_leader_and_the_audit_l
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rollback_region_only_the_failing_region_goes_back_and_an_operator_decides_the_rest() {
+    let w = World::start(&[]);
+    let old = version_in(&w, "eu-west").await;
+    let (app, new) = example_with(
+        "\n[rollout]\nwaves = [[\"us-east\"], [\"eu-west\"], [\"ap-southeast\"]]\nsteps = [50, 100]\nbake_ms = 1200\n\
+         max_error_percent = 5\nmin_requests = 10\nrollback = \"region\"\n",
+        true,
+    );
+    // Only Asian users hit the route that fails on the new version.
+    let stop = Arc::new(AtomicBool::new(false));
+    let trap = load(w.edge("edge-ap-southeast"), &["/trap"], AP, false, stop.clone());
+    let world = w.dir.path().to_path_buf();
+    let dir = app.path().to_path_buf();
+    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (_, out) = w.cli(&["rollout", "status"]);
+        if out.contains("halted") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "the rollout never halted: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    trap.await.unwrap();
+    assert!(status.contains("ap-southeast 50%: gate: 5xx"), "{status}");
+    // The regions that passed keep the new version; the failed one is back.
+    assert_eq!(version_in(&w, "us-east").await, new);
+    assert_eq!(version_in(&w, "eu-west").await, new);
+    assert_eq!(version_in(&w, "ap-southeast").await, old);
+    // Halted, not finished: another deploy of the app waits for a decision.
+    let (other, _) = example_with("\n# another\n", false);
+    let (ok, out) = w.cli(&["deploy", other.path().to_str().unwrap()]);
+    assert!(!ok && out.contains("is in progress"), "{out}");
+
+    // Resumed with the failing traffic gone, ap-southeast starts over and
+    // the rollout completes.
+    let (ok, out) = w.cli(&["rollout", "resume"]);
+    assert!(ok, "{out}");
+    let out = join_within(deploy, 60);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let status = wait_state(&w, "succeeded");
+    let ap: Vec<&str> = status
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("ap-southeast")).then(|| words.next().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(ap, vec!["50%", "rollback", "50%", "100%"], "{status}");
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, new, "{r}");
+    }
+
+    // Back to the version without the failing route (an emergency
+    // rollback, everywhere at once), then a rollout halted again and
+    // aborted: every region goes back.
+    let (ok, out) = w.cli(&["rollback"]);
+    assert!(ok, "{out}");
+    let (app, newer) = example_with(
+        "\n[rollout]\nwaves = [[\"us-east\"], [\"ap-southeast\"], [\"eu-west\"]]\nsteps = [50, 100]\nbake_ms = 1200\n\
+         max_error_percent = 5\nmin_requests = 10\nrollback = \"region\"\n# newer\n",
+        true,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let trap = load(w.edge("edge-ap-southeast"), &["/trap"], AP, false, stop.clone());
+    let world = w.dir.path().to_path_buf();
+    let dir = app.path().to_path_buf();
+    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = w.cli(&["rollout", "status"]);
+        if out.contains("halted") && out.contains(&newer) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout never halted: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    trap.await.unwrap();
+    assert_eq!(version_in(&w, "us-east").await, newer);
+    assert_eq!(version_in(&w, "ap-southeast").await, old);
+    assert_eq!(version_in(&w, "eu-west").await, old, "a later wave ran before the decision");
+    let (ok, out) = w.cli(&["rollout", "abort"]);
+    assert!(ok, "{out}");
+    let out = join_within(deploy, 60);
+    assert!(!out.status.success());
+    assert!(wait_state(&w, "aborted and rolled back").contains("rollback"));
+    for r in ["us-east", "eu-west", "ap-southeast"] {
+        assert_eq!(version_in(&w, r).await, old, "{r} after the abort");
+    }
+}
+
+/// The output of a `meridian` run in a thread, within `secs` (a hang fails
+/// the test instead of holding it).
+fn join_within(t: std::thread::JoinHandle<std::io::Result<std::process::Output>>, secs: u64) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !t.is_finished() {
+        assert!(Instant::now() < deadline, "the command did not end within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.join().unwrap().unwrap()
+}

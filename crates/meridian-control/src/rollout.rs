@@ -21,7 +21,7 @@ use http::Method;
 use meridian_core::stats::StatsSnapshot;
 use meridian_core::wire::Split;
 use meridian_core::{headers, VersionId};
-use meridian_manifest::{Rollout, SmokeTest};
+use meridian_manifest::{RollbackScope, Rollout, SmokeTest};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,8 +100,17 @@ impl RolloutRecord {
         }
     }
 
+    /// Whether `region` did `step` since it was last rolled back (a
+    /// region rolled back and then resumed starts over).
     fn done(&self, region: &str, step: &str) -> bool {
-        self.steps.iter().any(|s| s.region == region && s.step == step && s.ok)
+        let mine: Vec<&StepOutcome> = self.steps.iter().filter(|s| s.region == region).collect();
+        let since = mine.iter().rposition(|s| s.step == "rollback").map(|i| i + 1).unwrap_or(0);
+        mine[since..].iter().any(|s| s.step == step && s.ok)
+    }
+
+    /// Whether the last thing done in `region` was rolling it back.
+    fn rolled_back(&self, region: &str) -> bool {
+        self.steps.iter().rev().find(|s| s.region == region).is_some_and(|s| s.step == "rollback" && s.ok)
     }
 }
 
@@ -196,6 +205,16 @@ impl RolloutCtl {
         self.record.lock().await.done(region, step)
     }
 
+    async fn rolled_back(&self, region: &str) -> bool {
+        self.record.lock().await.rolled_back(region)
+    }
+
+    /// Pauses the rollout as an operator would (they resume or abort it).
+    async fn pause(&self) -> Result<(), Halt> {
+        let steer = consensus::Command::Steer { app: self.app.clone(), command: Some(Command::Pause), approve: false };
+        self.consensus.propose(steer).await.map(|_| ()).map_err(|e| Halt::Deposed(e.to_string()))
+    }
+
     /// The operators' steering, from the replicated state.
     fn steering(&self) -> (Command, u64) {
         self.consensus
@@ -220,7 +239,10 @@ impl RolloutCtl {
                 Command::Run => return self.set_state("running").await,
                 Command::Abort => return Err(Halt::Aborted),
                 Command::Pause => {
-                    self.set_state("paused").await?;
+                    // A halt says why; a plain pause is a pause.
+                    if !self.record.lock().await.state.starts_with("halted") {
+                        self.set_state("paused").await?;
+                    }
                     // Applies tick it; the timeout notices a lost lead.
                     let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
                 }
@@ -305,7 +327,8 @@ impl Control {
             return self.roll_back_all(plan, &waves, stopped).await;
         }
         let last = plan.record.rollout.steps.last().map(|p| format!("{p}%")).unwrap_or_default();
-        for (i, wave) in waves.iter().enumerate() {
+        let mut i = 0;
+        while let Some(wave) = waves.get(i) {
             let mut pending = Vec::new();
             for r in wave {
                 if !plan.ctl.done(&r.name, &last).await {
@@ -313,6 +336,7 @@ impl Control {
                 }
             }
             if pending.is_empty() {
+                i += 1;
                 continue;
             }
             let go = if i > 0 && plan.record.rollout.manual_approval {
@@ -344,10 +368,47 @@ impl Control {
                 }
             }
             if let Some(stopped) = failure {
+                let aborted = stopped.reason.starts_with("aborted");
+                if plan.record.rollout.rollback == RollbackScope::Region && !aborted {
+                    // Only the failed region goes back; on `resume` this
+                    // wave runs again (that region from its first step).
+                    self.halt(plan, &waves, stopped).await?;
+                    continue;
+                }
                 return self.roll_back_all(plan, &waves, stopped).await;
             }
+            i += 1;
         }
         Ok(())
+    }
+
+    /// `rollback = "region"`: rolls back the region that failed, halts the
+    /// rollout there (the regions already switched keep the new version)
+    /// and waits for an operator: `Ok` once resumed; on `abort`, every
+    /// region goes back.
+    async fn halt(&self, plan: &Plan<'_>, waves: &[Vec<&ControlRegion>], stopped: Stopped) -> Result<(), Halted> {
+        let deposed = |h: Halt| match h {
+            Halt::Deposed(e) => Halted::Deposed(e),
+            Halt::Aborted => Halted::Deposed("aborted while halting".into()),
+        };
+        let why = format!("halted: {} {}: {}", stopped.region, stopped.step, stopped.reason);
+        plan.ctl.set_state(&why).await.map_err(deposed)?;
+        if let Some(r) = self.config.regions.iter().find(|r| r.name == stopped.region) {
+            let (ok, detail) = match self.roll_back(plan, r).await {
+                Ok(d) => (true, format!("{d}; halted: `meridian rollout resume` retries it, `abort` rolls back all")),
+                Err(e) => (false, format!("{e} (the reconcile loop will finish it)")),
+            };
+            plan.ctl.push(step(plan, r, "rollback", ok, detail)).await.map_err(deposed)?;
+        }
+        plan.ctl.pause().await.map_err(deposed)?;
+        match plan.ctl.checkpoint().await {
+            Ok(()) => Ok(()),
+            Err(Halt::Deposed(e)) => Err(Halted::Deposed(e)),
+            Err(Halt::Aborted) => {
+                let stopped = Stopped { reason: format!("aborted by an operator after {why}"), ..stopped };
+                self.roll_back_all(plan, waves, stopped).await
+            }
+        }
     }
 
     /// Records why the rollout stopped (before touching any region), then
@@ -371,7 +432,7 @@ impl Control {
             .await
             .map_err(deposed)?;
         for r in waves.iter().take(stopped.wave + 1).flatten() {
-            if plan.ctl.done(&r.name, "rollback").await {
+            if plan.ctl.rolled_back(&r.name).await {
                 continue;
             }
             let (ok, detail) = match self.roll_back(plan, r).await {
@@ -417,15 +478,15 @@ impl Control {
                     return Err(stop(&name, "aborted by an operator".into()));
                 }
             }
-            let new = &plan.record.version;
-            let set = if percent >= 100 {
-                let path = format!("apps/{}/active", plan.app());
-                self.call(r, Method::PUT, &path, Bytes::from(new.to_string()), Duration::from_secs(10)).await
-            } else {
-                let split = Split { version: new.clone(), percent };
-                let body = Bytes::from(serde_json::to_vec(&split).unwrap_or_default());
-                self.call(r, Method::PUT, &format!("apps/{}/split", plan.app()), body, Duration::from_secs(10)).await
-            };
+            let mut set = self.set_traffic(plan, r, percent).await;
+            if matches!(&set, RegionCall::Refused(e) if e.contains("not installed")) {
+                // The region dropped it (a restart, a rollback): install it
+                // again (its compiled code is still there) and retry.
+                set = match self.reinstall(plan, r).await {
+                    Ok(()) => self.set_traffic(plan, r, percent).await,
+                    Err(e) => RegionCall::Refused(e),
+                };
+            }
             if let RegionCall::Refused(e) | RegionCall::Unreachable(e) = set {
                 log.push(step(plan, r, &name, false, e.clone())).await.map_err(deposed)?;
                 return Err(stop(&name, format!("cannot switch: {e}")));
@@ -449,6 +510,30 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Sends `percent` of a region's new clients to the new version (at
+    /// 100: makes it the active one).
+    async fn set_traffic(&self, plan: &Plan<'_>, r: &ControlRegion, percent: u8) -> RegionCall {
+        let new = &plan.record.version;
+        if percent >= 100 {
+            let path = format!("apps/{}/active", plan.app());
+            self.call(r, Method::PUT, &path, Bytes::from(new.to_string()), Duration::from_secs(10)).await
+        } else {
+            let split = Split { version: new.clone(), percent };
+            let body = Bytes::from(serde_json::to_vec(&split).unwrap_or_default());
+            self.call(r, Method::PUT, &format!("apps/{}/split", plan.app()), body, Duration::from_secs(10)).await
+        }
+    }
+
+    async fn reinstall(&self, plan: &Plan<'_>, r: &ControlRegion) -> Result<(), String> {
+        let id = &plan.record.version;
+        let tar = self.bundle(id).await?;
+        let path = format!("apps/{}/versions/{id}", plan.app());
+        match self.call(r, Method::PUT, &path, tar, Duration::from_secs(300)).await {
+            RegionCall::Ok(_) => Ok(()),
+            RegionCall::Refused(e) | RegionCall::Unreachable(e) => Err(format!("cannot install it again: {e}")),
+        }
     }
 
     async fn stats(&self, r: &ControlRegion, app: &str) -> Option<Vec<StatsSnapshot>> {
@@ -623,6 +708,41 @@ mod tests {
         // No old version (an app's first): absolute error budget, no p99 gate.
         assert!(judge(&r, None, window(&new, 100, 0, 900)).is_ok());
         assert!(judge(&r, None, window(&new, 90, 10, 5)).is_err());
+    }
+
+    #[test]
+    fn a_region_rolled_back_and_resumed_starts_over_and_counts_as_rolled_back_only_until_it_moves_again() {
+        let st = |region: &str, step: &str, ok: bool| StepOutcome {
+            region: region.into(),
+            step: step.into(),
+            ok,
+            detail: String::new(),
+            at_ms: 0,
+        };
+        let mut r = RolloutRecord {
+            app: "a".into(),
+            version: id('b'),
+            old: Some(id('a')),
+            state: "running".into(),
+            command: Command::Run,
+            approvals: 0,
+            steps: vec![st("eu", "smoke", true), st("eu", "50%", true), st("us", "50%", true), st("eu", "100%", false)],
+            waves: vec![],
+            rollout: Rollout::default(),
+            smoke: vec![],
+            installs: vec![],
+            started_ms: 0,
+            stopped: None,
+            by: "admin".into(),
+        };
+        assert!(r.done("eu", "smoke") && r.done("eu", "50%") && !r.done("eu", "100%"));
+        assert!(!r.rolled_back("eu"));
+        r.steps.push(st("eu", "rollback", true));
+        assert!(r.rolled_back("eu") && !r.rolled_back("us"));
+        assert!(!r.done("eu", "smoke") && !r.done("eu", "50%"), "after a rollback the region starts over");
+        assert!(r.done("us", "50%"));
+        r.steps.push(st("eu", "smoke", true));
+        assert!(r.done("eu", "smoke") && !r.rolled_back("eu"), "moving again: it needs rolling back again");
     }
 
     #[tokio::test]

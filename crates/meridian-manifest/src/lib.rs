@@ -8,6 +8,6 @@ mod manifest;
 
 pub use bundle::{Bundle, BundleError, MANIFEST_FILE};
 pub use manifest::{
-    Component, KvMode, Limits, Manifest, ManifestError, ManifestErrors, Namespace, Rollout, Route, RouteTarget,
-    SmokeTest, TrafficLimits,
+    Component, KvMode, Limits, Manifest, ManifestError, ManifestErrors, Namespace, RollbackScope, Rollout, Route,
+    RouteTarget, SmokeTest, TrafficLimits,
 };

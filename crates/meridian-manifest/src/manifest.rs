@@ -137,6 +137,25 @@ pub struct Rollout {
     /// cookie pins the client.
     #[serde(default)]
     pub sticky_header: Option<String>,
+    /// What a failed step rolls back.
+    #[serde(default)]
+    pub rollback: RollbackScope,
+}
+
+/// What a failed smoke test or gate rolls back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackScope {
+    /// Every region the rollout touched goes back to the old version, and
+    /// the rollout ends.
+    #[default]
+    All,
+    /// Only the region that failed goes back; the rollout halts there, the
+    /// regions already switched keep the new version, and an operator
+    /// decides: `meridian rollout resume` retries the region, `abort` rolls
+    /// back everything (as AWS CodeDeploy's per-deployment-group rollback,
+    /// Nomad's `on_failure = "fail_local"`).
+    Region,
 }
 
 impl Default for Rollout {
@@ -150,6 +169,7 @@ impl Default for Rollout {
             min_requests: 20,
             manual_approval: false,
             sticky_header: None,
+            rollback: RollbackScope::All,
         }
     }
 }
@@ -416,6 +436,7 @@ impl Checker<'_> {
                 "min_requests",
                 "manual_approval",
                 "sticky_header",
+                "rollback",
             ],
         );
         let mut waves = Vec::new();
@@ -499,6 +520,18 @@ impl Checker<'_> {
                     self.error(item_span(t, "manual_approval"), "rollout.manual_approval", "expected true or false");
                     false
                 }),
+            },
+            rollback: match self.string(t, "rollout", "rollback").as_deref() {
+                None | Some("all") => RollbackScope::All,
+                Some("region") => RollbackScope::Region,
+                Some(other) => {
+                    self.error(
+                        item_span(t, "rollback"),
+                        "rollout.rollback",
+                        format!("{other:?}: expected \"all\" (every region touched) or \"region\" (the failed one)"),
+                    );
+                    RollbackScope::All
+                }
             },
         }
     }
@@ -1010,7 +1043,7 @@ jurisdiction = "eu"
         assert!(m.smoke.is_empty());
         let text = format!(
             "{base}[rollout]\nwaves = [[\"us-east\"], [\"eu-west\", \"ap-southeast\"]]\nsteps = [10, 50, 100]\nbake_ms = 2000\n\
-             max_error_percent = 2\nsticky_header = \"X-User\"\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n\
+             max_error_percent = 2\nsticky_header = \"X-User\"\nrollback = \"region\"\n[[smoke]]\npath = \"/hello\"\nbody_contains = \"Hello\"\n\
              [[smoke]]\nmethod = \"POST\"\npath = \"/echo\"\nbody = \"x\"\nstatus = 201\nheaders = {{ x-a = \"b\" }}\n"
         );
         let m = Manifest::parse("m", &text).unwrap();
@@ -1020,15 +1053,20 @@ jurisdiction = "eu"
             (vec![10, 50, 100], 2000, 2)
         );
         assert_eq!(m.rollout.sticky_header.as_deref(), Some("x-user"));
+        assert_eq!(m.rollout.rollback, RollbackScope::Region);
         assert_eq!(m.smoke.len(), 2);
         assert_eq!((m.smoke[0].method.as_str(), m.smoke[0].status), ("GET", 200));
         assert_eq!(m.smoke[1].headers, vec![("x-a".to_string(), "b".to_string())]);
         let bad = format!(
-            "{base}[rollout]\nwaves = [[\"us-east\"], [\"us-east\"]]\nsteps = [50, 10]\nspeed = 1\n[[smoke]]\nstatus = 9\n"
+            "{base}[rollout]\nwaves = [[\"us-east\"], [\"us-east\"]]\nsteps = [50, 10]\nspeed = 1\nrollback = \"some\"\n[[smoke]]\nstatus = 9\n"
         );
         let errs = Manifest::parse("m", &bad).unwrap_err().0;
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, vec!["rollout.speed", "rollout.waves", "rollout.steps", "smoke[0].path"], "{errs:#?}");
+        assert_eq!(
+            keys,
+            vec!["rollout.speed", "rollout.waves", "rollout.steps", "rollout.rollback", "smoke[0].path"],
+            "{errs:#?}"
+        );
     }
 
     #[test]

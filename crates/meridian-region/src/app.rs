@@ -406,8 +406,12 @@ impl App {
         // Keep the new and the previous version in memory (a rollback is a
         // pointer swap); older ones are dropped once their last request ends.
         // Their bundles and compiled code stay on disk, so reinstalling one
-        // costs no compilation.
-        self.installed.lock().unwrap().retain(|v, _| v == id || Some(v) == previous.as_ref());
+        // costs no compilation. Activating the version already active (a
+        // canary's rollback) changes nothing, so it drops nothing: the
+        // canary may be tried again.
+        if previous.as_ref() != Some(id) {
+            self.installed.lock().unwrap().retain(|v, _| v == id || Some(v) == previous.as_ref());
+        }
         tracing::info!(app = %self.name, version = id.short(), previous = previous.as_ref().map(|p| p.short()), "activated");
         Ok(())
     }

@@ -181,9 +181,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     for _ in 1..a.control_nodes {
         control_addrs.push(ports.take()?);
     }
+    // (All held until every one is picked, so no two get the same port.)
+    let mut held = Vec::new();
     for addr in control_addrs.iter_mut().filter(|a| a.port() == 0) {
-        *addr = std::net::TcpListener::bind(*addr)?.local_addr()?;
+        let l = std::net::TcpListener::bind(*addr)?;
+        *addr = l.local_addr()?;
+        held.push(l);
     }
+    drop(held);
 
     // The chaos API listens first so a script can act as soon as the world exists.
     let listener = tokio::net::TcpListener::bind(supervisor_addr).await.with_context(|| {

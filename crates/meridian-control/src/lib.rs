@@ -134,6 +134,9 @@ pub struct Control {
     /// Apps whose rollout runs on this node (registered under
     /// `deploy_lock`), so a rollout is never run twice here.
     running: Mutex<BTreeSet<String>>,
+    /// The term in which this node, leading, has applied everything
+    /// committed before it (it serves the API only then).
+    caught_up_term: std::sync::atomic::AtomicU64,
     /// Compiles each component once for every region (same engine
     /// configuration; its compile cache keeps what was compiled).
     compiler: Arc<meridian_host::Host>,
@@ -242,6 +245,7 @@ impl Control {
             consensus,
             deploy_lock: tokio::sync::Mutex::new(()),
             running: Default::default(),
+            caught_up_term: std::sync::atomic::AtomicU64::new(0),
             compiler,
         }))
     }
@@ -825,20 +829,19 @@ impl Control {
     pub async fn lead_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut caught_up_term = None;
         loop {
             tick.tick().await;
             if !self.consensus.is_leader() {
                 continue;
             }
             let term = self.consensus.raft.metrics().borrow().current_term;
-            if caught_up_term != Some(term) {
+            if self.caught_up_term.load(std::sync::atomic::Ordering::Acquire) != term {
                 // A committed entry of this term: everything before it is
                 // applied here, so the state read next is the latest.
                 if self.consensus.propose(Command::Noop).await.is_err() {
                     continue;
                 }
-                caught_up_term = Some(term);
+                self.caught_up_term.store(term, std::sync::atomic::Ordering::Release);
                 tracing::info!(node = %self.consensus.me().name, term, "leading the control plane");
                 if let Err(e) = self.import_legacy().await {
                     tracing::error!(error = %e, "cannot import the older control plane's files");
@@ -1336,6 +1339,20 @@ impl Control {
         }
         if !self.consensus.is_leader() {
             return self.forward(req).await;
+        }
+        // A new leader answers once it has applied what earlier leaders
+        // committed (its lead loop commits a no-op of its term first), so
+        // no answer is made from a stale state.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let term = self.consensus.raft.metrics().borrow().current_term;
+            if self.caught_up_term.load(std::sync::atomic::Ordering::Acquire) == term {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline || !self.consensus.is_leader() {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "the control plane is changing leaders; retry");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let records = self.consensus.read(|m| m.tokens.clone());
         let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or(""), &records) else {

@@ -20,8 +20,12 @@ impl Drop for Procs {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `n` distinct free ports (each held until all are picked: a port
+/// released at once may be handed out again by the next bind).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 fn run(args: &[&str], dir: &Path) -> String {
@@ -84,7 +88,8 @@ async fn a_world_built_from_the_documented_steps_serves_replicates_and_deploys()
     assert!(!out.status.success());
 
     let regions = [("eu-west", "eu", 53.35, -6.26), ("us-east", "us", 38.9, -77.0)];
-    let ports: Vec<(u16, u16)> = regions.iter().map(|_| (free_port(), free_port())).collect();
+    let free = free_ports(regions.len() * 2 + 3);
+    let ports: Vec<(u16, u16)> = (0..regions.len()).map(|i| (free[2 * i], free[2 * i + 1])).collect();
     let mut procs = Procs(Vec::new());
     for (i, (name, _, _, _)) in regions.iter().enumerate() {
         let mut cfg = format!(
@@ -111,7 +116,8 @@ key = "certs/{name}.key"
         }
         std::fs::write(d.join(format!("{name}.toml")), cfg).unwrap();
     }
-    let (edge_public, edge_cluster, control_port) = (free_port(), free_port(), free_port());
+    let n = free.len();
+    let (edge_public, edge_cluster, control_port) = (free[n - 3], free[n - 2], free[n - 1]);
     let mut edge = format!(
         r#"name = "edge-fra"
 listen = "127.0.0.1:{edge_public}"

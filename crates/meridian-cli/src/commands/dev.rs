@@ -175,20 +175,23 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let supervisor_addr = ports.take()?;
     let region_addrs: Vec<SocketAddr> = topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
     // Control nodes must know each other's addresses before they start: with
-    // --port-base 0 the kernel picks free ones now (released just before the
-    // nodes bind them).
+    // --port-base 0 the kernel picks free ones now. Each stays bound here
+    // (so no other process, and no other pick, gets it) until just before
+    // its node starts and binds it.
     let mut control_addrs = vec![control_addr];
     for _ in 1..a.control_nodes {
         control_addrs.push(ports.take()?);
     }
-    // (All held until every one is picked, so no two get the same port.)
-    let mut held = Vec::new();
-    for addr in control_addrs.iter_mut().filter(|a| a.port() == 0) {
-        let l = std::net::TcpListener::bind(*addr)?;
-        *addr = l.local_addr()?;
-        held.push(l);
+    let mut control_holds = Vec::new();
+    for addr in control_addrs.iter_mut() {
+        if addr.port() == 0 {
+            let l = std::net::TcpListener::bind(*addr)?;
+            *addr = l.local_addr()?;
+            control_holds.push(Some(l));
+        } else {
+            control_holds.push(None);
+        }
     }
-    drop(held);
 
     // The chaos API listens first so a script can act as soon as the world exists.
     let listener = tokio::net::TcpListener::bind(supervisor_addr).await.with_context(|| {
@@ -229,7 +232,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     tokio::spawn(async move { s.watch_children().await });
 
     let operator = Operator::new(&operator_creds, token.clone())?;
-    let plan = Plan { topology, edge_addrs, control_addrs, region_addrs, token_file, certs };
+    let plan = Plan { topology, edge_addrs, control_addrs, control_holds, region_addrs, token_file, certs };
     let result = tokio::select! {
         r = bring_up(&sup, &a, plan, &mut ports, &operator) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
@@ -261,6 +264,8 @@ struct Plan {
     topology: Topology,
     edge_addrs: Vec<SocketAddr>,
     control_addrs: Vec<SocketAddr>,
+    /// The pre-picked control ports, held until their node starts.
+    control_holds: Vec<Option<std::net::TcpListener>>,
     region_addrs: Vec<SocketAddr>,
     token_file: PathBuf,
     certs: PathBuf,
@@ -335,7 +340,7 @@ fn example_manifest(bytes: &[u8], regions: &[String]) -> String {
 async fn bring_up(
     sup: &Supervisor,
     a: &Args,
-    plan: Plan,
+    mut plan: Plan,
     ports: &mut Ports,
     operator: &Operator,
 ) -> anyhow::Result<()> {
@@ -456,6 +461,7 @@ async fn bring_up(
             members: if members.len() > 1 { members.clone() } else { Vec::new() },
             raft_heartbeat_ms: 250,
         };
+        drop(plan.control_holds[i].take());
         start_role(sup, &m.name, "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
     }
     let control_url = members.iter().map(|m| m.url.as_str()).collect::<Vec<_>>().join(",");

@@ -81,10 +81,7 @@ impl Operator {
         timeout: Duration,
     ) -> anyhow::Result<Bytes> {
         let (status, body) = self.node(url, expect, method, path, body, timeout).await?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-        }
-        Ok(body)
+        success(status, body)
     }
 
     /// Calls the control plane. `control_url` may list several control
@@ -99,11 +96,11 @@ impl Operator {
         body: Bytes,
         timeout: Duration,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let auth = format!("Bearer {}", self.token);
+        let hs = [("authorization", auth.as_str())];
         let mut last = None;
         for url in control_urls(control_url) {
             let target = Target::from_url(url, Expect::service(Role::Control))?;
-            let auth = format!("Bearer {}", self.token);
-            let hs = [("authorization", auth.as_str())];
             match self.client.call_with(&target, method.clone(), path, &hs, body.clone(), timeout).await {
                 Ok(a) if a.status == StatusCode::SERVICE_UNAVAILABLE => last = Some(Ok((a.status, a.body))),
                 Ok(a) => return Ok((a.status, a.body)),
@@ -124,11 +121,16 @@ impl Operator {
         timeout: Duration,
     ) -> anyhow::Result<Bytes> {
         let (status, body) = self.control(control_url, method, path, body, timeout).await?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
-        }
-        Ok(body)
+        success(status, body)
     }
+}
+
+/// A 2xx answer's body; any other status is an error carrying the body.
+fn success(status: StatusCode, body: Bytes) -> anyhow::Result<Bytes> {
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    Ok(body)
 }
 
 /// The control nodes' URLs in a comma-separated list.

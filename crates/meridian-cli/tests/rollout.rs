@@ -265,15 +265,30 @@ async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed
 
 /// Polls `meridian rollout status` until it says `state`.
 fn wait_state(w: &World, state: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_status(w, 30, &format!("reached {state:?}"), |out| out.lines().next().is_some_and(|l| l.ends_with(state)))
+}
+
+/// Polls `meridian rollout status` until its output satisfies `until`
+/// (within `secs`, else the test fails saying the rollout never did `what`).
+fn wait_status(w: &World, secs: u64, what: &str, until: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let (_, out) = w.cli(&["rollout", "status"]);
-        if out.lines().next().is_some_and(|l| l.ends_with(state)) {
+        if until(&out) {
             return out;
         }
-        assert!(Instant::now() < deadline, "the rollout never reached {state:?}: {out}");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "the rollout never {what}: {out}");
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `meridian deploy DIR` against the world, in a thread of its own.
+fn deploy_in_background(
+    w: &World,
+    dir: &std::path::Path,
+) -> std::thread::JoinHandle<std::io::Result<std::process::Output>> {
+    let (world, dir) = (w.dir.path().to_path_buf(), dir.to_path_buf());
+    std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output())
 }
 
 async fn version_in(w: &World, region: &str) -> String {
@@ -284,14 +299,10 @@ async fn version_in(w: &World, region: &str) -> String {
 async fn an_operator_approves_each_wave_or_aborts_and_everything_rolls_back() {
     let w = World::start(&[]);
     let old = version_in(&w, "eu-west").await;
-    let deploy_in_background = |dir: std::path::PathBuf| {
-        let world = w.dir.path().to_path_buf();
-        std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output().unwrap())
-    };
 
     // Approved: the canary wave, a stop, then the rest.
     let (app, new) = example_with("\n[rollout]\nmanual_approval = true\n", false);
-    let deploy = deploy_in_background(app.path().to_path_buf());
+    let deploy = deploy_in_background(&w, app.path());
     let status = wait_state(&w, "awaiting approval");
     assert!(status.contains("us-east") && status.contains("100%"), "{status}");
     assert_eq!(version_in(&w, "us-east").await, new);
@@ -302,7 +313,7 @@ async fn an_operator_approves_each_wave_or_aborts_and_everything_rolls_back() {
     assert!(!ok && out.contains("is in progress"), "{out}");
     let (ok, out) = w.cli(&["rollout", "approve"]);
     assert!(ok, "{out}");
-    let out = deploy.join().unwrap();
+    let out = deploy.join().unwrap().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("us-east") && text.contains("eu-west") && text.contains("+"), "live steps: {text}");
@@ -313,12 +324,12 @@ async fn an_operator_approves_each_wave_or_aborts_and_everything_rolls_back() {
 
     // Aborted at the approval: the canary goes back, nobody else moved.
     let (app, newer) = example_with("\n[rollout]\nmanual_approval = true\n# newer\n", false);
-    let deploy = deploy_in_background(app.path().to_path_buf());
+    let deploy = deploy_in_background(&w, app.path());
     wait_state(&w, "awaiting approval");
     assert_eq!(version_in(&w, "us-east").await, newer);
     let (ok, out) = w.cli(&["rollout", "abort"]);
     assert!(ok, "{out}");
-    let out = deploy.join().unwrap();
+    let out = deploy.join().unwrap().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("aborted by an operator"), "{text}");
     for r in ["us-east", "eu-west", "ap-southeast"] {
@@ -488,19 +499,11 @@ async fn a_rollout_survives_the_loss_of_the_control_plane_leader_and_the_audit_l
             clients.push(load(w.edge(e), &["/hello"], geo, true, stop.clone()));
         }
     }
-    let world = w.dir.path().to_path_buf();
-    let dir = app.path().to_path_buf();
-    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
+    let deploy = deploy_in_background(&w, app.path());
     // Mid-rollout (the canary baked its first step), the leader dies.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, out) = w.cli(&["rollout", "status"]);
-        if out.lines().any(|l| l.contains("us-east") && l.contains("20%") && l.contains("ok")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the rollout never got going: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&w, 30, "got going", |out| {
+        out.lines().any(|l| l.contains("us-east") && l.contains("20%") && l.contains("ok"))
+    });
     w.chaos(&["kill", &leader]);
     let killed_at = Instant::now();
 
@@ -587,18 +590,8 @@ async fn with_rollback_region_only_the_failing_region_goes_back_and_an_operator_
     // Only Asian users hit the route that fails on the new version.
     let stop = Arc::new(AtomicBool::new(false));
     let trap = load(w.edge("edge-ap-southeast"), &["/trap"], AP, false, stop.clone());
-    let world = w.dir.path().to_path_buf();
-    let dir = app.path().to_path_buf();
-    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let (_, out) = w.cli(&["rollout", "status"]);
-        if out.contains("halted") {
-            break out;
-        }
-        assert!(Instant::now() < deadline, "the rollout never halted: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let deploy = deploy_in_background(&w, app.path());
+    let status = wait_status(&w, 60, "halted", |out| out.contains("halted"));
     stop.store(true, Ordering::Relaxed);
     trap.await.unwrap();
     assert!(status.contains("ap-southeast 50%: gate: 5xx"), "{status}");
@@ -643,18 +636,8 @@ async fn with_rollback_region_only_the_failing_region_goes_back_and_an_operator_
     );
     let stop = Arc::new(AtomicBool::new(false));
     let trap = load(w.edge("edge-ap-southeast"), &["/trap"], AP, false, stop.clone());
-    let world = w.dir.path().to_path_buf();
-    let dir = app.path().to_path_buf();
-    let deploy = std::thread::spawn(move || meridian().arg("deploy").arg(dir).arg("--world").arg(world).output());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out) = w.cli(&["rollout", "status"]);
-        if out.contains("halted") && out.contains(&newer) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the rollout never halted: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let deploy = deploy_in_background(&w, app.path());
+    wait_status(&w, 60, "halted", |out| out.contains("halted") && out.contains(&newer));
     stop.store(true, Ordering::Relaxed);
     trap.await.unwrap();
     assert_eq!(version_in(&w, "us-east").await, newer);

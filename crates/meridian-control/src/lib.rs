@@ -250,7 +250,8 @@ impl Control {
         }))
     }
 
-    /// The apps' state as this node last applied it.
+    /// A copy of the apps' state as this node last applied it (for a
+    /// reconcile round; a lookup reads it in place with `consensus.read`).
     fn state(&self) -> ControlState {
         self.consensus.read(|m| m.state.clone())
     }
@@ -558,7 +559,7 @@ impl Control {
                 existed
             })
             .await?;
-        if !existed && !self.state().deleting.contains_key(name) {
+        if !existed && !self.consensus.read(|m| m.state.deleting.contains_key(name)) {
             return Err((StatusCode::NOT_FOUND, format!("no app named {name:?}")));
         }
         let tokens_revoked =
@@ -613,7 +614,7 @@ impl Control {
                 ),
             ));
         }
-        if !self.state().apps.contains_key(&app) {
+        if !self.consensus.read(|m| m.state.apps.contains_key(&app)) {
             return Err((
                 StatusCode::NOT_FOUND,
                 format!(
@@ -679,7 +680,7 @@ impl Control {
             .map(|w| w.into_iter().filter(|r| installed.contains(&r.name.as_str())).map(|r| r.name.clone()).collect())
             .filter(|w: &Vec<String>| !w.is_empty())
             .collect();
-        let old = self.state().apps.get(&app).and_then(|a| a.desired.clone()).filter(|o| o != &id);
+        let old = self.consensus.read(|m| m.state.apps.get(&app).and_then(|a| a.desired.clone())).filter(|o| o != &id);
         let record = rollout::RolloutRecord {
             app: app.clone(),
             version: id.clone(),
@@ -884,10 +885,11 @@ impl Control {
                 format!("a rollout of app {app:?} is in progress: `meridian rollout abort` rolls it back"),
             ));
         }
-        let (desired, history) = match self.state().apps.get(app) {
-            Some(a) => (a.desired.clone(), a.history.clone()),
-            None => return Err((StatusCode::NOT_FOUND, format!("no app named {app:?}"))),
-        };
+        let (desired, history) =
+            match self.consensus.read(|m| m.state.apps.get(app).map(|a| (a.desired.clone(), a.history.clone()))) {
+                Some(x) => x,
+                None => return Err((StatusCode::NOT_FOUND, format!("no app named {app:?}"))),
+            };
         let target = match to {
             Some(v) => history
                 .iter()
@@ -1166,7 +1168,7 @@ impl Control {
             let what = if needs == Scope::Read { "read" } else { "data-admin" };
             return text(StatusCode::FORBIDDEN, format!("this token may not use app {app:?}'s data (needs {what})"));
         }
-        if !self.state().apps.contains_key(app) {
+        if !self.consensus.read(|m| m.state.apps.contains_key(app)) {
             return text(StatusCode::NOT_FOUND, format!("no app named {app:?}"));
         }
         if rest == ["status"] {
@@ -1447,8 +1449,11 @@ impl Control {
                 if !caller.may(Scope::Read, app) {
                     return forbidden(&format!("read app {app:?}"));
                 }
-                match self.state().apps.get(*app) {
-                    Some(a) => json(StatusCode::OK, &serde_json::json!({"desired": a.desired, "history": a.history})),
+                let versions = self.consensus.read(|m| {
+                    m.state.apps.get(*app).map(|a| serde_json::json!({"desired": a.desired, "history": a.history}))
+                });
+                match versions {
+                    Some(v) => json(StatusCode::OK, &v),
                     None => text(StatusCode::NOT_FOUND, format!("no app named {app:?}")),
                 }
             }

@@ -1356,8 +1356,8 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let records = self.consensus.read(|m| m.tokens.clone());
-        let Some(caller) = self.tokens.caller(meridian_http::bearer(&req).unwrap_or(""), &records) else {
+        let token = meridian_http::bearer(&req).unwrap_or("");
+        let Some(caller) = self.consensus.read(|m| self.tokens.caller(token, &m.tokens)) else {
             return unauthorized();
         };
         let forbidden = |what: &str| text(StatusCode::FORBIDDEN, format!("this token may not {what}"));
@@ -1578,7 +1578,7 @@ impl Control {
                 }
                 forbidden("manage tokens (only the world's administrator token can)")
             }
-            (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &records),
+            (Method::GET, ["v1", "tokens"]) => json(StatusCode::OK, &self.consensus.read(|m| m.tokens.clone())),
             (Method::POST, ["v1", "tokens"]) => {
                 #[derive(serde::Deserialize)]
                 struct NewToken {

@@ -69,6 +69,8 @@ enum Command {
     Versions(commands::versions::VersionsArgs),
     /// Put an app back on an earlier version, in every region at once.
     Rollback(commands::versions::RollbackArgs),
+    /// Make every edge forget an app's cached answers: by --path, --prefix, --tag or --all.
+    Purge(commands::purge::Args),
     /// The world's apps: list, create (with hostnames), delete (with data).
     Apps(commands::apps::Args),
     /// Operator tokens scoped to one app: create, list, revoke.
@@ -114,6 +116,7 @@ fn main() -> std::process::ExitCode {
             Command::Audit(a) => commands::audit::run(a).await,
             Command::Rollback(a) => commands::versions::rollback(a).await,
             Command::Tokens(a) => commands::tokens::run(a).await,
+            Command::Purge(a) => commands::purge::run(a).await,
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,
             Command::Control(a) => commands::roles::control(a).await,

@@ -29,6 +29,7 @@
 
 pub mod audit;
 pub mod consensus;
+pub mod purge;
 pub mod rollout;
 pub mod tokens;
 
@@ -77,6 +78,9 @@ pub struct ControlConfig {
     /// of them. Must exceed the longest round trip between members.
     #[serde(default = "default_heartbeat_ms")]
     pub raft_heartbeat_ms: u64,
+    /// The edges whose caches a purge (and every rollout's end) reaches.
+    #[serde(default)]
+    pub edges: Vec<purge::ControlEdge>,
 }
 
 fn default_reconcile_ms() -> u64 {
@@ -159,6 +163,9 @@ pub struct DeployReport {
     /// Every smoke test, traffic step and gate of the rollout, in order.
     #[serde(default)]
     pub steps: Vec<rollout::StepOutcome>,
+    /// What the edges forgot because this version changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge: Option<purge::PurgeReport>,
 }
 
 /// What deleting an app did in each region.
@@ -270,6 +277,50 @@ impl Control {
             }
         }
         Err((StatusCode::CONFLICT, "the control state changed too often meanwhile; retry".into()))
+    }
+
+    /// The purge an app's hostnames scope: its own, and for the default app
+    /// every host no other app claims.
+    fn purge_scope(&self, app: &str) -> Option<meridian_core::wire::Purge> {
+        self.consensus.read(|m| {
+            let a = m.state.apps.get(app)?;
+            let others = a.record.default.then(|| {
+                m.state.apps.values().filter(|o| o.record.name != app).flat_map(|o| o.record.hosts.clone()).collect()
+            });
+            Some(meridian_core::wire::Purge {
+                hosts: a.record.hosts.clone(),
+                any_host_but: others,
+                ..Default::default()
+            })
+        })
+    }
+
+    /// Purges what differs between two versions of `app` at every edge.
+    async fn purge_changes(&self, app: &str, old: Option<&VersionId>, new: &VersionId) -> Option<purge::PurgeReport> {
+        if self.config.edges.is_empty() {
+            return None;
+        }
+        let mut p = self.purge_scope(app)?;
+        let load = |id: &VersionId| {
+            let id = id.clone();
+            async move { Bundle::from_tar(&self.bundle(&id).await.ok()?).ok() }
+        };
+        match old {
+            Some(old) => match (load(old).await, load(new).await) {
+                (Some(a), Some(b)) => {
+                    let c = purge::changes(&a, &b);
+                    (p.paths, p.prefixes, p.all) = (c.paths, c.prefixes, c.all);
+                }
+                _ => p.all = true,
+            },
+            None => p.all = true,
+        }
+        if p.is_empty() {
+            return None;
+        }
+        let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+        tracing::info!(app, ms = report.ms, failed = report.failed().len(), "edges purged after the rollout");
+        Some(report)
     }
 
     fn bundle_path(&self, id: &VersionId) -> PathBuf {
@@ -740,6 +791,9 @@ impl Control {
             return Err(propose_failed(e));
         }
         self.note(&system, "rollout.end", Some(&app), id.short(), state).await;
+        // Whichever way it ended, regions may have served the new version:
+        // the edges forget what differs between the two.
+        let purged = self.purge_changes(&app, old.as_ref(), &id).await;
         let steps = self.consensus.read(|m| m.rollouts.get(&app).map(|r| r.steps.clone())).unwrap_or_default();
         if let Err(rollout::Halted::Stopped(stopped)) = result {
             let log: Vec<String> = steps
@@ -773,7 +827,7 @@ impl Control {
                 }
             })
             .collect();
-        Ok(DeployReport { app, version: id, regions: report, steps })
+        Ok(DeployReport { app, version: id, regions: report, steps, purge: purged })
     }
 
     /// A control plane from before replication kept its state in files
@@ -939,7 +993,8 @@ impl Control {
         });
         let regions = futures::future::join_all(calls).await;
         tracing::info!(app, version = target.short(), "rolled back");
-        Ok(DeployReport { app: app.to_string(), version: target, regions, steps: Vec::new() })
+        let purge = self.purge_changes(app, desired.as_ref(), &target).await;
+        Ok(DeployReport { app: app.to_string(), version: target, regions, steps: Vec::new(), purge })
     }
 
     /// Brings every region to the desired state (apps, their versions,
@@ -1502,6 +1557,58 @@ impl Control {
                 self.note(&caller, &what, Some(app), &version, "ok").await;
                 json(StatusCode::OK, &status)
             }
+            (Method::POST, ["v1", "apps", app, "purge"]) => {
+                if !caller.may(Scope::Deploy, app) {
+                    self.note(&caller, "purge", Some(app), "", "403: needs deploy").await;
+                    return forbidden(&format!("purge app {app:?}'s cached answers (needs deploy)"));
+                }
+                let body = match meridian_http::read_body(req.into_body(), 1 << 20).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Asked {
+                    #[serde(default)]
+                    paths: Vec<String>,
+                    #[serde(default)]
+                    prefixes: Vec<String>,
+                    #[serde(default)]
+                    tags: Vec<String>,
+                    #[serde(default)]
+                    all: bool,
+                }
+                let asked: Asked = match serde_json::from_slice(&body) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, format!("expected {{paths, prefixes, tags, all}}: {e}"))
+                    }
+                };
+                if let Some(bad) = asked.paths.iter().chain(&asked.prefixes).find(|p| !p.starts_with('/')) {
+                    return text(StatusCode::BAD_REQUEST, format!("{bad:?}: paths and prefixes start with '/'"));
+                }
+                let Some(mut p) = self.purge_scope(app) else {
+                    return text(StatusCode::NOT_FOUND, format!("no app named {app:?}"));
+                };
+                (p.paths, p.prefixes, p.tags, p.all) = (asked.paths, asked.prefixes, asked.tags, asked.all);
+                if p.is_empty() {
+                    return text(StatusCode::BAD_REQUEST, "nothing to purge: give paths, prefixes, tags or all");
+                }
+                let detail = format!(
+                    "{} paths, {} prefixes, tags [{}]{}",
+                    p.paths.len(),
+                    p.prefixes.len(),
+                    p.tags.join(","),
+                    if p.all { ", all" } else { "" }
+                );
+                let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+                let outcome = match report.failed().len() {
+                    0 => format!("ok: {} edges in {:.0} ms", report.edges.len(), report.ms),
+                    n => format!("{n} of {} edges did not confirm", report.edges.len()),
+                };
+                self.note(&caller, "purge", Some(app), &detail, &outcome).await;
+                json(StatusCode::OK, &report)
+            }
             (Method::POST, ["v1", "apps", app, "rollback"]) => {
                 let app = app.to_string();
                 let to = req
@@ -1652,6 +1759,7 @@ pub(crate) mod tests {
             apps_domain: None,
             members: Vec::new(),
             raft_heartbeat_ms: 50,
+            edges: Vec::new(),
         };
         let control = Control::open(config).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -18,6 +18,8 @@ pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
 pub const FAULT: &str = "x-meridian-fault";
 /// An edge's own status (health and RTT of every region, as JSON).
 pub const EDGE_STATUS_PATH: &str = "/_meridian/edge";
+/// An edge's purge API (POST a JSON purge: hosts and paths, prefixes, tags).
+pub const EDGE_PURGE_PATH: &str = "/_meridian/edge/purge";
 /// Prefix of paths a region reserves for its own API (health, install, ...).
 pub const RESERVED_PREFIX: &str = "/_meridian/";
 /// Causality token of the writes a response followed (`origin:incarnation:seq`,

@@ -215,3 +215,37 @@ mod tests {
         }
     }
 }
+
+/// What an edge purges from its cache. Everything is narrowed to `hosts`
+/// (an app's hostnames), so one app cannot purge another's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purge {
+    pub hosts: Vec<String>,
+    /// Exact paths (with query, if any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+    /// Tags of `Surrogate-Key` / `Cache-Tag` headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Everything of these hosts.
+    #[serde(default)]
+    pub all: bool,
+    /// For the world's default app, which answers at any host no other app
+    /// claims: also every host except these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any_host_but: Option<Vec<String>>,
+}
+
+impl Purge {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.paths.is_empty() && self.prefixes.is_empty() && self.tags.is_empty()
+    }
+
+    /// Does the purge reach objects of `host`?
+    pub fn covers_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h == host) || self.any_host_but.as_ref().is_some_and(|but| !but.iter().any(|h| h == host))
+    }
+}

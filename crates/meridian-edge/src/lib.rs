@@ -25,6 +25,8 @@
 //! status and the fault header, and never talks to the control plane; its
 //! only knowledge of regions is its config and its own probes.
 
+pub mod body;
+pub mod cache;
 pub mod health;
 pub mod limits;
 pub mod select;
@@ -33,8 +35,9 @@ use meridian_http::pool;
 use meridian_trust::{Expect, Role, Tls, TlsFiles};
 
 use bytes::Bytes;
+use cache::{Cache, CacheConfig, Found, Lookup, Outcome, Turn};
 use health::{HealthConfig, RegionHealth};
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meridian_core::{geo::country_centroid, headers, GeoPoint};
@@ -43,7 +46,7 @@ use select::{rank, Candidate, Policy};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +72,8 @@ pub struct EdgeConfig {
     pub regions: Vec<RegionTarget>,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Extra regions tried after the first one fails.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
@@ -118,6 +123,7 @@ pub struct Edge {
     edge_header: HeaderValue,
     /// Each app's rate, learned from the regions' health answers.
     limits: limits::AppLimits,
+    pub cache: Arc<Cache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,7 +202,8 @@ impl Edge {
             ),
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
-        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header, limits: Default::default() }))
+        let cache = Cache::new(config.cache.clone());
+        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header, limits: Default::default(), cache }))
     }
 
     /// Probes every region forever at the configured interval.
@@ -293,8 +300,24 @@ impl Edge {
         if !matches!(caller.role, Role::Control | Role::Operator) {
             return text(StatusCode::FORBIDDEN, format!("{caller} may not read an edge's status"));
         }
-        if req.uri().path() == headers::EDGE_STATUS_PATH {
-            return json(StatusCode::OK, &self.status());
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, headers::EDGE_STATUS_PATH) => return json(StatusCode::OK, &self.status()),
+            (&Method::POST, headers::EDGE_PURGE_PATH) => {
+                let body = match meridian_http::read_body(req.into_body(), 1 << 20).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
+                };
+                return match serde_json::from_slice::<cache::Purge>(&body) {
+                    Ok(p) if p.hosts.is_empty() => text(StatusCode::BAD_REQUEST, "a purge names the hosts it applies to"),
+                    Ok(p) => {
+                        let removed = self.cache.purge(&p);
+                        tracing::info!(hosts = ?p.hosts, removed, "purged");
+                        json(StatusCode::OK, &serde_json::json!({ "edge": self.config.name, "removed": removed }))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("malformed purge: {e}")),
+                };
+            }
+            _ => {}
         }
         text(StatusCode::NOT_FOUND, format!("no such API: {}", req.uri().path()))
     }
@@ -322,7 +345,48 @@ impl Edge {
         }
         let client = self.locate(&req, peer.ip());
         let order = self.plan(client.point());
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let host = match host {
+            Some(h) if self.cache.enabled() && cacheable_request(&parts, &body) => h,
+            _ => return self.pass(parts, body, host, &order, peer.ip()).await,
+        };
+        // The client's own directives and conditionals are the edge's to
+        // answer, not the regions' (see `cache`).
+        let mut conditional = HeaderMap::new();
+        for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+            if let Some(v) = parts.headers.remove(&name) {
+                conditional.insert(name, v);
+            }
+        }
+        parts.headers.remove(header::CACHE_CONTROL);
+        parts.headers.remove(header::PRAGMA);
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let req = CacheRequest {
+            path_and_query: parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").into(),
+            head: parts.method == Method::HEAD,
+            headers: parts.headers,
+            conditional,
+            peer: peer.ip(),
+            order,
+        };
+        self.cached(Arc::new(req), &host).await
+    }
+
+    /// A request the cache has nothing to do with (a method other than GET
+    /// and HEAD, a body, `Range`, ...): forwarded as it is. A successful
+    /// unsafe method forgets what is stored for its URL (RFC 9111 §4.4).
+    async fn pass(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        host: Option<String>,
+        order: &[usize],
+        peer: IpAddr,
+    ) -> Response<Body> {
         // Buffered so it can be replayed on another region.
         let body = if http_body::Body::is_end_stream(&body) {
             Bytes::new()
@@ -332,8 +396,194 @@ impl Edge {
                 Err(e) => return self.finish(e.into_response(), 0),
             }
         };
+        let (mut resp, attempts) = self.forward(&parts.method, &parts.uri, &parts.headers, body, order, peer).await;
+        let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+        if let Some(host) = host.filter(|_| unsafe_method && self.cache.enabled()) {
+            if resp.status().is_success() || resp.status().is_redirection() {
+                let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                self.cache.invalidate(&cache::key(&host, pq));
+            }
+        }
+        if self.cache.enabled() {
+            self.cache.record(Outcome::Bypass, 0);
+            resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
+        }
+        self.finish(resp, attempts)
+    }
+
+    /// A GET or HEAD through the cache.
+    async fn cached(self: &Arc<Self>, req: Arc<CacheRequest>, host: &str) -> Response<Body> {
+        let key = cache::key(host, &req.path_and_query);
+        let now = SystemTime::now();
+        let stale = match self.cache.lookup(&key, &req.lookup(), now) {
+            Found::Fresh(o) => return self.from_cache(&o, Outcome::Hit, &req, now, 0),
+            Found::Stale(o) if o.serve_while_revalidating(now) => {
+                // Served now; one refresh in the background.
+                if let Turn::Lead(guard) = self.cache.join(&key) {
+                    let (edge, req, old) = (self.clone(), req.clone(), o.clone());
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        edge.fill(key, &req, Some(old)).await
+                    });
+                }
+                return self.from_cache(&o, Outcome::Stale, &req, now, 0);
+            }
+            Found::Stale(o) => Some(o),
+            Found::Miss => None,
+        };
+        // Only GET bodies are stored: a HEAD that finds nothing passes.
+        if req.head && stale.is_none() {
+            let (mut resp, attempts) =
+                self.forward(&Method::HEAD, &req.uri(), &req.headers, Bytes::new(), &req.order, req.peer).await;
+            self.cache.record(Outcome::Bypass, 0);
+            resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
+            return self.finish(resp, attempts);
+        }
+        let filled = match self.cache.join(&key) {
+            Turn::Lead(guard) => {
+                // The fill runs on its own task: a client that goes away
+                // must not cancel it for everyone waiting on it.
+                let (edge, r) = (self.clone(), req.clone());
+                let task = tokio::spawn(async move {
+                    let _guard = guard;
+                    edge.fill(key, &r, stale).await
+                });
+                match task.await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return self.finish(text(StatusCode::INTERNAL_SERVER_ERROR, format!("cache fill failed: {e}")), 0)
+                    }
+                }
+            }
+            Turn::Wait(mut done) => {
+                let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
+                let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
+                let now = SystemTime::now();
+                match self.cache.lookup(&key, &req.lookup(), now) {
+                    Found::Fresh(o) => return self.from_cache(&o, Outcome::Hit, &req, now, 0),
+                    // The fill stored nothing this request can use (not
+                    // storable, another variant, failed): its own fetch.
+                    Found::Stale(o) => self.fill(key, &req, Some(o)).await,
+                    Found::Miss => self.fill(key, &req, None).await,
+                }
+            }
+        };
+        match filled {
+            Filled::Object { object, outcome, attempts } => {
+                self.from_cache(&object, outcome, &req, SystemTime::now(), attempts)
+            }
+            Filled::Passed { mut resp, attempts } => {
+                self.cache.record(Outcome::Miss, 0);
+                resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Miss.header());
+                if req.head {
+                    *resp.body_mut() = meridian_http::empty();
+                }
+                self.finish(resp, attempts)
+            }
+        }
+    }
+
+    /// Fetches `key` from the regions (revalidating `stale` if given) and
+    /// stores the answer when it may be stored.
+    async fn fill(&self, key: Box<str>, req: &CacheRequest, stale: Option<Arc<cache::Object>>) -> Filled {
+        let mut headers = req.headers.clone();
+        for (k, v) in stale.iter().flat_map(|o| o.validators()) {
+            headers.insert(k, v);
+        }
+        let uri = req.uri();
+        let (mut resp, mut attempts) =
+            self.forward(&Method::GET, &uri, &headers, Bytes::new(), &req.order, req.peer).await;
+        let now = SystemTime::now();
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            if let Some(old) = stale.as_ref().filter(|o| o.confirmed_by(resp.headers())) {
+                let object = match old.revalidated(&req.lookup(), resp.headers(), now) {
+                    Some(new) => {
+                        let new = Arc::new(new);
+                        self.cache.store(key, new.clone());
+                        new
+                    }
+                    None => {
+                        self.cache.invalidate(&key);
+                        old.clone()
+                    }
+                };
+                return Filled::Object { object, outcome: Outcome::Revalidated, attempts };
+            }
+            // A 304 for something else: fetch it whole.
+            let (r, a) = self.forward(&Method::GET, &uri, &req.headers, Bytes::new(), &req.order, req.peer).await;
+            (resp, attempts) = (r, attempts + a);
+        }
+        if resp.status().is_server_error() {
+            if let Some(old) = stale.filter(|o| o.serve_on_error(now)) {
+                tracing::debug!(status = %resp.status(), "serving stale on error");
+                return Filled::Object { object: old, outcome: Outcome::Stale, attempts };
+            }
+            return Filled::Passed { resp, attempts };
+        }
+        let max = self.cache.max_object_bytes();
+        let declared = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Filled::Passed { resp, attempts };
+        }
+        let (parts, body) = resp.into_parts();
+        match body::buffer_upto(body, max).await {
+            Ok(bytes) => match cache::Object::new(&req.lookup(), parts.status, &parts.headers, bytes.clone(), now) {
+                Some(object) => {
+                    let object = Arc::new(object);
+                    self.cache.store(key, object.clone());
+                    Filled::Object { object, outcome: Outcome::Miss, attempts }
+                }
+                None => Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
+            },
+            Err(body::Overflow::TooLarge(rest)) => Filled::Passed { resp: Response::from_parts(parts, rest), attempts },
+            Err(body::Overflow::Failed(e)) => Filled::Passed {
+                resp: text(StatusCode::BAD_GATEWAY, format!("the region's answer broke off: {e}")),
+                attempts,
+            },
+        }
+    }
+
+    fn from_cache(
+        &self,
+        o: &cache::Object,
+        outcome: Outcome,
+        req: &CacheRequest,
+        now: SystemTime,
+        attempts: usize,
+    ) -> Response<Body> {
+        let not_modified = o.status == StatusCode::OK && o.satisfies_conditional(&req.conditional);
+        let mut resp = if not_modified || req.head {
+            Response::new(meridian_http::empty())
+        } else {
+            Response::new(full(o.body.clone()))
+        };
+        *resp.status_mut() = if not_modified { StatusCode::NOT_MODIFIED } else { o.status };
+        *resp.headers_mut() = o.response_headers(now);
+        if not_modified {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        resp.headers_mut().insert(cache::CACHE_STATUS, outcome.header());
+        self.cache.record(outcome, if not_modified || req.head { 0 } else { o.body.len() });
+        self.finish(resp, attempts)
+    }
+
+    /// Tries regions in `order` until one answers; returns the answer (or
+    /// the edge's own error) and how many regions were tried.
+    async fn forward(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+        order: &[usize],
+        peer: IpAddr,
+    ) -> (Response<Body>, usize) {
         let idempotent = matches!(
-            parts.method,
+            *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
         );
         let attempts = order.len().min(1 + self.config.max_retries as usize);
@@ -341,7 +591,7 @@ impl Edge {
         for (n, &i) in order.iter().take(attempts).enumerate() {
             let u = &self.upstreams[i];
             let last = n + 1 == attempts;
-            let req = self.upstream_request(&parts, body.clone(), &u.host, peer.ip());
+            let req = self.upstream_request(method, uri, headers, body.clone(), &u.host, peer);
             let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
             match tokio::time::timeout(timeout, u.pool.send(req)).await {
                 Ok(Ok(resp)) => {
@@ -357,7 +607,7 @@ impl Edge {
                     } else {
                         u.health.lock().unwrap().request_ok();
                     }
-                    return self.finish(resp, n + 1);
+                    return (resp, n + 1);
                 }
                 Ok(Err(e)) => {
                     let connect = matches!(e, pool::SendError::Connect(_));
@@ -365,61 +615,55 @@ impl Edge {
                     last_error = format!("{}: {e}", u.target.name);
                     tracing::info!(region = %u.target.name, error = %e, connect, "region failed; ejected");
                     if !(connect || idempotent) {
-                        return self.finish(
-                            text(
-                                StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "region {} failed mid-request: {e}; not retried because {} is not idempotent",
-                                    u.target.name, parts.method
-                                ),
-                            ),
-                            n + 1,
+                        let msg = format!(
+                            "region {} failed mid-request: {e}; not retried because {method} is not idempotent",
+                            u.target.name
                         );
+                        return (text(StatusCode::BAD_GATEWAY, msg), n + 1);
                     }
                 }
                 Err(_) => {
                     u.health.lock().unwrap().connection_failed();
                     last_error = format!("{} did not answer within {timeout:?}", u.target.name);
                     if !idempotent {
-                        return self.finish(text(StatusCode::GATEWAY_TIMEOUT, last_error), n + 1);
+                        return (text(StatusCode::GATEWAY_TIMEOUT, last_error), n + 1);
                     }
                 }
             }
         }
-        self.finish(
-            text(StatusCode::BAD_GATEWAY, format!("no region could serve the request (last error: {last_error})")),
-            attempts,
-        )
+        let msg = format!("no region could serve the request (last error: {last_error})");
+        (text(StatusCode::BAD_GATEWAY, msg), attempts)
     }
 
     fn upstream_request(
         &self,
-        parts: &http::request::Parts,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
         body: Bytes,
         host: &HeaderValue,
         peer: IpAddr,
     ) -> Request<Body> {
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri = Uri::builder().path_and_query(pq).build();
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let upstream_uri = Uri::builder().path_and_query(pq).build();
         let mut req = Request::new(full(body));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = upstream_uri.unwrap_or_else(|_| Uri::from_static("/"));
         let h = req.headers_mut();
-        for (k, v) in &parts.headers {
+        for (k, v) in headers {
             if !is_hop_by_hop(k) && k != header::HOST {
                 h.append(k.clone(), v.clone());
             }
         }
-        let original_host = parts
-            .headers
+        let original_host = headers
             .get(header::HOST)
             .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+            .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(host) = original_host {
             h.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
         h.insert(header::HOST, host.clone());
-        let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {peer}"),
             None => peer.to_string(),
         };
@@ -432,7 +676,7 @@ impl Edge {
 
     fn finish(&self, mut resp: Response<Body>, attempts: usize) -> Response<Body> {
         let h = resp.headers_mut();
-        for k in HOP_BY_HOP {
+        for k in HOP_BY_HOP.iter().chain(&["surrogate-key", "cache-tag"]) {
             h.remove(*k);
         }
         h.insert(headers::EDGE, self.edge_header.clone());
@@ -445,6 +689,7 @@ impl Edge {
             edge: self.config.name.clone(),
             policy: self.config.policy,
             regions: self.upstreams.iter().map(|u| (u.target.name.clone(), u.health.lock().unwrap().clone())).collect(),
+            cache: self.cache.stats(),
         }
     }
 }
@@ -454,6 +699,53 @@ pub struct EdgeStatus {
     pub edge: String,
     pub policy: Policy,
     pub regions: Vec<(String, RegionHealth)>,
+    pub cache: cache::CacheStats,
+}
+
+/// How a fill ended.
+enum Filled {
+    /// An object to answer from: just stored (`Miss`), confirmed by a 304
+    /// (`Revalidated`), or kept because the regions failed (`Stale`).
+    Object { object: Arc<cache::Object>, outcome: Outcome, attempts: usize },
+    /// An answer that is not stored, passed on as it came.
+    Passed { resp: Response<Body>, attempts: usize },
+}
+
+/// A GET or HEAD on its way through the cache, owned so a fill can run on
+/// its own task.
+struct CacheRequest {
+    path_and_query: String,
+    head: bool,
+    /// The client's headers with `Host` set, without its conditionals and
+    /// cache directives.
+    headers: HeaderMap,
+    /// The client's `If-None-Match` / `If-Modified-Since`, answered by the
+    /// edge.
+    conditional: HeaderMap,
+    peer: IpAddr,
+    order: Vec<usize>,
+}
+
+impl CacheRequest {
+    fn lookup(&self) -> Lookup<'_> {
+        Lookup { path_and_query: &self.path_and_query, method: &Method::GET, headers: &self.headers }
+    }
+
+    fn uri(&self) -> Uri {
+        self.path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"))
+    }
+}
+
+/// May this request go through the cache? GET and HEAD without a body,
+/// without `Range` or preconditions the cache does not evaluate.
+fn cacheable_request(parts: &http::request::Parts, body: &Incoming) -> bool {
+    matches!(parts.method, Method::GET | Method::HEAD)
+        && http_body::Body::is_end_stream(body)
+        && !parts.headers.contains_key(header::RANGE)
+        && !parts.headers.contains_key(header::IF_MATCH)
+        && !parts.headers.contains_key(header::IF_UNMODIFIED_SINCE)
+        && !parts.headers.contains_key(header::IF_RANGE)
+        && !parts.headers.contains_key(header::UPGRADE)
 }
 
 const HOP_BY_HOP: &[&str] =

@@ -53,6 +53,14 @@ pub struct Route {
     /// Path prefix; the longest matching prefix wins.
     pub path: String,
     pub target: RouteTarget,
+    /// `Cache-Control` of this route's answers: static files always carry
+    /// it (a default when unset: see the region's `statics`); a function's
+    /// answer gets it when the function set none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<String>,
+    /// Purge tags (`Cache-Tag`) added to every answer of this route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_tags: Vec<String>,
 }
 
 /// Where a key-value namespace's data lives and how it is kept consistent.
@@ -759,10 +767,30 @@ impl Manifest {
                 Some(entries) => {
                     for (i, (rt, span)) in entries.into_iter().enumerate() {
                         let prefix = format!("routes[{i}]");
-                        c.only_keys(rt, &prefix, &["path", "component", "static"]);
+                        c.only_keys(rt, &prefix, &["path", "component", "static", "cache_control", "cache_tags"]);
                         let path = c.string(rt, &prefix, "path");
                         let component = c.string(rt, &prefix, "component");
                         let static_dir = c.string(rt, &prefix, "static");
+                        let cache_control = c.string(rt, &prefix, "cache_control");
+                        if let Some(cc) = &cache_control {
+                            if http::HeaderValue::from_str(cc).is_err() || cc.contains('\n') {
+                                c.error(
+                                    item_span(rt, "cache_control"),
+                                    &format!("{prefix}.cache_control"),
+                                    format!("{cc:?} is not a valid header value"),
+                                );
+                            }
+                        }
+                        let cache_tags = c.string_list(rt, &prefix, "cache_tags").unwrap_or_default();
+                        for t in &cache_tags {
+                            if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                                c.error(
+                                    item_span(rt, "cache_tags"),
+                                    &format!("{prefix}.cache_tags"),
+                                    format!("{t:?}: a tag is 1-128 visible ASCII characters without commas"),
+                                );
+                            }
+                        }
                         let Some(path) = path else {
                             if rt.get("path").is_none() {
                                 c.error(
@@ -827,7 +855,7 @@ impl Manifest {
                                 continue;
                             }
                         };
-                        routes.push(Route { path, target });
+                        routes.push(Route { path, target, cache_control, cache_tags });
                     }
                 }
             },

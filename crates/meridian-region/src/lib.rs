@@ -450,10 +450,12 @@ impl Region {
         match &route.target {
             RouteTarget::Static(dir) => {
                 let rel = path.strip_prefix(route.path.as_str()).unwrap_or("");
-                match version.statics.get(dir) {
+                let mut resp = match version.statics.get(dir) {
                     Some(site) => site.serve(&req, rel),
                     None => text(StatusCode::NOT_FOUND, format!("no file at {path}")),
-                }
+                };
+                statics::cache_headers(route, &mut resp, true);
+                resp
             }
             RouteTarget::Component(name) => {
                 let Some(component) = version.components.get(name) else {
@@ -477,6 +479,7 @@ impl Region {
                     if resp.extensions().get::<meridian_host::Fault>().is_some() {
                         resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                     }
+                    statics::cache_headers(route, &mut resp, false);
                     return resp;
                 };
                 let kv = Arc::new(request_kv::RequestKv {
@@ -489,6 +492,7 @@ impl Region {
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
                     resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                 }
+                statics::cache_headers(route, &mut resp, false);
                 // A response that followed writes carries their token (merged
                 // with the one the request brought), as a header and a cookie.
                 let token = kv.token.lock().unwrap().clone();

@@ -112,6 +112,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             out!("  {:<16} {} ({})", r.region, r.outcome, r.detail);
         }
     }
+    if let Some(p) = &report.purge {
+        crate::commands::purge::print_report(p);
+    }
     Ok(())
 }
 
@@ -251,7 +254,7 @@ async fn follow(
                         });
                     }
                 }
-                return Ok(DeployReport { app: s.app, version: s.version, regions, steps: s.steps });
+                return Ok(DeployReport { app: s.app, version: s.version, regions, steps: s.steps, purge: None });
             }
             _ if !seen && tokio::time::Instant::now() > give_up => anyhow::bail!(
                 "the control node went away before the rollout of version {} was recorded; nothing changed: \

@@ -182,16 +182,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     for _ in 1..a.control_nodes {
         control_addrs.push(ports.take()?);
     }
-    let mut control_holds = Vec::new();
-    for addr in control_addrs.iter_mut() {
-        if addr.port() == 0 {
-            let l = std::net::TcpListener::bind(*addr)?;
-            *addr = l.local_addr()?;
-            control_holds.push(Some(l));
-        } else {
-            control_holds.push(None);
-        }
-    }
+    let control_holds = hold_ports(&mut control_addrs)?;
+    // The control plane purges the edges' caches: it must know their
+    // cluster ports before it starts.
+    let mut edge_cluster_addrs: Vec<SocketAddr> =
+        topology.regions.iter().map(|_| ports.take()).collect::<Result<_, _>>()?;
+    let edge_cluster_holds = hold_ports(&mut edge_cluster_addrs)?;
 
     // The chaos API listens first so a script can act as soon as the world exists.
     let listener = tokio::net::TcpListener::bind(supervisor_addr).await.with_context(|| {
@@ -232,7 +228,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     tokio::spawn(async move { s.watch_children().await });
 
     let operator = Operator::new(&operator_creds, token.clone())?;
-    let plan = Plan { topology, edge_addrs, control_addrs, control_holds, region_addrs, token_file, certs };
+    let plan = Plan {
+        topology,
+        edge_addrs,
+        edge_cluster_addrs,
+        edge_cluster_holds,
+        control_addrs,
+        control_holds,
+        region_addrs,
+        token_file,
+        certs,
+    };
     let result = tokio::select! {
         r = bring_up(&sup, &a, plan, &mut ports, &operator) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
@@ -260,9 +266,28 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Port 0 in `addrs` becomes a free port, each held (so no other process,
+/// and no other pick, gets it) until just before its process starts.
+fn hold_ports(addrs: &mut [SocketAddr]) -> anyhow::Result<Vec<Option<std::net::TcpListener>>> {
+    let mut holds = Vec::new();
+    for addr in addrs.iter_mut() {
+        if addr.port() == 0 {
+            let l = std::net::TcpListener::bind(*addr)?;
+            *addr = l.local_addr()?;
+            holds.push(Some(l));
+        } else {
+            holds.push(None);
+        }
+    }
+    Ok(holds)
+}
+
 struct Plan {
     topology: Topology,
     edge_addrs: Vec<SocketAddr>,
+    /// The edges' cluster ports, pre-picked like the control ports.
+    edge_cluster_addrs: Vec<SocketAddr>,
+    edge_cluster_holds: Vec<Option<std::net::TcpListener>>,
     control_addrs: Vec<SocketAddr>,
     /// The pre-picked control ports, held until their node starts.
     control_holds: Vec<Option<std::net::TcpListener>>,
@@ -460,6 +485,15 @@ async fn bring_up(
             apps_domain: Some("localhost".into()),
             members: if members.len() > 1 { members.clone() } else { Vec::new() },
             raft_heartbeat_ms: 250,
+            edges: topology
+                .regions
+                .iter()
+                .zip(&plan.edge_cluster_addrs)
+                .map(|(r, addr)| meridian_control::purge::ControlEdge {
+                    name: format!("edge-{}", r.name),
+                    url: format!("https://{addr}"),
+                })
+                .collect(),
         };
         drop(plan.control_holds[i].take());
         start_role(sup, &m.name, "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
@@ -482,12 +516,12 @@ async fn bring_up(
         PolicyArg::Geo => Policy::Geo,
         PolicyArg::Latency => Policy::Latency,
     };
-    for ((at, addr), targets) in topology.regions.iter().zip(&plan.edge_addrs).zip(edge_targets) {
+    for (i, ((at, addr), targets)) in topology.regions.iter().zip(&plan.edge_addrs).zip(edge_targets).enumerate() {
         let name = format!("edge-{}", at.name);
         let mut cfg = EdgeConfig {
             name: name.clone(),
             listen: *addr,
-            cluster_listen: ports.take()?,
+            cluster_listen: plan.edge_cluster_addrs[i],
             tls: dev_tls(&plan.certs, &name),
             location: at.location,
             policy,
@@ -495,10 +529,12 @@ async fn bring_up(
             geoip_db: None,
             regions: targets,
             health: HealthConfig { interval_ms: a.health_interval_ms, ..HealthConfig::default() },
+            cache: meridian_edge::cache::CacheConfig::default(),
             max_retries: 2,
             upstream_timeout_ms: 30_000,
             max_body_kb: 8 * 1024,
         };
+        drop(plan.edge_cluster_holds[i].take());
         start_role(sup, &name, "edge", &mut cfg, |c, l| {
             c.listen = l.public.unwrap_or(c.listen);
             c.cluster_listen = l.cluster.unwrap_or(c.cluster_listen);

@@ -6,6 +6,7 @@ pub mod context;
 pub mod deploy;
 pub mod dev;
 pub mod kv;
+pub mod purge;
 pub mod roles;
 pub mod rollout;
 pub mod status;

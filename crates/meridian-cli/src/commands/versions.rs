@@ -75,5 +75,8 @@ pub async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
             out!("  {:<16} {} ({})", o.region, o.outcome, o.detail);
         }
     }
+    if let Some(p) = &r.purge {
+        crate::commands::purge::print_report(p);
+    }
     Ok(())
 }

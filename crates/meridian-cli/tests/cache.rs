@@ -1,0 +1,172 @@
+//! The edges cache like a CDN: one fetch for a thousand concurrent misses,
+//! purges that reach every edge, a deploy that purges what it changed, and
+//! cached content served while every region is down.
+
+mod support;
+use std::time::{Duration, Instant};
+use support::*;
+
+const HOST: &str = "cdn.localhost";
+
+const MANIFEST: &str = r#"
+[app]
+name = "cdn"
+
+[components.hello]
+source = "c/hello.wasm"
+
+# A function whose answers every edge may keep for five minutes.
+[[routes]]
+path = "/hello"
+component = "hello"
+cache_control = "public, max-age=300"
+cache_tags = ["greeting"]
+
+# Fresh for one second, then served stale for ten minutes if the regions fail.
+[[routes]]
+path = "/news"
+static = "news"
+cache_control = "public, max-age=1, stale-if-error=600"
+
+[[routes]]
+path = "/"
+static = "site"
+cache_tags = ["site"]
+"#;
+
+fn app() -> tempfile::TempDir {
+    let app = single_component_app("hello.wasm", MANIFEST);
+    for (path, body) in [
+        ("site/index.html", "<h1>home</h1>"),
+        ("site/about.html", "about"),
+        ("site/uncached.txt", "never asked for before the regions died"),
+        ("news/today.txt", "news of the day"),
+    ] {
+        let p = app.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    app
+}
+
+/// Requests for app `cdn` the regions answered, all regions together.
+async fn region_requests(w: &World) -> u64 {
+    let mut total = 0;
+    for r in &w.desc.regions {
+        let (status, text) = w.region_call(&r.name, "GET", "/_meridian/metrics", vec![]).await;
+        assert_eq!(status, 200, "{text}");
+        total += text
+            .lines()
+            .filter(|l| l.starts_with("meridian_app_requests_total{") && l.contains("app=\"cdn\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+async fn get_cdn(c: &Client, edge: &str, path: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut h = vec![("host", HOST)];
+    h.extend_from_slice(extra);
+    get(c, &format!("{edge}{path}"), &h).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() {
+    let w = World::start(&[]);
+    let app = app();
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "deploy failed: {out}");
+    let c = client();
+    let eu = w.edge("edge-eu-west");
+
+    // --- 1,000 concurrent requests for one uncached object: one fetch ------
+    let before = region_requests(&w).await;
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (c, eu) = (c.clone(), eu.clone());
+        tasks.push(tokio::spawn(async move { get_cdn(&c, &eu, "/hello", &[]).await }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let fetched = region_requests(&w).await - before;
+    assert_eq!(fetched, 1, "the regions answered {fetched} requests for one object");
+    assert!(answers.iter().all(|r| r.status == 200), "{:?}", answers.iter().find(|r| r.status != 200).map(|r| &r.body));
+    let bodies: std::collections::BTreeSet<&str> = answers.iter().map(|r| r.body.as_str()).collect();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let misses = answers.iter().filter(|r| r.header("x-meridian-cache") == "MISS").count();
+    assert_eq!(misses, 1);
+    assert!(answers.iter().all(|r| r.header("cache-tag").is_empty()), "tags reach no client");
+    let status = w.edge_status("edge-eu-west").await;
+    assert_eq!(status["cache"]["misses"], 1, "{status}");
+
+    // --- hits carry Age; the edge answers conditionals itself --------------
+    let r = get_cdn(&c, &eu, "/index.html", &[]).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "MISS"));
+    let etag = r.header("etag");
+    assert!(!etag.is_empty());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get_cdn(&c, &eu, "/index.html", &[]).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "HIT"));
+    assert!(r.header("age").parse::<u64>().unwrap() >= 1, "age {:?}", r.header("age"));
+    // Browsers are told to revalidate; the edge keeps it (CDN-Cache-Control).
+    assert_eq!(r.header("cache-control"), "public, max-age=0, must-revalidate");
+    let r = get_cdn(&c, &eu, "/index.html", &[("if-none-match", &etag)]).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (304, "HIT"));
+    // A client's no-cache does not reach the regions.
+    let before = region_requests(&w).await;
+    let r = get_cdn(&c, &eu, "/index.html", &[("cache-control", "no-cache"), ("pragma", "no-cache")]).await;
+    assert_eq!(r.header("x-meridian-cache"), "HIT");
+    assert_eq!(region_requests(&w).await, before);
+
+    // --- a purge by tag reaches every edge; the next request is a miss -----
+    for e in &w.desc.edges {
+        for path in ["/hello", "/about.html"] {
+            get_cdn(&c, &e.url, path, &[]).await;
+            let r = get_cdn(&c, &e.url, path, &[]).await;
+            assert_eq!(r.header("x-meridian-cache"), "HIT", "{path} at {}", e.name);
+        }
+    }
+    let (ok, out) = w.cli(&["purge", "--app", "cdn", "--tag", "greeting"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("at {} edges", w.desc.edges.len())), "{out}");
+    for e in &w.desc.edges {
+        let r = get_cdn(&c, &e.url, "/hello", &[]).await;
+        assert_eq!(r.header("x-meridian-cache"), "MISS", "/hello at {} after the purge", e.name);
+        let r = get_cdn(&c, &e.url, "/about.html", &[]).await;
+        assert_eq!(r.header("x-meridian-cache"), "HIT", "/about.html is not tagged greeting ({})", e.name);
+    }
+    // Another app's purge leaves this app's objects alone.
+    let (ok, out) = w.cli(&["purge", "--app", "hello", "--all"]);
+    assert!(ok, "{out}");
+    assert_eq!(get_cdn(&c, &eu, "/about.html", &[]).await.header("x-meridian-cache"), "HIT");
+
+    // --- a deploy purges exactly what it changed ---------------------------
+    std::fs::write(app.path().join("site/about.html"), "about, revised").unwrap();
+    let (ok, out) = w.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("purged"), "{out}");
+    let r = get_cdn(&c, &eu, "/about.html", &[]).await;
+    assert_eq!((r.body.as_str(), r.header("x-meridian-cache").as_str()), ("about, revised", "MISS"));
+    assert_eq!(get_cdn(&c, &eu, "/index.html", &[]).await.header("x-meridian-cache"), "HIT", "unchanged, kept");
+
+    // --- every region down: cached content is still served ----------------
+    let r = get_cdn(&c, &eu, "/news/today.txt", &[]).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "MISS"));
+    get_cdn(&c, &eu, "/hello", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for r in &w.desc.regions {
+        w.chaos(&["kill", &r.name]);
+    }
+    let t = Instant::now();
+    let r = get_cdn(&c, &eu, "/hello", &[]).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "HIT"), "fresh: {}", r.body);
+    let r = get_cdn(&c, &eu, "/news/today.txt", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "news of the day"), "stale-if-error");
+    assert_eq!(r.header("x-meridian-cache"), "STALE");
+    let r = get_cdn(&c, &eu, "/uncached.txt", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("no region could serve the request"), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+}

@@ -1,0 +1,923 @@
+//! The edge's HTTP cache: a shared cache in the sense of RFC 9111, with
+//! RFC 5861's `stale-while-revalidate` / `stale-if-error` and RFC 9213's
+//! `CDN-Cache-Control` (which, when present, replaces `Cache-Control` for
+//! this cache and is still passed on to clients).
+//!
+//! What may be stored and for how long is decided by `http-cache-semantics`
+//! (freshness from `s-maxage`, `max-age`, `Expires` or a `Last-Modified`
+//! heuristic; `no-store`, `private`, `Authorization`, `Vary`); this module
+//! adds what a CDN adds on top:
+//!
+//! * a response with `Set-Cookie` is never stored (as Varnish), nor one that
+//!   could never be reused (no freshness and no validator), nor a body over
+//!   [`CacheConfig::max_object_kb`];
+//! * stale objects are kept (up to their stale windows, or a day when they
+//!   have a validator) so they can be revalidated with a 304 or served when
+//!   every region fails;
+//! * clients' own `Cache-Control` / `Pragma` do not bypass the cache (as
+//!   Varnish, nginx and Cloudflare): one client cannot make every request
+//!   reach the regions;
+//! * one fill per key at a time: concurrent misses wait for the first
+//!   ([`Cache::join`]).
+//!
+//! Every function takes `now` so the rules are tested without a clock.
+//!
+//! Objects are grouped by primary key (host and path with query); the
+//! variants of one key (`Vary`) live side by side, at most
+//! [`MAX_VARIANTS`] of them.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike, ResponseLike};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// Variants kept per URL; more are evicted oldest first.
+pub const MAX_VARIANTS: usize = 8;
+
+/// How long a stale object with a validator is kept for revalidation when
+/// it names no stale window of its own.
+const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The response header that says what the cache did.
+pub const CACHE_STATUS: &str = "x-meridian-cache";
+
+/// Response headers that carry purge tags: `Surrogate-Key` (space
+/// separated, Fastly) and `Cache-Tag` (comma separated, Cloudflare). They
+/// are for the edge only and never reach clients.
+const TAG_HEADERS: [&str; 2] = ["surrogate-key", "cache-tag"];
+
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Bound of the memory tier (bodies and headers).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Largest body stored; larger ones pass through.
+    #[serde(default = "default_max_object_kb")]
+    pub max_object_kb: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_memory_mb() -> u64 {
+    256
+}
+fn default_max_object_kb() -> usize {
+    8 * 1024
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, memory_mb: default_memory_mb(), max_object_kb: default_max_object_kb() }
+    }
+}
+
+/// What the cache did for one request (the `x-meridian-cache` header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from the cache, fresh.
+    Hit,
+    /// Fetched from a region (and stored if it could be).
+    Miss,
+    /// Served stale: within `stale-while-revalidate` (a refresh runs in the
+    /// background) or `stale-if-error` (the regions failed).
+    Stale,
+    /// A stale object confirmed by the region with a 304.
+    Revalidated,
+    /// Not a cacheable request (method, `Range`, ...): passed through.
+    Bypass,
+}
+
+impl Outcome {
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Stale => "STALE",
+            Outcome::Revalidated => "REVALIDATED",
+            Outcome::Bypass => "BYPASS",
+        })
+    }
+}
+
+/// A request as the cache sees it: the path with query (never a scheme or
+/// authority, which differ between HTTP/1.1 and HTTP/2 for one resource),
+/// the method, and the client's headers with `Host` set.
+pub struct Lookup<'a> {
+    pub path_and_query: &'a str,
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+}
+
+impl RequestLike for Lookup<'_> {
+    fn uri(&self) -> Uri {
+        self.path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"))
+    }
+    fn is_same_uri(&self, other: &Uri) -> bool {
+        other.path_and_query().map(|p| p.as_str()) == Some(self.path_and_query)
+    }
+    fn method(&self) -> &Method {
+        self.method
+    }
+    fn headers(&self) -> &HeaderMap {
+        self.headers
+    }
+}
+
+struct PolicyResponse<'a> {
+    status: StatusCode,
+    headers: &'a HeaderMap,
+}
+
+impl ResponseLike for PolicyResponse<'_> {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+    fn headers(&self) -> &HeaderMap {
+        self.headers
+    }
+}
+
+/// One stored response.
+pub struct Object {
+    policy: CachePolicy,
+    pub status: StatusCode,
+    /// As sent to clients: no hop-by-hop or tag headers, no `Age`.
+    headers: HeaderMap,
+    pub body: Bytes,
+    tags: Box<[Box<str>]>,
+    /// The values of the request headers `Vary` names, to tell variants of
+    /// one URL apart.
+    vary_key: Box<str>,
+    /// When it stops being fresh.
+    fresh_until: SystemTime,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+}
+
+/// What a lookup found.
+pub enum Found {
+    Fresh(Arc<Object>),
+    /// Stale: to be revalidated ([`Object::validators`]) or served within
+    /// its stale windows.
+    Stale(Arc<Object>),
+    Miss,
+}
+
+impl Object {
+    /// Builds an object from a region's answer, or `None` when it must not
+    /// (or could never usefully) be stored.
+    pub fn new(
+        req: &Lookup<'_>,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        now: SystemTime,
+    ) -> Option<Object> {
+        if headers.contains_key(header::SET_COOKIE) || *req.method != Method::GET {
+            return None;
+        }
+        let (policy, cc) = policy_for(req, status, headers, now);
+        if !policy.is_storable() {
+            return None;
+        }
+        let ttl = policy.time_to_live(now);
+        let validator = headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+        if ttl.is_zero() && !validator {
+            return None;
+        }
+        let (swr, sie) = stale_windows(&cc);
+        let mut stored = HeaderMap::with_capacity(headers.len());
+        for (k, v) in headers {
+            if !is_hop_by_hop(k) && !TAG_HEADERS.contains(&k.as_str()) && k != header::AGE {
+                stored.append(k.clone(), v.clone());
+            }
+        }
+        Some(Object {
+            tags: tags_of(headers),
+            vary_key: vary_key(headers, req.headers),
+            policy,
+            status,
+            headers: stored,
+            body,
+            fresh_until: now + ttl,
+            stale_while_revalidate: swr,
+            stale_if_error: sie,
+        })
+    }
+
+    /// The same object confirmed by a 304: the 304's headers replace the
+    /// stored ones (except those describing the body), freshness restarts.
+    pub fn revalidated(
+        &self,
+        req: &Lookup<'_>,
+        not_modified: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<Object> {
+        let mut headers = self.headers.clone();
+        for (k, v) in not_modified {
+            if !is_hop_by_hop(k)
+                && !matches!(k.as_str(), "content-length" | "content-encoding" | "content-range" | "age")
+            {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        // Tags come from the new answer when it carries any.
+        let mut with_tags = headers.clone();
+        for t in TAG_HEADERS {
+            for v in not_modified.get_all(t) {
+                with_tags.append(HeaderName::from_static(t), v.clone());
+            }
+        }
+        let mut o = Object::new(req, self.status, &with_tags, self.body.clone(), now)?;
+        if o.tags.is_empty() {
+            o.tags = self.tags.clone();
+        }
+        Some(o)
+    }
+
+    /// Whether a 304 from the region confirms this object (its strong
+    /// validator, or its `Last-Modified` when it has no `ETag`).
+    pub fn confirmed_by(&self, not_modified: &HeaderMap) -> bool {
+        let get = |h: &HeaderMap, n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).map(String::from);
+        match (get(&self.headers, header::ETAG), get(not_modified, header::ETAG)) {
+            (Some(old), Some(new)) => old.trim_start_matches("W/") == new.trim_start_matches("W/"),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            // Last-Modified only, or no validator at all (RFC 9111 §4.3.4).
+            (None, None) => true,
+        }
+    }
+
+    /// The conditional headers that revalidate this object.
+    pub fn validators(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        let etag = self.headers.get(header::ETAG).map(|v| (header::IF_NONE_MATCH, v.clone()));
+        let lm = self.headers.get(header::LAST_MODIFIED).map(|v| (header::IF_MODIFIED_SINCE, v.clone()));
+        etag.into_iter().chain(lm)
+    }
+
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        now < self.fresh_until
+    }
+
+    /// How long past freshness it is (zero when fresh).
+    fn staleness(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.fresh_until).unwrap_or_default()
+    }
+
+    /// May it be served while a refresh runs in the background?
+    pub fn serve_while_revalidating(&self, now: SystemTime) -> bool {
+        !self.is_fresh(now) && self.staleness(now) <= self.stale_while_revalidate
+    }
+
+    /// May it be served because the regions failed?
+    pub fn serve_on_error(&self, now: SystemTime) -> bool {
+        self.staleness(now) <= self.stale_if_error
+    }
+
+    /// Until when it is worth keeping.
+    fn keep_until(&self) -> SystemTime {
+        let validator = self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED);
+        let mut keep = self.stale_while_revalidate.max(self.stale_if_error);
+        if validator {
+            keep = keep.max(KEEP_FOR_REVALIDATION);
+        }
+        self.fresh_until + keep
+    }
+
+    /// Headers for a client: the stored ones and the current `Age`.
+    pub fn response_headers(&self, now: SystemTime) -> HeaderMap {
+        let mut h = self.headers.clone();
+        h.insert(header::AGE, HeaderValue::from(self.policy.age(now).as_secs()));
+        h
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| &**t == tag)
+    }
+
+    /// Does the client's conditional request match this object (so a 304
+    /// answers it)? `If-None-Match` wins over `If-Modified-Since`.
+    pub fn satisfies_conditional(&self, req: &HeaderMap) -> bool {
+        if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+            let Some(etag) = self.headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+                return false;
+            };
+            let etag = etag.trim_start_matches("W/");
+            return inm.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag);
+        }
+        if let Some(ims) = req.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
+            let lm = self.headers.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok());
+            if let (Ok(ims), Some(Ok(lm))) = (httpdate::parse_http_date(ims), lm.map(httpdate::parse_http_date)) {
+                return lm <= ims;
+            }
+        }
+        false
+    }
+
+    fn weight(&self) -> u32 {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
+        (self.body.len() + headers + 512).min(u32::MAX as usize) as u32
+    }
+}
+
+/// The policy this cache applies: `CDN-Cache-Control` replaces
+/// `Cache-Control` when present (RFC 9213). Returns the directives used.
+fn policy_for(req: &Lookup<'_>, status: StatusCode, headers: &HeaderMap, now: SystemTime) -> (CachePolicy, String) {
+    let opts = CacheOptions { shared: true, ..Default::default() };
+    let targeted: Vec<&str> = headers.get_all("cdn-cache-control").iter().filter_map(|v| v.to_str().ok()).collect();
+    if targeted.is_empty() {
+        let cc = headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+        let policy = CachePolicy::new_options(req, &PolicyResponse { status, headers }, now, opts);
+        (policy, cc.join(","))
+    } else {
+        let cc = targeted.join(",");
+        let mut h = headers.clone();
+        h.remove("cdn-cache-control");
+        if let Ok(v) = HeaderValue::from_str(&cc) {
+            h.insert(header::CACHE_CONTROL, v);
+        }
+        // `Expires` is a directive for every cache; a targeted field
+        // replaces it too.
+        h.remove(header::EXPIRES);
+        let policy = CachePolicy::new_options(req, &PolicyResponse { status, headers: &h }, now, opts);
+        (policy, cc)
+    }
+}
+
+/// `stale-while-revalidate` and `stale-if-error` (RFC 5861), both zero when
+/// a directive forbids serving stale (`must-revalidate`, `proxy-revalidate`,
+/// `no-cache`: RFC 9111 §4.2.4).
+fn stale_windows(cc: &str) -> (Duration, Duration) {
+    let mut swr = Duration::ZERO;
+    let mut sie = Duration::ZERO;
+    for d in cc.split(',') {
+        let (k, v) = match d.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"'))),
+            None => (d.trim(), None),
+        };
+        let secs = || v.and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs).unwrap_or_default();
+        match k.to_ascii_lowercase().as_str() {
+            "must-revalidate" | "proxy-revalidate" | "no-cache" => return (Duration::ZERO, Duration::ZERO),
+            "stale-while-revalidate" => swr = secs(),
+            "stale-if-error" => sie = secs(),
+            _ => {}
+        }
+    }
+    (swr, sie)
+}
+
+fn tags_of(headers: &HeaderMap) -> Box<[Box<str>]> {
+    let mut tags: Vec<Box<str>> = Vec::new();
+    for v in headers.get_all("surrogate-key").iter().filter_map(|v| v.to_str().ok()) {
+        tags.extend(v.split_ascii_whitespace().map(Into::into));
+    }
+    for v in headers.get_all("cache-tag").iter().filter_map(|v| v.to_str().ok()) {
+        tags.extend(v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(Into::into));
+    }
+    tags.sort();
+    tags.dedup();
+    tags.into_boxed_slice()
+}
+
+fn vary_key(resp: &HeaderMap, req: &HeaderMap) -> Box<str> {
+    let mut key = String::new();
+    for names in resp.get_all(header::VARY).iter().filter_map(|v| v.to_str().ok()) {
+        for name in names.split(',').map(str::trim) {
+            key.push_str(&name.to_ascii_lowercase());
+            key.push('=');
+            for v in req.get_all(name) {
+                key.push_str(v.to_str().unwrap_or("?"));
+                key.push(',');
+            }
+            key.push('\n');
+        }
+    }
+    key.into()
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// The primary key of a request: its host and path with query.
+pub fn key(host: &str, path_and_query: &str) -> Box<str> {
+    let mut k = String::with_capacity(host.len() + path_and_query.len() + 1);
+    k.push_str(host);
+    k.push(' ');
+    k.push_str(path_and_query);
+    k.into()
+}
+
+pub use meridian_core::wire::Purge;
+
+type Variants = Arc<[Arc<Object>]>;
+
+/// The cache's counters, as reported in the edge's status.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale: u64,
+    pub revalidated: u64,
+    pub bypass: u64,
+    /// Fills that waited for another request's fetch instead of making
+    /// their own.
+    pub coalesced: u64,
+    pub purged: u64,
+    /// Body bytes served from the cache (hits, stale, revalidated).
+    pub bytes_from_cache: u64,
+    pub objects: u64,
+    pub bytes_stored: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    revalidated: AtomicU64,
+    bypass: AtomicU64,
+    coalesced: AtomicU64,
+    purged: AtomicU64,
+    bytes_from_cache: AtomicU64,
+}
+
+pub struct Cache {
+    config: CacheConfig,
+    objects: moka::sync::Cache<Box<str>, Variants>,
+    /// Keys being filled now, and the signal that the fill ended.
+    inflight: Mutex<HashMap<Box<str>, watch::Receiver<bool>>>,
+    counters: Counters,
+}
+
+/// The first request for a key fills it; the others wait for that fill.
+pub enum Turn {
+    Lead(FillGuard),
+    Wait(watch::Receiver<bool>),
+}
+
+/// Held by the request filling a key. Dropping it (the fill ended, well or
+/// not) wakes the waiters.
+pub struct FillGuard {
+    cache: Arc<Cache>,
+    key: Box<str>,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        self.cache.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        let _ = self.done.send(true);
+    }
+}
+
+struct Expiry;
+
+impl moka::Expiry<Box<str>, Variants> for Expiry {
+    fn expire_after_create(&self, _: &Box<str>, v: &Variants, now: std::time::Instant) -> Option<Duration> {
+        keep_for(v, now)
+    }
+    fn expire_after_update(
+        &self,
+        _: &Box<str>,
+        v: &Variants,
+        now: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        keep_for(v, now)
+    }
+}
+
+fn keep_for(v: &Variants, _: std::time::Instant) -> Option<Duration> {
+    let until = v.iter().map(|o| o.keep_until()).max()?;
+    Some(until.duration_since(SystemTime::now()).unwrap_or(Duration::from_secs(1)))
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig) -> Arc<Cache> {
+        let objects = moka::sync::Cache::builder()
+            .max_capacity(config.memory_mb << 20)
+            .weigher(|_k: &Box<str>, v: &Variants| {
+                v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b))
+            })
+            .expire_after(Expiry)
+            .build();
+        Arc::new(Cache { config, objects, inflight: Mutex::new(HashMap::new()), counters: Counters::default() })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    pub fn max_object_bytes(&self) -> usize {
+        self.config.max_object_kb << 10
+    }
+
+    /// The stored response for `req` (a GET or HEAD; HEAD is answered from
+    /// a stored GET), fresh or stale.
+    pub fn lookup(&self, key: &str, req: &Lookup<'_>, now: SystemTime) -> Found {
+        let Some(variants) = self.objects.get(key) else {
+            return Found::Miss;
+        };
+        let get = Lookup { method: &Method::GET, ..*req };
+        // Newest variant first: a re-stored variant replaces its old self.
+        for o in variants.iter().rev() {
+            match o.policy.before_request(&get, now) {
+                BeforeRequest::Fresh(_) if o.is_fresh(now) => return Found::Fresh(o.clone()),
+                BeforeRequest::Stale { matches: false, .. } => continue,
+                // Stale by the policy, or fresh by its whole seconds but
+                // stale by ours.
+                _ => return Found::Stale(o.clone()),
+            }
+        }
+        Found::Miss
+    }
+
+    /// Stores `object` for `key`, replacing the variant with the same
+    /// `Vary` values.
+    pub fn store(&self, key: Box<str>, object: Arc<Object>) {
+        let old = self.objects.get(&key);
+        let mut list: Vec<Arc<Object>> =
+            old.iter().flat_map(|v| v.iter()).filter(|o| o.vary_key != object.vary_key).cloned().collect();
+        list.push(object);
+        if list.len() > MAX_VARIANTS {
+            list.drain(..list.len() - MAX_VARIANTS);
+        }
+        self.objects.insert(key, list.into());
+    }
+
+    /// Forgets everything stored under `key` (a successful unsafe request
+    /// to it: RFC 9111 §4.4).
+    pub fn invalidate(&self, key: &str) {
+        self.objects.invalidate(key);
+    }
+
+    /// Removes what `p` names; returns how many objects went.
+    pub fn purge(&self, p: &Purge) -> u64 {
+        let mut removed = 0u64;
+        if !p.all && p.prefixes.is_empty() && p.tags.is_empty() && p.any_host_but.is_none() {
+            for h in &p.hosts {
+                for path in &p.paths {
+                    if let Some(v) = self.objects.remove(&*key(h, path)) {
+                        removed += v.len() as u64;
+                    }
+                }
+            }
+        } else {
+            let doomed: Vec<(Arc<Box<str>>, usize)> = self
+                .objects
+                .iter()
+                .filter(|(k, v)| {
+                    let Some((host, path)) = k.split_once(' ') else { return false };
+                    p.covers_host(host)
+                        && (p.all
+                            || p.paths.iter().any(|x| x == path)
+                            || p.prefixes.iter().any(|x| path.starts_with(x.as_str()))
+                            || v.iter().any(|o| p.tags.iter().any(|t| o.has_tag(t))))
+                })
+                .map(|(k, v)| (k, v.len()))
+                .collect();
+            for (k, n) in doomed {
+                self.objects.invalidate(&**k);
+                removed += n as u64;
+            }
+        }
+        self.counters.purged.fetch_add(removed, Relaxed);
+        removed
+    }
+
+    /// Lead the fill of `key`, or wait for the one under way.
+    pub fn join(self: &Arc<Self>, key: &str) -> Turn {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = inflight.get(key) {
+            self.counters.coalesced.fetch_add(1, Relaxed);
+            return Turn::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(false);
+        inflight.insert(key.into(), rx);
+        Turn::Lead(FillGuard { cache: self.clone(), key: key.into(), done: tx })
+    }
+
+    /// Counts what was done for a request that was served.
+    pub fn record(&self, outcome: Outcome, body_bytes: usize) {
+        let c = &self.counters;
+        match outcome {
+            Outcome::Hit => c.hits.fetch_add(1, Relaxed),
+            Outcome::Miss => c.misses.fetch_add(1, Relaxed),
+            Outcome::Stale => c.stale.fetch_add(1, Relaxed),
+            Outcome::Revalidated => c.revalidated.fetch_add(1, Relaxed),
+            Outcome::Bypass => c.bypass.fetch_add(1, Relaxed),
+        };
+        if matches!(outcome, Outcome::Hit | Outcome::Stale | Outcome::Revalidated) {
+            c.bytes_from_cache.fetch_add(body_bytes as u64, Relaxed);
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        self.objects.run_pending_tasks();
+        CacheStats {
+            hits: c.hits.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            stale: c.stale.load(Relaxed),
+            revalidated: c.revalidated.load(Relaxed),
+            bypass: c.bypass.load(Relaxed),
+            coalesced: c.coalesced.load(Relaxed),
+            purged: c.purged.load(Relaxed),
+            bytes_from_cache: c.bytes_from_cache.load(Relaxed),
+            objects: self.objects.iter().map(|(_, v)| v.len() as u64).sum(),
+            bytes_stored: self.objects.weighted_size(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "app.example";
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        if !h.contains_key(header::HOST) {
+            h.insert(header::HOST, HeaderValue::from_static(HOST));
+        }
+        h
+    }
+
+    fn lookup<'a>(path: &'a str, h: &'a HeaderMap) -> Lookup<'a> {
+        Lookup { path_and_query: path, method: &Method::GET, headers: h }
+    }
+
+    /// Stores the answer `resp` to a GET of `/x` with `req` headers at `t0`;
+    /// whether it was storable.
+    fn put(cache: &Cache, req: &[(&str, &str)], status: u16, resp: &[(&str, &str)], t0: SystemTime) -> bool {
+        let rh = headers(req);
+        let status = StatusCode::from_u16(status).unwrap();
+        match Object::new(&lookup("/x", &rh), status, &headers(resp), Bytes::from_static(b"body"), t0) {
+            Some(o) => {
+                cache.store(key(HOST, "/x"), Arc::new(o));
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[derive(Debug, PartialEq, Clone, Copy)]
+    enum Seen {
+        Fresh,
+        Stale,
+        Miss,
+    }
+
+    fn seen(cache: &Cache, req: &[(&str, &str)], now: SystemTime) -> Seen {
+        let rh = headers(req);
+        match cache.lookup(&key(HOST, "/x"), &lookup("/x", &rh), now) {
+            Found::Fresh(_) => Seen::Fresh,
+            Found::Stale(_) => Seen::Stale,
+            Found::Miss => Seen::Miss,
+        }
+    }
+
+    fn http_date(t: SystemTime) -> String {
+        httpdate::fmt_http_date(t)
+    }
+
+    /// One row per rule of RFC 9111 (and 9213) a shared cache applies:
+    /// what is stored, and what a lookup finds after so many seconds.
+    #[test]
+    fn freshness_and_storability_follow_rfc_9111() {
+        let t0 = SystemTime::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let past = http_date(t0 - Duration::from_secs(3600));
+        let in_30 = http_date(at(30));
+        type Row<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, Vec<(&'a str, String)>, bool, Vec<(u64, Seen)>);
+        let rows: Vec<Row> = vec![
+            ("max-age", vec![], 200, vec![("cache-control", "max-age=10".into())], true, vec![(0, Seen::Fresh), (9, Seen::Fresh), (11, Seen::Miss)]),
+            ("s-maxage wins over max-age in a shared cache", vec![], 200,
+                vec![("cache-control", "max-age=100, s-maxage=5".into())], true, vec![(4, Seen::Fresh), (6, Seen::Miss)]),
+            ("Expires", vec![], 200, vec![("expires", in_30.clone()), ("date", http_date(t0))], true,
+                vec![(20, Seen::Fresh), (40, Seen::Miss)]),
+            ("max-age wins over Expires", vec![], 200,
+                vec![("cache-control", "max-age=5".into()), ("expires", in_30.clone())], true, vec![(6, Seen::Miss)]),
+            ("an Expires in the past is stale at once", vec![], 200, vec![("expires", past.clone()), ("etag", "\"a\"".into())],
+                true, vec![(0, Seen::Stale)]),
+            ("CDN-Cache-Control replaces Cache-Control here", vec![], 200,
+                vec![("cache-control", "no-store".into()), ("cdn-cache-control", "max-age=20".into())], true,
+                vec![(10, Seen::Fresh), (21, Seen::Miss)]),
+            ("no-store", vec![], 200, vec![("cache-control", "no-store, max-age=60".into())], false, vec![(0, Seen::Miss)]),
+            ("private is not for a shared cache", vec![], 200, vec![("cache-control", "private, max-age=60".into())], false,
+                vec![(0, Seen::Miss)]),
+            ("a request with Authorization is not stored", vec![("authorization", "Bearer x")], 200,
+                vec![("cache-control", "max-age=60".into())], false, vec![]),
+            ("unless the answer says public", vec![("authorization", "Bearer x")], 200,
+                vec![("cache-control", "public, max-age=60".into())], true, vec![(1, Seen::Fresh)]),
+            ("Set-Cookie is never stored", vec![], 200,
+                vec![("cache-control", "public, max-age=60".into()), ("set-cookie", "a=b".into())], false, vec![]),
+            ("no freshness and no validator: useless, not stored", vec![], 200, vec![], false, vec![]),
+            ("no-cache with a validator: stored, always revalidated", vec![], 200,
+                vec![("cache-control", "no-cache".into()), ("etag", "\"v1\"".into())], true, vec![(0, Seen::Stale)]),
+            ("heuristic freshness from Last-Modified (10 % of its age)", vec![], 200,
+                vec![("last-modified", http_date(t0 - Duration::from_secs(1000))), ("date", http_date(t0))], true,
+                vec![(50, Seen::Fresh), (150, Seen::Stale)]),
+            ("404 with max-age is stored", vec![], 404, vec![("cache-control", "max-age=10".into())], true, vec![(5, Seen::Fresh)]),
+            ("206 is not understood", vec![], 206, vec![("cache-control", "max-age=10".into())], false, vec![]),
+            ("Vary: * never matches, so it is not worth storing", vec![], 200,
+                vec![("cache-control", "max-age=10".into()), ("vary", "*".into())], false, vec![(0, Seen::Miss)]),
+            ("a client's no-cache does not bypass the edge", vec![("cache-control", "no-cache"), ("pragma", "no-cache")], 200,
+                vec![("cache-control", "max-age=10".into())], true, vec![(1, Seen::Fresh)]),
+        ];
+        for (name, req, status, resp, storable, checks) in rows {
+            let cache = Cache::new(CacheConfig::default());
+            let resp: Vec<(&str, &str)> = resp.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(put(&cache, &req, status, &resp, t0), storable, "{name}: storable");
+            // The edge strips the client's own directives before a lookup.
+            let lookup_req: Vec<_> =
+                req.iter().copied().filter(|(k, _)| *k != "cache-control" && *k != "pragma").collect();
+            for (secs, want) in checks {
+                let got = seen(&cache, &lookup_req, at(secs));
+                // An expired object without stale windows or validator may
+                // linger until evicted; a lookup must not call it fresh.
+                let got = if want == Seen::Miss && got == Seen::Stale { Seen::Miss } else { got };
+                assert_eq!(got, want, "{name}: after {secs} s");
+            }
+        }
+    }
+
+    #[test]
+    fn vary_keeps_one_variant_per_request_header_value() {
+        let t0 = SystemTime::now();
+        let cache = Cache::new(CacheConfig::default());
+        let resp = [("cache-control", "max-age=60"), ("vary", "Accept-Language")];
+        assert!(put(&cache, &[("accept-language", "fr")], 200, &resp, t0));
+        assert_eq!(seen(&cache, &[("accept-language", "fr")], t0), Seen::Fresh);
+        assert_eq!(seen(&cache, &[("accept-language", "de")], t0), Seen::Miss);
+        assert_eq!(seen(&cache, &[], t0), Seen::Miss);
+        assert!(put(&cache, &[("accept-language", "de")], 200, &resp, t0));
+        assert_eq!(seen(&cache, &[("accept-language", "fr")], t0), Seen::Fresh);
+        assert_eq!(seen(&cache, &[("accept-language", "de")], t0), Seen::Fresh);
+        // Storing fr again replaces fr, not adds a third.
+        assert!(put(&cache, &[("accept-language", "fr")], 200, &resp, t0));
+        assert_eq!(cache.objects.get(&*key(HOST, "/x")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn age_counts_upstream_age_and_time_held() {
+        let t0 = SystemTime::now();
+        let cache = Cache::new(CacheConfig::default());
+        assert!(put(&cache, &[], 200, &[("cache-control", "max-age=60"), ("age", "7")], t0));
+        let rh = headers(&[]);
+        let Found::Fresh(o) = cache.lookup(&key(HOST, "/x"), &lookup("/x", &rh), t0 + Duration::from_secs(10)) else {
+            panic!("fresh")
+        };
+        assert_eq!(o.response_headers(t0 + Duration::from_secs(10))[header::AGE], "17");
+        // Fresh for 60 s of age, so 53 s after storing it is stale.
+        assert_eq!(seen(&cache, &[], t0 + Duration::from_secs(52)), Seen::Fresh);
+        assert_ne!(seen(&cache, &[], t0 + Duration::from_secs(54)), Seen::Fresh);
+    }
+
+    #[test]
+    fn a_304_revalidates_keeps_the_body_and_restarts_freshness() {
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let resp = headers(&[("cache-control", "max-age=10"), ("etag", "\"v1\""), ("x-old", "1")]);
+        let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &resp, Bytes::from_static(b"body"), t0).unwrap();
+        let later = t0 + Duration::from_secs(30);
+        assert!(!o.is_fresh(later));
+        let v: Vec<_> = o.validators().collect();
+        assert_eq!(v, vec![(header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\""))]);
+        let nm = headers(&[("cache-control", "max-age=100"), ("etag", "\"v1\""), ("x-old", "2")]);
+        assert!(o.confirmed_by(&nm));
+        let n = o.revalidated(&lookup("/x", &rh), &nm, later).unwrap();
+        assert!(n.is_fresh(later + Duration::from_secs(99)));
+        assert_eq!(n.body, "body");
+        assert_eq!(n.response_headers(later)["x-old"], "2");
+        // A 304 with another strong validator confirms nothing.
+        assert!(!o.confirmed_by(&headers(&[("etag", "\"v2\"")])));
+    }
+
+    #[test]
+    fn the_edge_answers_a_clients_conditional_itself() {
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let lm = http_date(t0 - Duration::from_secs(100));
+        let resp = headers(&[("cache-control", "max-age=10"), ("etag", "W/\"v1\""), ("last-modified", &lm)]);
+        let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &resp, Bytes::new(), t0).unwrap();
+        assert!(o.satisfies_conditional(&headers(&[("if-none-match", "\"x\", \"v1\"")])));
+        assert!(o.satisfies_conditional(&headers(&[("if-none-match", "*")])));
+        assert!(!o.satisfies_conditional(&headers(&[("if-none-match", "\"v2\"")])));
+        assert!(o.satisfies_conditional(&headers(&[("if-modified-since", &http_date(t0))])));
+        assert!(!o.satisfies_conditional(&headers(&[("if-modified-since", &http_date(t0 - Duration::from_secs(200)))])));
+        // If-None-Match decides when both are present.
+        assert!(!o.satisfies_conditional(&headers(&[("if-none-match", "\"v2\""), ("if-modified-since", &http_date(t0))])));
+        assert!(!o.satisfies_conditional(&headers(&[])));
+    }
+
+    #[test]
+    fn stale_windows_follow_rfc_5861_unless_revalidation_is_required() {
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let at = |s| t0 + Duration::from_secs(s);
+        let make = |cc: &str| {
+            let resp = headers(&[("cache-control", cc), ("etag", "\"v\"")]);
+            Object::new(&lookup("/x", &rh), StatusCode::OK, &resp, Bytes::new(), t0).unwrap()
+        };
+        let o = make("max-age=10, stale-while-revalidate=20, stale-if-error=100");
+        assert!(!o.serve_while_revalidating(at(5)), "fresh: no need");
+        assert!(o.serve_while_revalidating(at(25)));
+        assert!(!o.serve_while_revalidating(at(35)));
+        assert!(o.serve_on_error(at(105)));
+        assert!(!o.serve_on_error(at(115)));
+        for cc in ["max-age=10, stale-if-error=100, must-revalidate", "max-age=10, stale-while-revalidate=100, no-cache"] {
+            let o = make(cc);
+            assert!(!o.serve_on_error(at(11)), "{cc}");
+            assert!(!o.serve_while_revalidating(at(11)), "{cc}");
+        }
+    }
+
+    #[test]
+    fn tags_come_from_surrogate_key_and_cache_tag_and_never_reach_clients() {
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let resp = headers(&[("cache-control", "max-age=60"), ("surrogate-key", "a b"), ("cache-tag", "c, d")]);
+        let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &resp, Bytes::new(), t0).unwrap();
+        for t in ["a", "b", "c", "d"] {
+            assert!(o.has_tag(t), "{t}");
+        }
+        let out = o.response_headers(t0);
+        assert!(!out.contains_key("surrogate-key") && !out.contains_key("cache-tag"));
+    }
+
+    #[test]
+    fn purge_by_path_prefix_tag_and_all_stays_within_the_hosts_named() {
+        let t0 = SystemTime::now();
+        let cache = Cache::new(CacheConfig::default());
+        let store = |host: &str, path: &str, tag: &str| {
+            let rh = headers(&[("host", host)]);
+            let resp = headers(&[("cache-control", "max-age=60"), ("cache-tag", tag)]);
+            let o = Object::new(&lookup(path, &rh), StatusCode::OK, &resp, Bytes::new(), t0).unwrap();
+            cache.store(key(host, path), Arc::new(o));
+        };
+        for host in ["a.example", "b.example"] {
+            store(host, "/index.html", "home");
+            store(host, "/img/1.png", "img");
+            store(host, "/img/2.png", "img");
+            store(host, "/api/x", "api");
+        }
+        let only_a = |f: fn(&mut Purge)| {
+            let mut p = Purge { hosts: vec!["a.example".into()], ..Default::default() };
+            f(&mut p);
+            p
+        };
+        assert_eq!(cache.purge(&only_a(|p| p.paths = vec!["/index.html".into()])), 1);
+        assert_eq!(cache.purge(&only_a(|p| p.prefixes = vec!["/img/".into()])), 2);
+        assert_eq!(cache.purge(&only_a(|p| p.tags = vec!["api".into()])), 1);
+        assert_eq!(cache.purge(&only_a(|p| p.all = true)), 0);
+        // b.example kept everything.
+        assert_eq!(cache.purge(&Purge { hosts: vec!["b.example".into()], tags: vec!["img".into()], ..Default::default() }), 2);
+        assert_eq!(cache.purge(&Purge { hosts: vec!["b.example".into()], all: true, ..Default::default() }), 2);
+        assert_eq!(cache.stats().purged, 8);
+    }
+
+    #[tokio::test]
+    async fn one_fill_per_key_and_the_waiters_wake_when_it_ends() {
+        let cache = Cache::new(CacheConfig::default());
+        let Turn::Lead(guard) = cache.join("k") else { panic!("first leads") };
+        let mut waiters = Vec::new();
+        for _ in 0..100 {
+            match cache.join("k") {
+                Turn::Wait(rx) => waiters.push(rx),
+                Turn::Lead(_) => panic!("a second leader"),
+            }
+        }
+        assert!(matches!(cache.join("other"), Turn::Lead(_)));
+        drop(guard);
+        for mut w in waiters {
+            w.wait_for(|d| *d).await.unwrap();
+        }
+        assert!(matches!(cache.join("k"), Turn::Lead(_)), "the key is free again");
+        assert_eq!(cache.stats().coalesced, 100);
+    }
+}

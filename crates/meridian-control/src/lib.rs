@@ -295,6 +295,18 @@ impl Control {
         })
     }
 
+    /// Tells every edge to stop caching `app` (for an hour at most; the
+    /// rollout's end purge restarts it).
+    async fn pause_edges(&self, app: &str) {
+        if self.config.edges.is_empty() {
+            return;
+        }
+        let Some(mut p) = self.purge_scope(app) else { return };
+        p.pause_ms = Some(3_600_000);
+        let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+        tracing::info!(app, ms = report.ms, failed = report.failed().len(), "edge caching paused for the rollout");
+    }
+
     /// Purges what differs between two versions of `app` at every edge.
     async fn purge_changes(&self, app: &str, old: Option<&VersionId>, new: &VersionId) -> Option<purge::PurgeReport> {
         if self.config.edges.is_empty() {
@@ -315,8 +327,12 @@ impl Control {
             },
             None => p.all = true,
         }
-        if p.is_empty() {
-            return None;
+        // Also ends the pause the rollout started; what stays cached is the
+        // same in both versions.
+        p.pause_ms = Some(0);
+        if let Some(old) = old.filter(|_| !p.all) {
+            p.relabel =
+                Some(meridian_core::wire::Relabel { from: old.short().to_string(), to: new.short().to_string() });
         }
         let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
         tracing::info!(app, ms = report.ms, failed = report.failed().len(), "edges purged after the rollout");
@@ -766,6 +782,9 @@ impl Control {
     /// leads) and records how it ended.
     async fn drive(&self, record: rollout::RolloutRecord) -> Result<DeployReport, ApiError> {
         let (app, id, old) = (record.app.clone(), record.version.clone(), record.old.clone());
+        // While it runs, edges neither serve nor store this app's answers:
+        // a client sees the version the regions give it, not a cached one.
+        self.pause_edges(&app).await;
         let ctl = rollout::RolloutCtl::new(self.consensus.clone(), record.clone());
         let result = self.run_rollout(&rollout::Plan { ctl: &ctl, record: &record }).await;
         self.running.lock().unwrap().remove(&app);

@@ -16,6 +16,12 @@ pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
 /// memory limit exceeded). Such a failure would repeat identically in every
 /// region, so edges neither retry it nor count it against the region's health.
 pub const FAULT: &str = "x-meridian-fault";
+/// On a region's answer: the jurisdictions of pinned data the function
+/// touched. Only edges of those jurisdictions store such an answer; edges
+/// remove the header before answering clients.
+pub const RESIDENCY: &str = "x-meridian-residency";
+/// The cookie that keeps a client on one region (`[routing] affinity`).
+pub const AFFINITY_COOKIE: &str = "meridian-region";
 /// An edge's own status (health and RTT of every region, as JSON).
 pub const EDGE_STATUS_PATH: &str = "/_meridian/edge";
 /// An edge's purge API (POST a JSON purge: hosts and paths, prefixes, tags).

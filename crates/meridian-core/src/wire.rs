@@ -237,6 +237,23 @@ pub struct Purge {
     /// claims: also every host except these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub any_host_but: Option<Vec<String>>,
+    /// `Some(n)`, n > 0: for n ms, these hosts' answers are neither served
+    /// from the cache nor stored (a rollout is under way: clients must see
+    /// the version the regions give them). `Some(0)`: cache them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// A rollout from one version to another ended: everything it changed
+    /// is purged, so what stays cached is the same in both, and is now
+    /// labelled with the new version (`x-meridian-version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relabel: Option<Relabel>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Relabel {
+    /// Short version ids, as in `x-meridian-version`.
+    pub from: String,
+    pub to: String,
 }
 
 impl Purge {
@@ -246,6 +263,94 @@ impl Purge {
 
     /// Does the purge reach objects of `host`?
     pub fn covers_host(&self, host: &str) -> bool {
-        self.hosts.iter().any(|h| h == host) || self.any_host_but.as_ref().is_some_and(|but| !but.iter().any(|h| h == host))
+        self.hosts.iter().any(|h| h == host)
+            || self.any_host_but.as_ref().is_some_and(|but| !but.iter().any(|h| h == host))
     }
+}
+
+/// How edges choose a region for an app's requests (the manifest's
+/// `[routing]`). Regions tell edges each app's routing in their health
+/// answers ([`AppRouting`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    #[serde(default)]
+    pub policy: RoutingPolicy,
+    /// `weighted`: each region's share, in percent.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub weights: std::collections::BTreeMap<String, u32>,
+    /// `failover`: regions by priority; the first healthy one serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+    /// Keep a client on the region that first served it (a cookie), while
+    /// that region is healthy.
+    #[serde(default)]
+    pub affinity: bool,
+    /// Clients of these countries go to these regions first (`geo`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<CountryRule>,
+    /// Clients of a jurisdiction served only by regions of one, and cached
+    /// only at edges of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub residency: Vec<ResidencyRule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingPolicy {
+    /// Whatever the edge is configured with (`geo` unless told otherwise).
+    #[default]
+    Edge,
+    /// The nearest region by distance from the client.
+    Geo,
+    /// The lowest measured round trip from the edge.
+    Latency,
+    /// A random region by `weights`.
+    Weighted,
+    /// The first healthy region of `order`.
+    Failover,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountryRule {
+    /// ISO 3166-1 alpha-2 codes, upper case.
+    pub countries: Vec<String>,
+    pub region: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResidencyRule {
+    /// Clients located in this jurisdiction ([`jurisdiction_of_country`])...
+    pub clients: String,
+    /// ...are served only by regions of this one.
+    pub regions: String,
+}
+
+/// One app's routing as regions report it to edges.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct AppRouting {
+    pub app: String,
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub default: bool,
+    pub routing: Routing,
+}
+
+/// The member states of the European Union.
+const EU: [&str; 27] = [
+    "AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU", "IE", "IT", "LT", "LU", "LV",
+    "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
+];
+
+/// The jurisdiction a client of `country` (ISO alpha-2) is in: `eu` for
+/// the EU's member states, else the country code in lower case (`us`,
+/// `sg`, ...), the same names regions' certificates carry.
+pub fn jurisdiction_of_country(country: &str) -> Option<String> {
+    let c = country.trim().to_ascii_uppercase();
+    if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    Some(if EU.contains(&c.as_str()) { "eu".into() } else { c.to_ascii_lowercase() })
 }

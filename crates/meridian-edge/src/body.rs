@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
-use meridian_http::{BoxError, Body};
+use meridian_http::{Body, BoxError};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};

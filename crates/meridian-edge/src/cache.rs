@@ -215,12 +215,7 @@ impl Object {
 
     /// The same object confirmed by a 304: the 304's headers replace the
     /// stored ones (except those describing the body), freshness restarts.
-    pub fn revalidated(
-        &self,
-        req: &Lookup<'_>,
-        not_modified: &HeaderMap,
-        now: SystemTime,
-    ) -> Option<Object> {
+    pub fn revalidated(&self, req: &Lookup<'_>, not_modified: &HeaderMap, now: SystemTime) -> Option<Object> {
         let mut headers = self.headers.clone();
         for (k, v) in not_modified {
             if !is_hop_by_hop(k)
@@ -246,7 +241,8 @@ impl Object {
     /// Whether a 304 from the region confirms this object (its strong
     /// validator, or its `Last-Modified` when it has no `ETag`).
     pub fn confirmed_by(&self, not_modified: &HeaderMap) -> bool {
-        let get = |h: &HeaderMap, n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).map(String::from);
+        let get =
+            |h: &HeaderMap, n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim).map(String::from);
         match (get(&self.headers, header::ETAG), get(not_modified, header::ETAG)) {
             (Some(old), Some(new)) => old.trim_start_matches("W/") == new.trim_start_matches("W/"),
             (Some(_), None) => true,
@@ -297,6 +293,25 @@ impl Object {
         let mut h = self.headers.clone();
         h.insert(header::AGE, HeaderValue::from(self.policy.age(now).as_secs()));
         h
+    }
+
+    fn shallow_clone(&self) -> Object {
+        Object {
+            policy: self.policy.clone(),
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            tags: self.tags.clone(),
+            vary_key: self.vary_key.clone(),
+            fresh_until: self.fresh_until,
+            stale_while_revalidate: self.stale_while_revalidate,
+            stale_if_error: self.stale_if_error,
+        }
+    }
+
+    /// A stored header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     pub fn has_tag(&self, tag: &str) -> bool {
@@ -418,13 +433,25 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The primary key of a request: its host and path with query.
+/// The primary key of a request: its host and path with query. Requests a
+/// residency rule pins to jurisdiction `j` (only its regions' answers) use
+/// `pinned_key`.
 pub fn key(host: &str, path_and_query: &str) -> Box<str> {
     let mut k = String::with_capacity(host.len() + path_and_query.len() + 1);
     k.push_str(host);
     k.push(' ');
     k.push_str(path_and_query);
     k.into()
+}
+
+pub fn pinned_key(host: &str, jurisdiction: &str, path_and_query: &str) -> Box<str> {
+    key(&format!("{host}@{jurisdiction}"), path_and_query)
+}
+
+/// The host and path of a key.
+fn split_key(k: &str) -> Option<(&str, &str)> {
+    let (host, path) = k.split_once(' ')?;
+    Some((host.split_once('@').map_or(host, |(h, _)| h), path))
 }
 
 pub use meridian_core::wire::Purge;
@@ -466,6 +493,9 @@ pub struct Cache {
     objects: moka::sync::Cache<Box<str>, Variants>,
     /// Keys being filled now, and the signal that the fill ended.
     inflight: Mutex<HashMap<Box<str>, watch::Receiver<bool>>>,
+    /// Hosts not cached for now (rollouts under way), until when.
+    paused: std::sync::RwLock<Vec<(Purge, std::time::Instant)>>,
+    any_paused: std::sync::atomic::AtomicBool,
     counters: Counters,
 }
 
@@ -516,12 +546,17 @@ impl Cache {
     pub fn new(config: CacheConfig) -> Arc<Cache> {
         let objects = moka::sync::Cache::builder()
             .max_capacity(config.memory_mb << 20)
-            .weigher(|_k: &Box<str>, v: &Variants| {
-                v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b))
-            })
+            .weigher(|_k: &Box<str>, v: &Variants| v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b)))
             .expire_after(Expiry)
             .build();
-        Arc::new(Cache { config, objects, inflight: Mutex::new(HashMap::new()), counters: Counters::default() })
+        Arc::new(Cache {
+            config,
+            objects,
+            inflight: Mutex::new(HashMap::new()),
+            paused: Default::default(),
+            any_paused: Default::default(),
+            counters: Counters::default(),
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -571,6 +606,65 @@ impl Cache {
         self.objects.invalidate(key);
     }
 
+    /// Stops (`Some(n > 0)`: for n ms) or restarts (`Some(0)`) caching the
+    /// hosts `p` names.
+    pub fn pause(&self, p: &Purge) {
+        let Some(ms) = p.pause_ms else { return };
+        let scope = |x: &Purge| (x.hosts.clone(), x.any_host_but.clone());
+        let mut paused = self.paused.write().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        paused.retain(|(q, until)| *until > now && scope(q) != scope(p));
+        if ms > 0 {
+            paused.push((
+                Purge { hosts: p.hosts.clone(), any_host_but: p.any_host_but.clone(), ..Default::default() },
+                now + Duration::from_millis(ms),
+            ));
+        }
+        self.any_paused.store(!paused.is_empty(), Relaxed);
+    }
+
+    /// Is caching of `host` paused?
+    pub fn paused(&self, host: &str) -> bool {
+        if !self.any_paused.load(Relaxed) {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        self.paused
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(p, until)| *until > now && p.covers_host(host))
+    }
+
+    /// Labels the objects of `p`'s hosts that carry `x-meridian-version:
+    /// from` with `to` (a rollout ended and purged what it changed: the
+    /// rest is the same in both versions). Returns how many.
+    pub fn relabel(&self, p: &Purge) -> u64 {
+        let Some(r) = &p.relabel else { return 0 };
+        let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
+        let mut n = 0;
+        for (k, variants) in self.objects.iter() {
+            let Some((host, _)) = split_key(&k) else { continue };
+            if !p.covers_host(host) || !variants.iter().any(|o| o.headers.get("x-meridian-version") == Some(&from)) {
+                continue;
+            }
+            let list: Vec<Arc<Object>> = variants
+                .iter()
+                .map(|o| {
+                    if o.headers.get("x-meridian-version") != Some(&from) {
+                        return o.clone();
+                    }
+                    n += 1;
+                    let mut headers = o.headers.clone();
+                    headers.insert("x-meridian-version", to.clone());
+                    Arc::new(Object { headers, ..o.shallow_clone() })
+                })
+                .collect();
+            self.objects.insert((*k).clone(), list.into());
+        }
+        n
+    }
+
     /// Removes what `p` names; returns how many objects went.
     pub fn purge(&self, p: &Purge) -> u64 {
         let mut removed = 0u64;
@@ -587,7 +681,7 @@ impl Cache {
                 .objects
                 .iter()
                 .filter(|(k, v)| {
-                    let Some((host, path)) = k.split_once(' ') else { return false };
+                    let Some((host, path)) = split_key(&k) else { return false };
                     p.covers_host(host)
                         && (p.all
                             || p.paths.iter().any(|x| x == path)
@@ -715,39 +809,136 @@ mod tests {
         let in_30 = http_date(at(30));
         type Row<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, Vec<(&'a str, String)>, bool, Vec<(u64, Seen)>);
         let rows: Vec<Row> = vec![
-            ("max-age", vec![], 200, vec![("cache-control", "max-age=10".into())], true, vec![(0, Seen::Fresh), (9, Seen::Fresh), (11, Seen::Miss)]),
-            ("s-maxage wins over max-age in a shared cache", vec![], 200,
-                vec![("cache-control", "max-age=100, s-maxage=5".into())], true, vec![(4, Seen::Fresh), (6, Seen::Miss)]),
-            ("Expires", vec![], 200, vec![("expires", in_30.clone()), ("date", http_date(t0))], true,
-                vec![(20, Seen::Fresh), (40, Seen::Miss)]),
-            ("max-age wins over Expires", vec![], 200,
-                vec![("cache-control", "max-age=5".into()), ("expires", in_30.clone())], true, vec![(6, Seen::Miss)]),
-            ("an Expires in the past is stale at once", vec![], 200, vec![("expires", past.clone()), ("etag", "\"a\"".into())],
-                true, vec![(0, Seen::Stale)]),
-            ("CDN-Cache-Control replaces Cache-Control here", vec![], 200,
-                vec![("cache-control", "no-store".into()), ("cdn-cache-control", "max-age=20".into())], true,
-                vec![(10, Seen::Fresh), (21, Seen::Miss)]),
-            ("no-store", vec![], 200, vec![("cache-control", "no-store, max-age=60".into())], false, vec![(0, Seen::Miss)]),
-            ("private is not for a shared cache", vec![], 200, vec![("cache-control", "private, max-age=60".into())], false,
-                vec![(0, Seen::Miss)]),
-            ("a request with Authorization is not stored", vec![("authorization", "Bearer x")], 200,
-                vec![("cache-control", "max-age=60".into())], false, vec![]),
-            ("unless the answer says public", vec![("authorization", "Bearer x")], 200,
-                vec![("cache-control", "public, max-age=60".into())], true, vec![(1, Seen::Fresh)]),
-            ("Set-Cookie is never stored", vec![], 200,
-                vec![("cache-control", "public, max-age=60".into()), ("set-cookie", "a=b".into())], false, vec![]),
+            (
+                "max-age",
+                vec![],
+                200,
+                vec![("cache-control", "max-age=10".into())],
+                true,
+                vec![(0, Seen::Fresh), (9, Seen::Fresh), (11, Seen::Miss)],
+            ),
+            (
+                "s-maxage wins over max-age in a shared cache",
+                vec![],
+                200,
+                vec![("cache-control", "max-age=100, s-maxage=5".into())],
+                true,
+                vec![(4, Seen::Fresh), (6, Seen::Miss)],
+            ),
+            (
+                "Expires",
+                vec![],
+                200,
+                vec![("expires", in_30.clone()), ("date", http_date(t0))],
+                true,
+                vec![(20, Seen::Fresh), (40, Seen::Miss)],
+            ),
+            (
+                "max-age wins over Expires",
+                vec![],
+                200,
+                vec![("cache-control", "max-age=5".into()), ("expires", in_30.clone())],
+                true,
+                vec![(6, Seen::Miss)],
+            ),
+            (
+                "an Expires in the past is stale at once",
+                vec![],
+                200,
+                vec![("expires", past.clone()), ("etag", "\"a\"".into())],
+                true,
+                vec![(0, Seen::Stale)],
+            ),
+            (
+                "CDN-Cache-Control replaces Cache-Control here",
+                vec![],
+                200,
+                vec![("cache-control", "no-store".into()), ("cdn-cache-control", "max-age=20".into())],
+                true,
+                vec![(10, Seen::Fresh), (21, Seen::Miss)],
+            ),
+            (
+                "no-store",
+                vec![],
+                200,
+                vec![("cache-control", "no-store, max-age=60".into())],
+                false,
+                vec![(0, Seen::Miss)],
+            ),
+            (
+                "private is not for a shared cache",
+                vec![],
+                200,
+                vec![("cache-control", "private, max-age=60".into())],
+                false,
+                vec![(0, Seen::Miss)],
+            ),
+            (
+                "a request with Authorization is not stored",
+                vec![("authorization", "Bearer x")],
+                200,
+                vec![("cache-control", "max-age=60".into())],
+                false,
+                vec![],
+            ),
+            (
+                "unless the answer says public",
+                vec![("authorization", "Bearer x")],
+                200,
+                vec![("cache-control", "public, max-age=60".into())],
+                true,
+                vec![(1, Seen::Fresh)],
+            ),
+            (
+                "Set-Cookie is never stored",
+                vec![],
+                200,
+                vec![("cache-control", "public, max-age=60".into()), ("set-cookie", "a=b".into())],
+                false,
+                vec![],
+            ),
             ("no freshness and no validator: useless, not stored", vec![], 200, vec![], false, vec![]),
-            ("no-cache with a validator: stored, always revalidated", vec![], 200,
-                vec![("cache-control", "no-cache".into()), ("etag", "\"v1\"".into())], true, vec![(0, Seen::Stale)]),
-            ("heuristic freshness from Last-Modified (10 % of its age)", vec![], 200,
-                vec![("last-modified", http_date(t0 - Duration::from_secs(1000))), ("date", http_date(t0))], true,
-                vec![(50, Seen::Fresh), (150, Seen::Stale)]),
-            ("404 with max-age is stored", vec![], 404, vec![("cache-control", "max-age=10".into())], true, vec![(5, Seen::Fresh)]),
+            (
+                "no-cache with a validator: stored, always revalidated",
+                vec![],
+                200,
+                vec![("cache-control", "no-cache".into()), ("etag", "\"v1\"".into())],
+                true,
+                vec![(0, Seen::Stale)],
+            ),
+            (
+                "heuristic freshness from Last-Modified (10 % of its age)",
+                vec![],
+                200,
+                vec![("last-modified", http_date(t0 - Duration::from_secs(1000))), ("date", http_date(t0))],
+                true,
+                vec![(50, Seen::Fresh), (150, Seen::Stale)],
+            ),
+            (
+                "404 with max-age is stored",
+                vec![],
+                404,
+                vec![("cache-control", "max-age=10".into())],
+                true,
+                vec![(5, Seen::Fresh)],
+            ),
             ("206 is not understood", vec![], 206, vec![("cache-control", "max-age=10".into())], false, vec![]),
-            ("Vary: * never matches, so it is not worth storing", vec![], 200,
-                vec![("cache-control", "max-age=10".into()), ("vary", "*".into())], false, vec![(0, Seen::Miss)]),
-            ("a client's no-cache does not bypass the edge", vec![("cache-control", "no-cache"), ("pragma", "no-cache")], 200,
-                vec![("cache-control", "max-age=10".into())], true, vec![(1, Seen::Fresh)]),
+            (
+                "Vary: * never matches, so it is not worth storing",
+                vec![],
+                200,
+                vec![("cache-control", "max-age=10".into()), ("vary", "*".into())],
+                false,
+                vec![(0, Seen::Miss)],
+            ),
+            (
+                "a client's no-cache does not bypass the edge",
+                vec![("cache-control", "no-cache"), ("pragma", "no-cache")],
+                200,
+                vec![("cache-control", "max-age=10".into())],
+                true,
+                vec![(1, Seen::Fresh)],
+            ),
         ];
         for (name, req, status, resp, storable, checks) in rows {
             let cache = Cache::new(CacheConfig::default());
@@ -831,7 +1022,9 @@ mod tests {
         assert!(o.satisfies_conditional(&headers(&[("if-modified-since", &http_date(t0))])));
         assert!(!o.satisfies_conditional(&headers(&[("if-modified-since", &http_date(t0 - Duration::from_secs(200)))])));
         // If-None-Match decides when both are present.
-        assert!(!o.satisfies_conditional(&headers(&[("if-none-match", "\"v2\""), ("if-modified-since", &http_date(t0))])));
+        assert!(
+            !o.satisfies_conditional(&headers(&[("if-none-match", "\"v2\""), ("if-modified-since", &http_date(t0))]))
+        );
         assert!(!o.satisfies_conditional(&headers(&[])));
     }
 
@@ -850,7 +1043,9 @@ mod tests {
         assert!(!o.serve_while_revalidating(at(35)));
         assert!(o.serve_on_error(at(105)));
         assert!(!o.serve_on_error(at(115)));
-        for cc in ["max-age=10, stale-if-error=100, must-revalidate", "max-age=10, stale-while-revalidate=100, no-cache"] {
+        for cc in
+            ["max-age=10, stale-if-error=100, must-revalidate", "max-age=10, stale-while-revalidate=100, no-cache"]
+        {
             let o = make(cc);
             assert!(!o.serve_on_error(at(11)), "{cc}");
             assert!(!o.serve_while_revalidating(at(11)), "{cc}");
@@ -896,9 +1091,51 @@ mod tests {
         assert_eq!(cache.purge(&only_a(|p| p.tags = vec!["api".into()])), 1);
         assert_eq!(cache.purge(&only_a(|p| p.all = true)), 0);
         // b.example kept everything.
-        assert_eq!(cache.purge(&Purge { hosts: vec!["b.example".into()], tags: vec!["img".into()], ..Default::default() }), 2);
+        assert_eq!(
+            cache.purge(&Purge { hosts: vec!["b.example".into()], tags: vec!["img".into()], ..Default::default() }),
+            2
+        );
         assert_eq!(cache.purge(&Purge { hosts: vec!["b.example".into()], all: true, ..Default::default() }), 2);
         assert_eq!(cache.stats().purged, 8);
+    }
+
+    #[test]
+    fn pinned_objects_are_purged_with_their_host_and_a_rollouts_end_relabels_what_stayed() {
+        let t0 = SystemTime::now();
+        let cache = Cache::new(CacheConfig::default());
+        let rh = headers(&[]);
+        for (k, version) in [(key(HOST, "/a"), "v1"), (pinned_key(HOST, "eu", "/a"), "v1"), (key(HOST, "/b"), "v0")] {
+            let resp = headers(&[("cache-control", "max-age=60"), ("x-meridian-version", version)]);
+            let o = Object::new(&lookup("/a", &rh), StatusCode::OK, &resp, Bytes::new(), t0).unwrap();
+            cache.store(k, Arc::new(o));
+        }
+        let relabel = Purge {
+            hosts: vec![HOST.into()],
+            relabel: Some(meridian_core::wire::Relabel { from: "v1".into(), to: "v2".into() }),
+            ..Default::default()
+        };
+        assert_eq!(cache.relabel(&relabel), 2);
+        let a = cache.objects.get(&*pinned_key(HOST, "eu", "/a")).unwrap();
+        assert_eq!(a[0].header("x-meridian-version"), Some("v2"));
+        assert_eq!(cache.objects.get(&*key(HOST, "/b")).unwrap()[0].header("x-meridian-version"), Some("v0"));
+        let all = Purge { hosts: vec![HOST.into()], all: true, ..Default::default() };
+        assert_eq!(cache.purge(&all), 3);
+    }
+
+    #[test]
+    fn a_paused_host_is_not_cached_until_resumed_or_the_pause_ends() {
+        let cache = Cache::new(CacheConfig::default());
+        assert!(!cache.paused(HOST));
+        let mut p = Purge { hosts: vec![HOST.into()], pause_ms: Some(60_000), ..Default::default() };
+        cache.pause(&p);
+        assert!(cache.paused(HOST) && !cache.paused("other.example"));
+        p.pause_ms = Some(0);
+        cache.pause(&p);
+        assert!(!cache.paused(HOST));
+        p.pause_ms = Some(1);
+        cache.pause(&p);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!cache.paused(HOST), "expired");
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ pub mod body;
 pub mod cache;
 pub mod health;
 pub mod limits;
+pub mod routing;
 pub mod select;
 
 use meridian_http::pool;
@@ -42,7 +43,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meridian_core::{geo::country_centroid, headers, GeoPoint};
 use meridian_http::{full, json, text, Body};
-use select::{rank, Candidate, Policy};
+use select::{Candidate, Policy};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,10 @@ pub struct EdgeConfig {
     pub tls: TlsFiles,
     /// Where the edge is; clients that cannot be located are assumed near it.
     pub location: GeoPoint,
+    /// The jurisdiction the edge is in: answers pinned to a jurisdiction
+    /// (residency rules, pinned data) are cached only by its edges.
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
     #[serde(default)]
     pub policy: Policy,
     /// Honour `x-meridian-client-geo` / `x-meridian-client-country` from
@@ -80,6 +85,11 @@ pub struct EdgeConfig {
     /// Time allowed for one region to produce a response head.
     #[serde(default = "default_upstream_timeout_ms")]
     pub upstream_timeout_ms: u64,
+    /// For idempotent requests, which are retried elsewhere: time allowed
+    /// for a region's response head before the next region is tried (a
+    /// black-holed region costs this, not `upstream_timeout_ms`).
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
     /// Largest request body buffered for replay on another region.
     #[serde(default = "default_max_body_kb")]
     pub max_body_kb: usize,
@@ -90,6 +100,9 @@ fn default_max_retries() -> u32 {
 }
 fn default_upstream_timeout_ms() -> u64 {
     30_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    5_000
 }
 fn default_max_body_kb() -> usize {
     8 * 1024
@@ -102,6 +115,9 @@ pub struct RegionTarget {
     /// The region's cluster port, e.g. `https://10.0.1.7:7401`.
     pub url: String,
     pub location: GeoPoint,
+    /// Its jurisdiction (as in its certificate), for residency rules.
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
 }
 
 struct Upstream {
@@ -123,6 +139,10 @@ pub struct Edge {
     edge_header: HeaderValue,
     /// Each app's rate, learned from the regions' health answers.
     limits: limits::AppLimits,
+    /// Each app's routing, learned the same way.
+    routes: routing::Routes,
+    names: Vec<String>,
+    jurisdictions: Vec<Option<String>>,
     pub cache: Arc<Cache>,
 }
 
@@ -203,7 +223,20 @@ impl Edge {
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
         let cache = Cache::new(config.cache.clone());
-        Ok(Arc::new(Edge { config, tls, upstreams, geoip, edge_header, limits: Default::default(), cache }))
+        let names = config.regions.iter().map(|r| r.name.clone()).collect();
+        let jurisdictions = config.regions.iter().map(|r| r.jurisdiction.clone()).collect();
+        Ok(Arc::new(Edge {
+            config,
+            tls,
+            upstreams,
+            geoip,
+            edge_header,
+            limits: Default::default(),
+            routes: Default::default(),
+            names,
+            jurisdictions,
+            cache,
+        }))
     }
 
     /// Probes every region forever at the configured interval.
@@ -238,9 +271,12 @@ impl Edge {
                     struct Health {
                         #[serde(default)]
                         limits: Vec<meridian_core::wire::AppLimit>,
+                        #[serde(default)]
+                        routing: Vec<meridian_core::wire::AppRouting>,
                     }
                     if let Ok(h) = serde_json::from_slice::<Health>(&body.to_bytes()) {
                         self.limits.update(h.limits);
+                        self.routes.update(h.routing, &self.names);
                     }
                 }
                 ok
@@ -261,34 +297,47 @@ impl Edge {
 
     /// Where the client is: trusted headers, then GeoIP, then this edge.
     pub fn locate<B>(&self, req: &Request<B>, peer: IpAddr) -> Located {
+        self.locate_with_country(req, peer).0
+    }
+
+    /// Where the client is, and its country when known.
+    pub fn locate_with_country<B>(&self, req: &Request<B>, peer: IpAddr) -> (Located, Option<String>) {
+        let mut country = None;
         if self.config.trust_client_geo_headers {
             let hv = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+            country = hv(headers::CLIENT_COUNTRY).map(|c| c.trim().to_ascii_uppercase());
             if let Some(p) = hv(headers::CLIENT_GEO).and_then(|v| v.parse::<GeoPoint>().ok()) {
-                return Located::Header(p);
+                return (Located::Header(p), country);
             }
-            if let Some(p) = hv(headers::CLIENT_COUNTRY).and_then(country_centroid) {
-                return Located::Country(p);
+            if let Some(p) = country.as_deref().and_then(country_centroid) {
+                return (Located::Country(p), country);
             }
         }
         if let Some(db) = &self.geoip {
             if let Ok(Some(city)) = db.lookup::<maxminddb::geoip2::City>(peer) {
+                let iso = city.country.as_ref().and_then(|c| c.iso_code);
+                if country.is_none() {
+                    country = iso.map(String::from);
+                }
                 let loc = city.location.as_ref().and_then(|l| Some(GeoPoint { lat: l.latitude?, lon: l.longitude? }));
                 if let Some(p) = loc {
-                    return Located::GeoIp(p);
+                    return (Located::GeoIp(p), country);
                 }
-                if let Some(p) = city.country.as_ref().and_then(|c| c.iso_code).and_then(country_centroid) {
-                    return Located::GeoIp(p);
+                if let Some(p) = iso.and_then(country_centroid) {
+                    return (Located::GeoIp(p), country);
                 }
             }
         }
-        Located::Edge(self.config.location)
+        (Located::Edge(self.config.location), country)
     }
 
-    /// Region indices to try, best first.
-    fn plan(&self, client: GeoPoint) -> Vec<usize> {
+    /// The regions to try for a request, best first.
+    fn plan(&self, app: Option<&routing::AppRoute>, client: &routing::Client<'_>) -> routing::Plan {
         let cands: Vec<Candidate> =
             self.upstreams.iter().map(|u| Candidate::at(u.unit, &u.health.lock().unwrap())).collect();
-        rank(self.config.policy, client, &cands)
+        let regions = routing::Regions { candidates: &cands, names: &self.names, jurisdictions: &self.jurisdictions };
+        let random = if app.is_some() { rand::random::<f64>() } else { 0.0 };
+        routing::plan(self.config.policy, app, client, &regions, random)
     }
 
     /// The cluster port: the edge's status, for the control plane and
@@ -308,9 +357,13 @@ impl Edge {
                     Err(e) => return e.into_response(),
                 };
                 return match serde_json::from_slice::<cache::Purge>(&body) {
-                    Ok(p) if p.hosts.is_empty() => text(StatusCode::BAD_REQUEST, "a purge names the hosts it applies to"),
+                    Ok(p) if p.hosts.is_empty() && p.any_host_but.is_none() => {
+                        text(StatusCode::BAD_REQUEST, "a purge names the hosts it applies to")
+                    }
                     Ok(p) => {
-                        let removed = self.cache.purge(&p);
+                        let removed = if p.is_empty() { 0 } else { self.cache.purge(&p) };
+                        self.cache.relabel(&p);
+                        self.cache.pause(&p);
                         tracing::info!(hosts = ?p.hosts, removed, "purged");
                         json(StatusCode::OK, &serde_json::json!({ "edge": self.config.name, "removed": removed }))
                     }
@@ -343,12 +396,35 @@ impl Edge {
             r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return self.finish(r, 0);
         }
-        let client = self.locate(&req, peer.ip());
-        let order = self.plan(client.point());
+        let (located, country) = self.locate_with_country(&req, peer.ip());
+        let app = self.routes.for_host(host.as_deref());
+        let affinity = app.as_ref().filter(|a| a.affinity).and_then(|_| affinity_cookie(req.headers()));
+        let client =
+            routing::Client { point: located.point(), country: country.as_deref(), affinity: affinity.as_deref() };
+        let plan = self.plan(app.as_deref(), &client);
+        let sticky = app.as_ref().is_some_and(|a| a.affinity).then_some(affinity);
+        if plan.order.is_empty() {
+            let j = plan.pinned.as_deref().unwrap_or("?");
+            let msg = format!(
+                "no region of jurisdiction {j} is known to this edge, and this app's residency rule serves clients \
+                 in {j} only from regions of {j}"
+            );
+            return self.finish(text(StatusCode::SERVICE_UNAVAILABLE, msg), 0);
+        }
         let (mut parts, body) = req.into_parts();
+        // A pinned request is cached only at an edge of its jurisdiction,
+        // and apart from everyone else's (only its regions' answers).
+        let cache_here = plan.pinned.is_none() || plan.pinned == self.config.jurisdiction;
         let host = match host {
-            Some(h) if self.cache.enabled() && cacheable_request(&parts, &body) => h,
-            _ => return self.pass(parts, body, host, &order, peer.ip()).await,
+            Some(h)
+                if self.cache.enabled() && cache_here && cacheable_request(&parts, &body) && !self.cache.paused(&h) =>
+            {
+                h
+            }
+            _ => {
+                let resp = self.pass(parts, body, host, &plan, peer.ip()).await;
+                return with_affinity(resp, sticky);
+            }
         };
         // The client's own directives and conditionals are the edge's to
         // answer, not the regions' (see `cache`).
@@ -365,15 +441,22 @@ impl Edge {
                 parts.headers.insert(header::HOST, v);
             }
         }
+        let version = cookie(&parts.headers, headers::VERSION_COOKIE);
         let req = CacheRequest {
-            path_and_query: parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").into(),
+            path_and_query: pq_of(&parts.uri).into(),
             head: parts.method == Method::HEAD,
             headers: parts.headers,
             conditional,
             peer: peer.ip(),
-            order,
+            version,
+            key: match &plan.pinned {
+                None => cache::key(&host, pq_of(&parts.uri)),
+                Some(j) => cache::pinned_key(&host, j, pq_of(&parts.uri)),
+            },
+            plan,
         };
-        self.cached(Arc::new(req), &host).await
+        let resp = self.cached(Arc::new(req)).await;
+        with_affinity(resp, sticky)
     }
 
     /// A request the cache has nothing to do with (a method other than GET
@@ -384,7 +467,7 @@ impl Edge {
         parts: http::request::Parts,
         body: Incoming,
         host: Option<String>,
-        order: &[usize],
+        plan: &routing::Plan,
         peer: IpAddr,
     ) -> Response<Body> {
         // Buffered so it can be replayed on another region.
@@ -396,7 +479,7 @@ impl Edge {
                 Err(e) => return self.finish(e.into_response(), 0),
             }
         };
-        let (mut resp, attempts) = self.forward(&parts.method, &parts.uri, &parts.headers, body, order, peer).await;
+        let (mut resp, attempts) = self.forward(&parts.method, &parts.uri, &parts.headers, body, plan, peer).await;
         let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         if let Some(host) = host.filter(|_| unsafe_method && self.cache.enabled()) {
             if resp.status().is_success() || resp.status().is_redirection() {
@@ -412,10 +495,22 @@ impl Edge {
     }
 
     /// A GET or HEAD through the cache.
-    async fn cached(self: &Arc<Self>, req: Arc<CacheRequest>, host: &str) -> Response<Body> {
-        let key = cache::key(host, &req.path_and_query);
+    async fn cached(self: &Arc<Self>, req: Arc<CacheRequest>) -> Response<Body> {
+        let key = req.key.clone();
         let now = SystemTime::now();
-        let stale = match self.cache.lookup(&key, &req.lookup(), now) {
+        let found = match self.cache.lookup(&key, &req.lookup(), now) {
+            // A client a rollout pinned to one version gets only that
+            // version's answers.
+            Found::Fresh(o) | Found::Stale(o) if !req.version_matches(&o) => {
+                let (mut resp, attempts) =
+                    self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
+                self.cache.record(Outcome::Bypass, 0);
+                resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
+                return self.finish(resp, attempts);
+            }
+            found => found,
+        };
+        let stale = match found {
             Found::Fresh(o) => return self.from_cache(&o, Outcome::Hit, &req, now, 0),
             Found::Stale(o) if o.serve_while_revalidating(now) => {
                 // Served now; one refresh in the background.
@@ -434,7 +529,7 @@ impl Edge {
         // Only GET bodies are stored: a HEAD that finds nothing passes.
         if req.head && stale.is_none() {
             let (mut resp, attempts) =
-                self.forward(&Method::HEAD, &req.uri(), &req.headers, Bytes::new(), &req.order, req.peer).await;
+                self.forward(&Method::HEAD, &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
             self.cache.record(Outcome::Bypass, 0);
             resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
             return self.finish(resp, attempts);
@@ -451,7 +546,8 @@ impl Edge {
                 match task.await {
                     Ok(f) => f,
                     Err(e) => {
-                        return self.finish(text(StatusCode::INTERNAL_SERVER_ERROR, format!("cache fill failed: {e}")), 0)
+                        return self
+                            .finish(text(StatusCode::INTERNAL_SERVER_ERROR, format!("cache fill failed: {e}")), 0)
                     }
                 }
             }
@@ -492,7 +588,7 @@ impl Edge {
         }
         let uri = req.uri();
         let (mut resp, mut attempts) =
-            self.forward(&Method::GET, &uri, &headers, Bytes::new(), &req.order, req.peer).await;
+            self.forward(&Method::GET, &uri, &headers, Bytes::new(), &req.plan, req.peer).await;
         let now = SystemTime::now();
         if resp.status() == StatusCode::NOT_MODIFIED {
             if let Some(old) = stale.as_ref().filter(|o| o.confirmed_by(resp.headers())) {
@@ -510,7 +606,7 @@ impl Edge {
                 return Filled::Object { object, outcome: Outcome::Revalidated, attempts };
             }
             // A 304 for something else: fetch it whole.
-            let (r, a) = self.forward(&Method::GET, &uri, &req.headers, Bytes::new(), &req.order, req.peer).await;
+            let (r, a) = self.forward(&Method::GET, &uri, &req.headers, Bytes::new(), &req.plan, req.peer).await;
             (resp, attempts) = (r, attempts + a);
         }
         if resp.status().is_server_error() {
@@ -528,6 +624,19 @@ impl Edge {
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > max) {
             return Filled::Passed { resp, attempts };
+        }
+        // A client pinned to a version by a rollout fills nobody's cache:
+        // everyone else would get its version.
+        if req.version.is_some() {
+            return Filled::Passed { resp, attempts };
+        }
+        // An answer holding pinned data is stored only by edges of its
+        // jurisdiction.
+        if let Some(j) = resp.headers().get(headers::RESIDENCY).and_then(|v| v.to_str().ok()) {
+            let mine = self.config.jurisdiction.as_deref();
+            if !j.split(',').all(|j| Some(j.trim()) == mine) {
+                return Filled::Passed { resp, attempts };
+            }
         }
         let (parts, body) = resp.into_parts();
         match body::buffer_upto(body, max).await {
@@ -579,9 +688,10 @@ impl Edge {
         uri: &Uri,
         headers: &HeaderMap,
         body: Bytes,
-        order: &[usize],
+        plan: &routing::Plan,
         peer: IpAddr,
     ) -> (Response<Body>, usize) {
+        let order = &plan.order;
         let idempotent = matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -592,7 +702,13 @@ impl Edge {
             let u = &self.upstreams[i];
             let last = n + 1 == attempts;
             let req = self.upstream_request(method, uri, headers, body.clone(), &u.host, peer);
-            let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
+            // An idempotent request waits for a head only so long before
+            // the next region is tried; others wait the full timeout.
+            let timeout = Duration::from_millis(if idempotent && !last {
+                self.config.first_byte_timeout_ms.min(self.config.upstream_timeout_ms)
+            } else {
+                self.config.upstream_timeout_ms
+            });
             match tokio::time::timeout(timeout, u.pool.send(req)).await {
                 Ok(Ok(resp)) => {
                     let platform_error =
@@ -630,6 +746,13 @@ impl Edge {
                     }
                 }
             }
+        }
+        if let Some(j) = &plan.pinned {
+            let msg = format!(
+                "no region of jurisdiction {j} could serve the request, and this app's residency rule serves \
+                 clients in {j} only from regions of {j} (last error: {last_error})"
+            );
+            return (text(StatusCode::SERVICE_UNAVAILABLE, msg), attempts);
         }
         let msg = format!("no region could serve the request (last error: {last_error})");
         (text(StatusCode::BAD_GATEWAY, msg), attempts)
@@ -676,7 +799,7 @@ impl Edge {
 
     fn finish(&self, mut resp: Response<Body>, attempts: usize) -> Response<Body> {
         let h = resp.headers_mut();
-        for k in HOP_BY_HOP.iter().chain(&["surrogate-key", "cache-tag"]) {
+        for k in HOP_BY_HOP.iter().chain(&["surrogate-key", "cache-tag", headers::RESIDENCY]) {
             h.remove(*k);
         }
         h.insert(headers::EDGE, self.edge_header.clone());
@@ -723,7 +846,11 @@ struct CacheRequest {
     /// edge.
     conditional: HeaderMap,
     peer: IpAddr,
-    order: Vec<usize>,
+    /// The version a rollout pinned the client to (its cookie).
+    version: Option<String>,
+    /// The cache key: host and path, apart per residency jurisdiction.
+    key: Box<str>,
+    plan: routing::Plan,
 }
 
 impl CacheRequest {
@@ -734,6 +861,55 @@ impl CacheRequest {
     fn uri(&self) -> Uri {
         self.path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"))
     }
+
+    fn method(&self) -> Method {
+        if self.head {
+            Method::HEAD
+        } else {
+            Method::GET
+        }
+    }
+
+    /// Is `o` of the version the client is pinned to (if it is)?
+    fn version_matches(&self, o: &cache::Object) -> bool {
+        let Some(v) = &self.version else { return true };
+        o.header(headers::VERSION).is_some_and(|have| have == v.as_str())
+    }
+}
+
+fn pq_of(uri: &Uri) -> &str {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// The value of cookie `name`.
+fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('=').map(str::to_string))
+}
+
+/// The region the client's affinity cookie names.
+fn affinity_cookie(h: &HeaderMap) -> Option<String> {
+    cookie(h, headers::AFFINITY_COOKIE)
+}
+
+/// With affinity on (`sticky` is the cookie the client sent, if any), a
+/// client served by another region than its cookie names is told to stay
+/// with the one that served it.
+fn with_affinity(mut resp: Response<Body>, sticky: Option<Option<String>>) -> Response<Body> {
+    let Some(had) = sticky else { return resp };
+    let Some(region) = resp.headers().get(headers::REGION).and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return resp;
+    };
+    if had.as_deref() != Some(region.as_str()) {
+        let cookie = format!("{}={region}; Path=/; Max-Age=86400; SameSite=Lax; HttpOnly", headers::AFFINITY_COOKIE);
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 /// May this request go through the cache? GET and HEAD without a body,
@@ -746,6 +922,7 @@ fn cacheable_request(parts: &http::request::Parts, body: &Incoming) -> bool {
         && !parts.headers.contains_key(header::IF_UNMODIFIED_SINCE)
         && !parts.headers.contains_key(header::IF_RANGE)
         && !parts.headers.contains_key(header::UPGRADE)
+        && !parts.headers.contains_key(headers::VERSION_OVERRIDE)
 }
 
 const HOP_BY_HOP: &[&str] =

@@ -112,6 +112,9 @@ pub struct Manifest {
     /// takes any user traffic (`[[smoke]]`).
     #[serde(default)]
     pub smoke: Vec<SmokeTest>,
+    /// How edges choose a region for this app (`[routing]`).
+    #[serde(default)]
+    pub routing: meridian_core::wire::Routing,
 }
 
 /// A rollout plan: waves of regions, traffic steps within each region,
@@ -430,6 +433,118 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
+    fn routing(&mut self, t: &dyn TableLike) -> meridian_core::wire::Routing {
+        use meridian_core::wire::{CountryRule, ResidencyRule, Routing, RoutingPolicy};
+        self.only_keys(t, "routing", &["policy", "weights", "order", "affinity", "countries", "residency"]);
+        let mut r = Routing::default();
+        if let Some(p) = self.string(t, "routing", "policy") {
+            r.policy = match p.as_str() {
+                "geo" => RoutingPolicy::Geo,
+                "latency" => RoutingPolicy::Latency,
+                "weighted" => RoutingPolicy::Weighted,
+                "failover" => RoutingPolicy::Failover,
+                other => {
+                    self.error(
+                        item_span(t, "policy"),
+                        "routing.policy",
+                        format!("{other:?}: expected geo, latency, weighted or failover"),
+                    );
+                    RoutingPolicy::Edge
+                }
+            };
+        }
+        if let Some(item) = t.get("weights") {
+            match as_table(item) {
+                None => self.error(item_span(t, "weights"), "routing.weights", "expected a table of region = percent"),
+                Some(w) => {
+                    for (region, _) in w.iter() {
+                        if !is_valid_name(region) {
+                            self.error(
+                                item_span(w, region),
+                                "routing.weights",
+                                format!("{region:?} is not a region name"),
+                            );
+                        }
+                        if let Some(n) = self.integer(w, "routing.weights", region, 0..101) {
+                            r.weights.insert(region.to_string(), n as u32);
+                        }
+                    }
+                    if r.weights.values().sum::<u32>() == 0 {
+                        self.error(item_span(t, "weights"), "routing.weights", "the weights add up to 0");
+                    }
+                }
+            }
+        }
+        if let Some(order) = self.string_list(t, "routing", "order") {
+            let mut seen = std::collections::BTreeSet::new();
+            for region in &order {
+                if !is_valid_name(region) || !seen.insert(region) {
+                    self.error(
+                        item_span(t, "order"),
+                        "routing.order",
+                        format!("{region:?}: not a region name, or twice"),
+                    );
+                }
+            }
+            r.order = order;
+        }
+        if let Some(item) = t.get("affinity") {
+            match item.as_bool() {
+                Some(b) => r.affinity = b,
+                None => self.error(item_span(t, "affinity"), "routing.affinity", "expected true or false"),
+            }
+        }
+        match (r.policy, r.weights.is_empty(), r.order.is_empty()) {
+            (RoutingPolicy::Weighted, true, _) => {
+                self.error(item_span(t, "policy"), "routing.weights", "policy \"weighted\" needs [routing.weights]")
+            }
+            (RoutingPolicy::Failover, _, true) => {
+                self.error(item_span(t, "policy"), "routing.order", "policy \"failover\" needs routing.order")
+            }
+            _ => {}
+        }
+        for (key, kind) in [("countries", 0), ("residency", 1)] {
+            let Some(item) = t.get(key) else { continue };
+            let Some(entries) = table_array(item) else {
+                self.error(item_span(t, key), &format!("routing.{key}"), "expected an array of tables");
+                continue;
+            };
+            for (i, (e, span)) in entries.into_iter().enumerate() {
+                let prefix = format!("routing.{key}[{i}]");
+                if kind == 0 {
+                    self.only_keys(e, &prefix, &["countries", "region"]);
+                    let countries = self.string_list(e, &prefix, "countries").unwrap_or_default();
+                    let region = self.string(e, &prefix, "region");
+                    let bad = countries.iter().find(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()));
+                    if let Some(bad) = bad {
+                        self.error(
+                            item_span(e, "countries"),
+                            &prefix,
+                            format!("{bad:?}: countries are ISO codes like \"FR\""),
+                        );
+                    }
+                    match region {
+                        Some(region) if is_valid_name(&region) && !countries.is_empty() => {
+                            r.countries.push(CountryRule { countries, region })
+                        }
+                        _ => self.error(span, &prefix, "needs countries = [\"FR\", ...] and a region name"),
+                    }
+                } else {
+                    self.only_keys(e, &prefix, &["clients", "regions"]);
+                    let clients = self.string(e, &prefix, "clients");
+                    let regions = self.string(e, &prefix, "regions");
+                    match (clients, regions) {
+                        (Some(clients), Some(regions)) if is_valid_name(&clients) && is_valid_name(&regions) => {
+                            r.residency.push(ResidencyRule { clients, regions })
+                        }
+                        _ => self.error(span, &prefix, "needs clients and regions: jurisdiction names such as \"eu\""),
+                    }
+                }
+            }
+        }
+        r
+    }
+
     fn rollout(&mut self, t: &dyn TableLike) -> Rollout {
         let d = Rollout::default();
         self.only_keys(
@@ -662,7 +777,7 @@ impl Manifest {
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        c.only_keys(root, "", &["app", "limits", "components", "routes", "kv", "rollout", "smoke"]);
+        c.only_keys(root, "", &["app", "limits", "components", "routes", "kv", "rollout", "smoke", "routing"]);
 
         let mut name = String::new();
         match root.get("app").map(|i| (as_table(i), i)) {
@@ -893,8 +1008,19 @@ impl Manifest {
             },
         };
 
+        let routing = match root.get("routing") {
+            None => Default::default(),
+            Some(item) => match as_table(item) {
+                None => {
+                    c.error(item_span(root, "routing"), "routing", "expected a table");
+                    Default::default()
+                }
+                Some(t) => c.routing(t),
+            },
+        };
+
         if c.errors.is_empty() {
-            Ok(Manifest { name, limits, traffic, components, routes, kv, rollout, smoke })
+            Ok(Manifest { name, limits, traffic, components, routes, kv, rollout, smoke, routing })
         } else {
             Err(ManifestErrors(c.errors))
         }

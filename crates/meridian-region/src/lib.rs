@@ -42,7 +42,7 @@ use meridian_manifest::RouteTarget;
 use meridian_trust::TlsFiles;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -482,17 +482,17 @@ impl Region {
                     statics::cache_headers(route, &mut resp, false);
                     return resp;
                 };
-                let kv = Arc::new(request_kv::RequestKv {
-                    token: Mutex::new(causality_token(&svc, &req)),
-                    svc,
-                    namespaces: version.namespaces.clone(),
-                });
+                let token = causality_token(&svc, &req);
+                let kv = Arc::new(request_kv::RequestKv::new(svc, version.namespaces.clone(), token));
                 let written = kv.token.lock().unwrap().len();
                 let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
                     resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                 }
                 statics::cache_headers(route, &mut resp, false);
+                if let Some(j) = kv.residency().and_then(|j| HeaderValue::from_str(&j).ok()) {
+                    resp.headers_mut().insert(headers::RESIDENCY, j);
+                }
                 // A response that followed writes carries their token (merged
                 // with the one the request brought), as a header and a cookie.
                 let token = kv.token.lock().unwrap().clone();
@@ -802,7 +802,28 @@ impl Region {
                 })
             })
             .collect();
-        let mut r = json(status, &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits}));
+        // ...and route each app as its manifest says.
+        let routing: Vec<meridian_core::wire::AppRouting> = apps
+            .by_name
+            .values()
+            .filter_map(|a| {
+                let routing = a.active()?.manifest.routing.clone();
+                if routing == Default::default() {
+                    return None;
+                }
+                let r = a.record.load();
+                Some(meridian_core::wire::AppRouting {
+                    app: a.name.clone(),
+                    hosts: r.hosts.clone(),
+                    default: r.default,
+                    routing,
+                })
+            })
+            .collect();
+        let mut r = json(
+            status,
+            &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits, "routing": routing}),
+        );
         r.headers_mut().insert(headers::REGION, self.region_header.clone());
         r
     }

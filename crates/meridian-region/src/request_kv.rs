@@ -14,6 +14,22 @@ pub struct RequestKv {
     pub svc: Arc<KvService>,
     pub namespaces: Namespaces,
     pub token: Mutex<Vec<TokenEntry>>,
+    /// Jurisdictions of the pinned namespaces this request opened: its
+    /// answer may hold their data, so edges elsewhere must not store it.
+    pub touched: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl RequestKv {
+    pub fn new(svc: Arc<KvService>, namespaces: Namespaces, token: Vec<TokenEntry>) -> RequestKv {
+        RequestKv { svc, namespaces, token: Mutex::new(token), touched: Mutex::default() }
+    }
+
+    /// The `x-meridian-residency` value of this request's answer, if it
+    /// read or wrote pinned data.
+    pub fn residency(&self) -> Option<String> {
+        let t = self.touched.lock().unwrap();
+        (!t.is_empty()).then(|| t.iter().cloned().collect::<Vec<_>>().join(","))
+    }
 }
 
 impl RequestKv {
@@ -29,7 +45,15 @@ impl RequestKv {
 #[async_trait::async_trait]
 impl KvBackend for RequestKv {
     fn open(&self, bucket: &str) -> KvResult<()> {
-        self.svc.placement(&self.namespaces, bucket).map(|_| ())
+        self.svc.placement(&self.namespaces, bucket)?;
+        if let Some(meridian_manifest::Namespace {
+            mode: meridian_manifest::KvMode::Regional { jurisdiction: Some(j), .. },
+            ..
+        }) = self.namespaces.get(bucket)
+        {
+            self.touched.lock().unwrap().insert(j.clone());
+        }
+        Ok(())
     }
 
     async fn get(&self, bucket: &str, key: &str) -> KvResult<Option<Vec<u8>>> {

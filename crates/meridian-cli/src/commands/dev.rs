@@ -426,6 +426,7 @@ async fn bring_up(
                 name: r.name.clone(),
                 url: format!("https://{}", link.listen),
                 location: r.location,
+                jurisdiction: Some(r.jurisdiction.clone()),
             });
             links.push(link);
         }
@@ -524,6 +525,7 @@ async fn bring_up(
             cluster_listen: plan.edge_cluster_addrs[i],
             tls: dev_tls(&plan.certs, &name),
             location: at.location,
+            jurisdiction: Some(at.jurisdiction.clone()),
             policy,
             trust_client_geo_headers: true,
             geoip_db: None,
@@ -532,6 +534,7 @@ async fn bring_up(
             cache: meridian_edge::cache::CacheConfig::default(),
             max_retries: 2,
             upstream_timeout_ms: 30_000,
+            first_byte_timeout_ms: 5_000,
             max_body_kb: 8 * 1024,
         };
         drop(plan.edge_cluster_holds[i].take());

@@ -39,8 +39,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let app = crate::commands::kv::app_or_default(&op, &url, a.app.as_deref()).await?;
     let body = serde_json::json!({ "paths": a.paths, "prefixes": a.prefixes, "tags": a.tags, "all": a.all });
     let path = format!("/v1/apps/{app}/purge");
-    let answer =
-        op.control_ok(&url, Method::POST, &path, Bytes::from(serde_json::to_vec(&body)?), Duration::from_secs(30)).await?;
+    let answer = op
+        .control_ok(&url, Method::POST, &path, Bytes::from(serde_json::to_vec(&body)?), Duration::from_secs(30))
+        .await?;
     let report: PurgeReport = serde_json::from_slice(&answer)?;
     if a.json {
         out!("{}", serde_json::to_string_pretty(&report)?);
@@ -49,7 +50,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let failed = report.failed();
     if !failed.is_empty() {
-        anyhow::bail!("{} of {} edges did not confirm the purge; it is safe to repeat", failed.len(), report.edges.len());
+        anyhow::bail!(
+            "{} of {} edges did not confirm the purge; it is safe to repeat",
+            failed.len(),
+            report.edges.len()
+        );
     }
     Ok(())
 }

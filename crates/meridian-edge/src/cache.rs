@@ -42,6 +42,9 @@ pub const MAX_VARIANTS: usize = 8;
 /// it names no stale window of its own.
 const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a key whose answer could not be stored skips coalescing.
+const UNCACHEABLE_FOR: Duration = Duration::from_secs(30);
+
 /// The response header that says what the cache did.
 pub const CACHE_STATUS: &str = "x-meridian-cache";
 
@@ -493,6 +496,10 @@ pub struct Cache {
     objects: moka::sync::Cache<Box<str>, Variants>,
     /// Keys being filled now, and the signal that the fill ended.
     inflight: Mutex<HashMap<Box<str>, watch::Receiver<bool>>>,
+    /// Keys whose last answer could not be stored: for a while their
+    /// requests go straight to a region instead of queueing behind one
+    /// another's fills (Varnish's hit-for-miss).
+    uncacheable: moka::sync::Cache<Box<str>, ()>,
     /// Hosts not cached for now (rollouts under way), until when.
     paused: std::sync::RwLock<Vec<(Purge, std::time::Instant)>>,
     any_paused: std::sync::atomic::AtomicBool,
@@ -546,13 +553,14 @@ impl Cache {
     pub fn new(config: CacheConfig) -> Arc<Cache> {
         let objects = moka::sync::Cache::builder()
             .max_capacity(config.memory_mb << 20)
-            .weigher(|_k: &Box<str>, v: &Variants| v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b)))
+            .weigher(|_k, v: &Variants| v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b)))
             .expire_after(Expiry)
             .build();
         Arc::new(Cache {
             config,
             objects,
             inflight: Mutex::new(HashMap::new()),
+            uncacheable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNCACHEABLE_FOR).build(),
             paused: Default::default(),
             any_paused: Default::default(),
             counters: Counters::default(),
@@ -590,6 +598,7 @@ impl Cache {
     /// Stores `object` for `key`, replacing the variant with the same
     /// `Vary` values.
     pub fn store(&self, key: Box<str>, object: Arc<Object>) {
+        self.uncacheable.invalidate(&key);
         let old = self.objects.get(&key);
         let mut list: Vec<Arc<Object>> =
             old.iter().flat_map(|v| v.iter()).filter(|o| o.vary_key != object.vary_key).cloned().collect();
@@ -598,6 +607,16 @@ impl Cache {
             list.drain(..list.len() - MAX_VARIANTS);
         }
         self.objects.insert(key, list.into());
+    }
+
+    /// Remembers that `key`'s answer could not be stored.
+    pub fn mark_uncacheable(&self, key: &str) {
+        self.uncacheable.insert(key.into(), ());
+    }
+
+    /// Was `key`'s last answer one that could not be stored?
+    pub fn is_uncacheable(&self, key: &str) -> bool {
+        self.uncacheable.contains_key(key)
     }
 
     /// Forgets everything stored under `key` (a successful unsafe request
@@ -681,7 +700,7 @@ impl Cache {
                 .objects
                 .iter()
                 .filter(|(k, v)| {
-                    let Some((host, path)) = split_key(&k) else { return false };
+                    let Some((host, path)) = split_key(k) else { return false };
                     p.covers_host(host)
                         && (p.all
                             || p.paths.iter().any(|x| x == path)

@@ -511,7 +511,7 @@ impl Edge {
             found => found,
         };
         let stale = match found {
-            Found::Fresh(o) => return self.from_cache(&o, Outcome::Hit, &req, now, 0),
+            Found::Fresh(o) => return self.answer_from_cache(&o, Outcome::Hit, &req, now, 0),
             Found::Stale(o) if o.serve_while_revalidating(now) => {
                 // Served now; one refresh in the background.
                 if let Turn::Lead(guard) = self.cache.join(&key) {
@@ -521,15 +521,17 @@ impl Edge {
                         edge.fill(key, &req, Some(old)).await
                     });
                 }
-                return self.from_cache(&o, Outcome::Stale, &req, now, 0);
+                return self.answer_from_cache(&o, Outcome::Stale, &req, now, 0);
             }
             Found::Stale(o) => Some(o),
             Found::Miss => None,
         };
-        // Only GET bodies are stored: a HEAD that finds nothing passes.
-        if req.head && stale.is_none() {
+        // Only GET bodies are stored: a HEAD that finds nothing passes; so
+        // does a request whose last answer could not be stored (it would
+        // only queue behind others' fetches).
+        if stale.is_none() && (req.head || self.cache.is_uncacheable(&key)) {
             let (mut resp, attempts) =
-                self.forward(&Method::HEAD, &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
+                self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
             self.cache.record(Outcome::Bypass, 0);
             resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
             return self.finish(resp, attempts);
@@ -552,11 +554,13 @@ impl Edge {
                 }
             }
             Turn::Wait(mut done) => {
-                let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
+                // No longer than a region may take to start answering: a
+                // slow fill does not hold everyone else up.
+                let timeout = Duration::from_millis(self.config.first_byte_timeout_ms);
                 let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
                 let now = SystemTime::now();
                 match self.cache.lookup(&key, &req.lookup(), now) {
-                    Found::Fresh(o) => return self.from_cache(&o, Outcome::Hit, &req, now, 0),
+                    Found::Fresh(o) => return self.answer_from_cache(&o, Outcome::Hit, &req, now, 0),
                     // The fill stored nothing this request can use (not
                     // storable, another variant, failed): its own fetch.
                     Found::Stale(o) => self.fill(key, &req, Some(o)).await,
@@ -566,9 +570,14 @@ impl Edge {
         };
         match filled {
             Filled::Object { object, outcome, attempts } => {
-                self.from_cache(&object, outcome, &req, SystemTime::now(), attempts)
+                self.answer_from_cache(&object, outcome, &req, SystemTime::now(), attempts)
             }
             Filled::Passed { mut resp, attempts } => {
+                // (Not for a version-pinned client: its answers are never
+                // stored, others' may be.)
+                if !resp.status().is_server_error() && req.version.is_none() {
+                    self.cache.mark_uncacheable(&req.key);
+                }
                 self.cache.record(Outcome::Miss, 0);
                 resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Miss.header());
                 if req.head {
@@ -656,7 +665,7 @@ impl Edge {
         }
     }
 
-    fn from_cache(
+    fn answer_from_cache(
         &self,
         o: &cache::Object,
         outcome: Outcome,

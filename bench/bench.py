@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MERIDIAN = os.path.join(ROOT, "target", "release", "meridian")
@@ -155,7 +156,7 @@ class Stack:
         self.cli("deploy", app_dir)
 
 
-def make_app(work, name="app", extra_static=""):
+def make_app(work, name="app", extra_static="", cache_control=None):
     d = os.path.join(work, name)
     os.makedirs(os.path.join(d, "static"), exist_ok=True)
     shutil.copy(HELLO, os.path.join(d, "hello.wasm"))
@@ -164,7 +165,8 @@ def make_app(work, name="app", extra_static=""):
     with open(os.path.join(d, "meridian.toml"), "w") as f:
         f.write('[app]\nname = "bench"\n[components.hello]\nsource = "hello.wasm"\n'
                 '[[routes]]\npath = "/hello"\ncomponent = "hello"\n'
-                '[[routes]]\npath = "/"\nstatic = "static"\n')
+                '[[routes]]\npath = "/"\nstatic = "static"\n'
+                + (f'cache_control = "{cache_control}"\n' if cache_control else ''))
     return d
 
 
@@ -208,6 +210,9 @@ def bench_edge(work, duration):
     with open(edge_cfg, "w") as f:
         f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n'
+                # A reverse proxy against a reverse proxy: the edge's cache
+                # is off here (`bench.py cache` measures caches).
+                f'[cache]\nenabled = false\n'
                 f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
     start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
@@ -260,6 +265,89 @@ http {{
                   f"{(e['p50_ms'] - d['p50_ms']) * 1000:.0f} | {(n['p50_ms'] - d['p50_ms']) * 1000:.0f} | "
                   f"{(e['p99_ms'] - d['p99_ms']) * 1000:.0f} | {(n['p99_ms'] - d['p99_ms']) * 1000:.0f} | "
                   f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} |")
+
+
+def bench_cache(work, duration):
+    """Cache hits: the edge vs Varnish vs nginx proxy_cache, the same objects
+    (a small page and a 64 KiB asset, `Cache-Control: public, max-age=300`)
+    from the same region, all three warmed first. Varnish (open source) has
+    no TLS to backends, so the caches fill from the region's public port;
+    the edge fills over mutual TLS as always. Hits never reach the region."""
+    d = make_app(work, cache_control="public, max-age=300")
+    with open(os.path.join(d, "static", "asset.bin"), "wb") as f:
+        f.write(os.urandom(64 << 10))
+    stack = Stack(work, d)
+    edge_port, edge_cluster, varnish_port, nginx_port = free_port(), free_port(), free_port(), free_port()
+    edge_cfg = os.path.join(work, "edge.toml")
+    with open(edge_cfg, "w") as f:
+        f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
+                f'location = {{ lat = 50.0, lon = 8.0 }}\n'
+                f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
+                f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
+    start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
+    vdir = os.path.join(work, "varnish")
+    os.makedirs(vdir)
+    vcl = os.path.join(vdir, "default.vcl")
+    with open(vcl, "w") as f:
+        f.write(f'vcl 4.1;\nbackend region {{ .host = "127.0.0.1"; .port = "{stack.region_port}"; }}\n')
+    start(["varnishd", "-F", "-f", vcl, "-a", f"127.0.0.1:{varnish_port}", "-n", vdir, "-s", "malloc,256m"],
+          os.path.join(work, "varnish.log"))
+    ndir = os.path.join(work, "nginx")
+    os.makedirs(os.path.join(ndir, "cache"))
+    conf = os.path.join(ndir, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes auto;
+daemon off;
+pid {ndir}/nginx.pid;
+error_log {ndir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  proxy_cache_path {ndir}/cache keys_zone=bench:16m max_size=256m;
+  upstream region {{ server 127.0.0.1:{stack.region_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{nginx_port};
+    location / {{
+      proxy_pass http://region;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache bench;
+      proxy_cache_lock on;
+    }}
+  }}
+}}
+""")
+    start(["nginx", "-c", conf, "-p", ndir], os.path.join(work, "nginx.log"))
+    for port in (edge_port, varnish_port, nginx_port):
+        wait_http(port, "/index.html", ok=lambda s: s == 200)
+        for path in ("/index.html", "/asset.bin"):
+            for _ in range(3):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}").read()
+    print(f"\n## Cache hits: edge vs Varnish vs nginx proxy_cache (same objects, warmed; wrk -t1, {duration}s each)\n")
+    print("| object | connections | edge req/s | Varnish req/s | nginx req/s | edge p50 / p99 ms | Varnish p50 / p99 ms "
+          "| nginx p50 / p99 ms | edge/Varnish | edge/nginx |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in ("/index.html", "/asset.bin"):
+        for conns in (1, 16):
+            e = wrk(f"http://127.0.0.1:{edge_port}{path}", duration, conns)
+            v = wrk(f"http://127.0.0.1:{varnish_port}{path}", duration, conns)
+            n = wrk(f"http://127.0.0.1:{nginx_port}{path}", duration, conns)
+            for name, r in (("edge", e), ("varnish", v), ("nginx", n)):
+                if r["errors"] or r["socket_errors"]:
+                    print(f"<!-- {name} {path} c{conns}: {r['errors']} errors, {r['socket_errors']} -->")
+            print(f"| {path} | {conns} | {e['rps']:.0f} | {v['rps']:.0f} | {n['rps']:.0f} | "
+                  f"{e['p50_ms']:.3f} / {e['p99_ms']:.3f} | {v['p50_ms']:.3f} / {v['p99_ms']:.3f} | "
+                  f"{n['p50_ms']:.3f} / {n['p99_ms']:.3f} | {ratio(e['rps'], v['rps'])} | {ratio(e['rps'], n['rps'])} |")
+
+
+def bench_plan():
+    """Routing decision cost, in process (`examples/plan_cost.rs`)."""
+    print("\n## Routing decision per request (in process; "
+          "`cargo run --release -p meridian-edge --example plan_cost`)\n")
+    out = subprocess.run(["cargo", "run", "-q", "--release", "-p", "meridian-edge", "--example", "plan_cost"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    print(out.strip())
 
 
 class Load:
@@ -499,6 +587,79 @@ def bench_control(work, runs=5):
     print("| runs | leader SIGKILLed -> a change accepted again, s (median / max) | target |")
     print("|---|---|---|")
     print(f"| {runs} | {statistics.median(times):.2f} / {max(times):.2f} | a rollout survives (tests/rollout.rs) |")
+
+
+def bench_purge(work, runs=5):
+    """A purge by path, from the API call to the first MISS at every edge.
+    Control nodes reach edges over emulated WAN links (control-N sits in the
+    Nth region); the bench polls every edge's copy of /index.html (locally,
+    every ~1 ms) and notes when each stops being a HIT."""
+    wdir, w = dev_world(work)
+    token = open(w["token_file"]).read().strip()
+    op = w["operator"]
+    ctx = ssl.create_default_context(cafile=op["ca"])
+    ctx.load_cert_chain(op["cert"], op["key"])
+    edges = [(e["name"], int(e["url"].rsplit(":", 1)[1])) for e in w["edges"]]
+
+    def leader():
+        out = subprocess.run([MERIDIAN, "status", "--json", "--world", wdir], capture_output=True, text=True)
+        try:
+            return json.loads(out.stdout[out.stdout.index("{"):])["control"]["control"]["leader"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def cache_state(port):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/index.html")
+        r = c.getresponse()
+        r.read()
+        return r.getheader("x-meridian-cache")
+
+    name = None
+    while name is None:
+        name = leader()
+        time.sleep(0.1)
+    url = next(u for u in w["control_url"].split(","))
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    delays = {l["to"]: l["one_way_delay_ms"] for l in w["links"] if l["from"] == name}
+    rows = []
+    for _ in range(runs):
+        for _, p in edges:
+            while cache_state(p) != "HIT":
+                time.sleep(0.01)
+        seen = {}
+        t0 = time.monotonic()
+
+        def send():
+            c = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+            c.sock = ctx.wrap_socket(socket.create_connection((host, int(port))), server_hostname="control.meridian")
+            c.request("POST", "/v1/apps/hello/purge", body=json.dumps({"paths": ["/index.html"]}),
+                      headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+            r = c.getresponse()
+            seen["report"] = json.loads(r.read())
+
+        t = threading.Thread(target=send)
+        t.start()
+        while len([e for e in seen if e != "report"]) < len(edges) and time.monotonic() - t0 < 10:
+            for e, p in edges:
+                if e not in seen and cache_state(p) != "HIT":
+                    seen[e] = (time.monotonic() - t0) * 1000
+        t.join()
+        rows.append(seen)
+        time.sleep(0.5)
+    print(f"\n## Purge propagation (leader {name}; one-way delays from it over emulated links; {runs} runs)\n")
+    print("| edge | one-way delay ms | first MISS after the API call, ms (median / max) | control's round trip ms (median) "
+          "| target: < delay + 50 ms |")
+    print("|---|---|---|---|---|")
+    for e, _ in edges:
+        got = [r[e] for r in rows if e in r]
+        rtts = [x["ms"] for r in rows for x in r["report"]["edges"] if x["edge"] == e]
+        d = delays.get(e, 0.0)
+        print(f"| {e} | {d:.1f} | {statistics.median(got):.1f} / {max(got):.1f} | {statistics.median(rtts):.1f} "
+              f"| {'yes' if max(got) < d + 50 else 'no'} |")
+    worst = max(max(r[e] for e, _ in edges) for r in rows)
+    print(f"\nAll edges purged within {worst:.1f} ms of the call (largest one-way delay from the leader: "
+          f"{max(delays.values()):.1f} ms; Fastly/Cloudflare: ~150 ms).")
 
 
 def build_python_components(work, n=4):
@@ -823,7 +984,7 @@ def bench_strong(work, writes=100):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "failover", "deploy", "replication", "kvget", "strong",
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
                                                          "density", "rollout", "large", "control"])
     ap.add_argument("--duration", type=int, default=10)
     a = ap.parse_args()
@@ -832,13 +993,14 @@ def main():
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
     print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
-        for name, fn in [("host", bench_host), ("edge", bench_edge), ("failover", bench_failover),
+        for name, fn in [("host", bench_host), ("edge", bench_edge), ("cache", bench_cache),
+                         ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
                          ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
                          ("large", bench_large), ("control", bench_control)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "edge", "replication", "kvget", "density", "large"):
+                if name in ("host", "edge", "cache", "replication", "kvget", "density", "large"):
                     fn(work, a.duration)
                 else:
                     fn(work)

@@ -22,6 +22,8 @@ use std::time::Duration;
 pub struct Listeners {
     pub public: Option<std::net::SocketAddr>,
     pub cluster: Option<std::net::SocketAddr>,
+    /// An edge's HTTPS port.
+    pub https: Option<std::net::SocketAddr>,
 }
 
 pub struct Proc {
@@ -116,6 +118,7 @@ impl Supervisor {
                     match kind {
                         "public" => l.public = Some(addr),
                         "cluster" => l.cluster = Some(addr),
+                        "https" => l.https = Some(addr),
                         _ => anyhow::bail!("{name} announced an unknown listener {kind:?}"),
                     }
                 }

@@ -67,6 +67,9 @@ pub struct EdgeInfo {
     /// The edge's cluster port (mutual TLS): its status.
     pub cluster_url: String,
     pub location: GeoPoint,
+    /// Where users connect with TLS (`https://...`), if it serves HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_url: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]

@@ -28,6 +28,7 @@
 pub mod body;
 pub mod cache;
 pub mod health;
+pub mod https;
 pub mod limits;
 pub mod routing;
 pub mod select;
@@ -55,6 +56,9 @@ pub struct EdgeConfig {
     pub name: String,
     /// User traffic (plain HTTP/1.1 and h2c).
     pub listen: SocketAddr,
+    /// User traffic over TLS, certificates per hostname (`[https]`).
+    #[serde(default)]
+    pub https: Option<https::HttpsConfig>,
     /// Mutual TLS: the edge's status, for the control plane and operators.
     pub cluster_listen: SocketAddr,
     /// This edge's certificate; regions are reached with it.

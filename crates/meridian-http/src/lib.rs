@@ -150,6 +150,10 @@ pub enum Transport {
     /// past the handshake; every request then carries the client's verified
     /// [`Peer`] identity as an extension.
     Tls(Arc<Tls>, ClientAuth),
+    /// TLS for users (an edge's HTTPS port): the configuration decides the
+    /// certificate per server name and offers h2 and http/1.1 by ALPN; no
+    /// client certificate.
+    Public(Arc<tokio_rustls::rustls::ServerConfig>),
 }
 
 /// The verified identity of the node (or operator) on the other end of a
@@ -210,6 +214,22 @@ pub async fn serve(
                 })
             };
             let result = match transport {
+                Transport::Public(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
+                    watcher.watch(conn.into_owned()).await
+                }
                 Transport::Plain => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     watcher.watch(conn.into_owned()).await

@@ -153,6 +153,65 @@ pub fn issue(ca: &CaFiles, identity: &Identity, out_dir: &Path, days: u32) -> Re
     Ok(issued)
 }
 
+/// A CA for the certificates users see (an edge's HTTPS), apart from the
+/// cluster CA: trusting it in a browser must not let anyone mint node
+/// certificates. `meridian dev` makes one per world (`public-ca.pem`,
+/// `public-ca.key` in `dir`).
+pub fn ensure_public_ca(dir: &Path, world: &str, days: u32) -> Result<(PathBuf, PathBuf), TrustError> {
+    let (cert_path, key_path) = (dir.join("public-ca.pem"), dir.join("public-ca.key"));
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, format!("Meridian public CA ({world})"));
+    params.distinguished_name.push(DnType::OrganizationName, "Meridian");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(serial());
+    validity(&mut params, days);
+    let cert = params.self_signed(&key)?;
+    write(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues a server certificate for the DNS names `hosts`, signed by the
+/// public CA (`ca_cert`, `ca_key`), as `<stem>.pem` and `<stem>.key` in
+/// `out_dir`.
+pub fn issue_site(
+    ca_cert: &Path,
+    ca_key: &Path,
+    hosts: &[String],
+    out_dir: &Path,
+    stem: &str,
+    days: u32,
+) -> Result<(PathBuf, PathBuf), TrustError> {
+    let ca_key_pem = read(ca_key)?;
+    let ca_keypair = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| TrustError::Pem { path: ca_key.to_path_buf(), what: e.to_string() })?;
+    let issuer = Issuer::from_ca_cert_pem(&read(ca_cert)?, ca_keypair)
+        .map_err(|e| TrustError::Pem { path: ca_cert.to_path_buf(), what: e.to_string() })?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, hosts.first().cloned().unwrap_or_default());
+    for h in hosts {
+        params.subject_alt_names.push(SanType::DnsName(h.clone().try_into()?));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(serial());
+    validity(&mut params, days);
+    let cert = params.signed_by(&key, &issuer)?;
+    let (cert_path, key_path) = (out_dir.join(format!("{stem}.pem")), out_dir.join(format!("{stem}.key")));
+    write(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok((cert_path, key_path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ mod certs;
 mod identity;
 mod tls;
 
-pub use certs::{ensure_ca, init_ca, issue, CaFiles, Issued};
+pub use certs::{ensure_ca, ensure_public_ca, init_ca, issue, issue_site, CaFiles, Issued};
 pub use identity::{Identity, Role};
 pub use tls::{ClientAuth, Expect, Tls, TlsFiles};
 

@@ -118,6 +118,13 @@ fn issue_certificates(dir: &Path, topology: &Topology, control_nodes: u8) -> any
     for id in &ids {
         meridian_trust::issue(&ca, id, &certs, 365)?;
     }
+    // What users see over HTTPS: its own CA (trusting it must not let
+    // anyone mint node certificates), one certificate for the example
+    // apps' hostnames.
+    let (public_ca, public_key) = meridian_trust::ensure_public_ca(&certs, "dev", 3650)?;
+    let hosts: Vec<String> =
+        ["localhost", "hello.localhost", "notes.localhost", "*.localhost"].iter().map(|h| h.to_string()).collect();
+    meridian_trust::issue_site(&public_ca, &public_key, &hosts, &certs.join("sites"), "localhost", 365)?;
     Ok(certs)
 }
 
@@ -462,6 +469,23 @@ async fn bring_up(
             .await
             .with_context(|| format!("cannot give {} its peers", ra.name))?;
     }
+    // Control nodes purge the edges' caches across the WAN too: control
+    // node i sits in region i (cycling) and reaches each edge through a link
+    // with the one-way delay between the two places.
+    let mut control_edges = Vec::new();
+    for i in 0..plan.control_addrs.len() {
+        let home = &topology.regions[i % topology.regions.len()];
+        let from = control_name(i as u8 + 1);
+        let mut edges = Vec::new();
+        for (ei, at) in topology.regions.iter().enumerate() {
+            let to = format!("edge-{}", at.name);
+            let delay = topology.rtt(&home.name, &at.name) / 2;
+            let link = add_link(sup, ports, &from, &to, plan.edge_cluster_addrs[ei], delay).await?;
+            edges.push(meridian_control::purge::ControlEdge { name: to, url: format!("https://{}", link.listen) });
+            links.push(link);
+        }
+        control_edges.push(edges);
+    }
     sup.world.lock().unwrap().links = links;
 
     let members: Vec<ControlMember> = plan
@@ -486,15 +510,7 @@ async fn bring_up(
             apps_domain: Some("localhost".into()),
             members: if members.len() > 1 { members.clone() } else { Vec::new() },
             raft_heartbeat_ms: 250,
-            edges: topology
-                .regions
-                .iter()
-                .zip(&plan.edge_cluster_addrs)
-                .map(|(r, addr)| meridian_control::purge::ControlEdge {
-                    name: format!("edge-{}", r.name),
-                    url: format!("https://{addr}"),
-                })
-                .collect(),
+            edges: control_edges[i].clone(),
         };
         drop(plan.control_holds[i].take());
         start_role(sup, &m.name, "control", &mut control_cfg, |c, l| c.listen = l.cluster.unwrap_or(c.listen)).await?;
@@ -524,6 +540,11 @@ async fn bring_up(
             listen: *addr,
             cluster_listen: plan.edge_cluster_addrs[i],
             tls: dev_tls(&plan.certs, &name),
+            https: Some(meridian_edge::https::HttpsConfig {
+                listen: ports.take()?,
+                certs_dir: plan.certs.join("sites"),
+                reload_interval_ms: 1000,
+            }),
             location: at.location,
             jurisdiction: Some(at.jurisdiction.clone()),
             policy,
@@ -541,6 +562,9 @@ async fn bring_up(
         start_role(sup, &name, "edge", &mut cfg, |c, l| {
             c.listen = l.public.unwrap_or(c.listen);
             c.cluster_listen = l.cluster.unwrap_or(c.cluster_listen);
+            if let (Some(h), Some(addr)) = (c.https.as_mut(), l.https) {
+                h.listen = addr;
+            }
         })
         .await?;
         sup.world.lock().unwrap().edges.push(EdgeInfo {
@@ -548,6 +572,7 @@ async fn bring_up(
             url: format!("http://{}", cfg.listen),
             cluster_url: format!("https://{}", cfg.cluster_listen),
             location: at.location,
+            https_url: cfg.https.as_ref().map(|h| format!("https://localhost:{}", h.listen.port())),
         });
     }
     let world = sup.world.lock().unwrap().clone();
@@ -627,7 +652,7 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     out!("\nMeridian dev world is up: {} regions, {} edges.\n", w.regions.len(), w.edges.len());
     out!("Edges (send users here):");
     for e in &w.edges {
-        out!("  {:<22} {}", e.name, e.url);
+        out!("  {:<22} {}  {}", e.name, e.url, e.https_url.as_deref().unwrap_or(""));
     }
     out!("\nRegions (direct, bypassing edges and links):");
     for r in &w.regions {
@@ -644,6 +669,10 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     out!("  curl -i {}/hello -H 'x-meridian-client-geo: 1.29,103.85'", e.url);
     let notes = e.url.replace("127.0.0.1", "notes.localhost");
     out!("  curl -X PUT --data 'hi' {notes}/kv/notes/first   # the second app, by host");
+    if let Some(https) = &e.https_url {
+        let ca = dir.join("certs").join("public-ca.pem");
+        out!("  curl --cacert {} {https}/hello   # HTTPS (HTTP/2) with the world's public CA", ca.display());
+    }
     out!("  meridian status");
     out!("  meridian chaos kill eu-west      # then watch traffic move");
     out!("  meridian chaos kill control-1    # the control plane's leader: another takes over");

@@ -120,6 +120,15 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_edge::EdgeConfig = load(&a.config)?;
     let public = bind(cfg.listen).await?;
     let cluster = bind(cfg.cluster_listen).await?;
+    let https = match &cfg.https {
+        None => None,
+        Some(h) => {
+            let sites = meridian_edge::https::Sites::load(&h.certs_dir)?;
+            sites.spawn_reloader(Duration::from_millis(h.reload_interval_ms));
+            let config = sites.server_config().context("the HTTPS port's TLS configuration")?;
+            Some((bind(h.listen).await?, config))
+        }
+    };
     let what = cfg.name.clone();
     let edge = meridian_edge::Edge::new(cfg)?;
     edge.tls.spawn_reloader();
@@ -135,13 +144,12 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
         Box::pin(async move { e.handle_cluster(req).await })
     });
     let tls = Transport::Tls(edge.tls.clone(), ClientAuth::Required);
-    serve_all(
-        &a,
-        &what,
-        vec![("public", public, public_handler, Transport::Plain), ("cluster", cluster, cluster_handler, tls)],
-        shutdown_signal(),
-    )
-    .await
+    let mut listeners =
+        vec![("public", public, public_handler.clone(), Transport::Plain), ("cluster", cluster, cluster_handler, tls)];
+    if let Some((l, config)) = https {
+        listeners.push(("https", l, public_handler, Transport::Public(config)));
+    }
+    serve_all(&a, &what, listeners, shutdown_signal()).await
 }
 
 pub async fn control(a: Args) -> anyhow::Result<()> {

@@ -81,6 +81,8 @@ enum Command {
     Region(commands::roles::Args),
     /// Run an edge router from a config file.
     Edge(commands::roles::Args),
+    /// Run the GeoDNS server: answers apps' hostnames with the nearest healthy edge.
+    Dns(commands::roles::Args),
     /// Run a control node (alone, or one of the control plane's [[members]]) from a config file.
     Control(commands::roles::Args),
 }
@@ -120,6 +122,7 @@ fn main() -> std::process::ExitCode {
             Command::Region(a) => commands::roles::region(a).await,
             Command::Edge(a) => commands::roles::edge(a).await,
             Command::Control(a) => commands::roles::control(a).await,
+            Command::Dns(a) => commands::roles::dns(a).await,
         }
     });
     match result {

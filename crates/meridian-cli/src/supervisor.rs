@@ -119,6 +119,8 @@ impl Supervisor {
                         "public" => l.public = Some(addr),
                         "cluster" => l.cluster = Some(addr),
                         "https" => l.https = Some(addr),
+                        // More addresses of the public port (an edge's own IP).
+                        "also" => {}
                         _ => anyhow::bail!("{name} announced an unknown listener {kind:?}"),
                     }
                 }
@@ -232,10 +234,15 @@ impl Supervisor {
         }
     }
 
-    /// The processes chaos may kill and restart: regions and control nodes.
+    /// The processes chaos may kill and restart: regions, control nodes and
+    /// edges.
     fn chaos_targets(&self) -> Vec<String> {
         let procs = self.procs.lock().unwrap();
-        procs.iter().filter(|(_, p)| p.role == "region" || p.role == "control").map(|(n, _)| n.clone()).collect()
+        procs
+            .iter()
+            .filter(|(_, p)| matches!(p.role.as_str(), "region" | "control" | "edge"))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -253,7 +260,7 @@ impl Supervisor {
                 if !targets.iter().any(|n| n == name) {
                     return text(
                         StatusCode::NOT_FOUND,
-                        format!("no region or control node named {name:?}; there are: {}", targets.join(", ")),
+                        format!("no region, control node or edge named {name:?}; there are: {}", targets.join(", ")),
                     );
                 }
                 let r = match *action {

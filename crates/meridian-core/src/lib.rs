@@ -8,6 +8,7 @@
 pub mod egress;
 pub mod fs;
 pub mod geo;
+pub mod geoip;
 pub mod headers;
 pub mod kv;
 pub mod stats;

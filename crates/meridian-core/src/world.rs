@@ -33,6 +33,9 @@ pub struct WorldDescription {
     pub edges: Vec<EdgeInfo>,
     pub regions: Vec<RegionInfo>,
     pub links: Vec<LinkInfo>,
+    /// The GeoDNS server (UDP and TCP), answering for `*.localhost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
 }
 
 /// A certificate, its key, and the CA that verifies the other end.

@@ -56,6 +56,10 @@ pub struct EdgeConfig {
     pub name: String,
     /// User traffic (plain HTTP/1.1 and h2c).
     pub listen: SocketAddr,
+    /// More addresses of the user port (same port as `listen`): an edge's
+    /// own IPs, as GeoDNS answers them.
+    #[serde(default)]
+    pub also_listen_ips: Vec<IpAddr>,
     /// User traffic over TLS, certificates per hostname (`[https]`).
     #[serde(default)]
     pub https: Option<https::HttpsConfig>,
@@ -139,7 +143,7 @@ pub struct Edge {
     config: EdgeConfig,
     pub tls: Arc<Tls>,
     upstreams: Vec<Upstream>,
-    geoip: Option<maxminddb::Reader<Vec<u8>>>,
+    geoip: Option<meridian_core::geoip::GeoDb>,
     edge_header: HeaderValue,
     /// Each app's rate, learned from the regions' health answers.
     limits: limits::AppLimits,
@@ -220,10 +224,9 @@ impl Edge {
             .collect::<Result<Vec<_>, _>>()?;
         let geoip = match &config.geoip_db {
             None => None,
-            Some(p) => Some(
-                maxminddb::Reader::open_readfile(p)
-                    .map_err(|e| EdgeError::GeoIp { path: p.clone(), message: e.to_string() })?,
-            ),
+            Some(p) => {
+                Some(meridian_core::geoip::open(p).map_err(|message| EdgeError::GeoIp { path: p.clone(), message })?)
+            }
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
         let cache = Cache::new(config.cache.clone());
@@ -318,18 +321,12 @@ impl Edge {
             }
         }
         if let Some(db) = &self.geoip {
-            if let Ok(Some(city)) = db.lookup::<maxminddb::geoip2::City>(peer) {
-                let iso = city.country.as_ref().and_then(|c| c.iso_code);
-                if country.is_none() {
-                    country = iso.map(String::from);
-                }
-                let loc = city.location.as_ref().and_then(|l| Some(GeoPoint { lat: l.latitude?, lon: l.longitude? }));
-                if let Some(p) = loc {
-                    return (Located::GeoIp(p), country);
-                }
-                if let Some(p) = iso.and_then(country_centroid) {
-                    return (Located::GeoIp(p), country);
-                }
+            let (point, iso) = meridian_core::geoip::locate(db, peer);
+            if country.is_none() {
+                country = iso;
+            }
+            if let Some(p) = point {
+                return (Located::GeoIp(p), country);
             }
         }
         (Located::Edge(self.config.location), country)

@@ -49,6 +49,10 @@ pub struct Args {
     /// Routing policy of the edges.
     #[arg(long, value_enum, default_value_t = PolicyArg::Geo)]
     pub policy: PolicyArg,
+    /// A MaxMind-format GeoIP database for the edges and the GeoDNS server
+    /// (without one, clients are located only by trusted headers).
+    #[arg(long)]
+    pub geoip_db: Option<PathBuf>,
     /// How often regions compare key-value digests with each peer.
     #[arg(long, default_value_t = 3000)]
     pub anti_entropy_ms: u64,
@@ -213,6 +217,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         edges: Vec::new(),
         regions: Vec::new(),
         links: Vec::new(),
+        dns: None,
     };
     world.processes[0].pid = Some(std::process::id());
     let sup = Arc::new(Supervisor::new(dir.clone(), token.clone(), world)?);
@@ -533,11 +538,15 @@ async fn bring_up(
         PolicyArg::Geo => Policy::Geo,
         PolicyArg::Latency => Policy::Latency,
     };
+    let mut dns_edges = Vec::new();
     for (i, ((at, addr), targets)) in topology.regions.iter().zip(&plan.edge_addrs).zip(edge_targets).enumerate() {
         let name = format!("edge-{}", at.name);
+        // Each edge also has an address of its own, as GeoDNS answers it.
+        let own_ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, i as u8 + 1));
         let mut cfg = EdgeConfig {
             name: name.clone(),
             listen: *addr,
+            also_listen_ips: vec![own_ip],
             cluster_listen: plan.edge_cluster_addrs[i],
             tls: dev_tls(&plan.certs, &name),
             https: Some(meridian_edge::https::HttpsConfig {
@@ -549,7 +558,7 @@ async fn bring_up(
             jurisdiction: Some(at.jurisdiction.clone()),
             policy,
             trust_client_geo_headers: true,
-            geoip_db: None,
+            geoip_db: a.geoip_db.clone(),
             regions: targets,
             health: HealthConfig { interval_ms: a.health_interval_ms, ..HealthConfig::default() },
             cache: meridian_edge::cache::CacheConfig::default(),
@@ -574,7 +583,26 @@ async fn bring_up(
             location: at.location,
             https_url: cfg.https.as_ref().map(|h| format!("https://localhost:{}", h.listen.port())),
         });
+        dns_edges.push(meridian_geodns::DnsEdge {
+            name: cfg.name.clone(),
+            addresses: vec![own_ip],
+            location: at.location,
+            probe: cfg.listen,
+        });
     }
+    // GeoDNS for every app's <app>.localhost: each client gets the nearest
+    // healthy edge's own address.
+    let mut dns_cfg = meridian_geodns::DnsConfig {
+        listen: ports.take()?,
+        zones: vec!["localhost".into()],
+        ttl: 5,
+        geoip_db: a.geoip_db.clone(),
+        probe_interval_ms: a.health_interval_ms,
+        probe_timeout_ms: 1000,
+        edges: dns_edges,
+    };
+    start_role(sup, "geodns", "dns", &mut dns_cfg, |c, l| c.listen = l.public.unwrap_or(c.listen)).await?;
+    sup.world.lock().unwrap().dns = Some(dns_cfg.listen.to_string());
     let world = sup.world.lock().unwrap().clone();
     world.write(&dir)?;
     tracing::info!(elapsed = ?t0.elapsed(), "all processes serve");
@@ -672,6 +700,10 @@ fn print_summary(w: &WorldDescription, dir: &Path) {
     if let Some(https) = &e.https_url {
         let ca = dir.join("certs").join("public-ca.pem");
         out!("  curl --cacert {} {https}/hello   # HTTPS (HTTP/2) with the world's public CA", ca.display());
+    }
+    if let Some(dns) = &w.dns {
+        let (ip, port) = dns.rsplit_once(':').unwrap_or((dns, "53"));
+        out!("  dig @{ip} -p {port} hello.localhost +short   # GeoDNS: the nearest healthy edge's address");
     }
     out!("  meridian status");
     out!("  meridian chaos kill eu-west      # then watch traffic move");

@@ -120,6 +120,11 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_edge::EdgeConfig = load(&a.config)?;
     let public = bind(cfg.listen).await?;
     let cluster = bind(cfg.cluster_listen).await?;
+    let port = public.local_addr()?.port();
+    let mut also = Vec::new();
+    for ip in &cfg.also_listen_ips {
+        also.push(bind(std::net::SocketAddr::new(*ip, port)).await?);
+    }
     let https = match &cfg.https {
         None => None,
         Some(h) => {
@@ -146,10 +151,30 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
     let tls = Transport::Tls(edge.tls.clone(), ClientAuth::Required);
     let mut listeners =
         vec![("public", public, public_handler.clone(), Transport::Plain), ("cluster", cluster, cluster_handler, tls)];
+    for l in also {
+        listeners.push(("also", l, public_handler.clone(), Transport::Plain));
+    }
     if let Some((l, config)) = https {
         listeners.push(("https", l, public_handler, Transport::Public(config)));
     }
     serve_all(&a, &what, listeners, shutdown_signal()).await
+}
+
+pub async fn dns(a: Args) -> anyhow::Result<()> {
+    let cfg: meridian_geodns::DnsConfig = load(&a.config)?;
+    let (udp, tcp) = meridian_geodns::GeoDns::bind(cfg.listen).await?;
+    let listen = udp.local_addr()?;
+    let dns = meridian_geodns::GeoDns::new(cfg)?;
+    if let Some(f) = &a.ready_file {
+        meridian_core::fs::write_atomic(f, format!("public {listen}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", f.display()))?;
+    }
+    tracing::info!(%listen, "GeoDNS serving (UDP and TCP)");
+    tokio::select! {
+        _ = dns.serve(udp, tcp) => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
 }
 
 pub async fn control(a: Args) -> anyhow::Result<()> {

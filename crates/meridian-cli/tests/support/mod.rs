@@ -225,6 +225,7 @@ fn placeholder() -> WorldDescription {
         edges: vec![],
         regions: vec![],
         links: vec![],
+        dns: None,
     }
 }
 

@@ -266,3 +266,47 @@ async fn a_black_holed_region_costs_a_request_at_most_one_first_byte_timeout_and
     let moved = samples.iter().rev().take(20).all(|s| !s.2.starts_with("eu-west"));
     assert!(moved, "traffic left eu-west");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_reporting_another_regions_failure_is_not_ejected_and_its_message_reaches_the_user() {
+    let w = World::start(&[]);
+    let app = single_component_app(
+        "kv.wasm",
+        r#"
+[app]
+name = "pinned"
+[components.kv]
+source = "c/kv.wasm"
+[[routes]]
+path = "/kv"
+component = "kv"
+[kv.profiles]
+mode = "regional"
+jurisdiction = "eu"
+"#,
+    );
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "deploy failed: {out}");
+    // The namespace lives only in eu-west; us-east forwards to it.
+    w.chaos(&["kill", "eu-west"]);
+    let c = client();
+    let edge = w.edge("edge-us-east");
+    for _ in 0..10 {
+        let r = get(
+            &c,
+            &format!("{edge}/kv/profiles/alice"),
+            &[("host", "pinned.localhost"), ("x-meridian-client-country", "US")],
+        )
+        .await;
+        // us-east answered, saying what failed, and nothing else was tried.
+        assert_eq!(r.region(), "us-east", "{}", r.body);
+        assert!(r.status >= 500, "{}", r.body);
+        assert_eq!(r.header("x-meridian-fault"), "dependency", "{}", r.body);
+        assert!(!r.body.contains("no region could serve"), "the region's message was replaced: {}", r.body);
+        assert_eq!(r.header("x-meridian-attempts"), "1");
+    }
+    let s = w.edge_status("edge-us-east").await;
+    let us = s["regions"].as_array().unwrap().iter().find(|p| p[0] == "us-east").unwrap();
+    assert_eq!(us[1]["healthy"], true, "{s}");
+    assert_eq!(us[1]["consecutive_5xx"], 0, "{s}");
+}

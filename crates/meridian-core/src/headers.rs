@@ -12,9 +12,11 @@ pub const ATTEMPTS: &str = "x-meridian-attempts";
 pub const CLIENT_GEO: &str = "x-meridian-client-geo";
 /// ISO 3166-1 alpha-2 country of the client; honoured only when trusted.
 pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
-/// Set by a region on error responses caused by the app itself (deadline or
-/// memory limit exceeded). Such a failure would repeat identically in every
-/// region, so edges neither retry it nor count it against the region's health.
+/// Set by a region on error responses that are not its own failure: `app`
+/// (the app itself: deadline, memory limit, trap; it would repeat in every
+/// region) or `dependency` (another region it needed did not answer). Edges
+/// neither retry such an answer nor count it against the region's health,
+/// and pass its message on.
 pub const FAULT: &str = "x-meridian-fault";
 /// On a region's answer: the jurisdictions of pinned data the function
 /// touched. Only edges of those jurisdictions store such an answer; edges
@@ -26,6 +28,8 @@ pub const AFFINITY_COOKIE: &str = "meridian-region";
 pub const EDGE_STATUS_PATH: &str = "/_meridian/edge";
 /// An edge's purge API (POST a JSON purge: hosts and paths, prefixes, tags).
 pub const EDGE_PURGE_PATH: &str = "/_meridian/edge/purge";
+/// An edge's metrics (Prometheus text).
+pub const EDGE_METRICS_PATH: &str = "/_meridian/edge/metrics";
 /// Prefix of paths a region reserves for its own API (health, install, ...).
 pub const RESERVED_PREFIX: &str = "/_meridian/";
 /// Causality token of the writes a response followed (`origin:incarnation:seq`,

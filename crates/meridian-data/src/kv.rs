@@ -219,7 +219,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn ns(&self) -> &str {
+    /// The namespace it is about.
+    pub fn ns(&self) -> &str {
         match self {
             Op::Get { ns, .. }
             | Op::Set { ns, .. }

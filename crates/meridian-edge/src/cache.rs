@@ -479,6 +479,19 @@ pub struct CacheStats {
     pub bytes_stored: u64,
 }
 
+impl CacheStats {
+    /// Answers from the cache over all cacheable requests (0 when none).
+    pub fn hit_ratio(&self) -> f64 {
+        let from_cache = self.hits + self.stale + self.revalidated;
+        let all = from_cache + self.misses;
+        if all == 0 {
+            0.0
+        } else {
+            from_cache as f64 / all as f64
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,

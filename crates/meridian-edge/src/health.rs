@@ -19,6 +19,9 @@ pub struct HealthConfig {
     pub healthy_after: u32,
     /// Consecutive platform 5xx responses (passive) that take a region out.
     pub max_consecutive_5xx: u32,
+    /// Good probes after which a re-admitted region counts as stable again
+    /// (its next ejection starts the back-off over).
+    pub stable_after: u32,
 }
 
 impl Default for HealthConfig {
@@ -29,6 +32,7 @@ impl Default for HealthConfig {
             unhealthy_after: 2,
             healthy_after: 3,
             max_consecutive_5xx: 3,
+            stable_after: 30,
         }
     }
 }
@@ -54,6 +58,12 @@ pub struct RegionHealth {
     /// Exponentially weighted moving average of probe round trips.
     pub rtt_ms: Option<f64>,
     pub ejections: u64,
+    /// Ejections since it was last stable: each doubles the good probes
+    /// needed to come back (outlier detection's growing back-off, as
+    /// Envoy's), up to 32 times `healthy_after`.
+    pub ejections_in_a_row: u32,
+    /// Good probes since it was last admitted.
+    pub stable_probes: u32,
 }
 
 /// Weight of the newest probe in the smoothed round trip.
@@ -71,7 +81,14 @@ impl RegionHealth {
             consecutive_5xx: 0,
             rtt_ms: None,
             ejections: 0,
+            ejections_in_a_row: 0,
+            stable_probes: 0,
         }
+    }
+
+    /// Good probes in a row an ejected region needs now.
+    pub fn readmit_after(&self, cfg: &HealthConfig) -> u32 {
+        cfg.healthy_after.saturating_mul(1 << self.ejections_in_a_row.saturating_sub(1).min(5))
     }
 
     pub fn probe_ok(&mut self, rtt: Duration, cfg: &HealthConfig) {
@@ -81,15 +98,22 @@ impl RegionHealth {
             None => ms,
         });
         self.failed_probes = 0;
-        if !self.healthy {
+        if self.healthy {
+            self.stable_probes = self.stable_probes.saturating_add(1);
+            if self.stable_probes >= cfg.stable_after {
+                self.ejections_in_a_row = 0;
+            }
+        } else {
             self.good_probes += 1;
             // Never ejected (just started): admit at once. Ejected: only after
-            // it proved itself for `healthy_after` probes in a row.
-            if self.ejected_for.is_none() || self.good_probes >= cfg.healthy_after {
+            // it proved itself for `healthy_after` probes in a row, more for
+            // a region ejected again and again.
+            if self.ejected_for.is_none() || self.good_probes >= self.readmit_after(cfg) {
                 self.healthy = true;
                 self.ejected_for = None;
                 self.good_probes = 0;
                 self.consecutive_5xx = 0;
+                self.stable_probes = 0;
             }
         }
     }
@@ -130,6 +154,7 @@ impl RegionHealth {
         self.ejected_for = Some(why);
         self.good_probes = 0;
         self.ejections += 1;
+        self.ejections_in_a_row = self.ejections_in_a_row.saturating_add(1);
     }
 }
 
@@ -193,6 +218,34 @@ mod tests {
         assert!(h.healthy, "errors interrupted by a success do not add up");
         h.server_error(&cfg);
         assert!(!h.healthy);
+    }
+
+    #[test]
+    fn a_region_ejected_again_and_again_waits_longer_each_time_until_it_is_stable() {
+        let cfg = HealthConfig::default();
+        let mut h = RegionHealth::new();
+        h.probe_ok(MS, &cfg);
+        let probes_to_return = |h: &mut RegionHealth| {
+            h.connection_failed();
+            let mut n = 0;
+            while !h.healthy {
+                h.probe_ok(MS, &cfg);
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(probes_to_return(&mut h), 3);
+        assert_eq!(probes_to_return(&mut h), 6);
+        assert_eq!(probes_to_return(&mut h), 12);
+        for _ in 0..10 {
+            probes_to_return(&mut h);
+        }
+        assert_eq!(probes_to_return(&mut h), 96, "capped at 32 times");
+        // Stable for `stable_after` probes: the back-off starts over.
+        for _ in 0..cfg.stable_after {
+            h.probe_ok(MS, &cfg);
+        }
+        assert_eq!(probes_to_return(&mut h), 3);
     }
 
     #[test]

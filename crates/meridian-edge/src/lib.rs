@@ -26,6 +26,7 @@
 //! only knowledge of regions is its config and its own probes.
 
 pub mod body;
+pub mod budget;
 pub mod cache;
 pub mod health;
 pub mod https;
@@ -87,6 +88,9 @@ pub struct EdgeConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// How many retries the edge may add to its traffic.
+    #[serde(default)]
+    pub retry_budget: budget::BudgetConfig,
     /// Extra regions tried after the first one fails.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
@@ -135,6 +139,10 @@ struct Upstream {
     host: HeaderValue,
     pool: Arc<pool::Pool>,
     health: Mutex<RegionHealth>,
+    /// Answers of this region passed on to clients.
+    answered: std::sync::atomic::AtomicU64,
+    /// Attempts here that failed over to another region, or failed.
+    failed: std::sync::atomic::AtomicU64,
     /// Its location as a unit vector, for ranking without trigonometry.
     unit: meridian_core::geo::UnitVector,
 }
@@ -152,6 +160,8 @@ pub struct Edge {
     names: Vec<String>,
     jurisdictions: Vec<Option<String>>,
     pub cache: Arc<Cache>,
+    budget: budget::RetryBudget,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +228,8 @@ impl Edge {
                     host,
                     pool,
                     health: Mutex::new(RegionHealth::new()),
+                    answered: Default::default(),
+                    failed: Default::default(),
                     unit: r.location.unit(),
                 })
             })
@@ -230,6 +242,7 @@ impl Edge {
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
         let cache = Cache::new(config.cache.clone());
+        let config_budget = config.retry_budget;
         let names = config.regions.iter().map(|r| r.name.clone()).collect();
         let jurisdictions = config.regions.iter().map(|r| r.jurisdiction.clone()).collect();
         Ok(Arc::new(Edge {
@@ -243,6 +256,8 @@ impl Edge {
             names,
             jurisdictions,
             cache,
+            budget: budget::RetryBudget::new(config_budget),
+            requests: Default::default(),
         }))
     }
 
@@ -352,6 +367,12 @@ impl Edge {
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, headers::EDGE_STATUS_PATH) => return json(StatusCode::OK, &self.status()),
+            (&Method::GET, headers::EDGE_METRICS_PATH) => {
+                let mut r = Response::new(full(self.metrics()));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                return r;
+            }
             (&Method::POST, headers::EDGE_PURGE_PATH) => {
                 let body = match meridian_http::read_body(req.into_body(), 1 << 20).await {
                     Ok(b) => b,
@@ -708,7 +729,18 @@ impl Edge {
         );
         let attempts = order.len().min(1 + self.config.max_retries as usize);
         let mut last_error = String::new();
+        // A region's own 5xx, kept while others are tried: if none does
+        // better, its message is worth more than ours.
+        let mut kept: Option<(Response<Body>, usize)> = None;
+        self.budget.request();
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tried = 0;
         for (n, &i) in order.iter().take(attempts).enumerate() {
+            if n > 0 && !self.budget.try_retry() {
+                last_error = format!("{last_error}; not retried further: the edge's retry budget is spent");
+                break;
+            }
+            tried = n + 1;
             let u = &self.upstreams[i];
             let last = n + 1 == attempts;
             let req = self.upstream_request(method, uri, headers, body.clone(), &u.host, peer);
@@ -721,23 +753,29 @@ impl Edge {
             });
             match tokio::time::timeout(timeout, u.pool.send(req)).await {
                 Ok(Ok(resp)) => {
+                    // A fault header says the region is fine (the app
+                    // failed, or a region it needed): passed on as is.
                     let platform_error =
                         resp.status().is_server_error() && !resp.headers().contains_key(headers::FAULT);
                     if platform_error {
                         u.health.lock().unwrap().server_error(&self.config.health);
+                        u.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if idempotent && !last {
                             last_error = format!("{} answered {}", u.target.name, resp.status());
                             tracing::debug!(region = %u.target.name, status = %resp.status(), "retrying on next region");
+                            kept = keep(resp).await.map(|r| (r, i));
                             continue;
                         }
                     } else {
                         u.health.lock().unwrap().request_ok();
                     }
+                    u.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return (resp, n + 1);
                 }
                 Ok(Err(e)) => {
                     let connect = matches!(e, pool::SendError::Connect(_));
                     u.health.lock().unwrap().connection_failed();
+                    u.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     last_error = format!("{}: {e}", u.target.name);
                     tracing::info!(region = %u.target.name, error = %e, connect, "region failed; ejected");
                     if !(connect || idempotent) {
@@ -750,12 +788,18 @@ impl Edge {
                 }
                 Err(_) => {
                     u.health.lock().unwrap().connection_failed();
+                    u.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     last_error = format!("{} did not answer within {timeout:?}", u.target.name);
                     if !idempotent {
                         return (text(StatusCode::GATEWAY_TIMEOUT, last_error), n + 1);
                     }
                 }
             }
+        }
+        let attempts = tried.max(1);
+        if let Some((resp, i)) = kept {
+            self.upstreams[i].answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return (resp, attempts);
         }
         if let Some(j) = &plan.pinned {
             let msg = format!(
@@ -818,12 +862,130 @@ impl Edge {
     }
 
     pub fn status(&self) -> EdgeStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let answered: u64 = self.upstreams.iter().map(|u| u.answered.load(Relaxed)).sum();
         EdgeStatus {
             edge: self.config.name.clone(),
             policy: self.config.policy,
             regions: self.upstreams.iter().map(|u| (u.target.name.clone(), u.health.lock().unwrap().clone())).collect(),
             cache: self.cache.stats(),
+            traffic: Traffic {
+                requests: self.requests.load(Relaxed),
+                retries: self.budget.retries.load(Relaxed),
+                retries_denied: self.budget.denied.load(Relaxed),
+                regions: self
+                    .upstreams
+                    .iter()
+                    .map(|u| {
+                        let a = u.answered.load(Relaxed);
+                        RegionTraffic {
+                            region: u.target.name.clone(),
+                            answered: a,
+                            failed: u.failed.load(Relaxed),
+                            share: if answered == 0 { 0.0 } else { a as f64 / answered as f64 },
+                        }
+                    })
+                    .collect(),
+            },
         }
+    }
+
+    /// The edge's counters in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let s = self.status();
+        let e = &s.edge;
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{{edge=\"{e}\"{labels}}} {v}");
+            }
+        };
+        let c = &s.cache;
+        family(
+            "meridian_edge_cache_requests_total",
+            "counter",
+            "Requests by what the cache did.",
+            [
+                ("hit", c.hits),
+                ("miss", c.misses),
+                ("stale", c.stale),
+                ("revalidated", c.revalidated),
+                ("bypass", c.bypass),
+            ]
+            .iter()
+            .map(|(k, v)| (format!(",result=\"{k}\""), *v as f64))
+            .collect(),
+        );
+        family(
+            "meridian_edge_cache_hit_ratio",
+            "gauge",
+            "Hits (fresh, stale, revalidated) over cacheable requests.",
+            vec![(String::new(), c.hit_ratio())],
+        );
+        family(
+            "meridian_edge_cache_served_bytes_total",
+            "counter",
+            "Body bytes served from the cache.",
+            vec![(String::new(), c.bytes_from_cache as f64)],
+        );
+        family("meridian_edge_cache_objects", "gauge", "Objects stored.", vec![(String::new(), c.objects as f64)]);
+        family(
+            "meridian_edge_cache_stored_bytes",
+            "gauge",
+            "Bytes stored.",
+            vec![(String::new(), c.bytes_stored as f64)],
+        );
+        family(
+            "meridian_edge_cache_coalesced_total",
+            "counter",
+            "Misses that waited for another's fetch.",
+            vec![(String::new(), c.coalesced as f64)],
+        );
+        family(
+            "meridian_edge_cache_purged_total",
+            "counter",
+            "Objects purged.",
+            vec![(String::new(), c.purged as f64)],
+        );
+        family(
+            "meridian_edge_region_answers_total",
+            "counter",
+            "Answers passed on to clients, by region.",
+            s.traffic.regions.iter().map(|r| (format!(",region=\"{}\"", r.region), r.answered as f64)).collect(),
+        );
+        family(
+            "meridian_edge_region_failures_total",
+            "counter",
+            "Attempts that failed (connect, timeout, platform 5xx), by region.",
+            s.traffic.regions.iter().map(|r| (format!(",region=\"{}\"", r.region), r.failed as f64)).collect(),
+        );
+        family(
+            "meridian_edge_region_ejections_total",
+            "counter",
+            "Times a region was taken out of rotation.",
+            s.regions.iter().map(|(n, h)| (format!(",region=\"{n}\""), h.ejections as f64)).collect(),
+        );
+        family(
+            "meridian_edge_region_healthy",
+            "gauge",
+            "1 while a region is in rotation.",
+            s.regions.iter().map(|(n, h)| (format!(",region=\"{n}\""), f64::from(u8::from(h.healthy)))).collect(),
+        );
+        family(
+            "meridian_edge_retries_total",
+            "counter",
+            "Retries on another region.",
+            vec![(String::new(), s.traffic.retries as f64)],
+        );
+        family(
+            "meridian_edge_retries_denied_total",
+            "counter",
+            "Retries the retry budget refused.",
+            vec![(String::new(), s.traffic.retries_denied as f64)],
+        );
+        out
     }
 }
 
@@ -833,6 +995,26 @@ pub struct EdgeStatus {
     pub policy: Policy,
     pub regions: Vec<(String, RegionHealth)>,
     pub cache: cache::CacheStats,
+    pub traffic: Traffic,
+}
+
+/// Where the edge's requests went.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Traffic {
+    /// Requests sent to regions (cache hits are not).
+    pub requests: u64,
+    pub retries: u64,
+    pub retries_denied: u64,
+    pub regions: Vec<RegionTraffic>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RegionTraffic {
+    pub region: String,
+    pub answered: u64,
+    pub failed: u64,
+    /// Its part of all answers, 0..1.
+    pub share: f64,
 }
 
 /// How a fill ended.
@@ -885,6 +1067,14 @@ impl CacheRequest {
         let Some(v) = &self.version else { return true };
         o.header(headers::VERSION).is_some_and(|have| have == v.as_str())
     }
+}
+
+/// A region's error answer, read whole if small (so its connection is
+/// free for others while the next region is tried).
+async fn keep(resp: Response<Body>) -> Option<Response<Body>> {
+    let (parts, body) = resp.into_parts();
+    let read = tokio::time::timeout(Duration::from_secs(1), meridian_http::cluster::read_all(body, 64 << 10)).await;
+    Some(Response::from_parts(parts, full(read.ok()?.ok()?)))
 }
 
 fn pq_of(uri: &Uri) -> &str {

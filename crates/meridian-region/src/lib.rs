@@ -493,6 +493,14 @@ impl Region {
                 if let Some(j) = kv.residency().and_then(|j| HeaderValue::from_str(&j).ok()) {
                     resp.headers_mut().insert(headers::RESIDENCY, j);
                 }
+                // A failure that came from another region (this one is fine):
+                // edges neither count it against this region nor hide it.
+                if resp.status().is_server_error()
+                    && !resp.headers().contains_key(headers::FAULT)
+                    && kv.dependency_failed.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
+                }
                 // A response that followed writes carries their token (merged
                 // with the one the request brought), as a header and a cookie.
                 let token = kv.token.lock().unwrap().clone();
@@ -763,13 +771,16 @@ impl Region {
             return text(StatusCode::BAD_REQUEST, "cannot forward this request");
         };
         tracing::debug!(to = %peer.name, "forwarding a request whose causality token is not applied here yet");
-        match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
-            Ok(Ok(resp)) => resp,
+        let mut resp = match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
+            Ok(Ok(resp)) => return resp,
             Ok(Err(e)) => {
                 text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
             }
             Err(_) => text(StatusCode::GATEWAY_TIMEOUT, format!("{} did not answer a forwarded request", peer.name)),
-        }
+        };
+        // Another region's failure, not this one's.
+        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
+        resp
     }
 
     fn too_many(&self, what: &str) -> Response<Body> {

@@ -17,11 +17,21 @@ pub struct RequestKv {
     /// Jurisdictions of the pinned namespaces this request opened: its
     /// answer may hold their data, so edges elsewhere must not store it.
     pub touched: Mutex<std::collections::BTreeSet<String>>,
+    /// An operation that needed another region (a pinned namespace's
+    /// home, a strong namespace's leader) failed: a 5xx of this request is
+    /// then not this region's own failure.
+    pub dependency_failed: std::sync::atomic::AtomicBool,
 }
 
 impl RequestKv {
     pub fn new(svc: Arc<KvService>, namespaces: Namespaces, token: Vec<TokenEntry>) -> RequestKv {
-        RequestKv { svc, namespaces, token: Mutex::new(token), touched: Mutex::default() }
+        RequestKv {
+            svc,
+            namespaces,
+            token: Mutex::new(token),
+            touched: Mutex::default(),
+            dependency_failed: Default::default(),
+        }
     }
 
     /// The `x-meridian-residency` value of this request's answer, if it
@@ -34,7 +44,16 @@ impl RequestKv {
 
 impl RequestKv {
     async fn exec(&self, op: Op) -> KvResult<OpResult> {
-        let (r, token) = self.svc.execute(&self.namespaces, &op).await?;
+        let (r, token) = match self.svc.execute(&self.namespaces, &op).await {
+            Ok(x) => x,
+            Err(e) => {
+                let remote = self.svc.placement(&self.namespaces, op.ns()).is_ok_and(|p| p != Placement::Local);
+                if remote && matches!(e, meridian_host::KvError::Other(_)) {
+                    self.dependency_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
         if let Some(t) = token {
             merge_token(&mut self.token.lock().unwrap(), t);
         }

@@ -562,6 +562,7 @@ async fn bring_up(
             regions: targets,
             health: HealthConfig { interval_ms: a.health_interval_ms, ..HealthConfig::default() },
             cache: meridian_edge::cache::CacheConfig::default(),
+            retry_budget: Default::default(),
             max_retries: 2,
             upstream_timeout_ms: 30_000,
             first_byte_timeout_ms: 5_000,

@@ -56,7 +56,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     print_control(&control);
     if !edges.is_empty() {
-        out!("\nedges (health and smoothed probe RTT of each region):");
+        out!("\nedges (each region: health, smoothed probe RTT, share of answers, ejections; then the cache):");
     }
     for (e, s) in &edges {
         out_part!("  {:<20} {}", e.name, e.url);
@@ -64,15 +64,36 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             None => out!("  DOWN"),
             Some(s) => {
                 out!();
+                let traffic = s["traffic"]["regions"].as_array().cloned().unwrap_or_default();
                 for pair in s["regions"].as_array().into_iter().flatten() {
                     let (name, h) = (&pair[0], &pair[1]);
+                    let t = traffic.iter().find(|t| t["region"] == *name);
                     out!(
-                        "      {:<16} {:<9} {:>8}",
+                        "      {:<16} {:<9} {:>9} {:>6} {:>3} ejections",
                         name.as_str().unwrap_or("?"),
                         if h["healthy"].as_bool() == Some(true) { "healthy" } else { "EJECTED" },
-                        h["rtt_ms"].as_f64().map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
+                        h["rtt_ms"].as_f64().map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into()),
+                        t.and_then(|t| t["share"].as_f64()).map(|v| format!("{:.0} %", v * 100.0)).unwrap_or_default(),
+                        h["ejections"].as_u64().unwrap_or(0),
                     );
                 }
+                let c = &s["cache"];
+                let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                let cacheable = n("hits") + n("stale") + n("revalidated") + n("misses");
+                let ratio = if cacheable == 0 {
+                    0.0
+                } else {
+                    (n("hits") + n("stale") + n("revalidated")) as f64 * 100.0 / cacheable as f64
+                };
+                out!(
+                    "      cache: {ratio:.0} % hits of {cacheable} cacheable, {} KiB served from it, {} objects ({} KiB); \
+                     {} retries ({} refused by the budget)",
+                    n("bytes_from_cache") / 1024,
+                    n("objects"),
+                    n("bytes_stored") / 1024,
+                    s["traffic"]["retries"].as_u64().unwrap_or(0),
+                    s["traffic"]["retries_denied"].as_u64().unwrap_or(0),
+                );
             }
         }
     }

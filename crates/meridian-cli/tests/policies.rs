@@ -117,6 +117,9 @@ affinity = true
     assert_eq!(first_regions.len(), 2, "{first_regions:?}");
 }
 
+/// Stored in the EU namespace; looked for on every edge's disk.
+const SECRET: &str = "eu-only-7f3a9c";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eu_clients_are_served_only_by_eu_regions_and_eu_data_is_stored_only_by_eu_edges() {
     let w = World::start(&[]);
@@ -146,15 +149,15 @@ regions = "eu"
     assert!(ok, "deploy failed: {out}");
     let host = "gdpr.localhost";
     let c = client();
-    let put = |edge: String, path: &'static str| {
+    let put = |edge: String, path: &'static str, value: &'static str| {
         let c = c.clone();
         async move {
-            let r = request(&c, "PUT", &format!("{edge}{path}"), &[("host", host)], "value").await.unwrap();
+            let r = request(&c, "PUT", &format!("{edge}{path}"), &[("host", host)], value).await.unwrap();
             assert!(r.status < 300, "{}", r.body);
         }
     };
-    put(w.edge("edge-eu-west"), "/kv/profiles/alice").await;
-    put(w.edge("edge-eu-west"), "/kv/prefs/alice").await;
+    put(w.edge("edge-eu-west"), "/kv/profiles/alice", SECRET).await;
+    put(w.edge("edge-eu-west"), "/kv/prefs/alice", "dark mode").await;
     // Edges learn the rule from the regions: every edge then sends an EU
     // client to eu-west, however near another region is.
     learned(&w, host, "FR", |r| r == "eu-west").await;
@@ -190,7 +193,17 @@ regions = "eu"
         }
     }
     assert!(n > 100, "only {n} requests");
-    // The answers that read EU data: stored at the EU edge, at no other.
+    // The answers that read EU data: stored at the EU edge, at no other —
+    // in memory or on disk.
+    for e in &w.desc.edges {
+        let disk = w.dir.path().join("data").join(&e.name).join("cache");
+        let found = files_containing(&disk, SECRET.as_bytes());
+        if e.name == "edge-eu-west" {
+            assert!(!found.is_empty(), "the scan finds EU data where it may be ({})", disk.display());
+        } else {
+            assert!(found.is_empty(), "{} wrote EU data to its disk: {found:?}", e.name);
+        }
+    }
     for e in &w.desc.edges {
         let s = w.edge_status(&e.name).await;
         let objects = s["cache"]["objects"].as_u64().unwrap();

@@ -64,6 +64,17 @@ pub struct CacheConfig {
     /// Largest body stored; larger ones pass through.
     #[serde(default = "default_max_object_kb")]
     pub max_object_kb: usize,
+    /// The disk tier: every stored object is also written here, so the edge
+    /// keeps more than memory holds (emptied when the edge starts).
+    #[serde(default)]
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// Bound of the disk tier.
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u64,
+}
+
+fn default_disk_mb() -> u64 {
+    1024
 }
 
 fn yes() -> bool {
@@ -78,7 +89,13 @@ fn default_max_object_kb() -> usize {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { enabled: true, memory_mb: default_memory_mb(), max_object_kb: default_max_object_kb() }
+        CacheConfig {
+            enabled: true,
+            memory_mb: default_memory_mb(),
+            max_object_kb: default_max_object_kb(),
+            disk_dir: None,
+            disk_mb: default_disk_mb(),
+        }
     }
 }
 
@@ -150,19 +167,19 @@ impl ResponseLike for PolicyResponse<'_> {
 
 /// One stored response.
 pub struct Object {
-    policy: CachePolicy,
+    pub(crate) policy: CachePolicy,
     pub status: StatusCode,
     /// As sent to clients: no hop-by-hop or tag headers, no `Age`.
-    headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     pub body: Bytes,
-    tags: Box<[Box<str>]>,
+    pub(crate) tags: Box<[Box<str>]>,
     /// The values of the request headers `Vary` names, to tell variants of
     /// one URL apart.
-    vary_key: Box<str>,
+    pub(crate) vary_key: Box<str>,
     /// When it stops being fresh.
-    fresh_until: SystemTime,
-    stale_while_revalidate: Duration,
-    stale_if_error: Duration,
+    pub(crate) fresh_until: SystemTime,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
 }
 
 /// What a lookup found.
@@ -477,6 +494,9 @@ pub struct CacheStats {
     pub bytes_from_cache: u64,
     pub objects: u64,
     pub bytes_stored: u64,
+    /// URLs (all their variants) in the disk tier, and its bytes.
+    pub disk_entries: u64,
+    pub disk_bytes: u64,
 }
 
 impl CacheStats {
@@ -507,6 +527,7 @@ struct Counters {
 pub struct Cache {
     config: CacheConfig,
     objects: moka::sync::Cache<Box<str>, Variants>,
+    disk: Option<Arc<crate::disk::Disk>>,
     /// Keys being filled now, and the signal that the fill ended.
     inflight: Mutex<HashMap<Box<str>, watch::Receiver<bool>>>,
     /// Keys whose last answer could not be stored: for a while their
@@ -563,21 +584,26 @@ fn keep_for(v: &Variants, _: std::time::Instant) -> Option<Duration> {
 }
 
 impl Cache {
-    pub fn new(config: CacheConfig) -> Arc<Cache> {
+    pub fn new(config: CacheConfig) -> std::io::Result<Arc<Cache>> {
+        let disk = match &config.disk_dir {
+            Some(dir) => Some(Arc::new(crate::disk::Disk::open(dir, config.disk_mb << 20)?)),
+            None => None,
+        };
         let objects = moka::sync::Cache::builder()
             .max_capacity(config.memory_mb << 20)
             .weigher(|_k, v: &Variants| v.iter().map(|o| o.weight()).fold(0u32, |a, b| a.saturating_add(b)))
             .expire_after(Expiry)
             .build();
-        Arc::new(Cache {
+        Ok(Arc::new(Cache {
             config,
             objects,
+            disk,
             inflight: Mutex::new(HashMap::new()),
             uncacheable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNCACHEABLE_FOR).build(),
             paused: Default::default(),
             any_paused: Default::default(),
             counters: Counters::default(),
-        })
+        }))
     }
 
     pub fn enabled(&self) -> bool {
@@ -591,8 +617,17 @@ impl Cache {
     /// The stored response for `req` (a GET or HEAD; HEAD is answered from
     /// a stored GET), fresh or stale.
     pub fn lookup(&self, key: &str, req: &Lookup<'_>, now: SystemTime) -> Found {
-        let Some(variants) = self.objects.get(key) else {
-            return Found::Miss;
+        let variants = match self.objects.get(key) {
+            Some(v) => v,
+            // Not in memory: the disk tier may have it (then memory does).
+            None => match self.disk.as_ref().and_then(|d| d.read(key)) {
+                Some(list) if !list.is_empty() => {
+                    let v: Variants = list.into();
+                    self.objects.insert(key.into(), v.clone());
+                    v
+                }
+                _ => return Found::Miss,
+            },
         };
         let get = Lookup { method: &Method::GET, ..*req };
         // Newest variant first: a re-stored variant replaces its old self.
@@ -619,7 +654,21 @@ impl Cache {
         if list.len() > MAX_VARIANTS {
             list.drain(..list.len() - MAX_VARIANTS);
         }
+        self.write_disk(&key, &list);
         self.objects.insert(key, list.into());
+    }
+
+    /// Writes `key`'s variants to the disk tier, off the request's thread
+    /// when there is a runtime.
+    fn write_disk(&self, key: &str, list: &[Arc<Object>]) {
+        let Some(disk) = self.disk.clone() else { return };
+        let (key, list): (Box<str>, Vec<Arc<Object>>) = (key.into(), list.to_vec());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || disk.write(&key, &list));
+            }
+            Err(_) => disk.write(&key, &list),
+        }
     }
 
     /// Remembers that `key`'s answer could not be stored.
@@ -636,6 +685,9 @@ impl Cache {
     /// to it: RFC 9111 §4.4).
     pub fn invalidate(&self, key: &str) {
         self.objects.invalidate(key);
+        if let Some(d) = &self.disk {
+            d.remove(key);
+        }
     }
 
     /// Stops (`Some(n > 0)`: for n ms) or restarts (`Some(0)`) caching the
@@ -692,6 +744,7 @@ impl Cache {
                     Arc::new(Object { headers, ..o.shallow_clone() })
                 })
                 .collect();
+            self.write_disk(&k, &list);
             self.objects.insert((*k).clone(), list.into());
         }
         n
@@ -703,8 +756,14 @@ impl Cache {
         if !p.all && p.prefixes.is_empty() && p.tags.is_empty() && p.any_host_but.is_none() {
             for h in &p.hosts {
                 for path in &p.paths {
-                    if let Some(v) = self.objects.remove(&*key(h, path)) {
-                        removed += v.len() as u64;
+                    let k = key(h, path);
+                    match self.objects.remove(&*k) {
+                        Some(v) => removed += v.len() as u64,
+                        None if self.disk.as_ref().is_some_and(|d| d.read(&k).is_some()) => removed += 1,
+                        None => {}
+                    }
+                    if let Some(d) = &self.disk {
+                        d.remove(&k);
                     }
                 }
             }
@@ -725,6 +784,23 @@ impl Cache {
             for (k, n) in doomed {
                 self.objects.invalidate(&**k);
                 removed += n as u64;
+            }
+        }
+        // The disk tier holds more than memory: what only it has goes too.
+        if let Some(d) = &self.disk {
+            for (k, e) in d.keys() {
+                let Some((host, path)) = split_key(&k) else { continue };
+                let doomed = p.covers_host(host)
+                    && (p.all
+                        || p.paths.iter().any(|x| x == path)
+                        || p.prefixes.iter().any(|x| path.starts_with(x.as_str()))
+                        || e.tags.iter().any(|t| p.tags.iter().any(|x| **t == **x)));
+                if doomed {
+                    if self.objects.get(&**k).is_none() {
+                        removed += 1;
+                    }
+                    d.remove(&k);
+                }
             }
         }
         self.counters.purged.fetch_add(removed, Relaxed);
@@ -772,6 +848,8 @@ impl Cache {
             bytes_from_cache: c.bytes_from_cache.load(Relaxed),
             objects: self.objects.iter().map(|(_, v)| v.len() as u64).sum(),
             bytes_stored: self.objects.weighted_size(),
+            disk_entries: self.disk.as_ref().map_or(0, |d| d.usage().0),
+            disk_bytes: self.disk.as_ref().map_or(0, |d| d.usage().1),
         }
     }
 }
@@ -973,7 +1051,7 @@ mod tests {
             ),
         ];
         for (name, req, status, resp, storable, checks) in rows {
-            let cache = Cache::new(CacheConfig::default());
+            let cache = Cache::new(CacheConfig::default()).unwrap();
             let resp: Vec<(&str, &str)> = resp.iter().map(|(k, v)| (*k, v.as_str())).collect();
             assert_eq!(put(&cache, &req, status, &resp, t0), storable, "{name}: storable");
             // The edge strips the client's own directives before a lookup.
@@ -992,7 +1070,7 @@ mod tests {
     #[test]
     fn vary_keeps_one_variant_per_request_header_value() {
         let t0 = SystemTime::now();
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         let resp = [("cache-control", "max-age=60"), ("vary", "Accept-Language")];
         assert!(put(&cache, &[("accept-language", "fr")], 200, &resp, t0));
         assert_eq!(seen(&cache, &[("accept-language", "fr")], t0), Seen::Fresh);
@@ -1009,7 +1087,7 @@ mod tests {
     #[test]
     fn age_counts_upstream_age_and_time_held() {
         let t0 = SystemTime::now();
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         assert!(put(&cache, &[], 200, &[("cache-control", "max-age=60"), ("age", "7")], t0));
         let rh = headers(&[]);
         let Found::Fresh(o) = cache.lookup(&key(HOST, "/x"), &lookup("/x", &rh), t0 + Duration::from_secs(10)) else {
@@ -1100,7 +1178,7 @@ mod tests {
     #[test]
     fn purge_by_path_prefix_tag_and_all_stays_within_the_hosts_named() {
         let t0 = SystemTime::now();
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         let store = |host: &str, path: &str, tag: &str| {
             let rh = headers(&[("host", host)]);
             let resp = headers(&[("cache-control", "max-age=60"), ("cache-tag", tag)]);
@@ -1134,7 +1212,7 @@ mod tests {
     #[test]
     fn pinned_objects_are_purged_with_their_host_and_a_rollouts_end_relabels_what_stayed() {
         let t0 = SystemTime::now();
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         let rh = headers(&[]);
         for (k, version) in [(key(HOST, "/a"), "v1"), (pinned_key(HOST, "eu", "/a"), "v1"), (key(HOST, "/b"), "v0")] {
             let resp = headers(&[("cache-control", "max-age=60"), ("x-meridian-version", version)]);
@@ -1156,7 +1234,7 @@ mod tests {
 
     #[test]
     fn a_paused_host_is_not_cached_until_resumed_or_the_pause_ends() {
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         assert!(!cache.paused(HOST));
         let mut p = Purge { hosts: vec![HOST.into()], pause_ms: Some(60_000), ..Default::default() };
         cache.pause(&p);
@@ -1170,9 +1248,51 @@ mod tests {
         assert!(!cache.paused(HOST), "expired");
     }
 
+    #[test]
+    fn the_disk_tier_keeps_what_memory_cannot_and_purges_reach_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CacheConfig { disk_dir: Some(dir.path().join("disk")), memory_mb: 1, ..Default::default() };
+        let cache = Cache::new(config.clone()).unwrap();
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        // 64 objects of 64 KiB: four times what memory holds.
+        for i in 0..64 {
+            let resp =
+                headers(&[("cache-control", "max-age=60"), ("cache-tag", if i % 2 == 0 { "even" } else { "odd" })]);
+            let body = Bytes::from(vec![i as u8; 64 << 10]);
+            let path = format!("/f{i}");
+            let o = Object::new(&lookup(&path, &rh), StatusCode::OK, &resp, body, t0).unwrap();
+            cache.store(key(HOST, &path), Arc::new(o));
+        }
+        cache.objects.run_pending_tasks();
+        assert!(cache.objects.entry_count() < 64, "memory is bounded");
+        assert_eq!(cache.stats().disk_entries, 64);
+        for i in 0..64 {
+            let path = format!("/f{i}");
+            match cache.lookup(&key(HOST, &path), &lookup(&path, &rh), t0) {
+                Found::Fresh(o) => assert_eq!(o.body[0], i as u8, "{path}"),
+                _ => panic!("{path} lost"),
+            }
+        }
+        let purge = Purge { hosts: vec![HOST.into()], tags: vec!["odd".into()], ..Default::default() };
+        cache.purge(&purge);
+        cache.objects.run_pending_tasks();
+        for i in 0..64 {
+            let path = format!("/f{i}");
+            let found = !matches!(cache.lookup(&key(HOST, &path), &lookup(&path, &rh), t0), Found::Miss);
+            assert_eq!(found, i % 2 == 0, "{path}");
+        }
+        drop(cache);
+        // A new edge starts empty.
+        let cache = Cache::new(config).unwrap();
+        assert_eq!(cache.stats().disk_entries, 0);
+        assert!(matches!(cache.lookup(&key(HOST, "/f0"), &lookup("/f0", &rh), t0), Found::Miss));
+        assert_eq!(std::fs::read_dir(dir.path().join("disk")).unwrap().count(), 0);
+    }
+
     #[tokio::test]
     async fn one_fill_per_key_and_the_waiters_wake_when_it_ends() {
-        let cache = Cache::new(CacheConfig::default());
+        let cache = Cache::new(CacheConfig::default()).unwrap();
         let Turn::Lead(guard) = cache.join("k") else { panic!("first leads") };
         let mut waiters = Vec::new();
         for _ in 0..100 {

@@ -28,6 +28,7 @@
 pub mod body;
 pub mod budget;
 pub mod cache;
+pub mod disk;
 pub mod health;
 pub mod https;
 pub mod limits;
@@ -176,6 +177,8 @@ pub enum EdgeError {
     GeoIp { path: PathBuf, message: String },
     #[error("an edge needs at least one region")]
     NoRegions,
+    #[error("cannot use {path} for the cache's disk tier: {source}")]
+    CacheDir { path: PathBuf, source: std::io::Error },
 }
 
 /// Where a client was located, and how.
@@ -241,7 +244,10 @@ impl Edge {
             }
         };
         let edge_header = HeaderValue::from_str(&config.name).unwrap_or(HeaderValue::from_static("edge"));
-        let cache = Cache::new(config.cache.clone());
+        let cache = Cache::new(config.cache.clone()).map_err(|source| EdgeError::CacheDir {
+            path: config.cache.disk_dir.clone().unwrap_or_default(),
+            source,
+        })?;
         let config_budget = config.retry_budget;
         let names = config.regions.iter().map(|r| r.name.clone()).collect();
         let jurisdictions = config.regions.iter().map(|r| r.jurisdiction.clone()).collect();
@@ -383,9 +389,16 @@ impl Edge {
                         text(StatusCode::BAD_REQUEST, "a purge names the hosts it applies to")
                     }
                     Ok(p) => {
-                        let removed = if p.is_empty() { 0 } else { self.cache.purge(&p) };
-                        self.cache.relabel(&p);
-                        self.cache.pause(&p);
+                        // The disk tier makes this file work: off the async threads.
+                        let (cache, purge) = (self.cache.clone(), p.clone());
+                        let removed = tokio::task::spawn_blocking(move || {
+                            let removed = if purge.is_empty() { 0 } else { cache.purge(&purge) };
+                            cache.relabel(&purge);
+                            cache.pause(&purge);
+                            removed
+                        })
+                        .await
+                        .unwrap_or(0);
                         tracing::info!(hosts = ?p.hosts, removed, "purged");
                         json(StatusCode::OK, &serde_json::json!({ "edge": self.config.name, "removed": removed }))
                     }

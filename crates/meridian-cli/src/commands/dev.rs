@@ -561,7 +561,10 @@ async fn bring_up(
             geoip_db: a.geoip_db.clone(),
             regions: targets,
             health: HealthConfig { interval_ms: a.health_interval_ms, ..HealthConfig::default() },
-            cache: meridian_edge::cache::CacheConfig::default(),
+            cache: meridian_edge::cache::CacheConfig {
+                disk_dir: Some(dir.join("data").join(&name).join("cache")),
+                ..Default::default()
+            },
             retry_budget: Default::default(),
             max_retries: 2,
             upstream_timeout_ms: 30_000,

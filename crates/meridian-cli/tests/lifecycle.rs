@@ -13,14 +13,17 @@ fn alive(pid: u32) -> bool {
 fn ctrl_c_stops_every_process_and_the_description_says_where_everything_is() {
     let mut w = World::start(&[]);
     let d = &w.desc;
-    // The description is complete: one supervisor, three control nodes, and
-    // a region and an edge per region of the default world, all running.
+    // The description is complete: one supervisor, three control nodes, a
+    // region and an edge per region of the default world, and the GeoDNS
+    // server, all running.
     let roles: Vec<&str> = d.processes.iter().map(|p| p.role.as_str()).collect();
     assert_eq!(roles.iter().filter(|r| **r == "region").count(), 3);
     assert_eq!(roles.iter().filter(|r| **r == "edge").count(), 3);
     assert_eq!(roles.iter().filter(|r| **r == "control").count(), 3);
     assert_eq!(roles.iter().filter(|r| **r == "supervisor").count(), 1);
-    assert_eq!(d.links.len(), 9 + 6, "edge->region and region->region links");
+    assert_eq!(roles.iter().filter(|r| **r == "dns").count(), 1);
+    assert!(d.dns.is_some());
+    assert_eq!(d.links.len(), 9 + 6 + 9, "edge->region, region->region and control->edge links");
     let pids: Vec<u32> = d.processes.iter().map(|p| p.pid.expect("every process runs")).collect();
     assert!(pids.iter().all(|p| alive(*p)));
     for p in &d.processes {

@@ -49,7 +49,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local multi-region world (regions, edges, a control plane of three nodes) and deploy the example apps (hello, notes) to it.
+    /// Start a local multi-region world (regions, edges with caches and HTTPS, GeoDNS, a control plane of three nodes) and deploy the example apps (hello, notes) to it.
     Dev(commands::dev::Args),
     /// Ship an app directory as a new immutable version, rolled out region by region as its manifest says.
     Deploy(commands::deploy::Args),
@@ -57,7 +57,7 @@ enum Command {
     Status(commands::status::Args),
     /// Read and write key-value namespaces; see their replication.
     Kv(commands::kv::Args),
-    /// Inject faults into a running dev world: kill regions or control nodes, cut links, add latency.
+    /// Inject faults into a running dev world: kill regions, edges or control nodes, cut links, add latency.
     Chaos(commands::chaos::Args),
     /// Name a control plane and its credentials: add, use, list, remove.
     Context(commands::context::Args),

@@ -61,6 +61,10 @@ pub struct Route {
     /// Purge tags (`Cache-Tag`) added to every answer of this route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_tags: Vec<String>,
+    /// Static routes: paths (below the directory) whose files never change
+    /// under their names, e.g. `["assets/"]` (cached for a year everywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub immutable: Vec<String>,
 }
 
 /// Where a key-value namespace's data lives and how it is kept consistent.
@@ -882,7 +886,11 @@ impl Manifest {
                 Some(entries) => {
                     for (i, (rt, span)) in entries.into_iter().enumerate() {
                         let prefix = format!("routes[{i}]");
-                        c.only_keys(rt, &prefix, &["path", "component", "static", "cache_control", "cache_tags"]);
+                        c.only_keys(
+                            rt,
+                            &prefix,
+                            &["path", "component", "static", "cache_control", "cache_tags", "immutable"],
+                        );
                         let path = c.string(rt, &prefix, "path");
                         let component = c.string(rt, &prefix, "component");
                         let static_dir = c.string(rt, &prefix, "static");
@@ -897,6 +905,14 @@ impl Manifest {
                             }
                         }
                         let cache_tags = c.string_list(rt, &prefix, "cache_tags").unwrap_or_default();
+                        let immutable = c.string_list(rt, &prefix, "immutable").unwrap_or_default();
+                        if !immutable.is_empty() && rt.get("component").is_some() {
+                            c.error(
+                                item_span(rt, "immutable"),
+                                &format!("{prefix}.immutable"),
+                                "only static routes have immutable files",
+                            );
+                        }
                         for t in &cache_tags {
                             if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
                                 c.error(
@@ -970,7 +986,7 @@ impl Manifest {
                                 continue;
                             }
                         };
-                        routes.push(Route { path, target, cache_control, cache_tags });
+                        routes.push(Route { path, target, cache_control, cache_tags, immutable });
                     }
                 }
             },

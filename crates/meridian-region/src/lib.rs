@@ -454,7 +454,7 @@ impl Region {
                     Some(site) => site.serve(&req, rel),
                     None => text(StatusCode::NOT_FOUND, format!("no file at {path}")),
                 };
-                statics::cache_headers(route, &mut resp, true);
+                statics::cache_headers(route, &mut resp, Some(rel));
                 resp
             }
             RouteTarget::Component(name) => {
@@ -479,7 +479,7 @@ impl Region {
                     if resp.extensions().get::<meridian_host::Fault>().is_some() {
                         resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                     }
-                    statics::cache_headers(route, &mut resp, false);
+                    statics::cache_headers(route, &mut resp, None);
                     return resp;
                 };
                 let token = causality_token(&svc, &req);
@@ -489,7 +489,7 @@ impl Region {
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
                     resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
                 }
-                statics::cache_headers(route, &mut resp, false);
+                statics::cache_headers(route, &mut resp, None);
                 if let Some(j) = kv.residency().and_then(|j| HeaderValue::from_str(&j).ok()) {
                     resp.headers_mut().insert(headers::RESIDENCY, j);
                 }

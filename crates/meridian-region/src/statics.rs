@@ -110,16 +110,39 @@ impl StaticSite {
 const STATIC_BROWSER_CACHE: &str = "public, max-age=0, must-revalidate";
 const STATIC_CDN_CACHE: &str = "public, max-age=60, stale-while-revalidate=60, stale-if-error=86400";
 
+/// What a content-hashed file tells every cache: it never changes under
+/// this name.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
 /// Adds a route's caching headers to an answer of it: `cache_control`
 /// (always on static files, with a default; on a function's answer only if
-/// it set none) and `cache_tags` as `Cache-Tag`. Errors are not touched.
-pub fn cache_headers(route: &meridian_manifest::Route, resp: &mut Response<Body>, is_static: bool) {
+/// it set none) and `cache_tags` as `Cache-Tag`. A static file is immutable
+/// (cached for a year everywhere) when it is under one of the route's
+/// `immutable` prefixes, or when its name carries the start of its own
+/// SHA-256 (a content hash, as bundlers name assets). Errors are not
+/// touched. `rel` is the request path below the route's prefix.
+pub fn cache_headers(route: &meridian_manifest::Route, resp: &mut Response<Body>, static_rel: Option<&str>) {
     let status = resp.status();
     if !(status.is_success() || status == StatusCode::NOT_MODIFIED) {
         return;
     }
+    let is_static = static_rel.is_some();
+    let immutable = static_rel.is_some_and(|rel| {
+        let rel = rel.trim_start_matches('/');
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        let hashed = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(|e| e.trim_matches('"'))
+            .is_some_and(|hex| hex.len() >= 8 && name.contains(&hex[..8]));
+        hashed || route.immutable.iter().any(|p| rel.starts_with(p.trim_start_matches('/')))
+    });
     let h = resp.headers_mut();
     match (&route.cache_control, is_static) {
+        _ if immutable => {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+        }
         (Some(cc), _) if is_static || !h.contains_key(header::CACHE_CONTROL) => {
             if let Ok(v) = HeaderValue::from_str(cc) {
                 h.insert(header::CACHE_CONTROL, v);
@@ -159,6 +182,33 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_hashed_and_declared_immutable_files_are_cached_for_a_year() {
+        let js = b"console.log(1)";
+        let hex = hex::encode(Sha256::digest(js));
+        let hashed = format!("app.{}.js", &hex[..10]);
+        let site = StaticSite::new(
+            [(hashed.as_str(), &js[..]), ("vendor/lib.js", b"x"), ("index.html", b"hi"), ("app.0badc0de.js", b"y")]
+                .into_iter(),
+        );
+        let route = meridian_manifest::Route {
+            path: "/".into(),
+            target: meridian_manifest::RouteTarget::Static("s".into()),
+            cache_control: None,
+            cache_tags: vec![],
+            immutable: vec!["vendor/".into()],
+        };
+        let cc = |rel: &str| {
+            let mut r = site.serve(&Request::get(format!("/{rel}")).body(()).unwrap(), rel);
+            cache_headers(&route, &mut r, Some(rel));
+            r.headers()[header::CACHE_CONTROL].to_str().unwrap().to_string()
+        };
+        assert_eq!(cc(&hashed), IMMUTABLE);
+        assert_eq!(cc("vendor/lib.js"), IMMUTABLE);
+        assert_eq!(cc("index.html"), STATIC_BROWSER_CACHE);
+        assert_eq!(cc("app.0badc0de.js"), STATIC_BROWSER_CACHE, "a hash that is not its own");
+    }
     use http_body_util::BodyExt;
 
     fn site() -> StaticSite {

@@ -16,9 +16,9 @@ pub struct Args {
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// SIGKILL the process of a region or a control node (`control-1`, …).
+    /// SIGKILL the process of a region, a control node (`control-1`, …) or an edge (`edge-eu-west`).
     Kill { region: String },
-    /// Start a region or control node again (kills it first if it is running).
+    /// Start a region, control node or edge again (kills it first if it is running).
     Restart { region: String },
     /// Partition the links between A and B in both directions (bytes are held, not delivered).
     Cut { a: String, b: String },

@@ -206,6 +206,14 @@ def bench_edge(work, duration):
     reuse). "direct" is the region's public port, plain HTTP."""
     stack = Stack(work, make_app(work))
     edge_port, edge_cluster, nginx_port = free_port(), free_port(), free_port()
+    edge_tls_port, nginx_tls_port = free_port(), free_port()
+    # One certificate for both HTTPS ports (ECDSA P-256, for localhost).
+    sites = os.path.join(work, "sites")
+    os.makedirs(sites)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", os.path.join(sites, "localhost.key"), "-out", os.path.join(sites, "localhost.pem"),
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
     edge_cfg = os.path.join(work, "edge.toml")
     with open(edge_cfg, "w") as f:
         f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
@@ -213,6 +221,7 @@ def bench_edge(work, duration):
                 # A reverse proxy against a reverse proxy: the edge's cache
                 # is off here (`bench.py cache` measures caches).
                 f'[cache]\nenabled = false\n'
+                f'[https]\nlisten = "127.0.0.1:{edge_tls_port}"\ncerts_dir = "{sites}"\n'
                 f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
     start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
@@ -232,6 +241,12 @@ http {{
   upstream region {{ server 127.0.0.1:{stack.cluster_port}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{nginx_port};
+    listen 127.0.0.1:{nginx_tls_port} ssl;
+    ssl_certificate {sites}/localhost.pem;
+    ssl_certificate_key {sites}/localhost.key;
+    ssl_protocols TLSv1.3;
+    # The suite rustls picks first, so both ends do the same work.
+    ssl_conf_command Ciphersuites TLS_AES_256_GCM_SHA384;
     location / {{
       proxy_pass https://region;
       proxy_http_version 1.1;
@@ -259,15 +274,23 @@ http {{
     print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
           "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in ("/index.html", "/hello"):
-        for conns in (1, 16):
-            d = wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns)
-            e = wrk(f"http://127.0.0.1:{edge_port}{path}", duration, conns)
-            n = wrk(f"http://127.0.0.1:{nginx_port}{path}", duration, conns)
-            print(f"| {path} | {conns} | {d['p50_ms']:.3f} | {e['p50_ms']:.3f} | {n['p50_ms']:.3f} | "
-                  f"{(e['p50_ms'] - d['p50_ms']) * 1000:.0f} | {(n['p50_ms'] - d['p50_ms']) * 1000:.0f} | "
-                  f"{(e['p99_ms'] - d['p99_ms']) * 1000:.0f} | {(n['p99_ms'] - d['p99_ms']) * 1000:.0f} | "
-                  f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} |")
+    rows = [(path, conns, f"http://127.0.0.1:{edge_port}", f"http://127.0.0.1:{nginx_port}", path)
+            for path in ("/index.html", "/hello") for conns in (1, 16)]
+    # HTTPS to both (same certificate, TLS 1.3, AES-256-GCM; wrk keeps its
+    # connections, so this is the record layer, not handshakes).
+    rows += [(path, conns, f"https://localhost:{edge_tls_port}", f"https://localhost:{nginx_tls_port}", f"{path} (TLS)")
+             for path in ("/index.html", "/hello") for conns in (1, 16)]
+    for path, conns, edge_url, nginx_url, label in rows:
+        d = wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns)
+        e = wrk(f"{edge_url}{path}", duration, conns)
+        n = wrk(f"{nginx_url}{path}", duration, conns)
+        for name, r in (("edge", e), ("nginx", n)):
+            if r["errors"] or r["socket_errors"]:
+                print(f"<!-- {name} {label} c{conns}: {r['errors']} non-2xx, {r['socket_errors']} -->")
+        print(f"| {label} | {conns} | {d['p50_ms']:.3f} | {e['p50_ms']:.3f} | {n['p50_ms']:.3f} | "
+              f"{(e['p50_ms'] - d['p50_ms']) * 1000:.0f} | {(n['p50_ms'] - d['p50_ms']) * 1000:.0f} | "
+              f"{(e['p99_ms'] - d['p99_ms']) * 1000:.0f} | {(n['p99_ms'] - d['p99_ms']) * 1000:.0f} | "
+              f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} |")
 
 
 def bench_cache(work, duration):
@@ -312,6 +335,12 @@ http {{
   upstream region {{ server 127.0.0.1:{stack.region_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{nginx_port};
+    listen 127.0.0.1:{nginx_tls_port} ssl;
+    ssl_certificate {sites}/localhost.pem;
+    ssl_certificate_key {sites}/localhost.key;
+    ssl_protocols TLSv1.3;
+    # The suite rustls picks first, so both ends do the same work.
+    ssl_conf_command Ciphersuites TLS_AES_256_GCM_SHA384;
     location / {{
       proxy_pass http://region;
       proxy_http_version 1.1;

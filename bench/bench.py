@@ -224,7 +224,10 @@ def bench_edge(work, duration):
                 f'[https]\nlisten = "127.0.0.1:{edge_tls_port}"\ncerts_dir = "{sites}"\n'
                 f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
-    start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))
+    env = dict(os.environ)
+    if os.environ.get("EDGE_THREADS"):
+        env["MERIDIAN_WORKER_THREADS"] = os.environ["EDGE_THREADS"]
+    start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"), env=env)
     wait_http(edge_port, "/", ok=lambda s: s == 200)
     nginx_dir = os.path.join(work, "nginx")
     os.makedirs(nginx_dir)

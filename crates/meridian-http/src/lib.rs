@@ -174,6 +174,26 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and
 /// waits up to `grace` for requests in flight to finish.
+/// The server side of a TLS handshake, within `HANDSHAKE_TIMEOUT`; `None`
+/// (logged) if it failed.
+async fn accept_tls(
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,
@@ -214,39 +234,17 @@ pub async fn serve(
                 })
             };
             let result = match transport {
-                Transport::Public(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
-                    watcher.watch(conn.into_owned()).await
-                }
                 Transport::Plain => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     watcher.watch(conn.into_owned()).await
                 }
+                Transport::Public(config) => {
+                    let Some(stream) = accept_tls(config, stream, peer).await else { return };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
+                    watcher.watch(conn.into_owned()).await
+                }
                 Transport::Tls(tls, auth) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(auth));
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                    let Some(stream) = accept_tls(tls.server_config(auth), stream, peer).await else { return };
                     let identity =
                         Tls::peer_identity(stream.get_ref().1.peer_certificates()).map(|i| Peer(Arc::new(i)));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(identity));

@@ -73,6 +73,23 @@ fn read(path: &Path) -> Result<String, TrustError> {
     std::fs::read_to_string(path).map_err(|source| TrustError::Read { path: path.to_path_buf(), source })
 }
 
+/// A new CA named `name` that signs leaves only (never another CA), its
+/// key written with mode 0600.
+fn self_signed_ca(name: &str, days: u32, cert_path: &Path, key_path: &Path) -> Result<(), TrustError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.distinguished_name.push(DnType::OrganizationName, "Meridian");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(serial());
+    validity(&mut params, days);
+    let cert = params.self_signed(&key)?;
+    write(key_path, key.serialize_pem().as_bytes(), true)?;
+    write(cert_path, cert.pem().as_bytes(), false)
+}
+
 /// Creates a new cluster CA in `dir` (`ca.pem`, and `ca.key` with mode 0600).
 /// Refuses to overwrite an existing one: every node certificate depends on it.
 pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustError> {
@@ -82,19 +99,7 @@ pub fn init_ca(dir: &Path, cluster: &str, days: u32) -> Result<CaFiles, TrustErr
             return Err(TrustError::Exists { path: p.clone() });
         }
     }
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, format!("Meridian cluster CA ({cluster})"));
-    params.distinguished_name.push(DnType::OrganizationName, "Meridian");
-    // Node certificates only: the CA signs leaves, never another CA.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.serial_number = Some(serial());
-    validity(&mut params, days);
-    let cert = params.self_signed(&key)?;
-    write(&files.key, key.serialize_pem().as_bytes(), true)?;
-    write(&files.cert, cert.pem().as_bytes(), false)?;
+    self_signed_ca(&format!("Meridian cluster CA ({cluster})"), days, &files.cert, &files.key)?;
     new_cluster_key(&files.cluster_key)?;
     Ok(files)
 }
@@ -162,18 +167,7 @@ pub fn ensure_public_ca(dir: &Path, world: &str, days: u32) -> Result<(PathBuf, 
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, format!("Meridian public CA ({world})"));
-    params.distinguished_name.push(DnType::OrganizationName, "Meridian");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.serial_number = Some(serial());
-    validity(&mut params, days);
-    let cert = params.self_signed(&key)?;
-    write(&key_path, key.serialize_pem().as_bytes(), true)?;
-    write(&cert_path, cert.pem().as_bytes(), false)?;
+    self_signed_ca(&format!("Meridian public CA ({world})"), days, &cert_path, &key_path)?;
     Ok((cert_path, key_path))
 }
 

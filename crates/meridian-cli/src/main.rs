@@ -79,7 +79,7 @@ enum Command {
     Certs(commands::certs::Args),
     /// Run a region node (functions, static assets, key-value data) from a config file.
     Region(commands::roles::Args),
-    /// Run an edge router from a config file.
+    /// Run an edge (routing, cache, HTTPS) from a config file.
     Edge(commands::roles::Args),
     /// Run the GeoDNS server: answers apps' hostnames with the nearest healthy edge.
     Dns(commands::roles::Args),

@@ -295,6 +295,11 @@ impl Control {
         })
     }
 
+    /// Sends `p` to every edge at once (each gets 5 s).
+    async fn purge_edges(&self, p: meridian_core::wire::Purge) -> purge::PurgeReport {
+        purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await
+    }
+
     /// Tells every edge to stop caching `app` (for an hour at most; the
     /// rollout's end purge restarts it).
     async fn pause_edges(&self, app: &str) {
@@ -303,7 +308,7 @@ impl Control {
         }
         let Some(mut p) = self.purge_scope(app) else { return };
         p.pause_ms = Some(3_600_000);
-        let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+        let report = self.purge_edges(p).await;
         tracing::info!(app, ms = report.ms, failed = report.failed().len(), "edge caching paused for the rollout");
     }
 
@@ -334,7 +339,7 @@ impl Control {
             p.relabel =
                 Some(meridian_core::wire::Relabel { from: old.short().to_string(), to: new.short().to_string() });
         }
-        let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+        let report = self.purge_edges(p).await;
         tracing::info!(app, ms = report.ms, failed = report.failed().len(), "edges purged after the rollout");
         Some(report)
     }
@@ -1620,7 +1625,7 @@ impl Control {
                     p.tags.join(","),
                     if p.all { ", all" } else { "" }
                 );
-                let report = purge::fan_out(&self.client, &self.config.edges, p, Duration::from_secs(5)).await;
+                let report = self.purge_edges(p).await;
                 let outcome = match report.failed().len() {
                     0 => format!("ok: {} edges in {:.0} ms", report.edges.len(), report.ms),
                     n => format!("{n} of {} edges did not confirm", report.edges.len()),

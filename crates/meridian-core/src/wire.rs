@@ -266,6 +266,16 @@ impl Purge {
         self.hosts.iter().any(|h| h == host)
             || self.any_host_but.as_ref().is_some_and(|but| !but.iter().any(|h| h == host))
     }
+
+    /// Does the purge reach an object of `host` at `path` (with query),
+    /// whose tags `has_tag` answers for?
+    pub fn reaches(&self, host: &str, path: &str, has_tag: impl Fn(&str) -> bool) -> bool {
+        self.covers_host(host)
+            && (self.all
+                || self.paths.iter().any(|x| x == path)
+                || self.prefixes.iter().any(|x| path.starts_with(x.as_str()))
+                || self.tags.iter().any(|t| has_tag(t)))
+    }
 }
 
 /// How edges choose a region for an app's requests (the manifest's

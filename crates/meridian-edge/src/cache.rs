@@ -166,6 +166,7 @@ impl ResponseLike for PolicyResponse<'_> {
 }
 
 /// One stored response.
+#[derive(Clone)]
 pub struct Object {
     pub(crate) policy: CachePolicy,
     pub status: StatusCode,
@@ -315,20 +316,6 @@ impl Object {
         h
     }
 
-    fn shallow_clone(&self) -> Object {
-        Object {
-            policy: self.policy.clone(),
-            status: self.status,
-            headers: self.headers.clone(),
-            body: self.body.clone(),
-            tags: self.tags.clone(),
-            vary_key: self.vary_key.clone(),
-            fresh_until: self.fresh_until,
-            stale_while_revalidate: self.stale_while_revalidate,
-            stale_if_error: self.stale_if_error,
-        }
-    }
-
     /// A stored header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -450,6 +437,29 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
+    )
+}
+
+/// `variants` with every `x-meridian-version: from` changed to `to`
+/// (counted in `n`), or `None` if none carried `from`.
+fn relabeled(variants: &[Arc<Object>], from: &HeaderValue, to: &HeaderValue, n: &mut u64) -> Option<Vec<Arc<Object>>> {
+    let version = |o: &Object| o.headers.get(meridian_core::headers::VERSION) == Some(from);
+    if !variants.iter().any(|o| version(o)) {
+        return None;
+    }
+    Some(
+        variants
+            .iter()
+            .map(|o| {
+                if !version(o) {
+                    return o.clone();
+                }
+                *n += 1;
+                let mut relabelled = Object::clone(o);
+                relabelled.headers.insert(meridian_core::headers::VERSION, to.clone());
+                Arc::new(relabelled)
+            })
+            .collect(),
     )
 }
 
@@ -726,77 +736,51 @@ impl Cache {
     pub fn relabel(&self, p: &Purge) -> u64 {
         let Some(r) = &p.relabel else { return 0 };
         let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
+        let covered = |k: &str| split_key(k).is_some_and(|(host, _)| p.covers_host(host));
         let mut n = 0;
         for (k, variants) in self.objects.iter() {
-            let Some((host, _)) = split_key(&k) else { continue };
-            if !p.covers_host(host) || !variants.iter().any(|o| o.headers.get("x-meridian-version") == Some(&from)) {
-                continue;
+            if covered(&k) {
+                if let Some(list) = relabeled(&variants, &from, &to, &mut n) {
+                    self.write_disk(&k, &list);
+                    self.objects.insert((*k).clone(), list.into());
+                }
             }
-            let list: Vec<Arc<Object>> = variants
-                .iter()
-                .map(|o| {
-                    if o.headers.get("x-meridian-version") != Some(&from) {
-                        return o.clone();
+        }
+        // What only the disk tier holds is relabelled there.
+        if let Some(d) = &self.disk {
+            for (k, _) in d.keys() {
+                if covered(&k) && !self.objects.contains_key(&**k) {
+                    if let Some(list) = d.read(&k).and_then(|v| relabeled(&v, &from, &to, &mut n)) {
+                        d.write(&k, &list);
                     }
-                    n += 1;
-                    let mut headers = o.headers.clone();
-                    headers.insert("x-meridian-version", to.clone());
-                    Arc::new(Object { headers, ..o.shallow_clone() })
-                })
-                .collect();
-            self.write_disk(&k, &list);
-            self.objects.insert((*k).clone(), list.into());
+                }
+            }
         }
         n
     }
 
-    /// Removes what `p` names; returns how many objects went.
+    /// Removes what `p` names; returns how many objects went (a URL only
+    /// the disk tier holds counts once).
     pub fn purge(&self, p: &Purge) -> u64 {
+        let doomed: HashMap<Arc<Box<str>>, usize> = self
+            .objects
+            .iter()
+            .filter(|(k, v)| {
+                split_key(k).is_some_and(|(host, path)| p.reaches(host, path, |t| v.iter().any(|o| o.has_tag(t))))
+            })
+            .map(|(k, v)| (k, v.len()))
+            .collect();
         let mut removed = 0u64;
-        if !p.all && p.prefixes.is_empty() && p.tags.is_empty() && p.any_host_but.is_none() {
-            for h in &p.hosts {
-                for path in &p.paths {
-                    let k = key(h, path);
-                    match self.objects.remove(&*k) {
-                        Some(v) => removed += v.len() as u64,
-                        None if self.disk.as_ref().is_some_and(|d| d.read(&k).is_some()) => removed += 1,
-                        None => {}
-                    }
-                    if let Some(d) = &self.disk {
-                        d.remove(&k);
-                    }
-                }
-            }
-        } else {
-            let doomed: Vec<(Arc<Box<str>>, usize)> = self
-                .objects
-                .iter()
-                .filter(|(k, v)| {
-                    let Some((host, path)) = split_key(k) else { return false };
-                    p.covers_host(host)
-                        && (p.all
-                            || p.paths.iter().any(|x| x == path)
-                            || p.prefixes.iter().any(|x| path.starts_with(x.as_str()))
-                            || v.iter().any(|o| p.tags.iter().any(|t| o.has_tag(t))))
-                })
-                .map(|(k, v)| (k, v.len()))
-                .collect();
-            for (k, n) in doomed {
-                self.objects.invalidate(&**k);
-                removed += n as u64;
-            }
+        for (k, n) in &doomed {
+            self.objects.invalidate(&***k);
+            removed += *n as u64;
         }
         // The disk tier holds more than memory: what only it has goes too.
         if let Some(d) = &self.disk {
             for (k, e) in d.keys() {
-                let Some((host, path)) = split_key(&k) else { continue };
-                let doomed = p.covers_host(host)
-                    && (p.all
-                        || p.paths.iter().any(|x| x == path)
-                        || p.prefixes.iter().any(|x| path.starts_with(x.as_str()))
-                        || e.tags.iter().any(|t| p.tags.iter().any(|x| **t == **x)));
-                if doomed {
-                    if self.objects.get(&**k).is_none() {
+                let tagged = |t: &str| e.tags.iter().any(|x| &**x == t);
+                if split_key(&k).is_some_and(|(host, path)| p.reaches(host, path, tagged)) {
+                    if !doomed.contains_key(&k) {
                         removed += 1;
                     }
                     d.remove(&k);
@@ -836,6 +820,7 @@ impl Cache {
 
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
+        let (disk_entries, disk_bytes) = self.disk.as_ref().map_or((0, 0), |d| d.usage());
         self.objects.run_pending_tasks();
         CacheStats {
             hits: c.hits.load(Relaxed),
@@ -848,8 +833,8 @@ impl Cache {
             bytes_from_cache: c.bytes_from_cache.load(Relaxed),
             objects: self.objects.iter().map(|(_, v)| v.len() as u64).sum(),
             bytes_stored: self.objects.weighted_size(),
-            disk_entries: self.disk.as_ref().map_or(0, |d| d.usage().0),
-            disk_bytes: self.disk.as_ref().map_or(0, |d| d.usage().1),
+            disk_entries,
+            disk_bytes,
         }
     }
 }
@@ -1228,8 +1213,11 @@ mod tests {
         let a = cache.objects.get(&*pinned_key(HOST, "eu", "/a")).unwrap();
         assert_eq!(a[0].header("x-meridian-version"), Some("v2"));
         assert_eq!(cache.objects.get(&*key(HOST, "/b")).unwrap()[0].header("x-meridian-version"), Some("v0"));
+        // A purge by path reaches the path's pinned copies too.
+        let path = Purge { hosts: vec![HOST.into()], paths: vec!["/a".into()], ..Default::default() };
+        assert_eq!(cache.purge(&path), 2);
         let all = Purge { hosts: vec![HOST.into()], all: true, ..Default::default() };
-        assert_eq!(cache.purge(&all), 3);
+        assert_eq!(cache.purge(&all), 1);
     }
 
     #[test]
@@ -1257,8 +1245,11 @@ mod tests {
         let rh = headers(&[]);
         // 64 objects of 64 KiB: four times what memory holds.
         for i in 0..64 {
-            let resp =
-                headers(&[("cache-control", "max-age=60"), ("cache-tag", if i % 2 == 0 { "even" } else { "odd" })]);
+            let resp = headers(&[
+                ("cache-control", "max-age=60"),
+                ("cache-tag", if i % 2 == 0 { "even" } else { "odd" }),
+                ("x-meridian-version", "v1"),
+            ]);
             let body = Bytes::from(vec![i as u8; 64 << 10]);
             let path = format!("/f{i}");
             let o = Object::new(&lookup(&path, &rh), StatusCode::OK, &resp, body, t0).unwrap();
@@ -1281,6 +1272,22 @@ mod tests {
             let path = format!("/f{i}");
             let found = !matches!(cache.lookup(&key(HOST, &path), &lookup(&path, &rh), t0), Found::Miss);
             assert_eq!(found, i % 2 == 0, "{path}");
+        }
+        // A rollout's end relabels what stayed, in memory and on disk alike.
+        let relabel = Purge {
+            hosts: vec![HOST.into()],
+            relabel: Some(meridian_core::wire::Relabel { from: "v1".into(), to: "v2".into() }),
+            ..Default::default()
+        };
+        assert_eq!(cache.relabel(&relabel), 32);
+        cache.objects.invalidate_all();
+        cache.objects.run_pending_tasks();
+        for i in (0..64).step_by(2) {
+            let path = format!("/f{i}");
+            match cache.lookup(&key(HOST, &path), &lookup(&path, &rh), t0) {
+                Found::Fresh(o) => assert_eq!(o.header("x-meridian-version"), Some("v2"), "{path}"),
+                _ => panic!("{path} lost"),
+            }
         }
         drop(cache);
         // A new edge starts empty.

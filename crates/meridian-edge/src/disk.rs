@@ -60,8 +60,12 @@ impl Disk {
         let index = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k, e: &Entry| e.bytes)
-            .eviction_listener(move |k: Arc<Box<str>>, _e, _cause| {
-                let _ = std::fs::remove_file(files.join(file_name(&k)));
+            .eviction_listener(move |k: Arc<Box<str>>, _e, cause| {
+                // A rewrite replaces the entry, and its file is already the
+                // new one: only an entry that goes takes its file along.
+                if cause != moka::notification::RemovalCause::Replaced {
+                    let _ = std::fs::remove_file(files.join(file_name(&k)));
+                }
             })
             .build();
         Ok(Disk { dir: dir.to_path_buf(), index })
@@ -94,7 +98,11 @@ impl Disk {
             tags.extend(o.tags.iter().cloned());
         }
         let path = self.path(key);
-        let tmp = path.with_extension("tmp");
+        // Each writer its own temporary file: two writes of one URL at once
+        // must not interleave in it.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{n}.tmp"));
         let written = std::fs::write(&tmp, &out).and_then(|_| std::fs::rename(&tmp, &path));
         match written {
             Ok(()) => self

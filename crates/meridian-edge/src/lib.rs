@@ -476,7 +476,7 @@ impl Edge {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let version = cookie(&parts.headers, headers::VERSION_COOKIE);
+        let version = meridian_http::cookie(&parts.headers, headers::VERSION_COOKIE).map(String::from);
         let req = CacheRequest {
             path_and_query: pq_of(&parts.uri).into(),
             head: parts.method == Method::HEAD,
@@ -514,18 +514,23 @@ impl Edge {
                 Err(e) => return self.finish(e.into_response(), 0),
             }
         };
-        let (mut resp, attempts) = self.forward(&parts.method, &parts.uri, &parts.headers, body, plan, peer).await;
+        let (resp, attempts) = self.forward(&parts.method, &parts.uri, &parts.headers, body, plan, peer).await;
         let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         if let Some(host) = host.filter(|_| unsafe_method && self.cache.enabled()) {
             if resp.status().is_success() || resp.status().is_redirection() {
-                let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                self.cache.invalidate(&cache::key(&host, pq));
+                self.cache.invalidate(&cache::key(&host, pq_of(&parts.uri)));
             }
         }
-        if self.cache.enabled() {
-            self.cache.record(Outcome::Bypass, 0);
-            resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
+        if !self.cache.enabled() {
+            return self.finish(resp, attempts);
         }
+        self.bypassed(resp, attempts)
+    }
+
+    /// An answer the cache had no part in, marked so.
+    fn bypassed(&self, mut resp: Response<Body>, attempts: usize) -> Response<Body> {
+        self.cache.record(Outcome::Bypass, 0);
+        resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
         self.finish(resp, attempts)
     }
 
@@ -537,11 +542,9 @@ impl Edge {
             // A client a rollout pinned to one version gets only that
             // version's answers.
             Found::Fresh(o) | Found::Stale(o) if !req.version_matches(&o) => {
-                let (mut resp, attempts) =
+                let (resp, attempts) =
                     self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
-                self.cache.record(Outcome::Bypass, 0);
-                resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
-                return self.finish(resp, attempts);
+                return self.bypassed(resp, attempts);
             }
             found => found,
         };
@@ -565,11 +568,9 @@ impl Edge {
         // does a request whose last answer could not be stored (it would
         // only queue behind others' fetches).
         if stale.is_none() && (req.head || self.cache.is_uncacheable(&key)) {
-            let (mut resp, attempts) =
+            let (resp, attempts) =
                 self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
-            self.cache.record(Outcome::Bypass, 0);
-            resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Bypass.header());
-            return self.finish(resp, attempts);
+            return self.bypassed(resp, attempts);
         }
         let filled = match self.cache.join(&key) {
             Turn::Lead(guard) => {
@@ -834,8 +835,7 @@ impl Edge {
         host: &HeaderValue,
         peer: IpAddr,
     ) -> Request<Body> {
-        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let upstream_uri = Uri::builder().path_and_query(pq).build();
+        let upstream_uri = Uri::builder().path_and_query(pq_of(uri)).build();
         let mut req = Request::new(full(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = upstream_uri.unwrap_or_else(|_| Uri::from_static("/"));
@@ -1094,18 +1094,9 @@ fn pq_of(uri: &Uri) -> &str {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
-/// The value of cookie `name`.
-fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('=').map(str::to_string))
-}
-
 /// The region the client's affinity cookie names.
 fn affinity_cookie(h: &HeaderMap) -> Option<String> {
-    cookie(h, headers::AFFINITY_COOKIE)
+    meridian_http::cookie(h, headers::AFFINITY_COOKIE).map(String::from)
 }
 
 /// With affinity on (`sticky` is the cookie the client sent, if any), a

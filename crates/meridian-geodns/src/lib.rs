@@ -221,34 +221,15 @@ struct Handler(Arc<GeoDns>);
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let dns = &self.0;
-        let builder = MessageResponseBuilder::from_message_request(request);
-        let refuse = |code: ResponseCode| {
-            let mut h = Header::response_from_request(request.header());
-            h.set_response_code(code);
-            h
-        };
-        let fallback = |h: Header| -> ResponseInfo { h.into() };
         if request.op_code() != OpCode::Query || request.message_type() != MessageType::Query {
-            let h = refuse(ResponseCode::NotImp);
-            return match response.send_response(builder.error_msg(request.header(), ResponseCode::NotImp)).await {
-                Ok(info) => info,
-                Err(_) => fallback(h),
-            };
+            return answer_error(request, response, ResponseCode::NotImp).await;
         }
         let Ok(info) = request.request_info() else {
-            let h = refuse(ResponseCode::FormErr);
-            return match response.send_response(builder.error_msg(request.header(), ResponseCode::FormErr)).await {
-                Ok(info) => info,
-                Err(_) => fallback(h),
-            };
+            return answer_error(request, response, ResponseCode::FormErr).await;
         };
         let name = info.query.name().clone();
         if !dns.authoritative(&name) {
-            let h = refuse(ResponseCode::Refused);
-            return match response.send_response(builder.error_msg(request.header(), ResponseCode::Refused)).await {
-                Ok(info) => info,
-                Err(_) => fallback(h),
-            };
+            return answer_error(request, response, ResponseCode::Refused).await;
         }
         // The client: the subnet a resolver forwarded (RFC 7871), else the
         // resolver.
@@ -295,11 +276,11 @@ impl RequestHandler for Handler {
         let soa_records: Vec<Record> = if answers.is_empty() { vec![soa] } else { Vec::new() };
         let mut header = Header::response_from_request(request.header());
         header.set_authoritative(true);
-        let mut builder = builder;
+        let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(s) = subnet {
             // Echo the subnet, scoped to what the answer depends on.
             let mut edns = Edns::new();
-            let prefix = s_prefix(&s);
+            let prefix = s.source_prefix();
             edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(s.addr(), prefix, prefix)));
             builder.edns(edns);
         } else if let Some(e) = request.edns() {
@@ -318,15 +299,19 @@ impl RequestHandler for Handler {
     }
 }
 
-/// The source prefix of an ECS option (its length in bits).
-fn s_prefix(s: &ClientSubnet) -> u8 {
-    // ClientSubnet keeps its prefixes private; its wire form (RFC 7871)
-    // is family (2), source prefix (1), scope prefix (1), address.
-    let bytes: Vec<u8> = match hickory_server::proto::serialize::binary::BinEncodable::to_bytes(s) {
-        Ok(b) => b,
-        Err(_) => return 0,
-    };
-    bytes.get(2).copied().unwrap_or(0)
+/// An answer with no records and `code` (a request this server does not
+/// take: not a query, malformed, or outside its zones).
+async fn answer_error<R: ResponseHandler>(request: &Request, mut response: R, code: ResponseCode) -> ResponseInfo {
+    let msg = MessageResponseBuilder::from_message_request(request).error_msg(request.header(), code);
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "DNS answer not sent");
+            let mut h = Header::response_from_request(request.header());
+            h.set_response_code(code);
+            h.into()
+        }
+    }
 }
 
 #[cfg(test)]

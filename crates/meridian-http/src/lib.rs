@@ -65,6 +65,16 @@ pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
     req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
+/// The value of cookie `name` in a request's `Cookie` headers, if any.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
 /// Byte equality in time independent of where the inputs differ, so a
 /// secret cannot be guessed byte by byte from timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

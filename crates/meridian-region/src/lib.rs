@@ -999,12 +999,7 @@ fn pick_version<B>(app: &App, req: &Request<B>) -> Result<(Arc<Deployed>, bool),
             None => Err(NoVersion::NoneDeployed { app: app.name.clone() }),
         };
     };
-    let cookie = req.headers().get_all(http::header::COOKIE).iter().find_map(|v| {
-        v.to_str().ok()?.split(';').find_map(|c| {
-            c.trim().strip_prefix(headers::VERSION_COOKIE).and_then(|r| r.strip_prefix('=')).map(str::to_string)
-        })
-    });
-    if let Some(d) = cookie.as_deref().and_then(named) {
+    if let Some(d) = meridian_http::cookie(req.headers(), headers::VERSION_COOKIE).and_then(named) {
         return Ok((d, true));
     }
     let Some(active) = active.clone() else { return Ok((canary.version.clone(), true)) };
@@ -1047,15 +1042,7 @@ fn causality_token<B>(kv: &kv::KvService, req: &Request<B>) -> Vec<kv::TokenEntr
     if let Some(v) = req.headers().get(headers::CAUSALITY).and_then(|v| v.to_str().ok()) {
         return key.open(v);
     }
-    for v in req.headers().get_all(http::header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for c in v.split(';') {
-            if let Some(t) = c.trim().strip_prefix(headers::CAUSALITY_COOKIE).and_then(|r| r.strip_prefix('=')) {
-                return key.open(t);
-            }
-        }
-    }
-    Vec::new()
+    meridian_http::cookie(req.headers(), headers::CAUSALITY_COOKIE).map(|t| key.open(t)).unwrap_or_default()
 }
 
 /// Which roles may call what on the cluster port. Edges reach the app and

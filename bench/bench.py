@@ -121,7 +121,7 @@ def wait_port(port, timeout=60):
 class Stack:
     """A standalone control plane + one region (the multi-machine roles)."""
 
-    def __init__(self, work, app_dir):
+    def __init__(self, work, app_dir, region_extra=""):
         self.work = work
         self.certs = make_certs(work, ("region", "bench", "eu"), ("edge", "edge-bench"), ("control", "control"),
                                 ("operator", "operator"))
@@ -134,7 +134,7 @@ class Stack:
             f.write(f'name = "bench"\npublic_listen = "127.0.0.1:{self.region_port}"\n'
                     f'cluster_listen = "127.0.0.1:{self.cluster_port}"\n'
                     f'data_dir = "{work}/region-data"\ncluster_key_file = "{self.certs}/cluster.key"\n'
-                    + tls_section(self.certs, "bench"))
+                    + region_extra + tls_section(self.certs, "bench"))
         control_cfg = os.path.join(work, "control.toml")
         with open(control_cfg, "w") as f:
             f.write(f'listen = "127.0.0.1:{self.control_port}"\ndata_dir = "{work}/control-data"\n'
@@ -793,6 +793,229 @@ def bench_large(work, duration):
     print(f"| serving one, p99 ms | {m_p99:.1f} | {w_p99:.1f} | {m_p99 / w_p99:.2f}x | |")
 
 
+def proc_tree(pid):
+    """pid and all its descendants (nginx's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cpu_ns(pid):
+    """CPU time used so far by every thread of pid and its descendants, in ns
+    (/proc/PID/task/TID/schedstat: time on CPU)."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def wrk_cpu(url, duration, conns, pid, extra=()):
+    """wrk against url, and the server's CPU µs per request meanwhile."""
+    before = cpu_ns(pid)
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
+                         capture_output=True, text=True, check=True).stdout
+    used = cpu_ns(pid) - before
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    m50 = re.search(r"\s50%\s+([\d.]+)(us|ms|s)\b", out)
+    m99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    return {"rps": rps, "cpu_us": used / 1e3 / max(total, 1),
+            "p50_ms": float(m50.group(1)) * unit[m50.group(2)], "p99_ms": float(m99.group(1)) * unit[m99.group(2)],
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+TLB_SYMBOLS = ("flush_tlb_mm_range", "__sysvec_call_function", "__sysvec_call_function_single")
+
+
+def tlb_share(pid, url, duration, conns, extra, work):
+    """Profiles pid under load: the share of samples spent flushing TLBs
+    (the sender's IPIs and the receivers' flushes), and the top symbols.
+    The recipe: `perf record -F 2000 -g -p PID` while wrk runs, then
+    `perf report --no-children --sort symbol`."""
+    if not shutil.which("perf"):
+        return None, []
+    data = os.path.join(work, "perf.data")
+    rec = subprocess.Popen(["perf", "record", "-F", "2000", "-g", "-o", data, "-p", str(pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", *extra, url], capture_output=True, check=True)
+    rec.send_signal(signal.SIGINT)
+    rec.wait(timeout=60)
+
+    def report(mode):
+        return subprocess.run(["perf", "report", "-i", data, mode, "--sort", "symbol", "--stdio", "-g", "none"],
+                              capture_output=True, text=True).stdout
+    top = []
+    for line in report("--no-children").splitlines():
+        m = re.match(r"\s+([\d.]+)%\s+\[[k.]\]\s+(\S+)", line)
+        if m and len(top) < 8:
+            top.append(f"{m.group(2)} {float(m.group(1)):.1f}%")
+    # Inclusive shares: the flushes this process asked for (with the IPIs
+    # they send) and the flushes other cores' requests made it do.
+    share = 0.0
+    for line in report("--children").splitlines():
+        m = re.match(r"\s+([\d.]+)%\s+[\d.]+%\s+\[[k.]\]\s+(\S+)", line)
+        if m and m.group(2) in TLB_SYMBOLS:
+            share += float(m.group(1))
+    return share, top
+
+
+def nginx_return_200(work):
+    port = free_port()
+    d = os.path.join(work, "nginx-native")
+    os.makedirs(d)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ return 200 "Hello, world!\\n"; }}
+  }}
+}}
+""")
+    p = start(["nginx", "-c", conf, "-p", d], os.path.join(work, "nginx-native.log"))
+    wait_http(port, "/", ok=lambda s: s == 200)
+    return port, p.pid
+
+
+POOLING_PRESETS = [
+    ("madvise (wasmtime's default)", "keep_resident_kib = 0\npagemap_scan = false\nmemory_init_cow = true\n"),
+    ("keep 1 MiB, memset, CoW", "keep_resident_kib = 1024\npagemap_scan = false\nmemory_init_cow = true\n"),
+    ("keep 64 MiB, pagemap, CoW", "keep_resident_kib = 65536\npagemap_scan = true\nmemory_init_cow = true\n"),
+    ("keep 64 MiB, pagemap, no CoW", "keep_resident_kib = 65536\npagemap_scan = true\nmemory_init_cow = false\n"),
+    ("keep 64 MiB, pagemap, CoW, batch 16", "keep_resident_kib = 65536\npagemap_scan = true\nmemory_init_cow = true\n"
+     "decommit_batch = 16\n"),
+]
+
+
+def cost_app(work):
+    """The C hello at /hello and, where componentize-py is installed, the
+    Python hello at /py. Returns (app dir, Python component or None)."""
+    app = make_app(work)
+    py = None
+    if shutil.which("componentize-py"):
+        try:
+            py = build_python_components(work, n=1)[0]
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            print(f"(no Python component: {e})")
+    if py:
+        shutil.copy(py, os.path.join(app, "py.wasm"))
+        with open(os.path.join(app, "meridian.toml"), "w") as f:
+            f.write('[app]\nname = "bench"\n[limits]\nmemory_mb = 256\n'
+                    '[components.hello]\nsource = "hello.wasm"\n[components.py]\nsource = "py.wasm"\n'
+                    '[[routes]]\npath = "/hello"\ncomponent = "hello"\n'
+                    '[[routes]]\npath = "/py"\ncomponent = "py"\n')
+    return app, py
+
+
+def bench_pooling(work, duration):
+    """The region under each pooling configuration in turn (`[pooling]` in
+    its config), same app and load: what chose the defaults."""
+    app, py = cost_app(work)
+    print(f"\n## Pooling configurations: a region serving the C hello (and the Python hello) at c16 "
+          f"(wrk -t1, {duration}s each)\n")
+    print("| configuration | C req/s | C CPU µs/req | C p99 ms | TLB flushing, % of samples | Python req/s "
+          "| Python CPU µs/req | Python p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (label, cfg) in enumerate(POOLING_PRESETS):
+        sub = os.path.join(work, f"pool{i}")
+        os.makedirs(sub)
+        stack = Stack(sub, app, region_extra="[pooling]\n" + cfg)
+        wait_http(stack.region_port, "/hello", ok=lambda s: s == 200)
+        pid = stack.region.pid
+        c = wrk_cpu(f"http://127.0.0.1:{stack.region_port}/hello", duration, 16, pid)
+        share, _ = tlb_share(pid, f"http://127.0.0.1:{stack.region_port}/hello", max(2, duration // 2), 16, (), sub)
+        p = wrk_cpu(f"http://127.0.0.1:{stack.region_port}/py", duration, 16, pid) if py else None
+        errs = c["errors"] + (p["errors"] if p else 0)
+        pcols = f"{p['rps']:.0f} | {p['cpu_us']:.0f} | {p['p99_ms']:.1f}" if p else "- | - | -"
+        tlb = f"{share:.1f}" if share is not None else "-"
+        print(f"| {label} | {c['rps']:.0f} | {c['cpu_us']:.1f} | {c['p99_ms']:.2f} | {tlb} | {pcols} | {errs} |")
+        stop_all()
+        PROCS.clear()
+
+
+def bench_cost(work, duration, profile=True):
+    """Cost of one function request: a region vs `wasmtime serve` (same
+    component) vs a native floor (nginx `return 200`), at 1 and 16
+    connections, with the server's CPU µs per request; then the 18 MB
+    componentize-py hello the same way (if componentize-py is installed)."""
+    app, py = cost_app(work)
+    stack = Stack(work, app)
+    wait_http(stack.region_port, "/hello", ok=lambda s: s == 200)
+    native_port, native_pid = nginx_return_200(work)
+    wt_port = free_port()
+    wt = start(["wasmtime", "serve", "--addr", f"127.0.0.1:{wt_port}", HELLO], os.path.join(work, "wasmtime.log"))
+    wait_http(wt_port, "/", ok=lambda s: s == 200)
+    targets = [("native", f"http://127.0.0.1:{native_port}/", native_pid),
+               ("wasmtime", f"http://127.0.0.1:{wt_port}/", wt.pid),
+               ("meridian", f"http://127.0.0.1:{stack.region_port}/hello", stack.region.pid)]
+    print(f"\n## Cost per function request: region vs `wasmtime serve` vs native nginx `return 200` "
+          f"({os.path.basename(HELLO)}, {os.path.getsize(HELLO) // 1024} KiB C guest; wrk -t1, {duration}s, "
+          f"two rounds alternated, mean)\n")
+    print("| connections | native req/s | wasmtime req/s | meridian req/s | meridian/native | meridian/wasmtime "
+          "| native CPU µs/req | wasmtime CPU µs/req | meridian CPU µs/req | meridian p50 / p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for conns in (1, 16):
+        got = {name: [] for name, _, _ in targets}
+        for _ in range(2):
+            for name, url, pid in targets:
+                got[name].append(wrk_cpu(url, duration, conns, pid))
+        mean = {n: {k: statistics.mean(r[k] for r in rs) for k in ("rps", "cpu_us", "p50_ms", "p99_ms")}
+                for n, rs in got.items()}
+        errs = sum(r["errors"] for rs in got.values() for r in rs)
+        n, w, m = mean["native"], mean["wasmtime"], mean["meridian"]
+        print(f"| {conns} | {n['rps']:.0f} | {w['rps']:.0f} | {m['rps']:.0f} | {ratio(m['rps'], n['rps'])} | "
+              f"{ratio(m['rps'], w['rps'])} | {n['cpu_us']:.1f} | {w['cpu_us']:.1f} | {m['cpu_us']:.1f} | "
+              f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f} | {errs} |")
+    if profile:
+        share, top = tlb_share(stack.region.pid, f"http://127.0.0.1:{stack.region_port}/hello", duration, 16, (), work)
+        if share is not None:
+            print(f"\nProfile of the region at c16 (`perf record -F 2000 -g -p PID`): TLB flushing "
+                  f"({' + '.join(TLB_SYMBOLS)}, inclusive) {share:.1f} % of samples; top symbols: {'; '.join(top)}.")
+    if py:
+        pwt_port = free_port()
+        pwt = start(["wasmtime", "serve", "-S", "cli", f"--addr=127.0.0.1:{pwt_port}", py],
+                    os.path.join(work, "wasmtime-py.log"))
+        wait_http(pwt_port, "/", ok=lambda s: s == 200)
+        print(f"\n## The same for an {os.path.getsize(py) / 2**20:.0f} MiB componentize-py hello "
+              f"(wrk -t1, {duration}s, two rounds alternated, mean)\n")
+        print("| connections | wasmtime req/s | meridian req/s | meridian/wasmtime | wasmtime CPU µs/req "
+              "| meridian CPU µs/req | wasmtime p99 ms | meridian p99 ms | non-2xx |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for conns in (1, 16):
+            ws, ms = [], []
+            for _ in range(2):
+                ws.append(wrk_cpu(f"http://127.0.0.1:{pwt_port}/", duration, conns, pwt.pid))
+                ms.append(wrk_cpu(f"http://127.0.0.1:{stack.region_port}/py", duration, conns, stack.region.pid))
+            w = {k: statistics.mean(r[k] for r in ws) for k in ("rps", "cpu_us", "p99_ms")}
+            m = {k: statistics.mean(r[k] for r in ms) for k in ("rps", "cpu_us", "p99_ms")}
+            errs = sum(r["errors"] for r in ws + ms)
+            print(f"| {conns} | {w['rps']:.0f} | {m['rps']:.0f} | {ratio(m['rps'], w['rps'])} | {w['cpu_us']:.0f} | "
+                  f"{m['cpu_us']:.0f} | {w['p99_ms']:.1f} | {m['p99_ms']:.1f} | {errs} |")
+
+
 PUT_LUA = """
 counter = 0
 local body = string.rep("v", 100)
@@ -1029,28 +1252,31 @@ def bench_strong(work, writes=100):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
                                                          "density", "rollout", "large", "control"])
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--keep", action="store_true", help="keep each benchmark's work directory (logs, data)")
     a = ap.parse_args()
     if not os.path.exists(MERIDIAN):
         sys.exit("build first: cargo build --release")
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
     print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
-        for name, fn in [("host", bench_host), ("edge", bench_edge), ("cache", bench_cache),
+        for name, fn in [("host", bench_host), ("cost", bench_cost), ("pooling", bench_pooling), ("edge", bench_edge), ("cache", bench_cache),
                          ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
                          ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
                          ("large", bench_large), ("control", bench_control)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "edge", "cache", "replication", "kvget", "density", "large"):
+                if name in ("host", "cost", "pooling", "edge", "cache", "replication", "kvget", "density", "large"):
                     fn(work, a.duration)
                 else:
                     fn(work)
                 stop_all()
                 PROCS.clear()
+                if not a.keep:
+                    shutil.rmtree(work, ignore_errors=True)
     finally:
         stop_all()
 

@@ -243,6 +243,9 @@ impl Control {
             cache_dir: config.data_dir.join("compiled"),
             max_instances: 1,
             max_memory_mb: 64,
+            // Regions' engines use the default pooling too, so what this
+            // compiles has their engine key.
+            pooling: meridian_host::Pooling::default(),
         })?);
         Ok(Arc::new(Control {
             config,

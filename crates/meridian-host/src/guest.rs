@@ -36,12 +36,92 @@ pub struct HostConfig {
     pub max_instances: u32,
     /// Largest memory any component may be given, in MiB. Sizes the pool.
     pub max_memory_mb: u64,
+    /// How instance slots are recycled between requests.
+    pub pooling: Pooling,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { cache_dir: PathBuf::from("cache"), max_instances: 1000, max_memory_mb: 1024 }
+        HostConfig {
+            cache_dir: PathBuf::from("cache"),
+            max_instances: 1000,
+            max_memory_mb: 1024,
+            pooling: Pooling::default(),
+        }
     }
+}
+
+/// How a slot of the pooling allocator is made ready for the next request
+/// once an instance is done with it.
+///
+/// Every request gets a fresh instance, so a slot's memory is reset after
+/// each one. Resetting with `madvise` (wasmtime's default) unmaps pages, and
+/// in a multi-threaded process every unmapping interrupts every other core
+/// to flush its TLB; the next request then faults the pages back in, and
+/// each first write to a page of a copy-on-write image flushes TLBs again.
+/// Resetting in place instead — copying back the original bytes of only the
+/// pages the request dirtied, found with Linux's `PAGEMAP_SCAN` — keeps the
+/// pages mapped: no system call, no fault, no interrupt. Chosen by
+/// measurement (`python3 bench/bench.py cost`, BENCHMARKS.md).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pooling {
+    /// The most bytes of each linear memory and table reset in place; pages
+    /// dirtied beyond it are released with `madvise`. Also bounds what an
+    /// idle slot keeps resident (per memory, up to `warm_slots` slots).
+    pub keep_resident_kib: usize,
+    /// Find the dirtied pages with `PAGEMAP_SCAN` (Linux 6.7+; ignored
+    /// where unsupported). Without it the lowest `keep_resident_kib` are
+    /// reset whether touched or not.
+    pub pagemap_scan: bool,
+    /// Map a component's initial memory copy-on-write from its image
+    /// instead of copying its data segments in at each instantiation.
+    pub memory_init_cow: bool,
+    /// Slots kept warm for the components that last used them; a component
+    /// reuses its own warm slots first (slot affinity).
+    pub warm_slots: u32,
+    /// Releases queued before one batch of `madvise` calls.
+    pub decommit_batch: usize,
+}
+
+impl Default for Pooling {
+    fn default() -> Self {
+        Pooling {
+            keep_resident_kib: 64 << 10,
+            pagemap_scan: true,
+            memory_init_cow: false,
+            warm_slots: 64,
+            decommit_batch: 1,
+        }
+    }
+}
+
+/// Without `PAGEMAP_SCAN` the lowest `keep_resident` bytes of a memory are
+/// reset whether the request touched them or not: more than this costs
+/// more than the `madvise` it saves.
+const KEEP_RESIDENT_WITHOUT_SCAN: usize = 1 << 20;
+
+impl Pooling {
+    /// The bytes per memory and table actually reset in place on this
+    /// machine.
+    pub fn effective_keep_resident(&self) -> usize {
+        let keep = self.keep_resident_kib.saturating_mul(1024);
+        if self.pagemap_scan && pagemap_scan_supported() {
+            keep
+        } else {
+            keep.min(KEEP_RESIDENT_WITHOUT_SCAN)
+        }
+    }
+}
+
+/// Whether this kernel has the `PAGEMAP_SCAN` ioctl (Linux 6.7).
+fn pagemap_scan_supported() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 7)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,12 +193,19 @@ impl Host {
             .max_core_instances_per_component(32)
             .max_memories_per_component(4)
             .max_tables_per_component(16)
-            .max_memory_size((config.max_memory_mb as usize) << 20)
-            .max_unused_warm_slots(64.min(n));
+            .max_memory_size((config.max_memory_mb as usize) << 20);
+        let p = &config.pooling;
+        let keep = p.effective_keep_resident();
+        tracing::debug!(keep_resident = keep, cow = p.memory_init_cow, "instance pool");
+        pool.max_unused_warm_slots(p.warm_slots.min(n))
+            .linear_memory_keep_resident(keep)
+            .table_keep_resident(keep)
+            .decommit_batch_size(p.decommit_batch.max(1))
+            .pagemap_scan(if p.pagemap_scan { wasmtime::Enabled::Auto } else { wasmtime::Enabled::No });
         let mut wc = Config::new();
         wc.epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .memory_init_cow(true);
+            .memory_init_cow(p.memory_init_cow);
         // Functions compiled for one component are reused for the next that
         // has them (the machine code is the same either way).
         let functions = Arc::new(crate::cache::FunctionCache::new(FUNCTION_CACHE_BYTES));

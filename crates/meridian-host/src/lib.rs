@@ -24,5 +24,5 @@ pub mod egress;
 mod guest;
 pub mod kv;
 
-pub use guest::{ArtifactError, Fault, Host, HostConfig, HostError, Prepared, ResponseBody};
+pub use guest::{ArtifactError, Fault, Host, HostConfig, HostError, Pooling, Prepared, ResponseBody};
 pub use kv::{CasVersion, KvBackend, KvError, KvResult};

@@ -10,7 +10,7 @@ const HOSTILE: &[u8] = include_bytes!("../../../guests/hostile.wasm");
 const HELLO: &[u8] = include_bytes!("../../../guests/hello.wasm");
 
 fn host(dir: &std::path::Path) -> Host {
-    Host::new(HostConfig { cache_dir: dir.to_path_buf(), max_instances: 50, max_memory_mb: 256 }).unwrap()
+    Host::new(HostConfig { cache_dir: dir.to_path_buf(), max_instances: 50, max_memory_mb: 256, ..Default::default() }).unwrap()
 }
 
 fn get(path: &str) -> hyper::Request<http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>> {

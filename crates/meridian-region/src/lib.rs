@@ -68,6 +68,10 @@ pub struct RegionConfig {
     pub max_instances_per_app: Option<u32>,
     #[serde(default = "default_max_memory_mb")]
     pub max_memory_mb: u64,
+    /// How instance slots are recycled between requests (`[pooling]`;
+    /// the defaults are chosen by measurement, see docs/roles.md).
+    #[serde(default)]
+    pub pooling: meridian_host::Pooling,
     #[serde(default = "default_max_bundle_mb")]
     pub max_bundle_mb: u64,
     /// Regions to replicate with. Can also be set at runtime
@@ -193,6 +197,7 @@ impl Region {
             cache_dir: config.data_dir.join("compiled"),
             max_instances: config.max_instances,
             max_memory_mb: config.max_memory_mb,
+            pooling: config.pooling.clone(),
         })?;
         let region_header = HeaderValue::from_str(&config.name)?;
         let node = app::Node {

@@ -33,6 +33,7 @@ fn config(data: &Path) -> RegionConfig {
         max_instances: 20,
         max_instances_per_app: None,
         max_memory_mb: 128,
+        pooling: Default::default(),
         max_bundle_mb: 64,
         peers: Vec::new(),
         anti_entropy_ms: 1000,

@@ -402,6 +402,7 @@ async fn bring_up(
             max_instances: 200,
             max_instances_per_app: Some(100),
             max_memory_mb: 512,
+            pooling: Default::default(),
             max_bundle_mb: 256,
             peers: Vec::new(),
             anti_entropy_ms: a.anti_entropy_ms,

@@ -167,8 +167,13 @@ mod tests {
     #[test]
     fn the_engine_key_does_not_depend_on_the_pool_size() {
         // So a control plane with a small pool compiles for every region.
-        let a = crate::Host::new(crate::HostConfig { cache_dir: "/tmp/x".into(), max_instances: 2, max_memory_mb: 64, ..Default::default() })
-            .unwrap();
+        let a = crate::Host::new(crate::HostConfig {
+            cache_dir: "/tmp/x".into(),
+            max_instances: 2,
+            max_memory_mb: 64,
+            ..Default::default()
+        })
+        .unwrap();
         let b = crate::Host::new(crate::HostConfig {
             cache_dir: "/tmp/x".into(),
             max_instances: 1000,

@@ -3,14 +3,15 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use meridian_host::{Fault, Host, HostConfig, Prepared};
+use meridian_host::{Fault, Host, HostConfig, Pooling, Prepared};
 use std::time::{Duration, Instant};
 
 const HOSTILE: &[u8] = include_bytes!("../../../guests/hostile.wasm");
 const HELLO: &[u8] = include_bytes!("../../../guests/hello.wasm");
 
 fn host(dir: &std::path::Path) -> Host {
-    Host::new(HostConfig { cache_dir: dir.to_path_buf(), max_instances: 50, max_memory_mb: 256, ..Default::default() }).unwrap()
+    Host::new(HostConfig { cache_dir: dir.to_path_buf(), max_instances: 50, max_memory_mb: 256, ..Default::default() })
+        .unwrap()
 }
 
 fn get(path: &str) -> hyper::Request<http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>> {
@@ -100,4 +101,56 @@ async fn compiled_code_is_cached_on_disk_and_broken_components_are_refused() {
     assert!(err.to_string().contains("not a valid component"), "{err}");
     let err = h.prepare(HELLO, Duration::from_secs(1), 100_000, vec![]).err().unwrap();
     assert!(err.to_string().contains("exceeds this region's maximum"), "{err}");
+}
+
+/// Slots are reset in place between requests (not unmapped), so this is
+/// what keeps requests apart: a guest leaves a secret in its data and bss
+/// sections, heap, stack, memory it grew and a wasm global, and no later
+/// request, on whichever slot, finds any of it. Under every way of
+/// resetting a slot, with more requests at once than slots kept warm and
+/// another component using the same slots in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_finds_what_an_earlier_one_left_in_memory_or_globals() {
+    let in_place = Pooling::default();
+    let madvise = Pooling { keep_resident_kib: 0, pagemap_scan: false, memory_init_cow: true, ..Pooling::default() };
+    let memset_cow = Pooling { keep_resident_kib: 1024, pagemap_scan: false, ..Pooling::default() };
+    let scan_cow = Pooling { memory_init_cow: true, ..Pooling::default() };
+    for pooling in [in_place, madvise, memset_cow, scan_cow] {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Host::new(HostConfig {
+            cache_dir: dir.path().to_path_buf(),
+            max_instances: 4,
+            max_memory_mb: 64,
+            pooling: Pooling { warm_slots: 2, ..pooling.clone() },
+        })
+        .unwrap();
+        let hostile = h.prepare(HOSTILE, Duration::from_secs(10), 32, vec![]).unwrap();
+        let hello = h.prepare(HELLO, Duration::from_secs(10), 32, vec![]).unwrap();
+        for round in 0..40 {
+            let calls: Vec<_> = (0..3)
+                .map(|_| {
+                    let p = hostile.clone();
+                    tokio::spawn(async move { call(&p, "/secret").await })
+                })
+                .collect();
+            assert_eq!(call(&hello, "/").await.0, 200);
+            for c in calls {
+                let (status, _, body) = c.await.unwrap();
+                assert_eq!(status, 200, "{body}");
+                let field = |name: &str| {
+                    body.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                        .unwrap_or_else(|| panic!("no {name} in {body:?}"))
+                        .to_string()
+                };
+                // What this request left proves the search works...
+                assert!(field("left").parse::<u32>().unwrap() >= 5, "{pooling:?} round {round}: {body}");
+                assert_eq!(field("global_left"), "5ec7e7", "{body}");
+                // ...and nothing of any earlier request is there.
+                assert_eq!(field("found"), "0", "{pooling:?} round {round}: {body}");
+                assert_eq!(field("global"), "0", "{pooling:?} round {round}: {body}");
+                assert_eq!(field("seen"), "0", "{pooling:?} round {round}: {body}");
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cache_dir: dir.clone(),
         max_instances: 1,
         max_memory_mb: 64,
+        ..Default::default()
     })?;
     let all = std::time::Instant::now();
     for path in std::env::args().skip(1) {

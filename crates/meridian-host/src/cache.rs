@@ -166,7 +166,8 @@ mod tests {
 
     #[test]
     fn the_engine_key_does_not_depend_on_the_pool_size() {
-        // So a control plane with a small pool compiles for every region.
+        // So a control plane with a small pool compiles for every region,
+        // whatever their pools keep resident.
         let a = crate::Host::new(crate::HostConfig {
             cache_dir: "/tmp/x".into(),
             max_instances: 2,
@@ -178,6 +179,13 @@ mod tests {
             cache_dir: "/tmp/x".into(),
             max_instances: 1000,
             max_memory_mb: 1024,
+            pooling: crate::Pooling {
+                keep_resident_kib: 0,
+                pagemap_scan: false,
+                warm_slots: 1,
+                decommit_batch: 8,
+                ..Default::default()
+            },
         })
         .unwrap();
         assert_eq!(a.engine_key(), b.engine_key());

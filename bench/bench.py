@@ -937,8 +937,8 @@ def bench_pooling(work, duration):
     print(f"\n## Pooling configurations: a region serving the C hello (and the Python hello) at c16 "
           f"(wrk -t1, {duration}s each)\n")
     print("| configuration | C req/s | C CPU µs/req | C p99 ms | TLB flushing, % of samples | Python req/s "
-          "| Python CPU µs/req | Python p99 ms | non-2xx |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| Python CPU µs/req | Python p99 ms | region RSS after, MiB | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, (label, cfg) in enumerate(POOLING_PRESETS):
         sub = os.path.join(work, f"pool{i}")
         os.makedirs(sub)
@@ -948,10 +948,11 @@ def bench_pooling(work, duration):
         c = wrk_cpu(f"http://127.0.0.1:{stack.region_port}/hello", duration, 16, pid)
         share, _ = tlb_share(pid, f"http://127.0.0.1:{stack.region_port}/hello", max(2, duration // 2), 16, (), sub)
         p = wrk_cpu(f"http://127.0.0.1:{stack.region_port}/py", duration, 16, pid) if py else None
+        rss = rss_kib(pid) / 1024
         errs = c["errors"] + (p["errors"] if p else 0)
         pcols = f"{p['rps']:.0f} | {p['cpu_us']:.0f} | {p['p99_ms']:.1f}" if p else "- | - | -"
         tlb = f"{share:.1f}" if share is not None else "-"
-        print(f"| {label} | {c['rps']:.0f} | {c['cpu_us']:.1f} | {c['p99_ms']:.2f} | {tlb} | {pcols} | {errs} |")
+        print(f"| {label} | {c['rps']:.0f} | {c['cpu_us']:.1f} | {c['p99_ms']:.2f} | {tlb} | {pcols} | {rss:.0f} | {errs} |")
         stop_all()
         PROCS.clear()
 
@@ -989,6 +990,8 @@ def bench_cost(work, duration, profile=True):
         print(f"| {conns} | {n['rps']:.0f} | {w['rps']:.0f} | {m['rps']:.0f} | {ratio(m['rps'], n['rps'])} | "
               f"{ratio(m['rps'], w['rps'])} | {n['cpu_us']:.1f} | {w['cpu_us']:.1f} | {m['cpu_us']:.1f} | "
               f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f} | {errs} |")
+    print(f"\nResident memory after these runs: region {rss_kib(stack.region.pid) / 1024:.0f} MiB, "
+          f"wasmtime serve {rss_kib(wt.pid) / 1024:.0f} MiB.")
     if profile:
         share, top = tlb_share(stack.region.pid, f"http://127.0.0.1:{stack.region_port}/hello", duration, 16, (), work)
         if share is not None:
@@ -1014,6 +1017,8 @@ def bench_cost(work, duration, profile=True):
             errs = sum(r["errors"] for r in ws + ms)
             print(f"| {conns} | {w['rps']:.0f} | {m['rps']:.0f} | {ratio(m['rps'], w['rps'])} | {w['cpu_us']:.0f} | "
                   f"{m['cpu_us']:.0f} | {w['p99_ms']:.1f} | {m['p99_ms']:.1f} | {errs} |")
+        print(f"\nResident memory after these runs: region {rss_kib(stack.region.pid) / 1024:.0f} MiB (both components), "
+              f"wasmtime serve {rss_kib(pwt.pid) / 1024:.0f} MiB.")
 
 
 PUT_LUA = """

@@ -533,7 +533,7 @@ impl KvService {
             peers: self.repl.peer_status(store),
             origins: self.repl.origin_status(store),
             rejected_messages: self.repl.rejected(),
-            tombstones: store.tombstone_count().unwrap_or(0),
+            tombstones: store.tombstone_count(),
             tombstones_collected: self.repl.collected(),
             stable_ms: self.repl.global_stable(self).wall_ms,
             groups: crate::strong::status(self),

@@ -144,6 +144,9 @@ struct Inner {
     /// (published by the writer after each commit and while idle).
     watermark: tokio::sync::watch::Sender<Timestamp>,
     tombstones_collected: AtomicU64,
+    /// Tombstones stored now: kept by the writer as records change and
+    /// persisted with them (`meta.tombstones`), never counted by a scan.
+    tombstones: AtomicU64,
     /// Bumped whenever remote changes are applied (causality waits).
     applied_gen: tokio::sync::watch::Sender<u64>,
     conflicts: AtomicU64,
@@ -212,6 +215,25 @@ impl Store {
             let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
             (get("next_seq")?, get("incarnation")?, get("conflicts")?)
         };
+        let tombstones = {
+            let mut meta = txn.open_table(META).map_err(engine)?;
+            let kept = meta.get("tombstones").map_err(engine)?.map(|v| v.value());
+            match kept {
+                Some(n) => n,
+                None => {
+                    // A store from before the counter was kept: count once.
+                    let records = txn.open_table(RECORDS).map_err(engine)?;
+                    let mut n = 0u64;
+                    for entry in records.iter().map_err(engine)? {
+                        let (k, v) = entry.map_err(engine)?;
+                        n += matches!(decode(k.value(), v.value())?.value, Value::Tombstone) as u64;
+                    }
+                    drop(records);
+                    meta.insert("tombstones", n).map_err(engine)?;
+                    n
+                }
+            }
+        };
         // The next sequence number is the log's last + 1; `meta` keeps it
         // only for when trimming empties the log (one table less to write
         // per commit).
@@ -234,6 +256,7 @@ impl Store {
             last_seq: tokio::sync::watch::channel(next_seq.saturating_sub(1)).0,
             watermark: tokio::sync::watch::channel(Timestamp::default()).0,
             tombstones_collected: AtomicU64::new(0),
+            tombstones: AtomicU64::new(tombstones),
             applied_gen: tokio::sync::watch::channel(0).0,
             conflicts: AtomicU64::new(conflicts),
             commits: AtomicU64::new(0),
@@ -295,14 +318,10 @@ impl Store {
         Ok(self.tombstones_collected() - n0)
     }
 
-    /// Tombstones stored now.
-    pub fn tombstone_count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .inner
-            .scan_prefix(b"", None, usize::MAX)?
-            .iter()
-            .filter(|(_, r)| matches!(r.value, Value::Tombstone))
-            .count() as u64)
+    /// Tombstones stored now (a counter: costs nothing however many
+    /// records are held).
+    pub fn tombstone_count(&self) -> u64 {
+        self.inner.tombstones.load(Ordering::Relaxed)
     }
 
     /// Conflicts detected here since the store was created.
@@ -684,17 +703,27 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError
         applied_remote: false,
         new_conflicts: false,
         next_seq: inner.next_seq.load(Ordering::Relaxed),
+        tombstone_delta: 0,
+        collected: 0,
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(w.apply(&job.op).map_err(|e| (i, e))?);
     }
-    let (wrote_log, applied_remote, next_seq) = (w.wrote_log, w.applied_remote, w.next_seq);
+    let (wrote_log, applied_remote, next_seq, collected) = (w.wrote_log, w.applied_remote, w.next_seq, w.collected);
     if w.new_conflicts {
         let mut meta = txn.open_table(META).map_err(|e| (0, engine(e)))?;
         meta.insert("conflicts", inner.conflicts.load(Ordering::Relaxed)).map_err(|e| (0, engine(e)))?;
     }
+    let tombstones = inner.tombstones.load(Ordering::Relaxed).saturating_add_signed(w.tombstone_delta);
+    if w.tombstone_delta != 0 {
+        let mut meta = txn.open_table(META).map_err(|e| (0, engine(e)))?;
+        meta.insert("tombstones", tombstones).map_err(|e| (0, engine(e)))?;
+    }
     txn.commit().map_err(|e| (0, engine(e)))?;
+    // Only the writer thread changes these, and only once committed.
+    inner.tombstones.store(tombstones, Ordering::Relaxed);
+    inner.tombstones_collected.fetch_add(collected, Ordering::Relaxed);
     inner.next_seq.store(next_seq, Ordering::Relaxed);
     Ok(Group { outcomes, last_seq: wrote_log.then(|| next_seq - 1), applied_remote })
 }
@@ -706,9 +735,22 @@ struct Writer<'a> {
     wrote_log: bool,
     applied_remote: bool,
     new_conflicts: bool,
+    /// How this transaction changes the number of tombstones stored.
+    tombstone_delta: i64,
+    /// Tombstones this transaction collects.
+    collected: u64,
+}
+
+fn is_tombstone(r: Option<&Record>) -> bool {
+    matches!(r, Some(Record { value: Value::Tombstone, .. }))
 }
 
 impl Writer<'_> {
+    /// Notes a record replacing another (or none) under one key.
+    fn count(&mut self, old: Option<&Record>, new: &Record) {
+        self.tombstone_delta += is_tombstone(Some(new)) as i64 - is_tombstone(old) as i64;
+    }
+
     fn read(&self, k: &[u8]) -> Result<Option<Record>, StoreError> {
         let table = self.txn.open_table(RECORDS).map_err(engine)?;
         let v = table.get(k).map_err(engine)?.map(|v| decode(k, v.value())).transpose()?;
@@ -724,6 +766,7 @@ impl Writer<'_> {
             origin: self.inner.region.clone(),
             seen: old.map(|r| r.ts).unwrap_or_default(),
         };
+        self.count(old, &record);
         self.txn
             .open_table(RECORDS)
             .map_err(engine)?
@@ -763,6 +806,7 @@ impl Writer<'_> {
         if Some(&new) == old.as_ref() {
             report.unchanged += 1;
         } else {
+            self.count(old.as_ref(), &new);
             self.txn
                 .open_table(RECORDS)
                 .map_err(engine)?
@@ -876,7 +920,8 @@ impl Writer<'_> {
                     !dead
                 })
                 .map_err(engine)?;
-                self.inner.tombstones_collected.fetch_add(n, Ordering::Relaxed);
+                self.tombstone_delta -= n as i64;
+                self.collected += n;
                 Outcome::Done
             }
             Op::Trim { upto } => {
@@ -1070,7 +1115,7 @@ mod tests {
             let old = s.delete("n", b"a").await.unwrap();
             s.put("n", b"b", vec![1]).await.unwrap();
             let new = s.delete("n", b"b").await.unwrap();
-            assert_eq!(s.tombstone_count().unwrap(), 2);
+            assert_eq!(s.tombstone_count(), 2);
             // Only the tombstone before the stable time goes.
             assert_eq!(s.collect_tombstones(new.record.ts).await.unwrap(), 1);
             assert!(s.get("n", b"a").unwrap().is_none());
@@ -1079,6 +1124,72 @@ mod tests {
             // The watermark covers committed writes.
             assert!(s.watermark() >= new.record.ts);
         });
+    }
+
+    /// The tombstone count is a counter kept with the records: after any
+    /// mix of local writes, deletes, merged remote values and tombstones,
+    /// and collection, it equals a count by scanning — before and after a
+    /// reopen — and a store from before the counter is counted once.
+    #[test]
+    fn the_tombstone_counter_matches_a_scan_through_writes_merges_collection_and_reopening() {
+        use rand::{Rng, SeedableRng};
+        fn scanned(s: &Store) -> u64 {
+            s.inner.scan_prefix(b"", None, usize::MAX).unwrap().iter().filter(|(_, r)| is_tombstone(Some(r))).count()
+                as u64
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv");
+        for seed in 0..4u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let s = Store::open(&path, "eu-west").unwrap();
+            rt().block_on(async {
+                for round in 0..30 {
+                    let key = [rng.random_range(0..20u8)];
+                    match rng.random_range(0..5) {
+                        0 => drop(s.put("n", &key, vec![round]).await.unwrap()),
+                        1 => drop(s.delete("n", &key).await.unwrap()),
+                        2 | 3 => {
+                            // A remote write or delete, sometimes older than
+                            // what is stored (then it changes nothing).
+                            let wall_ms =
+                                s.watermark().wall_ms.saturating_sub(rng.random_range(0..3)) + rng.random_range(0..3);
+                            let value = if rng.random_bool(0.5) { Value::Tombstone } else { Value::Bytes(vec![round]) };
+                            let record = Record {
+                                value,
+                                ts: Timestamp { wall_ms, logical: rng.random_range(0..4) },
+                                origin: "us-east".into(),
+                                seen: Timestamp::default(),
+                            };
+                            s.merge(vec![Change { ns: "n".into(), key: key.to_vec(), record }]).await.unwrap();
+                        }
+                        _ => drop(s.collect_tombstones(s.watermark()).await.unwrap()),
+                    }
+                    assert_eq!(s.tombstone_count(), scanned(&s), "seed {seed} round {round}");
+                }
+            });
+            let kept = s.tombstone_count();
+            drop(s);
+            let s = Store::open(&path, "eu-west").unwrap();
+            assert_eq!(s.tombstone_count(), kept, "seed {seed}: after reopening");
+            assert_eq!(kept, scanned(&s));
+        }
+        // A store written before the counter existed: counted at open.
+        let expected = {
+            let s = Store::open(&path, "eu-west").unwrap();
+            rt().block_on(async {
+                for k in 0..3u8 {
+                    s.delete("n", &[k]).await.unwrap();
+                }
+            });
+            let n = scanned(&s);
+            let txn = s.inner.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove("tombstones").unwrap();
+            txn.commit().unwrap();
+            n
+        };
+        assert!(expected > 0, "the seeds left no tombstones to count");
+        let s = Store::open(&path, "eu-west").unwrap();
+        assert_eq!(s.tombstone_count(), expected);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use meridian_core::wire::{OriginReplication, Peer, PeerReplication};
 use meridian_http::{json, text, Body};
 use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, Timestamp, DIGEST_BUCKETS};
 use meridian_trust::Identity;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 const BATCH: usize = 1024;
 /// Records per snapshot message.
 const SNAPSHOT_CHUNK: usize = 1024;
-/// Lag samples kept per origin.
-const LAG_WINDOW: usize = 200_000;
+/// Lag percentiles cover the last one to two of these.
+const LAG_WINDOW: Duration = Duration::from_secs(60);
 const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Default)]
@@ -55,8 +55,56 @@ struct PeerStats {
 #[derive(Default)]
 struct OriginStats {
     applied_records: u64,
-    lags_ms: VecDeque<f64>,
+    lag: LagHistogram,
     samples: u64,
+}
+
+/// Replication lag in ms: a histogram (1 ms to an hour, three significant
+/// digits) for the current window and one for the window before, so a
+/// sample costs a counter increment and a percentile a walk over the
+/// buckets, however many writes arrive.
+struct LagHistogram {
+    current: hdrhistogram::Histogram<u64>,
+    previous: hdrhistogram::Histogram<u64>,
+    started: std::time::Instant,
+}
+
+impl Default for LagHistogram {
+    fn default() -> LagHistogram {
+        let h = || hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds");
+        LagHistogram { current: h(), previous: h(), started: std::time::Instant::now() }
+    }
+}
+
+impl LagHistogram {
+    fn rotate(&mut self) {
+        let age = self.started.elapsed();
+        if age >= LAG_WINDOW {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.reset();
+            if age >= 2 * LAG_WINDOW {
+                // Nothing arrived for a whole window: forget that one too.
+                self.previous.reset();
+            }
+            self.started = std::time::Instant::now();
+        }
+    }
+
+    fn record(&mut self, lag_ms: u64) {
+        self.rotate();
+        // More than an hour counts as an hour.
+        self.current.saturating_record(lag_ms);
+    }
+
+    fn percentile(&self, q: f64) -> Option<f64> {
+        let n = self.current.len() + self.previous.len();
+        if n == 0 {
+            return None;
+        }
+        let mut both = self.previous.clone();
+        both.add(&self.current).ok()?;
+        Some(both.value_at_quantile(q) as f64)
+    }
 }
 
 /// What a message brought, kept for the statistics while its changes go to
@@ -108,14 +156,6 @@ pub struct Replication {
 struct PushReply {
     /// Last sequence of the sender's log the receiver holds.
     have: u64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    Some(sorted[i.min(sorted.len() - 1)])
 }
 
 fn capture_dir_from_env() -> Option<std::path::PathBuf> {
@@ -213,15 +253,13 @@ impl Replication {
             .iter()
             .map(|(name, s)| {
                 let (incarnation, applied_seq) = store.applied(name).ok().flatten().unwrap_or((0, 0));
-                let mut lags: Vec<f64> = s.lags_ms.iter().copied().collect();
-                lags.sort_by(f64::total_cmp);
                 OriginReplication {
                     origin: name.clone(),
                     incarnation,
                     applied_seq,
                     applied_records: s.applied_records,
-                    lag_ms_p50: percentile(&lags, 0.5),
-                    lag_ms_p99: percentile(&lags, 0.99),
+                    lag_ms_p50: s.lag.percentile(0.5),
+                    lag_ms_p99: s.lag.percentile(0.99),
                     lag_samples: s.samples,
                 }
             })
@@ -234,16 +272,13 @@ impl Replication {
 
     /// Records replication lag of freshly applied changes from `origin`.
     fn note_applied(&self, origin: &str, stats: &ApplyStats) {
-        let now = system_ms() as f64;
+        let now = system_ms();
         let mut origins = self.origins.lock().unwrap();
         let s = origins.entry(origin.to_string()).or_default();
         s.applied_records += stats.records;
         for &written_ms in &stats.written_ms {
-            s.lags_ms.push_back((now - written_ms as f64).max(0.0));
+            s.lag.record(now.saturating_sub(written_ms));
             s.samples += 1;
-            if s.lags_ms.len() > LAG_WINDOW {
-                s.lags_ms.pop_front();
-            }
         }
     }
 
@@ -882,5 +917,44 @@ async fn trim_loop(svc: Arc<KvService>) {
                 tracing::warn!(error = %e, "cannot trim the replication log");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_percentiles_are_exact_to_three_digits_and_cover_the_last_window_or_two() {
+        let mut h = LagHistogram::default();
+        assert_eq!(h.percentile(0.5), None);
+        // 1..=1000 ms, once each, plus a zero.
+        h.record(0);
+        for ms in 1..=1000 {
+            h.record(ms);
+        }
+        let p50 = h.percentile(0.5).unwrap();
+        let p99 = h.percentile(0.99).unwrap();
+        assert!((499.0..=501.0).contains(&p50), "p50 {p50}");
+        assert!((989.0..=991.0).contains(&p99), "p99 {p99}");
+        // More than the bound counts as the bound, not as an error.
+        h.record(u64::MAX);
+        assert!(h.percentile(1.0).unwrap() >= 3_600_000.0 * 0.999);
+
+        // A window later the old samples still count (the window before)...
+        h.started -= LAG_WINDOW;
+        h.record(5);
+        assert!(h.percentile(0.5).unwrap() > 400.0);
+        // ...two windows later they are gone.
+        h.started -= LAG_WINDOW;
+        h.record(5);
+        h.record(5);
+        assert_eq!(h.percentile(0.99), Some(5.0));
+        // And after a silence longer than two windows, nothing is left but
+        // what comes next.
+        h.started -= 2 * LAG_WINDOW;
+        h.record(7);
+        assert_eq!(h.percentile(0.5), Some(7.0));
+        assert_eq!(h.percentile(0.0), Some(7.0));
     }
 }

@@ -33,8 +33,47 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const APPLIED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("applied");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const CONFLICTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conflicts");
+/// Per namespace, its anti-entropy digest (`DIGEST_BUCKETS` × 32 bytes),
+/// kept by the writer in the same transactions as the records.
+const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
+
+/// Per bucket of keys, the XOR of the SHA-256 of every (key, record).
+pub type NamespaceDigest = [[u8; 32]; DIGEST_BUCKETS];
+
+/// Adds (or, applied again, removes) one stored record to its namespace's
+/// digest.
+fn xor_record(d: &mut NamespaceDigest, key: &[u8], encoded: &[u8]) {
+    let mut h = Sha256::new();
+    h.update((key.len() as u32).to_le_bytes());
+    h.update(key);
+    h.update(encoded);
+    for (o, x) in d[bucket_of(key)].iter_mut().zip(h.finalize()) {
+        *o ^= x;
+    }
+}
+
+fn digest_from_bytes(ns: &str, bytes: &[u8]) -> Result<NamespaceDigest, StoreError> {
+    if bytes.len() != 32 * DIGEST_BUCKETS {
+        return Err(StoreError::Engine(format!("the stored digest of namespace {ns:?} is {} bytes", bytes.len())));
+    }
+    let mut d = [[0u8; 32]; DIGEST_BUCKETS];
+    for (b, chunk) in d.iter_mut().zip(bytes.chunks_exact(32)) {
+        b.copy_from_slice(chunk);
+    }
+    Ok(d)
+}
+
+/// The namespace and the key of a records-table key (`ns \0 key`).
+fn split_full_key(k: &[u8]) -> (&[u8], &[u8]) {
+    let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+    (&k[..end], k.get(end + 1..).unwrap_or_default())
+}
 /// On-disk layout version (tables, keys and record encoding).
-pub const DISK_FORMAT: u64 = 2;
+pub const DISK_FORMAT: u64 = 3;
+/// Format 2 lacks the kept tombstone count and digests (3 computes them once
+/// at open); a build that reads only 2 refuses 3 rather than let its
+/// writes leave the kept digests stale.
+const DISK_FORMAT_WITHOUT_DIGESTS: u64 = 2;
 /// Buckets of the anti-entropy digest of a namespace.
 pub const DIGEST_BUCKETS: usize = 16;
 /// Most jobs one commit takes.
@@ -210,6 +249,12 @@ impl Store {
                     meta.insert("incarnation", rand::random::<u64>() | 1).map_err(engine)?;
                 }
                 Some(DISK_FORMAT) => {}
+                Some(DISK_FORMAT_WITHOUT_DIGESTS) => {
+                    // Whatever an older build left under these keys is stale.
+                    meta.remove("tombstones").map_err(engine)?;
+                    meta.remove("digests").map_err(engine)?;
+                    meta.insert("format", DISK_FORMAT).map_err(engine)?;
+                }
                 Some(other) => return Err(StoreError::Format(other)),
             }
             let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
@@ -247,6 +292,27 @@ impl Store {
         txn.open_table(APPLIED).map_err(engine)?;
         txn.open_table(CURSORS).map_err(engine)?;
         txn.open_table(CONFLICTS).map_err(engine)?;
+        txn.open_table(DIGESTS).map_err(engine)?;
+        let kept = txn.open_table(META).map_err(engine)?.get("digests").map_err(engine)?.is_some();
+        if !kept {
+            // A store from before digests were kept: computed once, here.
+            let mut all: BTreeMap<Vec<u8>, NamespaceDigest> = BTreeMap::new();
+            {
+                let records = txn.open_table(RECORDS).map_err(engine)?;
+                for entry in records.iter().map_err(engine)? {
+                    let (k, v) = entry.map_err(engine)?;
+                    let (ns, key) = split_full_key(k.value());
+                    let rec = decode(k.value(), v.value())?;
+                    xor_record(all.entry(ns.to_vec()).or_insert([[0; 32]; DIGEST_BUCKETS]), key, &rec.encode());
+                }
+            }
+            let mut t = txn.open_table(DIGESTS).map_err(engine)?;
+            t.retain(|_, _| false).map_err(engine)?;
+            for (ns, d) in &all {
+                t.insert(String::from_utf8_lossy(ns).as_ref(), d.concat().as_slice()).map_err(engine)?;
+            }
+            txn.open_table(META).map_err(engine)?.insert("digests", 1).map_err(engine)?;
+        }
         txn.commit().map_err(engine)?;
         let inner = Arc::new(Inner {
             db,
@@ -570,19 +636,26 @@ impl Store {
 
     /// Anti-entropy digest of a namespace: per bucket of keys, the XOR of the
     /// SHA-256 of every (key, record). Equal digests mean equal content.
-    pub fn digest(&self, ns: &str) -> Result<[[u8; 32]; DIGEST_BUCKETS], StoreError> {
-        let mut out = [[0u8; 32]; DIGEST_BUCKETS];
-        for (key, rec) in self.scan(ns, None, usize::MAX)? {
-            let b = bucket_of(&key);
-            let mut h = Sha256::new();
-            h.update((key.len() as u32).to_le_bytes());
-            h.update(&key);
-            h.update(rec.encode());
-            for (o, x) in out[b].iter_mut().zip(h.finalize()) {
-                *o ^= x;
-            }
+    /// Kept as records change, so reading it costs one lookup however many
+    /// records the namespace holds.
+    pub fn digest(&self, ns: &str) -> Result<NamespaceDigest, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(DIGESTS).map_err(engine)?;
+        match table.get(ns).map_err(engine)? {
+            Some(v) => digest_from_bytes(ns, v.value()),
+            None => Ok([[0u8; 32]; DIGEST_BUCKETS]),
         }
-        Ok(out)
+    }
+
+    /// The digest computed from the records themselves (what the kept one
+    /// must always equal).
+    #[cfg(test)]
+    fn digest_by_scan(&self, ns: &str) -> NamespaceDigest {
+        let mut out = [[0u8; 32]; DIGEST_BUCKETS];
+        for (key, rec) in self.scan(ns, None, usize::MAX).unwrap() {
+            xor_record(&mut out, &key, &rec.encode());
+        }
+        out
     }
 
     /// Every record of one digest bucket of a namespace.
@@ -705,12 +778,19 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError
         next_seq: inner.next_seq.load(Ordering::Relaxed),
         tombstone_delta: 0,
         collected: 0,
+        digests: BTreeMap::new(),
     };
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(w.apply(&job.op).map_err(|e| (i, e))?);
     }
     let (wrote_log, applied_remote, next_seq, collected) = (w.wrote_log, w.applied_remote, w.next_seq, w.collected);
+    if !w.digests.is_empty() {
+        let mut t = txn.open_table(DIGESTS).map_err(|e| (0, engine(e)))?;
+        for (ns, d) in &w.digests {
+            t.insert(ns.as_str(), d.concat().as_slice()).map_err(|e| (0, engine(e)))?;
+        }
+    }
     if w.new_conflicts {
         let mut meta = txn.open_table(META).map_err(|e| (0, engine(e)))?;
         meta.insert("conflicts", inner.conflicts.load(Ordering::Relaxed)).map_err(|e| (0, engine(e)))?;
@@ -739,6 +819,8 @@ struct Writer<'a> {
     tombstone_delta: i64,
     /// Tombstones this transaction collects.
     collected: u64,
+    /// The digests of the namespaces this transaction changes, as changed.
+    digests: BTreeMap<String, NamespaceDigest>,
 }
 
 fn is_tombstone(r: Option<&Record>) -> bool {
@@ -746,9 +828,35 @@ fn is_tombstone(r: Option<&Record>) -> bool {
 }
 
 impl Writer<'_> {
-    /// Notes a record replacing another (or none) under one key.
-    fn count(&mut self, old: Option<&Record>, new: &Record) {
+    /// Notes a record replacing another (or none) under one key: the
+    /// tombstone count and the namespace's digest follow.
+    fn count(
+        &mut self,
+        ns: &str,
+        key: &[u8],
+        old: Option<&Record>,
+        new: &Record,
+        new_encoded: &[u8],
+    ) -> Result<(), StoreError> {
         self.tombstone_delta += is_tombstone(Some(new)) as i64 - is_tombstone(old) as i64;
+        let d = self.digest_mut(ns)?;
+        if let Some(old) = old {
+            xor_record(d, key, &old.encode());
+        }
+        xor_record(d, key, new_encoded);
+        Ok(())
+    }
+
+    fn digest_mut(&mut self, ns: &str) -> Result<&mut NamespaceDigest, StoreError> {
+        if !self.digests.contains_key(ns) {
+            let t = self.txn.open_table(DIGESTS).map_err(engine)?;
+            let d = match t.get(ns).map_err(engine)? {
+                Some(v) => digest_from_bytes(ns, v.value())?,
+                None => [[0u8; 32]; DIGEST_BUCKETS],
+            };
+            self.digests.insert(ns.to_string(), d);
+        }
+        Ok(self.digests.get_mut(ns).expect("inserted above"))
     }
 
     fn read(&self, k: &[u8]) -> Result<Option<Record>, StoreError> {
@@ -766,12 +874,9 @@ impl Writer<'_> {
             origin: self.inner.region.clone(),
             seen: old.map(|r| r.ts).unwrap_or_default(),
         };
-        self.count(old, &record);
-        self.txn
-            .open_table(RECORDS)
-            .map_err(engine)?
-            .insert(k.as_slice(), record.encode().as_slice())
-            .map_err(engine)?;
+        let encoded = record.encode();
+        self.count(ns, key, old, &record, &encoded)?;
+        self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
         let seq = self.next_seq;
         let change = Change { ns: ns.to_string(), key: key.to_vec(), record };
         self.txn.open_table(LOG).map_err(engine)?.insert(seq, change.encode().as_slice()).map_err(engine)?;
@@ -806,12 +911,9 @@ impl Writer<'_> {
         if Some(&new) == old.as_ref() {
             report.unchanged += 1;
         } else {
-            self.count(old.as_ref(), &new);
-            self.txn
-                .open_table(RECORDS)
-                .map_err(engine)?
-                .insert(k.as_slice(), new.encode().as_slice())
-                .map_err(engine)?;
+            let encoded = new.encode();
+            self.count(&c.ns, &c.key, old.as_ref(), &new, &encoded)?;
+            self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
             report.changed += 1;
         }
         self.applied_remote = true;
@@ -912,14 +1014,22 @@ impl Writer<'_> {
             }
             Op::Collect { before } => {
                 let mut t = self.txn.open_table(RECORDS).map_err(engine)?;
-                let mut n = 0u64;
-                t.retain(|_, v| {
-                    let dead =
-                        matches!(Record::decode(v), Ok(r) if matches!(r.value, Value::Tombstone) && r.ts < *before);
-                    n += dead as u64;
-                    !dead
+                let mut gone: Vec<(Vec<u8>, Record)> = Vec::new();
+                t.retain(|k, v| match Record::decode(v) {
+                    Ok(r) if matches!(r.value, Value::Tombstone) && r.ts < *before => {
+                        gone.push((k.to_vec(), r));
+                        false
+                    }
+                    _ => true,
                 })
                 .map_err(engine)?;
+                drop(t);
+                let n = gone.len() as u64;
+                for (k, r) in gone {
+                    let (ns, key) = split_full_key(&k);
+                    let ns = String::from_utf8_lossy(ns).into_owned();
+                    xor_record(self.digest_mut(&ns)?, key, &r.encode());
+                }
                 self.tombstone_delta -= n as i64;
                 self.collected += n;
                 Outcome::Done
@@ -1126,12 +1236,13 @@ mod tests {
         });
     }
 
-    /// The tombstone count is a counter kept with the records: after any
-    /// mix of local writes, deletes, merged remote values and tombstones,
-    /// and collection, it equals a count by scanning — before and after a
-    /// reopen — and a store from before the counter is counted once.
+    /// The tombstone count and the namespaces' anti-entropy digests are kept
+    /// with the records: after any mix of local writes, deletes, increments,
+    /// merged remote values and tombstones, and collection, they equal what
+    /// a scan computes — before and after a reopen — and a store from before
+    /// they were kept gets them computed once, at open.
     #[test]
-    fn the_tombstone_counter_matches_a_scan_through_writes_merges_collection_and_reopening() {
+    fn kept_tombstone_counts_and_digests_match_a_scan_through_writes_merges_collection_and_reopening() {
         use rand::{Rng, SeedableRng};
         fn scanned(s: &Store) -> u64 {
             s.inner.scan_prefix(b"", None, usize::MAX).unwrap().iter().filter(|(_, r)| is_tombstone(Some(r))).count()
@@ -1145,9 +1256,11 @@ mod tests {
             rt().block_on(async {
                 for round in 0..30 {
                     let key = [rng.random_range(0..20u8)];
-                    match rng.random_range(0..5) {
-                        0 => drop(s.put("n", &key, vec![round]).await.unwrap()),
-                        1 => drop(s.delete("n", &key).await.unwrap()),
+                    let ns = ["n", "m"][rng.random_range(0..2)];
+                    match rng.random_range(0..6) {
+                        0 => drop(s.put(ns, &key, vec![round]).await.unwrap()),
+                        1 => drop(s.delete(ns, &key).await.unwrap()),
+                        5 => drop(s.increment("c", &key, 1).await.unwrap()),
                         2 | 3 => {
                             // A remote write or delete, sometimes older than
                             // what is stored (then it changes nothing).
@@ -1160,18 +1273,26 @@ mod tests {
                                 origin: "us-east".into(),
                                 seen: Timestamp::default(),
                             };
-                            s.merge(vec![Change { ns: "n".into(), key: key.to_vec(), record }]).await.unwrap();
+                            s.merge(vec![Change { ns: ns.into(), key: key.to_vec(), record }]).await.unwrap();
                         }
                         _ => drop(s.collect_tombstones(s.watermark()).await.unwrap()),
                     }
                     assert_eq!(s.tombstone_count(), scanned(&s), "seed {seed} round {round}");
+                    for ns in ["n", "m", "c"] {
+                        assert_eq!(s.digest(ns).unwrap(), s.digest_by_scan(ns), "seed {seed} round {round} {ns}");
+                    }
                 }
             });
             let kept = s.tombstone_count();
+            let digests: Vec<_> = ["n", "m", "c"].iter().map(|ns| s.digest(ns).unwrap()).collect();
             drop(s);
             let s = Store::open(&path, "eu-west").unwrap();
             assert_eq!(s.tombstone_count(), kept, "seed {seed}: after reopening");
             assert_eq!(kept, scanned(&s));
+            for (ns, d) in ["n", "m", "c"].iter().zip(&digests) {
+                assert_eq!(&s.digest(ns).unwrap(), d);
+                assert_eq!(*d, s.digest_by_scan(ns));
+            }
         }
         // A store written before the counter existed: counted at open.
         let expected = {
@@ -1183,13 +1304,25 @@ mod tests {
             });
             let n = scanned(&s);
             let txn = s.inner.db.begin_write().unwrap();
+            // As a build of format 2 left it.
+            txn.open_table(META).unwrap().insert("format", DISK_FORMAT_WITHOUT_DIGESTS).unwrap();
             txn.open_table(META).unwrap().remove("tombstones").unwrap();
+            let mut t = txn.open_table(DIGESTS).unwrap();
+            for ns in ["n", "gone"] {
+                t.insert(ns, [7u8; 32 * DIGEST_BUCKETS].as_slice()).unwrap();
+            }
+            drop(t);
             txn.commit().unwrap();
             n
         };
         assert!(expected > 0, "the seeds left no tombstones to count");
         let s = Store::open(&path, "eu-west").unwrap();
         assert_eq!(s.tombstone_count(), expected);
+        for ns in ["n", "m", "c"] {
+            assert_ne!(s.digest(ns).unwrap(), [[0u8; 32]; DIGEST_BUCKETS]);
+            assert_eq!(s.digest(ns).unwrap(), s.digest_by_scan(ns), "{ns} after computing at open");
+        }
+        assert_eq!(s.digest("gone").unwrap(), [[0u8; 32]; DIGEST_BUCKETS], "a stale digest was kept");
     }
 
     #[test]

@@ -36,6 +36,20 @@ const CONFLICTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conflicts
 /// Per namespace, its anti-entropy digest (`DIGEST_BUCKETS` × 32 bytes),
 /// kept by the writer in the same transactions as the records.
 const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
+/// Every tombstone stored, keyed by its timestamp then its records-table
+/// key: collection takes the ones older than a time as a range, never
+/// walking the records.
+const TOMBSTONES: TableDefinition<&[u8], ()> = TableDefinition::new("tombstones");
+
+/// A `TOMBSTONES` key: timestamp (big-endian, so keys sort by it), then the
+/// records-table key.
+fn tombstone_key(ts: Timestamp, k: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(12 + k.len());
+    t.extend_from_slice(&ts.wall_ms.to_be_bytes());
+    t.extend_from_slice(&ts.logical.to_be_bytes());
+    t.extend_from_slice(k);
+    t
+}
 
 /// Per bucket of keys, the XOR of the SHA-256 of every (key, record).
 pub type NamespaceDigest = [[u8; 32]; DIGEST_BUCKETS];
@@ -266,14 +280,21 @@ impl Store {
             match kept {
                 Some(n) => n,
                 None => {
-                    // A store from before the counter was kept: count once.
+                    // A store from before the count and the index of
+                    // tombstones were kept: both made once, here.
                     let records = txn.open_table(RECORDS).map_err(engine)?;
+                    let mut index = txn.open_table(TOMBSTONES).map_err(engine)?;
+                    index.retain(|_, _| false).map_err(engine)?;
                     let mut n = 0u64;
                     for entry in records.iter().map_err(engine)? {
                         let (k, v) = entry.map_err(engine)?;
-                        n += matches!(decode(k.value(), v.value())?.value, Value::Tombstone) as u64;
+                        let r = decode(k.value(), v.value())?;
+                        if matches!(r.value, Value::Tombstone) {
+                            index.insert(tombstone_key(r.ts, k.value()).as_slice(), ()).map_err(engine)?;
+                            n += 1;
+                        }
                     }
-                    drop(records);
+                    drop((records, index));
                     meta.insert("tombstones", n).map_err(engine)?;
                     n
                 }
@@ -293,6 +314,7 @@ impl Store {
         txn.open_table(CURSORS).map_err(engine)?;
         txn.open_table(CONFLICTS).map_err(engine)?;
         txn.open_table(DIGESTS).map_err(engine)?;
+        txn.open_table(TOMBSTONES).map_err(engine)?;
         let kept = txn.open_table(META).map_err(engine)?.get("digests").map_err(engine)?.is_some();
         if !kept {
             // A store from before digests were kept: computed once, here.
@@ -839,6 +861,16 @@ impl Writer<'_> {
         new_encoded: &[u8],
     ) -> Result<(), StoreError> {
         self.tombstone_delta += is_tombstone(Some(new)) as i64 - is_tombstone(old) as i64;
+        if is_tombstone(old) || is_tombstone(Some(new)) {
+            let k = full_key(ns, key)?;
+            let mut index = self.txn.open_table(TOMBSTONES).map_err(engine)?;
+            if let Some(old) = old.filter(|o| is_tombstone(Some(o))) {
+                index.remove(tombstone_key(old.ts, &k).as_slice()).map_err(engine)?;
+            }
+            if is_tombstone(Some(new)) {
+                index.insert(tombstone_key(new.ts, &k).as_slice(), ()).map_err(engine)?;
+            }
+        }
         let d = self.digest_mut(ns)?;
         if let Some(old) = old {
             xor_record(d, key, &old.encode());
@@ -1013,17 +1045,29 @@ impl Writer<'_> {
                 Outcome::Done
             }
             Op::Collect { before } => {
-                let mut t = self.txn.open_table(RECORDS).map_err(engine)?;
+                // The index's keys older than `before` are exactly the
+                // tombstones to collect: a range, however many records
+                // the store holds.
+                let mut index = self.txn.open_table(TOMBSTONES).map_err(engine)?;
+                let end = tombstone_key(*before, b"");
+                let mut due: Vec<Vec<u8>> = Vec::new();
+                for entry in index.range::<&[u8]>(..end.as_slice()).map_err(engine)? {
+                    due.push(entry.map_err(engine)?.0.value().to_vec());
+                }
+                let mut records = self.txn.open_table(RECORDS).map_err(engine)?;
                 let mut gone: Vec<(Vec<u8>, Record)> = Vec::new();
-                t.retain(|k, v| match Record::decode(v) {
-                    Ok(r) if matches!(r.value, Value::Tombstone) && r.ts < *before => {
+                for t in &due {
+                    index.remove(t.as_slice()).map_err(engine)?;
+                    let k = &t[12..];
+                    let stored = records.get(k).map_err(engine)?.map(|v| decode(k, v.value())).transpose()?;
+                    // The index names this very tombstone; anything else
+                    // under the key (never expected) is left alone.
+                    if let Some(r) = stored.filter(|r| is_tombstone(Some(r)) && tombstone_key(r.ts, k) == *t) {
+                        records.remove(k).map_err(engine)?;
                         gone.push((k.to_vec(), r));
-                        false
                     }
-                    _ => true,
-                })
-                .map_err(engine)?;
-                drop(t);
+                }
+                drop((index, records));
                 let n = gone.len() as u64;
                 for (k, r) in gone {
                     let (ns, key) = split_full_key(&k);
@@ -1244,6 +1288,25 @@ mod tests {
     #[test]
     fn kept_tombstone_counts_and_digests_match_a_scan_through_writes_merges_collection_and_reopening() {
         use rand::{Rng, SeedableRng};
+        // The index of tombstones, and what it must hold: every tombstone's
+        // (timestamp, key), nothing else.
+        fn index(s: &Store) -> Vec<Vec<u8>> {
+            let txn = s.inner.db.begin_read().unwrap();
+            let t = txn.open_table(TOMBSTONES).unwrap();
+            t.iter().unwrap().map(|e| e.unwrap().0.value().to_vec()).collect()
+        }
+        fn index_by_scan(s: &Store) -> Vec<Vec<u8>> {
+            let mut v: Vec<Vec<u8>> = s
+                .inner
+                .scan_prefix(b"", None, usize::MAX)
+                .unwrap()
+                .iter()
+                .filter(|(_, r)| is_tombstone(Some(r)))
+                .map(|(k, r)| tombstone_key(r.ts, k))
+                .collect();
+            v.sort();
+            v
+        }
         fn scanned(s: &Store) -> u64 {
             s.inner.scan_prefix(b"", None, usize::MAX).unwrap().iter().filter(|(_, r)| is_tombstone(Some(r))).count()
                 as u64
@@ -1278,6 +1341,7 @@ mod tests {
                         _ => drop(s.collect_tombstones(s.watermark()).await.unwrap()),
                     }
                     assert_eq!(s.tombstone_count(), scanned(&s), "seed {seed} round {round}");
+                    assert_eq!(index(&s), index_by_scan(&s), "seed {seed} round {round}");
                     for ns in ["n", "m", "c"] {
                         assert_eq!(s.digest(ns).unwrap(), s.digest_by_scan(ns), "seed {seed} round {round} {ns}");
                     }
@@ -1312,12 +1376,15 @@ mod tests {
                 t.insert(ns, [7u8; 32 * DIGEST_BUCKETS].as_slice()).unwrap();
             }
             drop(t);
+            let stale = tombstone_key(Timestamp { wall_ms: 1, logical: 0 }, b"n\0stale");
+            txn.open_table(TOMBSTONES).unwrap().insert(stale.as_slice(), ()).unwrap();
             txn.commit().unwrap();
             n
         };
         assert!(expected > 0, "the seeds left no tombstones to count");
         let s = Store::open(&path, "eu-west").unwrap();
         assert_eq!(s.tombstone_count(), expected);
+        assert_eq!(index(&s), index_by_scan(&s), "the index built at open");
         for ns in ["n", "m", "c"] {
             assert_ne!(s.digest(ns).unwrap(), [[0u8; 32]; DIGEST_BUCKETS]);
             assert_eq!(s.digest(ns).unwrap(), s.digest_by_scan(ns), "{ns} after computing at open");

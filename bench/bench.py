@@ -2,7 +2,7 @@
 """Meridian benchmark harness: runs Meridian side by side with the peer a user
 would otherwise pick, in one run, on this machine, and prints ratios.
 
-    python3 bench/bench.py [all|host|edge|failover|deploy|replication|kvget|strong|density|rollout|large|control] [--duration S]
+    python3 bench/bench.py [all|host|cost|pooling|idle|edge|failover|deploy|replication|kvget|strong|density|rollout|large|control] [--duration S]
 
 Needs: a release build (`cargo build --release`), wrk and nginx (apt),
 `wasmtime` 48 (`cargo install wasmtime-cli --version 48.0.8 --locked`), and
@@ -1083,6 +1083,54 @@ def bench_replication(work, duration, delay_ms=40):
         print(f"| {label} | {rate:.0f} | {failed} | {p50:.1f} | {p99:.1f} | {n} | <= {delay_ms + 10} |")
 
 
+def bench_idle(work, sizes=(20000, 130000), watch=20):
+    """What holding keys costs when nothing happens: N keys written into
+    eu-west's `sessions` namespace through the kv function (replicated to
+    every region), then every region's CPU over `watch` s with no traffic
+    (anti-entropy every 3 s, tombstone collection every 2 s as configured
+    by `meridian dev`)."""
+    rows = []
+    for n in sizes:
+        sub = tempfile.mkdtemp(prefix="idle-", dir=work)
+        wdir, w = dev_world(sub)
+        eu = next(r["url"] for r in w["regions"] if r["name"] == "eu-west")
+        script = os.path.join(sub, "put.lua")
+        open(script, "w").write(PUT_LUA.replace("DELAY", "0"))
+        t0 = time.time()
+        load = subprocess.Popen(["wrk", "-t1", "-c32", "-d900s", "-s", script, eu + "/"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while kv_status(wdir, w, "eu-west")["last_seq"] < n:
+                time.sleep(0.5)
+        finally:
+            load.terminate()
+            load.wait()
+        load_s = time.time() - t0
+        # Replicated everywhere before watching.
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            st = kv_status(wdir, w, "eu-west")
+            if st["peers"] and all(p["pending"] == 0 for p in st["peers"]):
+                break
+            time.sleep(0.5)
+        held = kv_status(wdir, w, "eu-west")["last_seq"]
+        time.sleep(3)
+        pids = {p["name"]: p["pid"] for p in w["processes"] if p.get("role") == "region" and p.get("pid")}
+        before = {name: cpu_ns(pid) for name, pid in pids.items()}
+        time.sleep(watch)
+        idle = {name: (cpu_ns(pid) - before[name]) / 1e9 / watch * 100 for name, pid in pids.items()}
+        rows.append((held, load_s, idle))
+        stop_all()
+        PROCS.clear()
+    print(f"\n## Idle cost of keys held (keys written through the kv function in eu-west, then {watch} s "
+          f"with no traffic)\n")
+    print("| keys held | load time s | idle CPU per region, % of one core |")
+    print("|---|---|---|")
+    for held, load_s, idle in rows:
+        per = ", ".join(f"{name} {pct:.1f}" for name, pct in sorted(idle.items()))
+        print(f"| {held} | {load_s:.0f} | {per} |")
+
+
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -1257,7 +1305,7 @@ def bench_strong(work, writes=100):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "idle", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
                                                          "density", "rollout", "large", "control"])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep each benchmark's work directory (logs, data)")
@@ -1267,7 +1315,7 @@ def main():
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
     print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
-        for name, fn in [("host", bench_host), ("cost", bench_cost), ("pooling", bench_pooling), ("edge", bench_edge), ("cache", bench_cache),
+        for name, fn in [("host", bench_host), ("cost", bench_cost), ("pooling", bench_pooling), ("idle", bench_idle), ("edge", bench_edge), ("cache", bench_cache),
                          ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
                          ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),

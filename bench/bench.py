@@ -1088,9 +1088,16 @@ def bench_idle(work, sizes=(20000, 130000), watch=20):
     eu-west's `sessions` namespace through the kv function (replicated to
     every region), then every region's CPU over `watch` s with no traffic
     (anti-entropy every 3 s, tombstone collection every 2 s as configured
-    by `meridian dev`)."""
+    by `meridian dev`). With MERIDIAN_BEFORE=path/to/an/older/meridian, the
+    same for that build, in the same run."""
+    global MERIDIAN
+    builds = [("this build", MERIDIAN)]
+    if os.environ.get("MERIDIAN_BEFORE"):
+        builds.insert(0, ("before", os.environ["MERIDIAN_BEFORE"]))
+    this = MERIDIAN
     rows = []
-    for n in sizes:
+    for n, (build, binary) in [(n, b) for n in sizes for b in builds]:
+        MERIDIAN = binary
         sub = tempfile.mkdtemp(prefix="idle-", dir=work)
         wdir, w = dev_world(sub)
         eu = next(r["url"] for r in w["regions"] if r["name"] == "eu-west")
@@ -1119,16 +1126,17 @@ def bench_idle(work, sizes=(20000, 130000), watch=20):
         before = {name: cpu_ns(pid) for name, pid in pids.items()}
         time.sleep(watch)
         idle = {name: (cpu_ns(pid) - before[name]) / 1e9 / watch * 100 for name, pid in pids.items()}
-        rows.append((held, load_s, idle))
+        rows.append((build, held, load_s, idle))
         stop_all()
         PROCS.clear()
+    MERIDIAN = this
     print(f"\n## Idle cost of keys held (keys written through the kv function in eu-west, then {watch} s "
           f"with no traffic)\n")
-    print("| keys held | load time s | idle CPU per region, % of one core |")
-    print("|---|---|---|")
-    for held, load_s, idle in rows:
+    print("| build | keys held | load time s | idle CPU per region, % of one core |")
+    print("|---|---|---|---|")
+    for build, held, load_s, idle in rows:
         per = ", ".join(f"{name} {pct:.1f}" for name, pct in sorted(idle.items()))
-        print(f"| {held} | {load_s:.0f} | {per} |")
+        print(f"| {build} | {held} | {load_s:.0f} | {per} |")
 
 
 def rss_kib(pid):

@@ -156,6 +156,19 @@ class Stack:
         self.cli("deploy", app_dir)
 
 
+def start_nginx(work, name, http_block, user_root=False):
+    """nginx in the foreground with its own prefix dir `work/name`, serving
+    `http_block` (the inside of `http { }`). Returns (dir, process)."""
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(("user root;\n" if user_root else "")
+                + f"worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
+                + "events { worker_connections 4096; }\nhttp {\n  access_log off;\n" + http_block + "}\n")
+    return d, start(["nginx", "-c", conf, "-p", d], os.path.join(work, f"{name}.log"))
+
+
 def make_app(work, name="app", extra_static="", cache_control=None):
     d = os.path.join(work, name)
     os.makedirs(os.path.join(d, "static"), exist_ok=True)
@@ -229,18 +242,7 @@ def bench_edge(work, duration):
         env["MERIDIAN_WORKER_THREADS"] = os.environ["EDGE_THREADS"]
     start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"), env=env)
     wait_http(edge_port, "/", ok=lambda s: s == 200)
-    nginx_dir = os.path.join(work, "nginx")
-    os.makedirs(nginx_dir)
-    conf = os.path.join(nginx_dir, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-worker_processes auto;
-daemon off;
-pid {nginx_dir}/nginx.pid;
-error_log {nginx_dir}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
+    start_nginx(work, "nginx", f"""
   upstream region {{ server 127.0.0.1:{stack.cluster_port}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{nginx_port};
@@ -268,9 +270,7 @@ http {{
       proxy_ssl_session_reuse on;
     }}
   }}
-}}
 """)
-    start(["nginx", "-c", conf, "-p", nginx_dir], os.path.join(work, "nginx.log"))
     wait_http(nginx_port, "/", ok=lambda s: s == 200)
     print(f"\n## Edge router vs nginx reverse proxy (same region behind both, both over mutual TLS to its cluster port; "
           f"direct = its public port; wrk -t1, {duration}s each)\n")
@@ -323,27 +323,11 @@ def bench_cache(work, duration):
           os.path.join(work, "varnish.log"))
     ndir = os.path.join(work, "nginx")
     os.makedirs(os.path.join(ndir, "cache"))
-    conf = os.path.join(ndir, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-user root;
-worker_processes auto;
-daemon off;
-pid {ndir}/nginx.pid;
-error_log {ndir}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
+    start_nginx(work, "nginx", f"""
   proxy_cache_path {ndir}/cache keys_zone=bench:16m max_size=256m;
   upstream region {{ server 127.0.0.1:{stack.region_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{nginx_port};
-    listen 127.0.0.1:{nginx_tls_port} ssl;
-    ssl_certificate {sites}/localhost.pem;
-    ssl_certificate_key {sites}/localhost.key;
-    ssl_protocols TLSv1.3;
-    # The suite rustls picks first, so both ends do the same work.
-    ssl_conf_command Ciphersuites TLS_AES_256_GCM_SHA384;
     location / {{
       proxy_pass http://region;
       proxy_http_version 1.1;
@@ -354,9 +338,7 @@ http {{
       add_header X-Cache-Status $upstream_cache_status;
     }}
   }}
-}}
-""")
-    start(["nginx", "-c", conf, "-p", ndir], os.path.join(work, "nginx.log"))
+""", user_root=True)
     for port in (edge_port, varnish_port, nginx_port):
         wait_http(port, "/index.html", ok=lambda s: s == 200)
         for path in ("/index.html", "/asset.bin"):
@@ -877,25 +859,12 @@ def tlb_share(pid, url, duration, conns, extra, work):
 
 def nginx_return_200(work):
     port = free_port()
-    d = os.path.join(work, "nginx-native")
-    os.makedirs(d)
-    conf = os.path.join(d, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-worker_processes auto;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
+    _, p = start_nginx(work, "nginx-native", f"""
   server {{
     listen 127.0.0.1:{port};
     location / {{ return 200 "Hello, world!\\n"; }}
   }}
-}}
 """)
-    p = start(["nginx", "-c", conf, "-p", d], os.path.join(work, "nginx-native.log"))
     wait_http(port, "/", ok=lambda s: s == 200)
     return port, p.pid
 

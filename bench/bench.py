@@ -74,10 +74,11 @@ def wait_http(port, path="/", timeout=60, ok=lambda s: True):
     raise RuntimeError(f"nothing answered on port {port}{path}")
 
 
-def wrk(url, duration, conns=16, threads=1):
+def wrk(url, duration, conns=16, threads=1, extra=()):
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
         capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
@@ -87,7 +88,7 @@ def wrk(url, duration, conns=16, threads=1):
         v, unit = float(m.group(1)), m.group(2)
         return v * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
-    return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99),
+    return {"rps": rps, "requests": requests, "p50_ms": pct(50), "p99_ms": pct(99),
             "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
 
 
@@ -807,18 +808,9 @@ def cpu_ns(pid):
 def wrk_cpu(url, duration, conns, pid, extra=()):
     """wrk against url, and the server's CPU µs per request meanwhile."""
     before = cpu_ns(pid)
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
-                         capture_output=True, text=True, check=True).stdout
-    used = cpu_ns(pid) - before
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    m50 = re.search(r"\s50%\s+([\d.]+)(us|ms|s)\b", out)
-    m99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
-    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {"rps": rps, "cpu_us": used / 1e3 / max(total, 1),
-            "p50_ms": float(m50.group(1)) * unit[m50.group(2)], "p99_ms": float(m99.group(1)) * unit[m99.group(2)],
-            "errors": int(errors.group(1)) if errors else 0}
+    r = wrk(url, duration, conns, extra=extra)
+    r["cpu_us"] = (cpu_ns(pid) - before) / 1e3 / max(r["requests"], 1)
+    return r
 
 
 TLB_SYMBOLS = ("flush_tlb_mm_range", "__sysvec_call_function", "__sysvec_call_function_single")

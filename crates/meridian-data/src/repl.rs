@@ -96,14 +96,19 @@ impl LagHistogram {
         self.current.saturating_record(lag_ms);
     }
 
-    fn percentile(&self, q: f64) -> Option<f64> {
-        let n = self.current.len() + self.previous.len();
-        if n == 0 {
+    /// The samples of both windows, if any.
+    fn merged(&self) -> Option<hdrhistogram::Histogram<u64>> {
+        if self.current.is_empty() && self.previous.is_empty() {
             return None;
         }
         let mut both = self.previous.clone();
         both.add(&self.current).ok()?;
-        Some(both.value_at_quantile(q) as f64)
+        Some(both)
+    }
+
+    #[cfg(test)]
+    fn percentile(&self, q: f64) -> Option<f64> {
+        self.merged().map(|h| h.value_at_quantile(q) as f64)
     }
 }
 
@@ -253,13 +258,15 @@ impl Replication {
             .iter()
             .map(|(name, s)| {
                 let (incarnation, applied_seq) = store.applied(name).ok().flatten().unwrap_or((0, 0));
+                let lag = s.lag.merged();
+                let lag_at = |q| lag.as_ref().map(|h| h.value_at_quantile(q) as f64);
                 OriginReplication {
                     origin: name.clone(),
                     incarnation,
                     applied_seq,
                     applied_records: s.applied_records,
-                    lag_ms_p50: s.lag.percentile(0.5),
-                    lag_ms_p99: s.lag.percentile(0.99),
+                    lag_ms_p50: lag_at(0.5),
+                    lag_ms_p99: lag_at(0.99),
                     lag_samples: s.samples,
                 }
             })

@@ -59,10 +59,11 @@ impl Default for HostConfig {
 /// in a multi-threaded process every unmapping interrupts every other core
 /// to flush its TLB; the next request then faults the pages back in, and
 /// each first write to a page of a copy-on-write image flushes TLBs again.
-/// Resetting in place instead — copying back the original bytes of only the
-/// pages the request dirtied, found with Linux's `PAGEMAP_SCAN` — keeps the
-/// pages mapped: no system call, no fault, no interrupt. Chosen by
-/// measurement (`python3 bench/bench.py cost`, BENCHMARKS.md).
+/// Resetting in place instead — zeroing only the pages the request wrote
+/// (or, with copy-on-write images, copying their original bytes back),
+/// found with Linux's `PAGEMAP_SCAN` — keeps the pages mapped: no system
+/// call, no fault, no interrupt. Chosen by measurement
+/// (`python3 bench/bench.py pooling`, BENCHMARKS.md).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pooling {
@@ -104,7 +105,7 @@ const KEEP_RESIDENT_WITHOUT_SCAN: usize = 1 << 20;
 impl Pooling {
     /// The bytes per memory and table actually reset in place on this
     /// machine.
-    pub fn effective_keep_resident(&self) -> usize {
+    fn effective_keep_resident(&self) -> usize {
         let keep = self.keep_resident_kib.saturating_mul(1024);
         if self.pagemap_scan && pagemap_scan_supported() {
             keep

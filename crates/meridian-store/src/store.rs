@@ -41,10 +41,13 @@ const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
 /// walking the records.
 const TOMBSTONES: TableDefinition<&[u8], ()> = TableDefinition::new("tombstones");
 
+/// Bytes of the timestamp that starts a `TOMBSTONES` key.
+const TOMBSTONE_TS_LEN: usize = 12;
+
 /// A `TOMBSTONES` key: timestamp (big-endian, so keys sort by it), then the
 /// records-table key.
 fn tombstone_key(ts: Timestamp, k: &[u8]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(12 + k.len());
+    let mut t = Vec::with_capacity(TOMBSTONE_TS_LEN + k.len());
     t.extend_from_slice(&ts.wall_ms.to_be_bytes());
     t.extend_from_slice(&ts.logical.to_be_bytes());
     t.extend_from_slice(k);
@@ -247,6 +250,37 @@ pub(crate) fn full_key(ns: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
     Ok(k)
 }
 
+/// Builds what the writer keeps alongside the records — the index of
+/// tombstones, their count (`meta.tombstones`, whose presence says the rest
+/// is kept too) and every namespace's digest — from one scan of the
+/// records, replacing whatever was there. Returns the count.
+fn rebuild_kept(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let mut digests: BTreeMap<Vec<u8>, NamespaceDigest> = BTreeMap::new();
+    let mut n = 0u64;
+    {
+        let records = txn.open_table(RECORDS).map_err(engine)?;
+        let mut index = txn.open_table(TOMBSTONES).map_err(engine)?;
+        index.retain(|_, _| false).map_err(engine)?;
+        for entry in records.iter().map_err(engine)? {
+            let (k, v) = entry.map_err(engine)?;
+            let r = decode(k.value(), v.value())?;
+            if is_tombstone(Some(&r)) {
+                index.insert(tombstone_key(r.ts, k.value()).as_slice(), ()).map_err(engine)?;
+                n += 1;
+            }
+            let (ns, key) = split_full_key(k.value());
+            xor_record(digests.entry(ns.to_vec()).or_insert([[0; 32]; DIGEST_BUCKETS]), key, &r.encode());
+        }
+    }
+    let mut t = txn.open_table(DIGESTS).map_err(engine)?;
+    t.retain(|_, _| false).map_err(engine)?;
+    for (ns, d) in &digests {
+        t.insert(String::from_utf8_lossy(ns).as_ref(), d.concat().as_slice()).map_err(engine)?;
+    }
+    txn.open_table(META).map_err(engine)?.insert("tombstones", n).map_err(engine)?;
+    Ok(n)
+}
+
 impl Store {
     pub fn open(path: &Path, region: &str) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(engine)?;
@@ -264,9 +298,9 @@ impl Store {
                 }
                 Some(DISK_FORMAT) => {}
                 Some(DISK_FORMAT_WITHOUT_DIGESTS) => {
-                    // Whatever an older build left under these keys is stale.
+                    // Whatever an older build left under this key is stale:
+                    // without it, what is kept is rebuilt below.
                     meta.remove("tombstones").map_err(engine)?;
-                    meta.remove("digests").map_err(engine)?;
                     meta.insert("format", DISK_FORMAT).map_err(engine)?;
                 }
                 Some(other) => return Err(StoreError::Format(other)),
@@ -274,31 +308,12 @@ impl Store {
             let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
             (get("next_seq")?, get("incarnation")?, get("conflicts")?)
         };
-        let tombstones = {
-            let mut meta = txn.open_table(META).map_err(engine)?;
-            let kept = meta.get("tombstones").map_err(engine)?.map(|v| v.value());
-            match kept {
-                Some(n) => n,
-                None => {
-                    // A store from before the count and the index of
-                    // tombstones were kept: both made once, here.
-                    let records = txn.open_table(RECORDS).map_err(engine)?;
-                    let mut index = txn.open_table(TOMBSTONES).map_err(engine)?;
-                    index.retain(|_, _| false).map_err(engine)?;
-                    let mut n = 0u64;
-                    for entry in records.iter().map_err(engine)? {
-                        let (k, v) = entry.map_err(engine)?;
-                        let r = decode(k.value(), v.value())?;
-                        if matches!(r.value, Value::Tombstone) {
-                            index.insert(tombstone_key(r.ts, k.value()).as_slice(), ()).map_err(engine)?;
-                            n += 1;
-                        }
-                    }
-                    drop((records, index));
-                    meta.insert("tombstones", n).map_err(engine)?;
-                    n
-                }
-            }
+        let kept = txn.open_table(META).map_err(engine)?.get("tombstones").map_err(engine)?.map(|v| v.value());
+        let tombstones = match kept {
+            Some(n) => n,
+            // A store from before the count, the index of tombstones and
+            // the digests were kept: all made once, here.
+            None => rebuild_kept(&txn)?,
         };
         // The next sequence number is the log's last + 1; `meta` keeps it
         // only for when trimming empties the log (one table less to write
@@ -313,28 +328,6 @@ impl Store {
         txn.open_table(APPLIED).map_err(engine)?;
         txn.open_table(CURSORS).map_err(engine)?;
         txn.open_table(CONFLICTS).map_err(engine)?;
-        txn.open_table(DIGESTS).map_err(engine)?;
-        txn.open_table(TOMBSTONES).map_err(engine)?;
-        let kept = txn.open_table(META).map_err(engine)?.get("digests").map_err(engine)?.is_some();
-        if !kept {
-            // A store from before digests were kept: computed once, here.
-            let mut all: BTreeMap<Vec<u8>, NamespaceDigest> = BTreeMap::new();
-            {
-                let records = txn.open_table(RECORDS).map_err(engine)?;
-                for entry in records.iter().map_err(engine)? {
-                    let (k, v) = entry.map_err(engine)?;
-                    let (ns, key) = split_full_key(k.value());
-                    let rec = decode(k.value(), v.value())?;
-                    xor_record(all.entry(ns.to_vec()).or_insert([[0; 32]; DIGEST_BUCKETS]), key, &rec.encode());
-                }
-            }
-            let mut t = txn.open_table(DIGESTS).map_err(engine)?;
-            t.retain(|_, _| false).map_err(engine)?;
-            for (ns, d) in &all {
-                t.insert(String::from_utf8_lossy(ns).as_ref(), d.concat().as_slice()).map_err(engine)?;
-            }
-            txn.open_table(META).map_err(engine)?.insert("digests", 1).map_err(engine)?;
-        }
         txn.commit().map_err(engine)?;
         let inner = Arc::new(Inner {
             db,
@@ -852,7 +845,7 @@ fn is_tombstone(r: Option<&Record>) -> bool {
 impl Writer<'_> {
     /// Notes a record replacing another (or none) under one key: the
     /// tombstone count and the namespace's digest follow.
-    fn count(
+    fn replaced(
         &mut self,
         ns: &str,
         key: &[u8],
@@ -907,7 +900,7 @@ impl Writer<'_> {
             seen: old.map(|r| r.ts).unwrap_or_default(),
         };
         let encoded = record.encode();
-        self.count(ns, key, old, &record, &encoded)?;
+        self.replaced(ns, key, old, &record, &encoded)?;
         self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
         let seq = self.next_seq;
         let change = Change { ns: ns.to_string(), key: key.to_vec(), record };
@@ -944,7 +937,7 @@ impl Writer<'_> {
             report.unchanged += 1;
         } else {
             let encoded = new.encode();
-            self.count(&c.ns, &c.key, old.as_ref(), &new, &encoded)?;
+            self.replaced(&c.ns, &c.key, old.as_ref(), &new, &encoded)?;
             self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
             report.changed += 1;
         }
@@ -1058,7 +1051,7 @@ impl Writer<'_> {
                 let mut gone: Vec<(Vec<u8>, Record)> = Vec::new();
                 for t in &due {
                     index.remove(t.as_slice()).map_err(engine)?;
-                    let k = &t[12..];
+                    let k = &t[TOMBSTONE_TS_LEN..];
                     let stored = records.get(k).map_err(engine)?.map(|v| decode(k, v.value())).transpose()?;
                     // The index names this very tombstone; anything else
                     // under the key (never expected) is left alone.

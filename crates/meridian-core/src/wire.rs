@@ -144,6 +144,12 @@ pub struct PeerReplication {
     pub snapshots_sent: u64,
     /// Records repaired here by anti-entropy against this peer.
     pub repaired: u64,
+    /// Anti-entropy rounds with this peer (one per namespace compared),
+    /// and the tree nodes they compared: on equal data, one per round.
+    #[serde(default)]
+    pub anti_entropy_rounds: u64,
+    #[serde(default)]
+    pub tree_nodes_compared: u64,
     pub last_error: Option<String>,
 }
 

@@ -620,6 +620,12 @@ impl KvService {
             peer(|p| p.snapshots_sent as f64),
         );
         metric(
+            "meridian_kv_peer_tree_nodes_compared_total",
+            "counter",
+            "Anti-entropy tree nodes compared with the peer (one per namespace per round on equal data).",
+            peer(|p| p.tree_nodes_compared as f64),
+        );
+        metric(
             "meridian_kv_peer_repaired_total",
             "counter",
             "Records repaired here by anti-entropy with the peer.",

@@ -13,20 +13,26 @@
 //! rewinds, or sends a full snapshot if its log no longer reaches back that
 //! far (a wiped or new region is rebuilt this way).
 //!
-//! Anti-entropy: every few seconds each region compares per-namespace
-//! digests (16 buckets of XORed record hashes) with each peer and pulls the
-//! records of buckets that differ. Merging is idempotent and commutative, so
-//! both sides converge whatever was lost.
+//! Anti-entropy: every few seconds each region compares the root of each
+//! namespace's tree with each peer's and, where they differ, descends into
+//! differing nodes only and pulls their records ([`crate::antientropy`]):
+//! a round on identical data reads one node per side. Merging is idempotent
+//! and commutative, so both sides converge whatever was lost. The older
+//! 16-bucket digest (`kv/digest`, `repl/bucket`) is still answered, for
+//! peers of builds before the tree.
 //!
 //! Residency: a change is put in a message to a peer only if the peer may
 //! hold its namespace; a receiver refuses (and logs) a message carrying a
 //! namespace it may not hold, applying nothing of it.
 
+use crate::antientropy::{self, SyncError, TreeSource};
 use crate::kv::KvService;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use meridian_core::wire::{OriginReplication, Peer, PeerReplication};
+use meridian_http::cluster::Target;
 use meridian_http::{json, text, Body};
+use meridian_store::merkle::{Node, NodePath, FANOUT, NODE_BYTES};
 use meridian_store::{hlc::system_ms, Change, Message, PushOutcome, Store, Timestamp, DIGEST_BUCKETS};
 use meridian_trust::Identity;
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +55,9 @@ struct PeerStats {
     push_errors: u64,
     snapshots_sent: u64,
     repaired: u64,
+    /// Anti-entropy rounds (per namespace) and tree nodes they compared.
+    anti_entropy_rounds: u64,
+    tree_nodes_compared: u64,
     last_error: Option<String>,
 }
 
@@ -244,6 +253,8 @@ impl Replication {
                     push_errors: s.push_errors,
                     snapshots_sent: s.snapshots_sent,
                     repaired: s.repaired,
+                    anti_entropy_rounds: s.anti_entropy_rounds,
+                    tree_nodes_compared: s.tree_nodes_compared,
                     last_error: s.last_error.clone(),
                 }
             })
@@ -335,6 +346,64 @@ impl Replication {
                 self.receive(svc, &body, caller).await
             }
             (Method::POST, ["repl", "stream"]) => self.receive_stream(svc.clone(), req, caller.clone()),
+            (_, ["repl", "tree" | "records", ns]) if !svc.replicates_to_identity(ns, caller) => {
+                tracing::warn!(%caller, ns, "refused an anti-entropy read the caller may not hold");
+                text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"))
+            }
+            (Method::GET, ["repl", "tree", ns]) => match svc.store.tree_root(ns) {
+                Ok(node) => binary(node.encode().to_vec()),
+                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+            },
+            (Method::POST, ["repl", "tree", ns]) => {
+                let parents = match read_request::<Vec<String>>(req).await {
+                    Ok(p) if p.len() <= antientropy::PARENTS_PER_REQUEST => p,
+                    Ok(p) => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("{} parents; at most {}", p.len(), antientropy::PARENTS_PER_REQUEST),
+                        )
+                    }
+                    Err(r) => return r,
+                };
+                let parents = match parents.iter().map(|p| NodePath::parse(p)).collect::<Result<Vec<_>, _>>() {
+                    Ok(p) => p,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+                };
+                match svc.store.tree_children(ns, &parents) {
+                    Ok(children) => binary(children.iter().flatten().flat_map(|n| n.encode()).collect()),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }
+            (Method::POST, ["repl", "records", ns]) => {
+                let ask = match read_request::<RecordsRequest>(req).await {
+                    Ok(a) => a,
+                    Err(r) => return r,
+                };
+                let node = match NodePath::parse(&ask.node) {
+                    Ok(n) => n,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+                };
+                let after = match ask.after_hex.as_deref().map(hex::decode).transpose() {
+                    Ok(a) => a,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("after_hex: {e}")),
+                };
+                let limit = ask.limit.min(antientropy::RECORDS_PER_REQUEST);
+                match svc.store.subtree(ns, &node, after.as_deref(), limit) {
+                    Ok(changes) => {
+                        let m = Message::Snapshot {
+                            origin: svc.region.clone(),
+                            incarnation: svc.store.incarnation(),
+                            upto_seq: 0,
+                            complete: false,
+                            changes,
+                        }
+                        .encode();
+                        self.capture(&svc.region, &caller.name, &m);
+                        binary(m)
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }
             (Method::GET, ["repl", "bucket", ns, i]) => {
                 let Ok(i) = i.parse::<usize>() else {
                     return text(StatusCode::BAD_REQUEST, "bucket must be a number");
@@ -840,10 +909,99 @@ async fn anti_entropy_loop(svc: Arc<KvService>, peer: Peer) {
     }
 }
 
-/// One anti-entropy round; returns the number of records that changed here.
-pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, String> {
+/// What `POST repl/records/{ns}` asks for.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RecordsRequest {
+    /// The tree node, as hex digits ("" is the root).
+    node: String,
+    after_hex: Option<String>,
+    limit: usize,
+}
+
+async fn read_request<T: serde::de::DeserializeOwned>(
+    req: Request<hyper::body::Incoming>,
+) -> Result<T, Response<Body>> {
+    let body = meridian_http::read_body(req.into_body(), 1 << 20).await.map_err(|e| e.into_response())?;
+    serde_json::from_slice(&body).map_err(|e| text(StatusCode::BAD_REQUEST, format!("malformed request: {e}")))
+}
+
+fn binary(body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(meridian_http::full(body));
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-meridian-replication"));
+    r
+}
+
+/// A peer's tree, read over the cluster API.
+struct PeerTree<'a> {
+    svc: &'a KvService,
+    peer: &'a Peer,
+    target: Target,
+}
+
+impl PeerTree<'_> {
+    async fn call(&self, method: Method, path: String, body: Vec<u8>) -> Result<Bytes, SyncError> {
+        let a = self
+            .svc
+            .cluster
+            .call(&self.target, method, &self.svc.api(&path), Bytes::from(body), Duration::from_secs(30))
+            .await
+            .map_err(|e| SyncError::Peer(e.to_string()))?;
+        match a.status {
+            StatusCode::OK => Ok(a.body),
+            s if s.is_server_error() => Err(SyncError::Peer(format!("{path}: HTTP {s}: {}", a.text()))),
+            s => Err(SyncError::Refused(format!("{path}: HTTP {s}: {}", a.text()))),
+        }
+    }
+
+    fn nodes(&self, body: &[u8], n: usize) -> Result<Vec<Node>, SyncError> {
+        if body.len() != n * NODE_BYTES {
+            return Err(SyncError::Refused(format!("expected {n} tree nodes, got {} bytes", body.len())));
+        }
+        Ok(body.chunks_exact(NODE_BYTES).map(|c| Node::decode(c).expect("NODE_BYTES long")).collect())
+    }
+}
+
+impl TreeSource for PeerTree<'_> {
+    async fn root(&self, ns: &str) -> Result<Node, SyncError> {
+        let body = self.call(Method::GET, format!("repl/tree/{ns}"), Vec::new()).await?;
+        Ok(self.nodes(&body, 1)?[0])
+    }
+
+    async fn children(&self, ns: &str, parents: &[NodePath]) -> Result<Vec<[Node; FANOUT]>, SyncError> {
+        let ask = serde_json::to_vec(&parents.iter().map(|p| p.to_string()).collect::<Vec<_>>()).expect("strings");
+        let body = self.call(Method::POST, format!("repl/tree/{ns}"), ask).await?;
+        let nodes = self.nodes(&body, parents.len() * FANOUT)?;
+        Ok(nodes.chunks_exact(FANOUT).map(|c| c.try_into().expect("FANOUT long")).collect())
+    }
+
+    async fn records(
+        &self,
+        ns: &str,
+        node: &NodePath,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Change>, SyncError> {
+        let ask = RecordsRequest { node: node.to_string(), after_hex: after.map(hex::encode), limit };
+        let body =
+            self.call(Method::POST, format!("repl/records/{ns}"), serde_json::to_vec(&ask).expect("plain")).await?;
+        match Message::decode(&body) {
+            Ok(Message::Snapshot { changes, .. }) => Ok(changes),
+            Ok(_) => Err(SyncError::Refused("unexpected message kind".into())),
+            Err(e) => {
+                self.svc.repl.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(peer = %self.peer.name, error = %e, "anti-entropy message rejected; nothing applied");
+                Err(SyncError::Refused(e.to_string()))
+            }
+        }
+    }
+}
+
+/// One anti-entropy round with one peer over every namespace both may
+/// hold; returns the number of records that changed here.
+pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, SyncError> {
     let nss: Vec<String> = svc.namespaces.load().keys().filter(|ns| svc.replicates_to(ns, peer)).cloned().collect();
-    let target = svc.target(peer).map_err(|e| e.to_string())?;
+    let tree = PeerTree { svc, peer, target: svc.target(peer).map_err(|e| SyncError::Peer(e.to_string()))? };
     let mut changed = 0;
     for ns in nss {
         // Only namespaces this region may hold (a regional one it is not in
@@ -851,51 +1009,19 @@ pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, St
         if svc.may_hold(&ns).is_err() {
             continue;
         }
-        let a = svc
-            .cluster
-            .call(&target, Method::GET, &svc.api(&format!("kv/digest/{ns}")), Bytes::new(), Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (status, body) = (a.status, a.body);
-        if status != StatusCode::OK {
-            return Err(format!("digest: HTTP {status}"));
-        }
-        let theirs: Vec<String> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        let ours = svc.store.digest(&ns).map_err(|e| e.to_string())?;
-        for (i, (t, o)) in theirs.iter().zip(ours.iter()).enumerate() {
-            if *t == hex::encode(o) {
-                continue;
-            }
-            let path = svc.api(&format!("repl/bucket/{ns}/{i}"));
-            let a = svc
-                .cluster
-                .call(&target, Method::GET, &path, Bytes::new(), Duration::from_secs(30))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (status, body) = (a.status, a.body);
-            if status != StatusCode::OK {
-                return Err(format!("bucket {i} of {ns}: HTTP {status}"));
-            }
-            let changes = match Message::decode(&body) {
-                Ok(Message::Snapshot { changes, .. }) => changes,
-                Ok(_) => return Err("unexpected message kind".into()),
-                Err(e) => {
-                    svc.repl.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(peer = %peer.name, error = %e, "anti-entropy message rejected; nothing applied");
-                    return Err(e.to_string());
-                }
-            };
-            if changes.iter().any(|c| c.ns != ns) {
-                return Err("bucket answer names another namespace".into());
-            }
-            if let Err(e) = meridian_store::check_changes(&changes, system_ms()) {
+        let check = |changes: &[Change]| {
+            meridian_store::check_changes(changes, system_ms()).map_err(|e| {
                 svc.repl.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(peer = %peer.name, error = %e, "anti-entropy answer refused; nothing applied");
-                return Err(e.to_string());
-            }
-            let report = svc.store.merge(changes).await.map_err(|e| e.to_string())?;
-            changed += report.changed;
-        }
+                e.to_string()
+            })
+        };
+        let round = antientropy::pull_differences(&svc.store, &tree, &ns, check).await?;
+        svc.repl.note_peer(&peer.name, |s| {
+            s.tree_nodes_compared += round.nodes_compared;
+            s.anti_entropy_rounds += 1;
+        });
+        changed += round.changed;
     }
     Ok(changed)
 }

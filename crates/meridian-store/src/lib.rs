@@ -10,13 +10,13 @@
 //! they arrived in.
 
 pub mod hlc;
+pub mod merkle;
 pub mod record;
 mod store;
 pub mod wire;
 
 pub use hlc::{Hlc, Timestamp};
+pub use merkle::{Node, NodePath};
 pub use record::{DecodeError, Record, Value};
-pub use store::{
-    bucket_of, ApplyReport, PushOutcome, Store, StoreError, Swapped, Written, DIGEST_BUCKETS, DISK_FORMAT,
-};
+pub use store::{ApplyReport, PushOutcome, Store, StoreError, Swapped, Written, DIGEST_BUCKETS, DISK_FORMAT};
 pub use wire::{check_changes, Change, Message, Unacceptable, WireError};

@@ -201,6 +201,7 @@ mod tests {
         for batch in all.chunks(20_000) {
             s.merge(batch.to_vec()).await.unwrap();
         }
+        s.flush_tree().await.unwrap();
     }
 
     /// The numbers: with a million keys, a round between identical
@@ -231,6 +232,7 @@ mod tests {
         // One key written in a only (a newer version of an existing key).
         let changed = Change { ns: "big".into(), key: b"key-0123456".to_vec(), record: record(N + 5, "eu-west") };
         a.merge(vec![changed.clone()]).await.unwrap();
+        a.flush_tree().await.unwrap();
         let (a0, b0) = (read(&a), read(&b));
         let r = pull_differences(&b, &a, "big", |_| Ok(())).await.unwrap();
         let depth = meridian_store::merkle::LEAF_DEPTH as u64;
@@ -243,7 +245,9 @@ mod tests {
         assert!(r.records_pulled <= PULL_WHOLE_AT, "{r:?}");
         assert!(r.requests <= depth + 2, "{r:?}");
         assert_eq!(b.get("big", b"key-0123456").unwrap(), Some(changed.record));
+        b.flush_tree().await.unwrap();
         assert_eq!(a.tree_root("big").unwrap(), b.tree_root("big").unwrap());
+        eprintln!("one differing key among {N}: {r:?}");
     }
 
     /// Differences anywhere — keys only one side has, newer versions on
@@ -270,8 +274,13 @@ mod tests {
                     side.put("big", key.as_bytes(), vec![rng.random()]).await.unwrap();
                 }
             }
+            // (The writer flushes the tree's journal when idle; here, at once.)
+            a.flush_tree().await.unwrap();
+            b.flush_tree().await.unwrap();
             pull_differences(&a, &b, "big", |_| Ok(())).await.unwrap();
+            a.flush_tree().await.unwrap();
             pull_differences(&b, &a, "big", |_| Ok(())).await.unwrap();
+            b.flush_tree().await.unwrap();
             assert_eq!(a.tree_root("big").unwrap(), b.tree_root("big").unwrap(), "seed {seed}");
             assert_eq!(a.scan("big", None, usize::MAX).unwrap(), b.scan("big", None, usize::MAX).unwrap());
             let again = pull_differences(&a, &b, "big", |_| Ok(())).await.unwrap();
@@ -318,6 +327,7 @@ mod tests {
         load(&a, 200).await;
         load(&b, 200).await;
         a.put("big", b"extra", vec![1]).await.unwrap();
+        a.flush_tree().await.unwrap();
         let e = pull_differences(&b, &Liar(a), "big", |_| Ok(())).await.unwrap_err();
         assert!(matches!(e, SyncError::Refused(_)) && !e.retry_safe(), "{e}");
         assert!(b.get("big", b"extra").unwrap().is_none());

@@ -50,6 +50,12 @@ impl Node {
         self.count = self.count.saturating_add_signed(delta);
     }
 
+    /// Adds the records of another node (a child) to this one.
+    pub(crate) fn add(&mut self, other: &Node) {
+        self.apply(&other.hash, 0);
+        self.count = self.count.saturating_add(other.count);
+    }
+
     pub fn encode(&self) -> [u8; NODE_BYTES] {
         let mut out = [0; NODE_BYTES];
         out[..32].copy_from_slice(&self.hash);
@@ -164,6 +170,14 @@ pub(crate) fn node_key(ns: &[u8], nibbles: &[u8]) -> Vec<u8> {
     k.push(nibbles.len() as u8);
     k.extend_from_slice(nibbles);
     k
+}
+
+/// The namespace and the nibbles of a `tree` table key.
+pub(crate) fn split_node_key(k: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = k.iter().position(|&b| b == 0)?;
+    let depth = *k.get(end + 1)? as usize;
+    let nibbles = &k[end + 2..];
+    (nibbles.len() == depth).then_some((&k[..end], nibbles))
 }
 
 fn packed(position: &[u8; LEAF_DEPTH]) -> [u8; POSITION_BYTES] {

@@ -691,10 +691,14 @@ impl KvService {
             {
                 text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"))
             }
-            (Method::GET, ["kv", "digest", ns]) => match self.store.digest(ns) {
-                Ok(d) => json(StatusCode::OK, &d.iter().map(hex::encode).collect::<Vec<_>>()),
-                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
-            },
+            // Exact: the tree catches up with every write committed before
+            // this request first (it otherwise trails them by a moment).
+            (Method::GET, ["kv", "digest", ns]) => {
+                match self.store.flush_tree().await.and_then(|()| self.store.digest(ns)) {
+                    Ok(d) => json(StatusCode::OK, &d.iter().map(hex::encode).collect::<Vec<_>>()),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }
             (Method::PUT, ["peers"]) => match meridian_http::read_body(req.into_body(), 1 << 20).await {
                 Ok(b) => match serde_json::from_slice::<Vec<Peer>>(&b) {
                     Ok(peers) => {

@@ -389,18 +389,7 @@ impl Replication {
                 };
                 let limit = ask.limit.min(antientropy::RECORDS_PER_REQUEST);
                 match svc.store.subtree(ns, &node, after.as_deref(), limit) {
-                    Ok(changes) => {
-                        let m = Message::Snapshot {
-                            origin: svc.region.clone(),
-                            incarnation: svc.store.incarnation(),
-                            upto_seq: 0,
-                            complete: false,
-                            changes,
-                        }
-                        .encode();
-                        self.capture(&svc.region, &caller.name, &m);
-                        binary(m)
-                    }
+                    Ok(changes) => self.records_answer(svc, caller, changes),
                     Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
                 }
             }
@@ -418,28 +407,27 @@ impl Replication {
                     return text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"));
                 }
                 match svc.store.bucket(ns, i) {
-                    Ok(changes) => {
-                        let m = Message::Snapshot {
-                            origin: svc.region.clone(),
-                            incarnation: svc.store.incarnation(),
-                            upto_seq: 0,
-                            complete: false,
-                            changes,
-                        }
-                        .encode();
-                        self.capture(&svc.region, &caller.name, &m);
-                        let mut r = Response::new(meridian_http::full(m));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/x-meridian-replication"),
-                        );
-                        r
-                    }
+                    Ok(changes) => self.records_answer(svc, caller, changes),
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }
             _ => text(StatusCode::NOT_FOUND, format!("no such API: {}", path.join("/"))),
         }
+    }
+
+    /// Records sent for an anti-entropy pull: a snapshot message (not
+    /// complete, so it moves no frontier), captured like any other.
+    fn records_answer(&self, svc: &KvService, caller: &Identity, changes: Vec<Change>) -> Response<Body> {
+        let m = Message::Snapshot {
+            origin: svc.region.clone(),
+            incarnation: svc.store.incarnation(),
+            upto_seq: 0,
+            complete: false,
+            changes,
+        }
+        .encode();
+        self.capture(&svc.region, &caller.name, &m);
+        binary(m)
     }
 
     /// Decodes and checks a message; on refusal, the status and the reason

@@ -346,7 +346,9 @@ impl Replication {
                 self.receive(svc, &body, caller).await
             }
             (Method::POST, ["repl", "stream"]) => self.receive_stream(svc.clone(), req, caller.clone()),
-            (_, ["repl", "tree" | "records", ns]) if !svc.replicates_to_identity(ns, caller) => {
+            // Only namespaces the asking peer may hold leave this region,
+            // judged by the name and jurisdiction its certificate carries.
+            (_, ["repl", "tree" | "records" | "bucket", ns, ..]) if !svc.replicates_to_identity(ns, caller) => {
                 tracing::warn!(%caller, ns, "refused an anti-entropy read the caller may not hold");
                 text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"))
             }
@@ -399,12 +401,6 @@ impl Replication {
                 };
                 if i >= DIGEST_BUCKETS {
                     return text(StatusCode::BAD_REQUEST, "no such bucket");
-                }
-                // Only namespaces the asking peer may hold leave this region,
-                // judged by the name and jurisdiction its certificate carries.
-                if !svc.replicates_to_identity(ns, caller) {
-                    tracing::warn!(%caller, ns, "refused an anti-entropy pull the caller may not hold");
-                    return text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"));
                 }
                 match svc.store.bucket(ns, i) {
                     Ok(changes) => self.records_answer(svc, caller, changes),

@@ -44,9 +44,7 @@ impl Node {
 
     /// Adds (`delta` 1), removes (-1) or replaces (0) a record's hash.
     pub(crate) fn apply(&mut self, hash: &[u8; 32], delta: i64) {
-        for (o, x) in self.hash.iter_mut().zip(hash) {
-            *o ^= x;
-        }
+        xor_into(&mut self.hash, hash);
         self.count = self.count.saturating_add_signed(delta);
     }
 
@@ -70,6 +68,13 @@ impl Node {
         let mut hash = [0; 32];
         hash.copy_from_slice(&b[..32]);
         Some(Node { hash, count: u64::from_le_bytes(b[32..].try_into().ok()?) })
+    }
+}
+
+/// `into ^= other`: how a hash goes into (or out of) a node.
+pub(crate) fn xor_into(into: &mut [u8; 32], other: &[u8; 32]) {
+    for (o, x) in into.iter_mut().zip(other) {
+        *o ^= x;
     }
 }
 

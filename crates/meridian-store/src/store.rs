@@ -108,6 +108,11 @@ fn decode_tree_changes(mut b: &[u8]) -> Result<Vec<TreeChange<'_>>, StoreError> 
     Ok(out)
 }
 
+/// A tree leaf as stored.
+fn stored_node(bytes: &[u8]) -> Result<Node, StoreError> {
+    Node::decode(bytes).ok_or_else(|| StoreError::Engine(format!("a stored tree leaf is {} bytes", bytes.len())))
+}
+
 /// What flushing the journal changed in the nodes above the leaves: by
 /// `merkle::node_key`, the XOR of hashes and the change in count.
 type UpperDelta = BTreeMap<Vec<u8>, ([u8; 32], i64)>;
@@ -141,20 +146,14 @@ fn flush_journal(db: &Database, at_least: u64) -> Result<(UpperDelta, u64), Stor
                 let pos = merkle::position(key);
                 for d in 0..LEAF_DEPTH {
                     let (h, c) = upper.entry(merkle::node_key(ns, &pos[..d])).or_insert(([0; 32], 0));
-                    for (o, x) in h.iter_mut().zip(hash) {
-                        *o ^= x;
-                    }
+                    merkle::xor_into(h, &hash);
                     *c += delta as i64;
                 }
                 let leaf = match leaves.entry(merkle::node_key(ns, &pos)) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(e) => {
                         let stored = tree.get(e.key().as_slice()).map_err(engine)?;
-                        let node = match stored {
-                            Some(v) => Node::decode(v.value())
-                                .ok_or_else(|| StoreError::Engine("a tree leaf is unreadable".into()))?,
-                            None => Node::default(),
-                        };
+                        let node = stored.map(|v| stored_node(v.value())).transpose()?.unwrap_or_default();
                         e.insert(node)
                     }
                 };
@@ -440,6 +439,11 @@ fn rebuild_kept(txn: &WriteTransaction) -> Result<u64, StoreError> {
     Ok(n)
 }
 
+/// A number kept in `meta` (0 if absent).
+fn meta_u64(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
+    Ok(meta.get(key).map_err(engine)?.map(|v| v.value()).unwrap_or(0))
+}
+
 fn put_max_ts(meta: &mut redb::Table<&str, u64>, ts: Timestamp) -> Result<(), StoreError> {
     meta.insert("max_ts_wall", ts.wall_ms).map_err(engine)?;
     meta.insert("max_ts_logical", ts.logical as u64).map_err(engine)?;
@@ -470,8 +474,7 @@ impl Store {
                 }
                 Some(other) => return Err(StoreError::Format(other)),
             }
-            let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
-            (get("next_seq")?, get("incarnation")?, get("conflicts")?)
+            (meta_u64(&meta, "next_seq")?, meta_u64(&meta, "incarnation")?, meta_u64(&meta, "conflicts")?)
         };
         txn.open_table(TREE).map_err(engine)?;
         txn.open_table(INDEX).map_err(engine)?;
@@ -484,8 +487,7 @@ impl Store {
         };
         let max_ts = {
             let meta = txn.open_table(META).map_err(engine)?;
-            let get = |k| meta.get(k).map_err(engine).map(|v| v.map(|v| v.value()).unwrap_or(0));
-            Timestamp { wall_ms: get("max_ts_wall")?, logical: get("max_ts_logical")? as u32 }
+            Timestamp { wall_ms: meta_u64(&meta, "max_ts_wall")?, logical: meta_u64(&meta, "max_ts_logical")? as u32 }
         };
         // The next sequence number is the log's last + 1; `meta` keeps it
         // only for when trimming empties the log (one table less to write
@@ -510,8 +512,7 @@ impl Store {
             let mut upper: HashMap<Vec<u8>, Node> = HashMap::new();
             for entry in t.iter().map_err(engine)? {
                 let (k, v) = entry.map_err(engine)?;
-                let node =
-                    Node::decode(v.value()).ok_or_else(|| StoreError::Engine("a tree leaf is unreadable".into()))?;
+                let node = stored_node(v.value())?;
                 let (ns, nibbles) = merkle::split_node_key(k.value())
                     .filter(|(_, n)| n.len() == LEAF_DEPTH)
                     .ok_or_else(|| StoreError::Engine(format!("{:?} is not a tree leaf's key", k.value())))?;
@@ -887,8 +888,7 @@ impl Store {
             for entry in t.range(first.as_slice()..=last.as_slice()).map_err(engine)? {
                 let (k, v) = entry.map_err(engine)?;
                 let i = *k.value().last().unwrap_or(&0) as usize % FANOUT;
-                children[i] = Node::decode(v.value())
-                    .ok_or_else(|| StoreError::Engine(format!("a tree node of namespace {ns:?} is unreadable")))?;
+                children[i] = stored_node(v.value())?;
             }
             out.push(children);
         }
@@ -1028,21 +1028,14 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let jobs = std::mem::take(&mut pending);
-        // Only flushes asked for: no transaction of records to commit.
-        if jobs.iter().all(|j| matches!(j.op, Op::FlushTree)) {
-            flush_tree(&inner, u64::MAX);
-            for job in jobs {
-                let _ = job.reply.send(Ok(Outcome::Done));
-            }
-            continue;
-        }
-        match commit_group(&inner, &jobs) {
-            Ok(Group { outcomes, last_seq, applied_remote, flush }) => {
-                inner.commits.fetch_add(1, Ordering::Relaxed);
-                if flush {
-                    flush_tree(&inner, u64::MAX);
-                }
+        // Flushes asked for take no part in the transaction; they are done
+        // after it, so they cover every write queued with them.
+        let (flushes, jobs): (Vec<Job>, Vec<Job>) =
+            std::mem::take(&mut pending).into_iter().partition(|j| matches!(j.op, Op::FlushTree));
+        let result = if jobs.is_empty() { Ok(Group::default()) } else { commit_group(&inner, &jobs) };
+        match result {
+            Ok(Group { outcomes, last_seq, applied_remote }) => {
+                inner.commits.fetch_add(!jobs.is_empty() as u64, Ordering::Relaxed);
                 inner.watermark.send_replace(inner.hlc.now());
                 if let Some(seq) = last_seq {
                     inner.last_seq.send_replace(seq);
@@ -1066,6 +1059,12 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
                 let bad = jobs.remove(failed);
                 let _ = bad.reply.send(Err(e));
                 pending = jobs;
+            }
+        }
+        if !flushes.is_empty() {
+            flush_tree(&inner, u64::MAX);
+            for job in flushes {
+                let _ = job.reply.send(Ok(Outcome::Done));
             }
         }
     }
@@ -1095,13 +1094,11 @@ fn tracing_error(region: &str, e: &StoreError) {
     eprintln!("kv store of {region}: write failed: {e}");
 }
 
+#[derive(Default)]
 struct Group {
     outcomes: Vec<Outcome>,
     last_seq: Option<u64>,
     applied_remote: bool,
-    /// A job asked for the tree's journal to be flushed before it is
-    /// answered.
-    flush: bool,
 }
 
 /// Runs every job in one transaction. On failure, the index of the job that
@@ -1119,7 +1116,6 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError
         collected: 0,
         tree_changes: Vec::new(),
         tree_change_count: 0,
-        flush: false,
         max_ts: *inner.max_ts.lock().unwrap(),
         records_written: 0,
     };
@@ -1128,7 +1124,7 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError
         outcomes.push(w.apply(&job.op).map_err(|e| (i, e))?);
     }
     let (wrote_log, applied_remote, next_seq, collected) = (w.wrote_log, w.applied_remote, w.next_seq, w.collected);
-    let (tree_change_count, flush) = (w.tree_change_count, w.flush);
+    let tree_change_count = w.tree_change_count;
     if tree_change_count > 0 {
         let mut t = txn.open_table(JOURNAL).map_err(|e| (0, engine(e)))?;
         let id = inner.next_journal.load(Ordering::Relaxed);
@@ -1159,7 +1155,7 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<Group, (usize, StoreError
     inner.records_written.fetch_add(records_written, Ordering::Relaxed);
     inner.tombstones_collected.fetch_add(collected, Ordering::Relaxed);
     inner.next_seq.store(next_seq, Ordering::Relaxed);
-    Ok(Group { outcomes, last_seq: wrote_log.then(|| next_seq - 1), applied_remote, flush })
+    Ok(Group { outcomes, last_seq: wrote_log.then(|| next_seq - 1), applied_remote })
 }
 
 struct Writer<'a> {
@@ -1176,8 +1172,6 @@ struct Writer<'a> {
     /// The tree changes this transaction makes, encoded for the journal.
     tree_changes: Vec<u8>,
     tree_change_count: u64,
-    /// A job asked for the journal to be flushed once this commits.
-    flush: bool,
     /// The largest timestamp stored, this transaction's records included.
     max_ts: Timestamp,
     /// Records this transaction inserts, replaces or removes.
@@ -1189,21 +1183,21 @@ fn is_tombstone(r: Option<&Record>) -> bool {
 }
 
 impl Writer<'_> {
-    /// Notes a record (stored as `new_encoded`) replacing another (or
-    /// none; as stored) under one key: the tombstone index and count, the
-    /// namespace's tree and index, and the largest timestamp follow.
-    fn replaced(
+    /// Stores a record in place of another (or none; as stored) under one
+    /// key: the tombstone index and count, the namespace's tree (through
+    /// the journal) and the largest timestamp follow.
+    fn put_record(
         &mut self,
         ns: &str,
         key: &[u8],
         old: Option<&(Record, Vec<u8>)>,
         new: &Record,
-        new_encoded: &[u8],
     ) -> Result<(), StoreError> {
+        let k = full_key(ns, key)?;
+        let encoded = new.encode();
         let old_record = old.map(|(r, _)| r);
         self.tombstone_delta += is_tombstone(Some(new)) as i64 - is_tombstone(old_record) as i64;
         if is_tombstone(old_record) || is_tombstone(Some(new)) {
-            let k = full_key(ns, key)?;
             let mut index = self.txn.open_table(TOMBSTONES).map_err(engine)?;
             if let Some(old) = old_record.filter(|o| is_tombstone(Some(o))) {
                 index.remove(tombstone_key(old.ts, &k).as_slice()).map_err(engine)?;
@@ -1213,24 +1207,24 @@ impl Writer<'_> {
             }
         }
         self.max_ts = self.max_ts.max(new.ts);
-        let mut change = merkle::record_hash(key, new_encoded);
+        let mut change = merkle::record_hash(key, &encoded);
         match old {
             Some((_, bytes)) => {
-                for (c, o) in change.iter_mut().zip(merkle::record_hash(key, bytes)) {
-                    *c ^= o;
-                }
-                self.tree_apply(ns, key, &change, 0)
+                merkle::xor_into(&mut change, &merkle::record_hash(key, bytes));
+                self.tree_apply(ns, key, &change, 0);
             }
             None => self.tree_apply(ns, key, &change, 1),
         }
+        self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
+        self.records_written += 1;
+        Ok(())
     }
 
     /// Journals a change to `key`'s place in its namespace's tree: `hash`
     /// XORed into every node on its path, `delta` added to their counts.
-    fn tree_apply(&mut self, ns: &str, key: &[u8], hash: &[u8; 32], delta: i8) -> Result<(), StoreError> {
+    fn tree_apply(&mut self, ns: &str, key: &[u8], hash: &[u8; 32], delta: i8) {
         encode_tree_change(&mut self.tree_changes, ns.as_bytes(), key, hash, delta);
         self.tree_change_count += 1;
-        Ok(())
     }
 
     /// The record stored under a records-table key, decoded and as stored.
@@ -1248,17 +1242,13 @@ impl Writer<'_> {
         value: Value,
         old: Option<&(Record, Vec<u8>)>,
     ) -> Result<Written, StoreError> {
-        let k = full_key(ns, key)?;
         let record = Record {
             value,
             ts: self.inner.hlc.now(),
             origin: self.inner.region.clone(),
             seen: old.map(|(r, _)| r.ts).unwrap_or_default(),
         };
-        let encoded = record.encode();
-        self.replaced(ns, key, old, &record, &encoded)?;
-        self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
-        self.records_written += 1;
+        self.put_record(ns, key, old, &record)?;
         let seq = self.next_seq;
         let change = Change { ns: ns.to_string(), key: key.to_vec(), record };
         self.txn.open_table(LOG).map_err(engine)?.insert(seq, change.encode().as_slice()).map_err(engine)?;
@@ -1293,10 +1283,7 @@ impl Writer<'_> {
         if Some(&new) == old.as_ref().map(|(r, _)| r) {
             report.unchanged += 1;
         } else {
-            let encoded = new.encode();
-            self.replaced(&c.ns, &c.key, old.as_ref(), &new, &encoded)?;
-            self.txn.open_table(RECORDS).map_err(engine)?.insert(k.as_slice(), encoded.as_slice()).map_err(engine)?;
-            self.records_written += 1;
+            self.put_record(&c.ns, &c.key, old.as_ref(), &new)?;
             report.changed += 1;
         }
         self.applied_remote = true;
@@ -1425,16 +1412,15 @@ impl Writer<'_> {
                 for (k, bytes) in gone {
                     let (ns, key) = split_full_key(&k);
                     let ns = String::from_utf8_lossy(ns).into_owned();
-                    self.tree_apply(&ns, key, &merkle::record_hash(key, &bytes), -1)?;
+                    self.tree_apply(&ns, key, &merkle::record_hash(key, &bytes), -1);
                 }
                 self.tombstone_delta -= n as i64;
                 self.collected += n;
                 Outcome::Done
             }
-            Op::FlushTree => {
-                self.flush = true;
-                Outcome::Done
-            }
+            // The writer loop answers these after the transaction; none
+            // reaches one.
+            Op::FlushTree => Outcome::Done,
             Op::Trim { upto } => {
                 // The log may end up empty: keep the next sequence number.
                 self.txn.open_table(META).map_err(engine)?.insert("next_seq", self.next_seq).map_err(engine)?;

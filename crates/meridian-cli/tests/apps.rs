@@ -130,6 +130,21 @@ async fn apps_are_chosen_by_host_and_cannot_reach_each_others_data() {
     let (ok, out) = w.cli(&put);
     assert!(ok, "{out}");
     assert_eq!(get(&c, &format!("{edge}/kv/notes/n2"), &[NOTES]).await.body, "by-cli");
+    // Many keys at once from JSON lines; a malformed line is named and
+    // nothing of its batch is written.
+    let import = w.dir.path().join("import.jsonl");
+    std::fs::write(&import, "{\"key\": \"i1\", \"value\": \"one\"}\n\n{\"key\": \"i2\", \"value_hex\": \"74776f\"}\n")
+        .unwrap();
+    let import = import.to_str().unwrap();
+    let import_args =
+        ["kv", "import", "--app", "notes", "--ns", "notes", import, "--region", "eu-west", "--token-file", admin];
+    let (ok, out) = w.cli(&import_args);
+    assert!(ok && out.contains("imported 2 keys into notes"), "{out}");
+    assert_eq!(get(&c, &format!("{edge}/kv/notes/i2"), &[NOTES]).await.body, "two");
+    std::fs::write(import, "{\"key\": \"i3\", \"value\": \"three\"}\n{\"key\": \"i4\"}\n").unwrap();
+    let (ok, out) = w.cli(&import_args);
+    assert!(!ok && out.contains("import.jsonl:2") && out.contains("value"), "{out}");
+    assert_eq!(get(&c, &format!("{edge}/kv/notes/i3"), &[NOTES]).await.status, 404);
     let (ok, out) = w.cli(&["kv", "get", "--app", "hello", "--ns", "sessions", "shared", "--token-file", admin]);
     assert!(!ok && out.contains("403"), "a notes token read hello's data: {out}");
     // The administrator token reaches every app's data; the default app

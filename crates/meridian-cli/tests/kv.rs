@@ -221,6 +221,98 @@ async fn a_wiped_region_is_rebuilt_from_its_peers() {
     assert_eq!(n1 - n0, r1 - r0, "rounds on equal data compared more than their roots");
 }
 
+/// The scale test: a region wiped while the others hold a million
+/// keys catches up from a snapshot streamed in pages (anti-entropy is set
+/// far off, so the snapshot is what does it), converges, and its memory
+/// stays below a bound that does not grow with the data: the pages in
+/// flight and the storage engine's fixed cache, not the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_region_with_a_million_keys_catches_up_from_a_streamed_snapshot_in_bounded_memory() {
+    const N: usize = 1_000_000;
+    const BATCH: usize = 10_000;
+    /// Peak resident memory of the catching-up region. It held ~120 MiB
+    /// before catching up and its data directory ends above 250 MiB.
+    const RSS_BOUND_MIB: u64 = 320;
+    let w = World::start(&["--anti-entropy-ms", "600000"]);
+    let c = client();
+    let t = Instant::now();
+    for b in 0..N / BATCH {
+        let items: Vec<serde_json::Value> = (b * BATCH..(b + 1) * BATCH)
+            .map(|i| serde_json::json!({"key": format!("user-{i:07}"), "value_hex": hex::encode(format!("{i:0100}"))}))
+            .collect();
+        let r = kv_op(&c, &w, "eu-west", serde_json::json!({"op": "set_many", "ns": "sessions", "items": items})).await;
+        assert_eq!(r["written"], BATCH, "{r}");
+    }
+    eprintln!("{N} keys written in eu-west in {:?}", t.elapsed());
+    let took = converged(&c, &w, &["sessions"], Duration::from_secs(240))
+        .await
+        .unwrap_or_else(|d| panic!("a million keys not replicated: {d}\n{}", w.log()));
+    eprintln!("replicated everywhere {took:?} later");
+    let before = digest(&c, &w, "us-east", "sessions").await.unwrap();
+    // Once both peers have acknowledged it, eu-west's log is trimmed: a
+    // peer that lost everything can only be sent a snapshot.
+    let t = Instant::now();
+    while kv_op_status(&c, &w, "eu-west").await["log_len"].as_u64() != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(30), "eu-west's log never trimmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    w.chaos(&["kill", "ap-southeast"]);
+    let data = w.dir.path().join("data/ap-southeast");
+    std::fs::remove_dir_all(&data).unwrap();
+    w.chaos(&["restart", "ap-southeast"]);
+    let pid = w.pid_of("ap-southeast").expect("restarted");
+    let kib = |field: &str| -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = s.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let t = Instant::now();
+    loop {
+        if digest(&c, &w, "ap-southeast", "sessions").await.as_ref() == Some(&before) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(240), "wiped region not caught up in 240 s\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let peak = kib("VmHWM:").expect("the region runs");
+    let held = dir_size(&data);
+    eprintln!("caught up in {:?}: peak RSS {} MiB; data directory {} MiB", t.elapsed(), peak >> 10, held >> 20);
+    // The snapshot's last part (and eu-west's count) follows its pages.
+    let t = Instant::now();
+    let to_ap = loop {
+        let eu = kv_op_status(&c, &w, "eu-west").await;
+        let p = eu["peers"].as_array().unwrap().iter().find(|p| p["peer"] == "ap-southeast").unwrap().clone();
+        if p["snapshots_sent"].as_u64().unwrap() >= 1 || t.elapsed() > Duration::from_secs(10) {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(to_ap["snapshots_sent"].as_u64().unwrap() >= 1, "{to_ap}");
+    assert!(to_ap["snapshot_records_sent"].as_u64().unwrap() >= N as u64, "{to_ap}");
+    assert!(peak >> 10 < RSS_BOUND_MIB, "peak RSS {} MiB; the bound is {RSS_BOUND_MIB} MiB", peak >> 10);
+    assert!(held >> 20 > 200, "the data held ({} MiB) should dwarf what the catch-up may keep in memory", held >> 20);
+    assert_eq!(
+        kv_op(&c, &w, "ap-southeast", serde_json::json!({"op": "get", "ns": "sessions", "key": "user-0999999"})).await
+            ["value_hex"],
+        hex::encode(format!("{:0100}", 999_999))
+    );
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eu_namespace_never_reaches_a_non_eu_disk_log_or_replication_stream() {
     // Capture every replication message every region sends.

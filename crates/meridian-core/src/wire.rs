@@ -142,6 +142,10 @@ pub struct PeerReplication {
     pub pushes: u64,
     pub push_errors: u64,
     pub snapshots_sent: u64,
+    /// Records sent in snapshots: only what the peer lacked, so a
+    /// snapshot broken off and sent again adds only the rest.
+    #[serde(default)]
+    pub snapshot_records_sent: u64,
     /// Records repaired here by anti-entropy against this peer.
     pub repaired: u64,
     /// Anti-entropy rounds with this peer (one per namespace compared),

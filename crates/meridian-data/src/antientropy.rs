@@ -11,7 +11,9 @@
 //! one picks up.
 //!
 //! A round only pulls: what this side holds and the peer lacks reaches the
-//! peer in the peer's own round.
+//! peer in the peer's own round. The same walk, turned around, is how a
+//! snapshot is sent ([`push_differences`]): only what the receiver lacks,
+//! so a snapshot broken off resumes instead of starting again.
 
 use meridian_store::merkle::{Node, NodePath, FANOUT};
 use meridian_store::{Change, Store, StoreError};
@@ -21,6 +23,10 @@ use std::future::Future;
 pub const PARENTS_PER_REQUEST: usize = 256;
 /// Records asked for in one request.
 pub const RECORDS_PER_REQUEST: usize = 1024;
+/// Pages a push has sent and not yet seen acknowledged, at most: the
+/// receiver commits them together (one fsync for several), and neither
+/// side holds more than this many pages.
+pub const PAGES_IN_FLIGHT: usize = 8;
 /// A differing node holding at most this many records on the peer is pulled
 /// whole rather than descended into.
 pub const PULL_WHOLE_AT: u64 = 64;
@@ -35,6 +41,10 @@ pub enum SyncError {
     /// was merged. Retrying gets the same answer until the peer changes.
     #[error("peer's answer refused: {0}")]
     Refused(String),
+    /// The peer does not answer this kind of request (a build from before
+    /// it); retrying gets the same answer until the peer is upgraded.
+    #[error("peer does not support it: {0}")]
+    Unsupported(String),
     /// The local store failed; nothing of the failed merge was kept.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -43,7 +53,7 @@ pub enum SyncError {
 impl SyncError {
     /// Whether retrying the round can succeed without anything changing.
     pub fn retry_safe(&self) -> bool {
-        !matches!(self, SyncError::Refused(_))
+        !matches!(self, SyncError::Refused(_) | SyncError::Unsupported(_))
     }
 }
 
@@ -98,8 +108,61 @@ pub struct Round {
     pub requests: u64,
     /// Records the peer sent.
     pub records_pulled: u64,
+    /// Records sent to the peer.
+    pub records_pushed: u64,
     /// Records that changed here.
     pub changed: usize,
+}
+
+/// Finds the nodes of `ns` under which `src` holds records that `dst`
+/// may lack: their records, sent from `src` to `dst`, leave `dst` holding
+/// at least what `src` does. Compares the roots, then level by level the
+/// children of differing nodes only. A differing node is taken whole when
+/// it is a leaf, when `src` holds at most [`PULL_WHOLE_AT`] records under
+/// it, or when `dst` holds nothing under it; nodes `src` holds nothing
+/// under are skipped.
+pub async fn differing_nodes<A: TreeSource, B: TreeSource>(
+    src: &A,
+    dst: &B,
+    ns: &str,
+) -> Result<(Vec<NodePath>, Round), SyncError> {
+    let mut round = Round { nodes_compared: 1, requests: 1, ..Round::default() };
+    let theirs = src.root(ns).await?;
+    let ours = dst.root(ns).await?;
+    if theirs == ours || theirs.count == 0 {
+        return Ok((Vec::new(), round));
+    }
+    // Differing nodes of the level being compared: (place, src's, dst's).
+    let mut frontier = vec![(NodePath::root(), theirs, ours)];
+    let mut whole: Vec<NodePath> = Vec::new();
+    while !frontier.is_empty() {
+        let mut descend = Vec::new();
+        for (path, theirs, ours) in frontier.drain(..) {
+            if path.is_leaf() || theirs.count <= PULL_WHOLE_AT || ours.count == 0 {
+                whole.push(path);
+            } else {
+                descend.push(path);
+            }
+        }
+        for parents in descend.chunks(PARENTS_PER_REQUEST) {
+            let t = src.children(ns, parents).await?;
+            let o = dst.children(ns, parents).await?;
+            round.requests += 1;
+            if t.len() != parents.len() || o.len() != parents.len() {
+                let why = format!("asked for the children of {} nodes, got {} and {}", parents.len(), t.len(), o.len());
+                return Err(SyncError::Refused(why));
+            }
+            round.nodes_compared += (FANOUT * parents.len()) as u64;
+            for ((parent, t), o) in parents.iter().zip(t).zip(o) {
+                for (i, (t, o)) in t.into_iter().zip(o).enumerate() {
+                    if t != o && t.count > 0 {
+                        frontier.push((parent.child(i).expect("parents are not leaves"), t, o));
+                    }
+                }
+            }
+        }
+    }
+    Ok((whole, round))
 }
 
 /// Pulls from `peer` whatever of namespace `ns` differs from what `store`
@@ -111,42 +174,7 @@ pub async fn pull_differences<S: TreeSource>(
     ns: &str,
     check: impl Fn(&[Change]) -> Result<(), String>,
 ) -> Result<Round, SyncError> {
-    let mut round = Round { nodes_compared: 1, requests: 1, ..Round::default() };
-    let theirs = peer.root(ns).await?;
-    let ours = store.tree_root(ns)?;
-    if theirs == ours || theirs.count == 0 {
-        return Ok(round);
-    }
-    // Differing nodes of the level being compared: (place, theirs, ours).
-    let mut frontier = vec![(NodePath::root(), theirs, ours)];
-    let mut pull: Vec<NodePath> = Vec::new();
-    while !frontier.is_empty() {
-        let mut descend = Vec::new();
-        for (path, theirs, ours) in frontier.drain(..) {
-            if path.is_leaf() || theirs.count <= PULL_WHOLE_AT || ours.count == 0 {
-                pull.push(path);
-            } else {
-                descend.push(path);
-            }
-        }
-        for parents in descend.chunks(PARENTS_PER_REQUEST) {
-            let t = peer.children(ns, parents).await?;
-            round.requests += 1;
-            if t.len() != parents.len() {
-                let why = format!("asked for the children of {} nodes, got {}", parents.len(), t.len());
-                return Err(SyncError::Refused(why));
-            }
-            let o = store.tree_children(ns, parents)?;
-            round.nodes_compared += (FANOUT * parents.len()) as u64;
-            for ((parent, t), o) in parents.iter().zip(t).zip(o) {
-                for (i, (t, o)) in t.into_iter().zip(o).enumerate() {
-                    if t != o && t.count > 0 {
-                        frontier.push((parent.child(i).expect("parents are not leaves"), t, o));
-                    }
-                }
-            }
-        }
-    }
+    let (pull, mut round) = differing_nodes(peer, store, ns).await?;
     for node in pull {
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -170,6 +198,60 @@ pub async fn pull_differences<S: TreeSource>(
             }
             after = Some(last);
         }
+    }
+    Ok(round)
+}
+
+/// Sends to `peer`, through `send`, the records of namespace `ns` that
+/// `store` holds and the peer's tree says it may lack — in pages of
+/// [`RECORDS_PER_REQUEST`], at most [`PAGES_IN_FLIGHT`] sent and not yet
+/// acknowledged, so neither side holds more than that whatever the
+/// namespace's size. A push broken off anywhere
+/// resumes where it stopped: the next one finds the pages delivered
+/// already equal and skips them (the peer's tree trails its records by a
+/// moment, so at most the last pages go again; merging is idempotent).
+///
+/// Everything `store` held when its tree was last flushed is at the peer
+/// once this returns `Ok`, in the version held here or a newer one.
+pub async fn push_differences<S, F, Fut>(store: &Store, peer: &S, ns: &str, mut send: F) -> Result<Round, SyncError>
+where
+    S: TreeSource,
+    F: FnMut(Vec<Change>) -> Fut,
+    Fut: Future<Output = Result<(), SyncError>>,
+{
+    use futures::StreamExt;
+    let (push, mut round) = differing_nodes(store, peer, ns).await?;
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    // Records of several small nodes share a page.
+    let mut page: Vec<Change> = Vec::with_capacity(RECORDS_PER_REQUEST);
+    for node in push {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let changes = store.subtree(ns, &node, after.as_deref(), RECORDS_PER_REQUEST - page.len())?;
+            let Some(last) = changes.last().map(|c| c.key.clone()) else { break };
+            let more = changes.len() == RECORDS_PER_REQUEST - page.len();
+            page.extend(changes);
+            if page.len() == RECORDS_PER_REQUEST {
+                if in_flight.len() == PAGES_IN_FLIGHT {
+                    in_flight.next().await.expect("pages in flight")?;
+                }
+                round.records_pushed += page.len() as u64;
+                round.requests += 1;
+                in_flight.push(send(std::mem::replace(&mut page, Vec::with_capacity(RECORDS_PER_REQUEST))));
+            }
+            if !more {
+                break;
+            }
+            after = Some(last);
+        }
+    }
+    if !page.is_empty() {
+        round.records_pushed += page.len() as u64;
+        round.requests += 1;
+        in_flight.push(send(page));
+    }
+    while let Some(sent) = in_flight.next().await {
+        sent?;
     }
     Ok(round)
 }
@@ -227,7 +309,7 @@ mod tests {
         let (a0, b0) = (read(&a), read(&b));
         let r = pull_differences(&b, &a, "big", |_| Ok(())).await.unwrap();
         assert_eq!((read(&a) - a0, read(&b) - b0), (1, 1), "identical: one node read on each side");
-        assert_eq!(r, Round { nodes_compared: 1, requests: 1, records_pulled: 0, changed: 0 });
+        assert_eq!(r, Round { nodes_compared: 1, requests: 1, ..Round::default() });
 
         // One key written in a only (a newer version of an existing key).
         let changed = Change { ns: "big".into(), key: b"key-0123456".to_vec(), record: record(N + 5, "eu-west") };
@@ -286,6 +368,74 @@ mod tests {
             let again = pull_differences(&a, &b, "big", |_| Ok(())).await.unwrap();
             assert_eq!(again.nodes_compared, 1, "seed {seed}: equal after the rounds");
         }
+    }
+
+    /// A snapshot sent by [`push_differences`] and broken off part way
+    /// resumes: the second push sends what the first did not deliver (and
+    /// the one node the break cut in two again), not the whole namespace;
+    /// afterwards the receiver holds every key.
+    #[tokio::test]
+    async fn a_push_broken_off_resumes_where_it_stopped() {
+        const N: u32 = 30_000;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a"), "eu-west").unwrap();
+        let b = Store::open(&dir.path().join("b"), "us-east").unwrap();
+        load(&a, N).await;
+        // b already holds some of it, with one newer version of its own.
+        let some: Vec<Change> = keys(N).step_by(7).collect();
+        b.merge(some).await.unwrap();
+        let newer = Change { ns: "big".into(), key: b"key-0000007".to_vec(), record: record(N + 9, "us-east") };
+        b.merge(vec![newer.clone()]).await.unwrap();
+        b.flush_tree().await.unwrap();
+
+        // The link breaks after 10 pages (pages in flight then may or may
+        // not arrive: count what did).
+        let mut pages = 0;
+        let delivered = std::sync::atomic::AtomicU64::new(0);
+        let e = push_differences(&a, &b, "big", |changes| {
+            pages += 1;
+            let (b, delivered) = (&b, &delivered);
+            async move {
+                if pages > 10 {
+                    return Err(SyncError::Peer("link cut".into()));
+                }
+                let n = changes.len() as u64;
+                b.merge(changes).await?;
+                delivered.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap_err();
+        assert!(e.retry_safe());
+        b.flush_tree().await.unwrap();
+        let delivered = delivered.into_inner();
+        assert!(delivered > 0 && delivered <= 10 * RECORDS_PER_REQUEST as u64);
+
+        let r = push_differences(&a, &b, "big", |changes| {
+            let b = &b;
+            async move {
+                b.merge(changes).await?;
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        // Nodes are sent whole, so what is left is N - delivered records,
+        // plus the node the break cut in two (sent again whole).
+        let left = N as u64 - delivered;
+        assert!(r.records_pushed <= left + PULL_WHOLE_AT, "resumed push sent {} records: {r:?}", r.records_pushed);
+        assert!(r.records_pushed >= left - N as u64 / 7, "{r:?}");
+        eprintln!("{left} records left after the break; the resumed push sent {}", r.records_pushed);
+        b.flush_tree().await.unwrap();
+        // b holds everything a does, and its own newer version won.
+        assert_eq!(b.get("big", b"key-0000007").unwrap(), Some(newer.record));
+        let a_keys: Vec<_> = a.scan("big", None, usize::MAX).unwrap().into_iter().map(|(k, _)| k).collect();
+        let b_keys: Vec<_> = b.scan("big", None, usize::MAX).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(a_keys, b_keys);
+        // Nothing left to send but the one key where b is newer.
+        let again = push_differences(&a, &b, "big", |_| async { Ok(()) }).await.unwrap();
+        assert!(again.records_pushed <= PULL_WHOLE_AT, "{again:?}");
     }
 
     /// A peer that answers with records from outside the node asked for

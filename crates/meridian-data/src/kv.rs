@@ -209,13 +209,46 @@ fn decode_version(v: &[u8]) -> KvResult<Option<Timestamp>> {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Get { ns: String, key: String },
-    Set { ns: String, key: String, value_hex: String },
-    Delete { ns: String, key: String },
-    Increment { ns: String, key: String, delta: i64 },
-    List { ns: String, cursor: Option<String>, limit: Option<usize> },
-    ReadVersioned { ns: String, key: String },
-    Swap { ns: String, key: String, version_hex: String, value_hex: String },
+    Get {
+        ns: String,
+        key: String,
+    },
+    Set {
+        ns: String,
+        key: String,
+        value_hex: String,
+    },
+    /// Many keys of one namespace at once (at most [`MAX_SET_MANY`]): one
+    /// group of commits instead of one per key. Not atomic; writing the
+    /// same items again is safe.
+    SetMany {
+        ns: String,
+        items: Vec<KeyValue>,
+    },
+    Delete {
+        ns: String,
+        key: String,
+    },
+    Increment {
+        ns: String,
+        key: String,
+        delta: i64,
+    },
+    List {
+        ns: String,
+        cursor: Option<String>,
+        limit: Option<usize>,
+    },
+    ReadVersioned {
+        ns: String,
+        key: String,
+    },
+    Swap {
+        ns: String,
+        key: String,
+        version_hex: String,
+        value_hex: String,
+    },
 }
 
 impl Op {
@@ -224,6 +257,7 @@ impl Op {
         match self {
             Op::Get { ns, .. }
             | Op::Set { ns, .. }
+            | Op::SetMany { ns, .. }
             | Op::Delete { ns, .. }
             | Op::Increment { ns, .. }
             | Op::List { ns, .. }
@@ -231,6 +265,16 @@ impl Op {
             | Op::Swap { ns, .. } => ns,
         }
     }
+}
+
+/// Most items in one [`Op::SetMany`].
+pub const MAX_SET_MANY: usize = 10_000;
+
+/// One item of an [`Op::SetMany`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value_hex: String,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -250,6 +294,9 @@ pub struct OpResult {
     /// For a swap: whether it was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swapped: Option<bool>,
+    /// For a set-many: how many keys were written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<u64>,
     /// Causality token of a write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -343,6 +390,20 @@ impl KvService {
             Op::Set { ns, key, value_hex } => {
                 let w = self.store.put(ns, key.as_bytes(), unhex(value_hex)?).await.map_err(other)?;
                 token = Some(self.token_of(&w));
+            }
+            Op::SetMany { ns, items } => {
+                if items.len() > MAX_SET_MANY {
+                    return Err(KvError::Other(format!("{} items; at most {MAX_SET_MANY} at once", items.len())));
+                }
+                let items = items
+                    .iter()
+                    .map(|i| Ok((i.key.as_bytes().to_vec(), unhex(&i.value_hex)?)))
+                    .collect::<KvResult<Vec<_>>>()?;
+                let n = items.len() as u64;
+                if let Some(w) = self.store.put_many(ns, items).await.map_err(other)? {
+                    token = Some(self.token_of(&w));
+                }
+                r.written = Some(n);
             }
             Op::Delete { ns, key } => {
                 let w = self.store.delete(ns, key.as_bytes()).await.map_err(other)?;
@@ -618,6 +679,12 @@ impl KvService {
             "counter",
             "Snapshots sent to the peer.",
             peer(|p| p.snapshots_sent as f64),
+        );
+        metric(
+            "meridian_kv_peer_snapshot_records_total",
+            "counter",
+            "Records sent to the peer in snapshots (only what it lacked).",
+            peer(|p| p.snapshot_records_sent as f64),
         );
         metric(
             "meridian_kv_peer_tree_nodes_compared_total",

@@ -54,6 +54,8 @@ struct PeerStats {
     pushes: u64,
     push_errors: u64,
     snapshots_sent: u64,
+    /// Records sent in snapshots (complete or not).
+    snapshot_records_sent: u64,
     repaired: u64,
     /// Anti-entropy rounds (per namespace) and tree nodes they compared.
     anti_entropy_rounds: u64,
@@ -252,6 +254,7 @@ impl Replication {
                     pushes: s.pushes,
                     push_errors: s.push_errors,
                     snapshots_sent: s.snapshots_sent,
+                    snapshot_records_sent: s.snapshot_records_sent,
                     repaired: s.repaired,
                     anti_entropy_rounds: s.anti_entropy_rounds,
                     tree_nodes_compared: s.tree_nodes_compared,
@@ -810,6 +813,9 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
                     }
                     1 => {
                         tracing::info!(peer = %peer.name, have = n, "peer is behind our cursor; rewinding");
+                        // (Also what is kept below when the stream ends:
+                        // the rewind must not be overwritten by it.)
+                        acked.store(n, Ordering::Relaxed);
                         store.ack(&peer.name, n).await.map_err(|e| e.to_string())?;
                         return Ok(());
                     }
@@ -846,6 +852,9 @@ async fn send_snapshot(svc: &KvService, peer: &Peer) -> Result<(), String> {
     let store = &svc.store;
     let upto = *store.last_seq().borrow();
     tracing::info!(peer = %peer.name, upto, "sending a snapshot (the peer needs entries our log no longer has)");
+    // The tree then covers every write up to `upto`: what the walk finds
+    // equal at the peer holds them (or newer versions).
+    store.flush_tree().await.map_err(|e| e.to_string())?;
     let namespaces: Vec<String> =
         store.namespaces().map_err(|e| e.to_string())?.into_iter().filter(|ns| svc.replicates_to(ns, peer)).collect();
     let send = |changes: Vec<Change>, complete: bool| Message::Snapshot {
@@ -855,23 +864,40 @@ async fn send_snapshot(svc: &KvService, peer: &Peer) -> Result<(), String> {
         complete,
         changes,
     };
-    for ns in namespaces {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = store.scan(&ns, after.as_deref(), SNAPSHOT_CHUNK).map_err(|e| e.to_string())?;
-            let Some(last) = page.last().map(|(k, _)| k.clone()) else { break };
-            let changes = page.into_iter().map(|(key, record)| Change { ns: ns.clone(), key, record }).collect();
-            let (status, body) = post(svc, peer, &svc.api("repl/push"), send(changes, false).encode()).await?;
+    let post_part = |changes: Vec<Change>, complete: bool| {
+        let n = changes.len() as u64;
+        let body = send(changes, complete).encode();
+        async move {
+            let (status, body) = post(svc, peer, &svc.api("repl/push"), body).await.map_err(SyncError::Peer)?;
             if status != StatusCode::OK {
-                return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+                let why = format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
+                return Err(if status.is_server_error() { SyncError::Peer(why) } else { SyncError::Refused(why) });
             }
-            after = Some(last);
+            svc.repl.note_peer(&peer.name, |s| s.snapshot_records_sent += n);
+            Ok(())
+        }
+    };
+    let tree = PeerTree { svc, peer, target: svc.target(peer).map_err(|e| e.to_string())? };
+    for ns in namespaces {
+        // Only what the peer lacks: a snapshot broken off resumes.
+        match antientropy::push_differences(store, &tree, &ns, |changes| post_part(changes, false)).await {
+            Ok(_) => {}
+            Err(SyncError::Unsupported(why)) => {
+                tracing::info!(peer = %peer.name, %why, "the peer compares no trees; sending all of {ns:?}");
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let page = store.scan(&ns, after.as_deref(), SNAPSHOT_CHUNK).map_err(|e| e.to_string())?;
+                    let Some(last) = page.last().map(|(k, _)| k.clone()) else { break };
+                    let changes =
+                        page.into_iter().map(|(key, record)| Change { ns: ns.clone(), key, record }).collect();
+                    post_part(changes, false).await.map_err(|e| e.to_string())?;
+                    after = Some(last);
+                }
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
-    let (status, body) = post(svc, peer, &svc.api("repl/push"), send(Vec::new(), true).encode()).await?;
-    if status != StatusCode::OK {
-        return Err(format!("snapshot refused: HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
-    }
+    post_part(Vec::new(), true).await.map_err(|e| e.to_string())?;
     store.ack(&peer.name, upto).await.map_err(|e| e.to_string())?;
     svc.repl.note_peer(&peer.name, |s| s.snapshots_sent += 1);
     Ok(())
@@ -933,6 +959,7 @@ impl PeerTree<'_> {
             .map_err(|e| SyncError::Peer(e.to_string()))?;
         match a.status {
             StatusCode::OK => Ok(a.body),
+            StatusCode::NOT_FOUND => Err(SyncError::Unsupported(format!("{path}: HTTP 404: {}", a.text()))),
             s if s.is_server_error() => Err(SyncError::Peer(format!("{path}: HTTP {s}: {}", a.text()))),
             s => Err(SyncError::Refused(format!("{path}: HTTP {s}: {}", a.text()))),
         }

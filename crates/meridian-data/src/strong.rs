@@ -531,6 +531,11 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
         Op::Set { key, value_hex, .. } => {
             Command::Set { key: key.clone(), value: hex::decode(value_hex).map_err(|e| e.to_string())? }
         }
+        Op::SetMany { .. } => {
+            return Err(
+                "a strong namespace takes one write at a time (each is a consensus round); set keys one by one".into()
+            )
+        }
         Op::Delete { key, .. } => Command::Delete { key: key.clone() },
         Op::Increment { key, delta, .. } => Command::Increment { key: key.clone(), delta: *delta },
         Op::Swap { key, version_hex, value_hex, .. } => {

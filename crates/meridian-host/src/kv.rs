@@ -34,6 +34,14 @@ pub trait KvBackend: Send + Sync {
     fn open(&self, bucket: &str) -> KvResult<()>;
     async fn get(&self, bucket: &str, key: &str) -> KvResult<Option<Vec<u8>>>;
     async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> KvResult<()>;
+    /// Several keys at once (`wasi:keyvalue/batch.set-many`); not atomic.
+    /// A backend that can commit them together should.
+    async fn set_many(&self, bucket: &str, items: Vec<(String, Vec<u8>)>) -> KvResult<()> {
+        for (key, value) in items {
+            self.set(bucket, &key, value).await?;
+        }
+        Ok(())
+    }
     async fn delete(&self, bucket: &str, key: &str) -> KvResult<()>;
     /// One page of live keys after `cursor`, and the cursor of the next page.
     async fn list(&self, bucket: &str, cursor: Option<String>) -> KvResult<(Vec<String>, Option<String>)>;
@@ -223,9 +231,7 @@ impl batch::Host for KvView<'_> {
         for (_, v) in &key_values {
             tri!(check_value(v));
         }
-        for (key, value) in key_values {
-            tri!(backend.set(&name, &key, value).await.map_err(to_wit));
-        }
+        tri!(backend.set_many(&name, key_values).await.map_err(to_wit));
         Ok(Ok(()))
     }
 

@@ -2,7 +2,8 @@
 //! function host's [`KvBackend`] and the data path's [`KvService`].
 
 use meridian_data::kv::{
-    merge_token, other, unhex, visible, KvService, Namespaces, Op, OpResult, Placement, TokenEntry,
+    merge_token, other, unhex, visible, KeyValue, KvService, Namespaces, Op, OpResult, Placement, TokenEntry,
+    MAX_SET_MANY,
 };
 use meridian_host::{CasVersion, KvBackend, KvError, KvResult};
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,21 @@ impl KvBackend for RequestKv {
             return Ok(());
         }
         self.exec(Op::Set { ns: bucket.into(), key: key.into(), value_hex: hex::encode(value) }).await.map(|_| ())
+    }
+
+    async fn set_many(&self, bucket: &str, items: Vec<(String, Vec<u8>)>) -> KvResult<()> {
+        if self.svc.placement(&self.namespaces, bucket)? == Placement::Local {
+            let items = items.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect();
+            if let Some(w) = self.svc.store.put_many(bucket, items).await.map_err(other)? {
+                merge_token(&mut self.token.lock().unwrap(), self.svc.token_of(&w));
+            }
+            return Ok(());
+        }
+        for chunk in items.chunks(MAX_SET_MANY) {
+            let items = chunk.iter().map(|(k, v)| KeyValue { key: k.clone(), value_hex: hex::encode(v) }).collect();
+            self.exec(Op::SetMany { ns: bucket.into(), items }).await?;
+        }
+        Ok(())
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> KvResult<()> {

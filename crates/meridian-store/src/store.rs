@@ -220,6 +220,11 @@ pub const DIGEST_BUCKETS: usize = FANOUT;
 /// Most jobs one commit takes.
 const MAX_GROUP: usize = 512;
 
+/// The engine's cache of pages (reads and the write buffer) per store. The
+/// engine's default (1 GiB) would let every app's store on a node grow to
+/// that; past this, pages come from the operating system's page cache.
+const CACHE_BYTES: usize = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage engine: {0}")]
@@ -452,7 +457,7 @@ fn put_max_ts(meta: &mut redb::Table<&str, u64>, ts: Timestamp) -> Result<(), St
 
 impl Store {
     pub fn open(path: &Path, region: &str) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(engine)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(engine)?;
         let txn = db.begin_write().map_err(engine)?;
         let (next_seq, incarnation, conflicts) = {
             let mut meta = txn.open_table(META).map_err(engine)?;
@@ -641,6 +646,33 @@ impl Store {
             Outcome::Written(w) => Ok(w),
             o => unreachable!("put answered {o:?}"),
         }
+    }
+
+    /// Writes many values of one namespace at once; all are durable on
+    /// disk when this returns, in as few commits as the writer groups them
+    /// into (not one per value). Not atomic: on an error, the values before
+    /// it may be written; writing them all again is safe. Returns the last
+    /// write (the highest sequence number), whose token covers them all.
+    pub async fn put_many(&self, ns: &str, items: Vec<(Vec<u8>, Vec<u8>)>) -> Result<Option<Written>, StoreError> {
+        for (key, _) in &items {
+            full_key(ns, key)?;
+        }
+        let pending: Vec<_> = items
+            .into_iter()
+            .map(|(key, value)| self.enqueue(Op::Put { ns: ns.into(), key, value }))
+            .collect::<Result<_, _>>()?;
+        let mut last: Option<Written> = None;
+        for rx in pending {
+            match rx.await.map_err(|_| StoreError::Closed)?? {
+                Outcome::Written(w) => {
+                    if last.as_ref().is_none_or(|l| w.seq > l.seq) {
+                        last = Some(w);
+                    }
+                }
+                o => unreachable!("put answered {o:?}"),
+            }
+        }
+        Ok(last)
     }
 
     /// Deletes by writing a tombstone; durable on disk when this returns.

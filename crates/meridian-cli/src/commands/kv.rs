@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Method;
 use meridian_core::wire::KvStatus;
 use meridian_region::kv::{Op, OpResult};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -67,6 +67,14 @@ pub enum KvCommand {
         key: String,
         #[arg(default_value_t = 1, allow_hyphen_values = true)]
         delta: i64,
+    },
+    /// Write many keys from a file of JSON lines, `{"key": "k", "value": "text"}`
+    /// (or `"value_hex"` for bytes), in batches of up to 10,000 ("-" reads
+    /// stdin). Not atomic: an import stopped part way can be run again.
+    Import {
+        #[command(flatten)]
+        t: Target,
+        file: String,
     },
     /// List the keys of a namespace.
     List {
@@ -163,6 +171,43 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             let r = w.op(t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
             out!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
         }
+        KvCommand::Import { t, file } => {
+            let input: Box<dyn std::io::BufRead> = if file == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(std::io::BufReader::new(std::fs::File::open(&file).with_context(|| file.clone())?))
+            };
+            let started = std::time::Instant::now();
+            let (mut batch, mut bytes, mut total) = (Vec::new(), 0usize, 0u64);
+            let mut lines = input.lines().enumerate();
+            loop {
+                let next = lines.next();
+                if let Some((i, line)) = next.as_ref().map(|(i, l)| (*i, l)) {
+                    let line = line.as_ref().map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let item = import_line(line).with_context(|| format!("{file}:{}", i + 1))?;
+                    bytes += item.key.len() + item.value_hex.len();
+                    batch.push(item);
+                }
+                let full = batch.len() == meridian_region::kv::MAX_SET_MANY || bytes >= IMPORT_BATCH_BYTES;
+                if !batch.is_empty() && (full || next.is_none()) {
+                    let items = std::mem::take(&mut batch);
+                    let n = items.len() as u64;
+                    let r = w.op(t.region.as_deref(), Op::SetMany { ns: t.ns.clone(), items }).await.with_context(
+                        || format!("after {total} keys imported (importing the same file again is safe)"),
+                    )?;
+                    total += r.written.unwrap_or(n);
+                    bytes = 0;
+                }
+                if next.is_none() {
+                    break;
+                }
+            }
+            let s = started.elapsed().as_secs_f64();
+            out!("imported {total} keys into {} in {s:.1} s ({:.0} keys/s)", t.ns, total as f64 / s.max(1e-9));
+        }
         KvCommand::Delete { t, key } => {
             let r = w.op(t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
             out!("deleted in {}", r.region);
@@ -211,6 +256,31 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of keys and hex values per import request, at most (the region
+/// takes 16 MiB bodies).
+const IMPORT_BATCH_BYTES: usize = 4 << 20;
+
+/// One line of an import file.
+fn import_line(line: &str) -> anyhow::Result<meridian_region::kv::KeyValue> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        key: String,
+        value: Option<String>,
+        value_hex: Option<String>,
+    }
+    let l: Line = serde_json::from_str(line).context("not a JSON object with \"key\" and \"value\"")?;
+    let value_hex = match (l.value, l.value_hex) {
+        (Some(v), None) => hex::encode(v),
+        (None, Some(h)) => {
+            hex::decode(&h).context("value_hex is not hex")?;
+            h
+        }
+        _ => anyhow::bail!("give exactly one of \"value\" and \"value_hex\""),
+    };
+    Ok(meridian_region::kv::KeyValue { key: l.key, value_hex })
 }
 
 /// Key-value status of one app in every region that holds a store for it

@@ -995,6 +995,19 @@ delay = function() return DELAY end
 
 def kv_status(wdir, w, region):
     """A region's kv status from its cluster port, as the world's operator."""
+    return json.loads(region_get(w, region, "/_meridian/apps/hello/kv/status"))
+
+
+def kv_digest(wdir, w, region, ns):
+    """A namespace's digest in a region (None if the region does not answer)."""
+    try:
+        return region_get(w, region, f"/_meridian/apps/hello/kv/digest/{ns}")
+    except OSError:
+        return None
+
+
+def region_get(w, region, path):
+    """GET on a region's cluster port, as the world's operator; the body."""
     op = w["operator"]
     ctx = ssl.create_default_context(cafile=op["ca"])
     ctx.load_cert_chain(op["cert"], op["key"])
@@ -1004,9 +1017,12 @@ def kv_status(wdir, w, region):
     # The certificate names the region, not the address.
     c.sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
                              server_hostname=f"{region}.region.meridian")
-    c.request("GET", "/_meridian/apps/hello/kv/status")
+    c.request("GET", path)
     r = c.getresponse()
-    return json.loads(r.read())
+    body = r.read()
+    if r.status != 200:
+        raise OSError(f"{region} {path}: HTTP {r.status}")
+    return body
 
 
 def bench_replication(work, duration, delay_ms=40):
@@ -1098,6 +1114,93 @@ def bench_idle(work, sizes=(20000, 130000), watch=20):
     for build, held, load_s, idle in rows:
         per = ", ".join(f"{name} {pct:.1f}" for name, pct in sorted(idle.items()))
         print(f"| {build} | {held} | {load_s:.0f} | {per} |")
+
+
+def import_keys(wdir, n, region="eu-west", ns="sessions"):
+    """`meridian kv import` of n keys (100-byte values) into `ns` in `region`,
+    fed from a generator on stdin; returns the seconds it took."""
+    t0 = time.time()
+    p = subprocess.Popen([MERIDIAN, "kv", "import", "--world", wdir, "--ns", ns, "--region", region, "-"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    value = "v" * 100
+    for i in range(n):
+        p.stdin.write(f'{{"key": "user-{i:08d}", "value": "{value}"}}\n')
+    p.stdin.close()
+    out = p.stdout.read()
+    if p.wait() != 0:
+        raise RuntimeError(f"import failed: {out}")
+    return time.time() - t0
+
+
+def hwm_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_scale(work, duration=10, sizes=(10_000, 100_000, 1_000_000, 5_000_000), watch=20):
+    """What the data held costs (issue 8's table): for each size, a fresh dev
+    world, N keys imported into eu-west's `sessions` (`meridian kv import`)
+    and replicated everywhere; then every region's CPU over `watch` s with
+    no traffic; then PUTs through the kv function in eu-west (wrk, 4
+    connections, 1 ms pause each) for `duration` s; then ap-southeast
+    killed, its data deleted and restarted: time until its digest equals
+    eu-west's, and its peak memory meanwhile."""
+    sizes = [int(x) for x in os.environ.get("SCALE_SIZES", "").split(",") if x] or sizes
+    rows = []
+    for n in sizes:
+        sub = tempfile.mkdtemp(prefix="scale-", dir=work)
+        wdir, w = dev_world(sub, ["--anti-entropy-ms", "3000"])
+        load_s = import_keys(wdir, n)
+        deadline = time.time() + 1800
+        while time.time() < deadline:
+            st = kv_status(wdir, w, "eu-west")
+            if st["peers"] and all(p["pending"] == 0 for p in st["peers"]) and st["log_len"] == 0:
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        w = json.load(open(os.path.join(wdir, "world.json")))
+        pids = {p["name"]: p["pid"] for p in w["processes"] if p.get("role") == "region" and p.get("pid")}
+        before = {name: cpu_ns(pid) for name, pid in pids.items()}
+        time.sleep(watch)
+        idle = {name: (cpu_ns(pid) - before[name]) / 1e9 / watch * 100 for name, pid in pids.items()}
+        eu = next(r["url"] for r in w["regions"] if r["name"] == "eu-west")
+        script = os.path.join(sub, "put.lua")
+        open(script, "w").write(PUT_LUA.replace("DELAY", "1"))
+        put = wrk(eu + "/", duration, conns=4, extra=("-s", script))
+        # Catch-up of a wiped region.
+        subprocess.run([MERIDIAN, "chaos", "kill", "ap-southeast", "--world", wdir], check=True, capture_output=True)
+        shutil.rmtree(os.path.join(wdir, "data", "ap-southeast"), ignore_errors=True)
+        t0 = time.time()
+        subprocess.run([MERIDIAN, "chaos", "restart", "ap-southeast", "--world", wdir], check=True,
+                       capture_output=True)
+        w = json.load(open(os.path.join(wdir, "world.json")))
+        pid = next(p["pid"] for p in w["processes"] if p["name"] == "ap-southeast")
+        want = kv_digest(wdir, w, "eu-west", "sessions")
+        catch_s, peak = None, 0
+        while time.time() - t0 < 1800:
+            peak = max(peak, hwm_kib(pid))
+            if kv_digest(wdir, w, "ap-southeast", "sessions") == want:
+                catch_s = time.time() - t0
+                break
+            time.sleep(0.2)
+        peak = max(peak, hwm_kib(pid))
+        data_mib = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+                       os.walk(os.path.join(wdir, "data", "ap-southeast")) for f in fs) >> 20
+        rows.append((n, load_s, idle, put, catch_s, peak >> 10, data_mib))
+        stop_all()
+        PROCS.clear()
+        shutil.rmtree(sub, ignore_errors=True)
+    print("\n## Cost of data held (keys imported into eu-west, replicated to every region)\n")
+    print("| keys held | import s | idle CPU per region, % of one core | PUT p50 / p99 ms (req/s) "
+          "| wiped region catch-up s | its peak RSS MiB | its data MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for n, load_s, idle, put, catch_s, peak, data_mib in rows:
+        per = ", ".join(f"{name} {pct:.1f}" for name, pct in sorted(idle.items()))
+        c = f"{catch_s:.1f}" if catch_s is not None else "not caught up in 30 min"
+        print(f"| {n} | {load_s:.0f} | {per} | {put['p50_ms']:.2f} / {put['p99_ms']:.2f} ({put['rps']:.0f}) "
+              f"| {c} | {peak} | {data_mib} |")
 
 
 def rss_kib(pid):
@@ -1275,7 +1378,7 @@ def bench_strong(work, writes=100):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "idle", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
-                                                         "density", "rollout", "large", "control"])
+                                                         "density", "rollout", "large", "control", "scale"])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep each benchmark's work directory (logs, data)")
     a = ap.parse_args()
@@ -1288,10 +1391,10 @@ def main():
                          ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
                          ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
-                         ("large", bench_large), ("control", bench_control)]:
+                         ("large", bench_large), ("control", bench_control), ("scale", bench_scale)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")
-                if name in ("host", "cost", "pooling", "edge", "cache", "replication", "kvget", "density", "large"):
+                if name in ("host", "cost", "pooling", "edge", "cache", "replication", "kvget", "density", "large", "scale"):
                     fn(work, a.duration)
                 else:
                     fn(work)

@@ -222,10 +222,11 @@ async fn a_wiped_region_is_rebuilt_from_its_peers() {
 }
 
 /// The scale test: a region wiped while the others hold a million
-/// keys catches up from a snapshot streamed in pages (anti-entropy is set
-/// far off, so the snapshot is what does it), converges, and its memory
-/// stays below a bound that does not grow with the data: the pages in
-/// flight and the storage engine's fixed cache, not the namespace.
+/// keys catches up — from eu-west's snapshot, streamed in pages, and its
+/// own rejoin rounds, pulled in pages (periodic anti-entropy is set far
+/// off) — converges, and its memory stays below a bound that does not grow
+/// with the data: the pages in flight and the storage engine's fixed
+/// cache, not the namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_region_with_a_million_keys_catches_up_from_a_streamed_snapshot_in_bounded_memory() {
     const N: usize = 1_000_000;
@@ -283,13 +284,21 @@ async fn a_wiped_region_with_a_million_keys_catches_up_from_a_streamed_snapshot_
     let to_ap = loop {
         let eu = kv_op_status(&c, &w, "eu-west").await;
         let p = eu["peers"].as_array().unwrap().iter().find(|p| p["peer"] == "ap-southeast").unwrap().clone();
-        if p["snapshots_sent"].as_u64().unwrap() >= 1 || t.elapsed() > Duration::from_secs(10) {
+        if p["snapshots_sent"].as_u64().unwrap() >= 1 || t.elapsed() > Duration::from_secs(60) {
+            eprintln!("eu-west's snapshot complete {:?} after the digests matched", t.elapsed());
             break p;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(to_ap["snapshots_sent"].as_u64().unwrap() >= 1, "{to_ap}");
-    assert!(to_ap["snapshot_records_sent"].as_u64().unwrap() >= N as u64, "{to_ap}");
+    // What came by eu-west's snapshot (pushed) and by ap-southeast's own
+    // rejoin rounds (pulled, from both peers, in pages too) covers it all.
+    let ap = kv_op_status(&c, &w, "ap-southeast").await;
+    let pulled = ap["rejoin"]["records_repaired"].as_u64().unwrap();
+    let pushed = to_ap["snapshot_records_sent"].as_u64().unwrap();
+    eprintln!("snapshot records from eu-west {pushed}; records changed by the rejoin rounds {pulled}");
+    assert!(pushed > 0 && pushed + pulled >= N as u64, "{to_ap}\n{}", ap["rejoin"]);
+    assert_eq!(ap["rejoin"]["state"], "caught_up", "{}", ap["rejoin"]);
     assert!(peak >> 10 < RSS_BOUND_MIB, "peak RSS {} MiB; the bound is {RSS_BOUND_MIB} MiB", peak >> 10);
     assert!(held >> 20 > 200, "the data held ({} MiB) should dwarf what the catch-up may keep in memory", held >> 20);
     assert_eq!(
@@ -311,6 +320,74 @@ fn dir_size(p: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Rejoin before serving: a region restarted after missing writes — and
+/// cut off from the region that made them — takes users back only once
+/// it holds what its reachable peers held when it returned. A client next
+/// to it reads every acknowledged write, never a stale answer, across the
+/// restart; then the region serves again and says in status whom it
+/// caught up with. (Anti-entropy is set far off: without the rejoin, the
+/// region would serve 404s for those keys for ten minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_region_serves_no_stale_read_of_a_write_acknowledged_before_it_returned() {
+    const K: usize = 3000;
+    let w = World::start(&["--anti-entropy-ms", "600000"]);
+    let c = client();
+    w.chaos(&["kill", "ap-southeast"]);
+    // Written (and acknowledged) in us-east while ap-southeast is down.
+    let items: Vec<serde_json::Value> = (0..K)
+        .map(|i| serde_json::json!({"key": format!("away-{i}"), "value_hex": hex::encode(format!("written-{i}"))}))
+        .collect();
+    let r = kv_op(&c, &w, "us-east", serde_json::json!({"op": "set_many", "ns": "sessions", "items": items})).await;
+    assert_eq!(r["written"], K, "{r}");
+    // eu-west has them; ap-southeast comes back cut off from us-east.
+    let t = Instant::now();
+    while digest(&c, &w, "eu-west", "sessions").await != digest(&c, &w, "us-east", "sessions").await {
+        assert!(t.elapsed() < Duration::from_secs(20), "eu-west never got us-east's writes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.chaos(&["cut", "us-east", "ap-southeast"]);
+    w.chaos(&["restart", "ap-southeast"]);
+
+    // A client next to ap-southeast reads through its edge throughout.
+    let url = w.edge("edge-ap-southeast");
+    let singapore = [("x-meridian-client-geo", "1.35,103.82")];
+    let t = Instant::now();
+    let (mut served_by, mut stale, mut back_at) = (BTreeMap::<String, u32>::new(), Vec::new(), None);
+    let mut i = 0usize;
+    while t.elapsed() < Duration::from_secs(20) {
+        let key = (i * 7919) % K;
+        i += 1;
+        let r = get(&c, &format!("{url}/kv/sessions/away-{key}"), &singapore).await;
+        *served_by.entry(r.region()).or_default() += 1;
+        if r.status != 200 || r.body != format!("written-{key}") {
+            stale.push(format!("away-{key}: {} {:?} from {}", r.status, r.body, r.region()));
+        }
+        if r.region() == "ap-southeast" && back_at.is_none() {
+            back_at = Some(t.elapsed());
+        }
+        if back_at.is_some_and(|b| t.elapsed() > b + Duration::from_secs(1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("{i} reads across the restart, answered by {served_by:?}; ap-southeast serving again after {back_at:?}");
+    assert!(
+        stale.is_empty(),
+        "{} stale or failed reads, first: {:?}\n{}",
+        stale.len(),
+        &stale[..stale.len().min(5)],
+        w.log()
+    );
+    assert!(back_at.is_some(), "ap-southeast never served again: {served_by:?}\n{}", w.log());
+
+    let st = kv_op_status(&c, &w, "ap-southeast").await;
+    let rejoin = &st["rejoin"];
+    assert_eq!(rejoin["state"], "caught_up", "{rejoin}");
+    assert_eq!(rejoin["caught_up_with"], serde_json::json!(["eu-west"]), "{rejoin}");
+    assert_eq!(rejoin["unreachable"], serde_json::json!(["us-east"]), "{rejoin}");
+    assert!(rejoin["records_repaired"].as_u64().unwrap() >= K as u64, "{rejoin}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,26 @@ pub struct KvStatus {
     /// Raft groups of `strong` namespaces this region is a member of.
     #[serde(default)]
     pub groups: Vec<GroupStatus>,
+    /// Catching up after the store was opened (a restart, a wipe).
+    #[serde(default)]
+    pub rejoin: RejoinStatus,
+}
+
+/// Whether a region's store has caught up with its peers since it was
+/// opened; until then the region keeps users away.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RejoinStatus {
+    /// `catching_up` (not serving), `caught_up`, or `gave_up` (the bound
+    /// passed first; serving what it has).
+    pub state: String,
+    /// How long catching up took (or has taken so far).
+    pub waited_ms: u64,
+    pub bound_ms: u64,
+    /// Peers it caught up with, and those it could not reach (not waited for).
+    pub caught_up_with: Vec<String>,
+    pub unreachable: Vec<String>,
+    /// Records that changed here while catching up.
+    pub records_repaired: u64,
 }
 
 /// One Raft group of a `strong` namespace, as a member sees it.

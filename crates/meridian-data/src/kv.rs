@@ -62,6 +62,8 @@ pub struct KvService {
     pub causality_wait: Duration,
     /// Raft groups of the `strong` namespaces this region is a member of.
     pub groups: Mutex<std::collections::HashMap<String, Arc<crate::strong::Group>>>,
+    /// Catching up since the store was opened ([`crate::rejoin`]).
+    pub rejoin: crate::rejoin::Rejoin,
 }
 
 /// Whether `region` (of `jurisdiction`) may hold namespace `ns`.
@@ -598,6 +600,7 @@ impl KvService {
             tombstones_collected: self.repl.collected(),
             stable_ms: self.repl.global_stable(self).wall_ms,
             groups: crate::strong::status(self),
+            rejoin: self.rejoin.status(),
         }
     }
 

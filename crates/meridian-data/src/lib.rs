@@ -17,5 +17,6 @@
 
 pub mod antientropy;
 pub mod kv;
+pub mod rejoin;
 pub mod repl;
 pub mod strong;

@@ -355,10 +355,19 @@ impl Replication {
                 tracing::warn!(%caller, ns, "refused an anti-entropy read the caller may not hold");
                 text(StatusCode::FORBIDDEN, format!("namespace {ns:?} is not replicated to {caller}"))
             }
-            (Method::GET, ["repl", "tree", ns]) => match svc.store.tree_root(ns) {
-                Ok(node) => binary(node.encode().to_vec()),
-                Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
-            },
+            (Method::GET, ["repl", "tree", ns]) => {
+                // `?flush`: the tree of every write made so far (a
+                // rejoining peer's round must not miss the last moment's).
+                if req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "flush")) {
+                    if let Err(e) = svc.store.flush_tree().await {
+                        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                    }
+                }
+                match svc.store.tree_root(ns) {
+                    Ok(node) => binary(node.encode().to_vec()),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }
             (Method::POST, ["repl", "tree", ns]) => {
                 let parents = match read_request::<Vec<String>>(req).await {
                     Ok(p) if p.len() <= antientropy::PARENTS_PER_REQUEST => p,
@@ -877,7 +886,7 @@ async fn send_snapshot(svc: &KvService, peer: &Peer) -> Result<(), String> {
             Ok(())
         }
     };
-    let tree = PeerTree { svc, peer, target: svc.target(peer).map_err(|e| e.to_string())? };
+    let tree = PeerTree { svc, peer, target: svc.target(peer).map_err(|e| e.to_string())?, flushed: false };
     for ns in namespaces {
         // Only what the peer lacks: a snapshot broken off resumes.
         match antientropy::push_differences(store, &tree, &ns, |changes| post_part(changes, false)).await {
@@ -908,7 +917,7 @@ async fn anti_entropy_loop(svc: Arc<KvService>, peer: Peer) {
     loop {
         let every = *svc.repl.anti_entropy_interval.lock().unwrap();
         tokio::time::sleep(every).await;
-        match anti_entropy_once(&svc, &peer).await {
+        match anti_entropy_once(&svc, &peer, false).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(peer = %peer.name, repaired = n, "anti-entropy repaired records");
@@ -947,6 +956,8 @@ struct PeerTree<'a> {
     svc: &'a KvService,
     peer: &'a Peer,
     target: Target,
+    /// Ask for roots of a flushed tree (`?flush`).
+    flushed: bool,
 }
 
 impl PeerTree<'_> {
@@ -956,7 +967,13 @@ impl PeerTree<'_> {
             .cluster
             .call(&self.target, method, &self.svc.api(&path), Bytes::from(body), Duration::from_secs(30))
             .await
-            .map_err(|e| SyncError::Peer(e.to_string()))?;
+            .map_err(|e| {
+                if e.nothing_sent() {
+                    SyncError::Unreachable(e.to_string())
+                } else {
+                    SyncError::Peer(e.to_string())
+                }
+            })?;
         match a.status {
             StatusCode::OK => Ok(a.body),
             StatusCode::NOT_FOUND => Err(SyncError::Unsupported(format!("{path}: HTTP 404: {}", a.text()))),
@@ -975,7 +992,8 @@ impl PeerTree<'_> {
 
 impl TreeSource for PeerTree<'_> {
     async fn root(&self, ns: &str) -> Result<Node, SyncError> {
-        let body = self.call(Method::GET, format!("repl/tree/{ns}"), Vec::new()).await?;
+        let path = if self.flushed { format!("repl/tree/{ns}?flush") } else { format!("repl/tree/{ns}") };
+        let body = self.call(Method::GET, path, Vec::new()).await?;
         Ok(self.nodes(&body, 1)?[0])
     }
 
@@ -1010,9 +1028,14 @@ impl TreeSource for PeerTree<'_> {
 
 /// One anti-entropy round with one peer over every namespace both may
 /// hold; returns the number of records that changed here.
-pub async fn anti_entropy_once(svc: &KvService, peer: &Peer) -> Result<usize, SyncError> {
+///
+/// `flushed`: read the peer's tree only after the peer has applied its
+/// journal, so the round covers every write the peer had made when it
+/// started (regular rounds read the tree as it is: it trails by a moment).
+pub async fn anti_entropy_once(svc: &KvService, peer: &Peer, flushed: bool) -> Result<usize, SyncError> {
     let nss: Vec<String> = svc.namespaces.load().keys().filter(|ns| svc.replicates_to(ns, peer)).cloned().collect();
-    let tree = PeerTree { svc, peer, target: svc.target(peer).map_err(|e| SyncError::Peer(e.to_string()))? };
+    let target = svc.target(peer).map_err(|e| SyncError::Peer(e.to_string()))?;
+    let tree = PeerTree { svc, peer, target, flushed };
     let mut changed = 0;
     for ns in nss {
         // Only namespaces this region may hold (a regional one it is not in

@@ -53,6 +53,7 @@ pub struct Node {
     pub causality_key: kv::CausalityKey,
     pub anti_entropy: Duration,
     pub causality_wait: Duration,
+    pub rejoin_bound: Duration,
     pub peers: ArcSwap<Vec<meridian_core::wire::Peer>>,
     /// The most instances one app may run at once in this region (its
     /// share of the node's pool), whatever its manifest asks.
@@ -289,6 +290,7 @@ impl App {
             repl: repl::Replication::new(node.anti_entropy),
             causality_wait: node.causality_wait,
             groups: Default::default(),
+            rejoin: meridian_data::rejoin::Rejoin::new(node.rejoin_bound),
         });
         svc.set_peers((**node.peers.load()).clone());
         self.kv.store(Some(svc.clone()));
@@ -395,6 +397,8 @@ impl App {
             .map_err(|e| format!("cannot record the active version: {e}"))?;
         if let Some(svc) = kv {
             svc.namespaces.store(d.namespaces.clone());
+            // Users come once it has caught up with its peers on these.
+            meridian_data::rejoin::start(&svc);
             // Strong namespaces: start (or keep) this region's Raft groups.
             let (dir, nss) = (self.dir.clone(), d.namespaces.clone());
             tokio::spawn(async move { strong::ensure_groups(&svc, &dir, &nss).await });

@@ -85,6 +85,15 @@ pub struct RegionConfig {
     /// names before it is forwarded to the region that made them.
     #[serde(default = "default_causality_wait_ms")]
     pub causality_wait_ms: u64,
+    /// The longest an app's data keeps users away after its store opens
+    /// (a restart, a wipe) while it catches up with its reachable peers;
+    /// then the region serves what it has.
+    #[serde(default = "default_rejoin_bound_ms")]
+    pub rejoin_bound_ms: u64,
+}
+
+fn default_rejoin_bound_ms() -> u64 {
+    60_000
 }
 
 fn default_anti_entropy_ms() -> u64 {
@@ -207,6 +216,7 @@ impl Region {
             causality_key: kv::CausalityKey::new(cluster_key),
             anti_entropy: Duration::from_millis(config.anti_entropy_ms.max(50)),
             causality_wait: Duration::from_millis(config.causality_wait_ms),
+            rejoin_bound: Duration::from_millis(config.rejoin_bound_ms),
             peers: ArcSwap::from_pointee(config.peers.iter().filter(|p| p.name != config.name).cloned().collect()),
             instance_share: config
                 .max_instances_per_app
@@ -410,6 +420,18 @@ impl Region {
             return self.too_many("the app's requests_per_second in this region");
         }
         let kv = app.kv();
+        // Data still catching up after a restart: a request is served by
+        // the nearest peer (the edges keep users away meanwhile; this is
+        // for those that got here anyway).
+        if let Some(kv) = kv.as_ref().filter(|kv| kv.rejoin.catching_up()) {
+            if !req.headers().contains_key(headers::FORWARDED) {
+                let mut peers: Vec<Peer> = kv.peers.load().iter().cloned().collect();
+                peers.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
+                if !peers.is_empty() {
+                    return self.forward_request(&app.name, kv, &peers, "this region is catching up", req).await;
+                }
+            }
+        }
         // Causality: serve a request that follows a write only where that
         // write is applied: wait a little, else hand it to the region that
         // made the write.
@@ -419,7 +441,8 @@ impl Region {
                 let origin = token.iter().find(|e| !kv.has_applied(std::slice::from_ref(e))).map(|e| e.origin.clone());
                 let peer = origin.and_then(|o| kv.peers.load().iter().find(|p| p.name == o).cloned());
                 if let Some(peer) = peer {
-                    return self.forward_request(&app.name, kv, &peer, req).await;
+                    let why = "its causality token is not applied here yet";
+                    return self.forward_request(&app.name, kv, &[peer], why, req).await;
                 }
             }
         }
@@ -747,12 +770,15 @@ impl Region {
         }
     }
 
-    /// Hands an app request to another region (its answer comes back as is).
+    /// Hands an app request to another region — the first of `peers` that
+    /// can be reached (a peer that could not be sent anything is skipped);
+    /// its answer comes back as is.
     async fn forward_request(
         &self,
         app: &str,
         kv: &kv::KvService,
-        peer: &Peer,
+        peers: &[Peer],
+        why: &str,
         req: Request<Incoming>,
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
@@ -761,29 +787,44 @@ impl Region {
             Err(e) => return e.into_response(),
         };
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let target = match kv.target(peer) {
-            Ok(t) => t,
-            Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
-        };
-        let mut b = Request::builder().method(parts.method.clone()).uri(pq);
-        for (k, v) in parts.headers.iter() {
-            if k != http::header::HOST && k != headers::APP {
-                b = b.header(k, v);
+        let mut last = String::from("no region to forward to");
+        for peer in peers {
+            let target = match kv.target(peer) {
+                Ok(t) => t,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let mut b = Request::builder().method(parts.method.clone()).uri(pq);
+            for (k, v) in parts.headers.iter() {
+                if k != http::header::HOST && k != headers::APP {
+                    b = b.header(k, v);
+                }
             }
+            b = b.header(headers::FORWARDED, self.config.name.as_str()).header(headers::APP, app);
+            let Ok(out) = b.body(meridian_http::full(body.clone())) else {
+                return text(StatusCode::BAD_REQUEST, "cannot forward this request");
+            };
+            tracing::debug!(to = %peer.name, why, "forwarding a request");
+            let mut resp = match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
+                Ok(Ok(resp)) => return resp,
+                Ok(Err(e)) if e.nothing_sent() => {
+                    last = format!("{}: {e}", peer.name);
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
+                }
+                Err(_) => {
+                    text(StatusCode::GATEWAY_TIMEOUT, format!("{} did not answer a forwarded request", peer.name))
+                }
+            };
+            // Another region's failure, not this one's.
+            resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
+            return resp;
         }
-        b = b.header(headers::FORWARDED, self.config.name.as_str()).header(headers::APP, app);
-        let Ok(out) = b.body(meridian_http::full(body)) else {
-            return text(StatusCode::BAD_REQUEST, "cannot forward this request");
-        };
-        tracing::debug!(to = %peer.name, "forwarding a request whose causality token is not applied here yet");
-        let mut resp = match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
-            Ok(Ok(resp)) => return resp,
-            Ok(Err(e)) => {
-                text(StatusCode::BAD_GATEWAY, format!("{} did not answer a forwarded request: {e}", peer.name))
-            }
-            Err(_) => text(StatusCode::GATEWAY_TIMEOUT, format!("{} did not answer a forwarded request", peer.name)),
-        };
-        // Another region's failure, not this one's.
+        let mut resp = text(StatusCode::BAD_GATEWAY, format!("cannot forward a request ({why}): {last}"));
         resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
         resp
     }
@@ -802,7 +843,16 @@ impl Region {
         let versions: std::collections::BTreeMap<&str, Option<String>> =
             apps.by_name.values().map(|a| (a.name.as_str(), a.active().map(|d| d.id.short().to_string()))).collect();
         let serving = versions.values().any(Option::is_some);
-        let status = if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        // An app whose data is still catching up after a restart keeps
+        // the whole node out of the edges' rotation until it has (or its
+        // rejoin bound passes).
+        let catching_up: Vec<&str> = apps
+            .by_name
+            .values()
+            .filter(|a| a.active().is_some() && a.kv().is_some_and(|kv| kv.rejoin.catching_up()))
+            .map(|a| a.name.as_str())
+            .collect();
+        let status = if serving && catching_up.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         // Edges enforce each app's rate too, before the WAN.
         let limits: Vec<meridian_core::wire::AppLimit> = apps
             .by_name
@@ -838,7 +888,8 @@ impl Region {
             .collect();
         let mut r = json(
             status,
-            &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits, "routing": routing}),
+            &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits, "routing": routing,
+                "catching_up": catching_up}),
         );
         r.headers_mut().insert(headers::REGION, self.region_header.clone());
         r

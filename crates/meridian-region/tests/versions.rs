@@ -38,6 +38,7 @@ fn config(data: &Path) -> RegionConfig {
         peers: Vec::new(),
         anti_entropy_ms: 1000,
         causality_wait_ms: 100,
+        rejoin_bound_ms: 60_000,
     }
 }
 

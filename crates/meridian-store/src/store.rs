@@ -220,6 +220,10 @@ pub const DIGEST_BUCKETS: usize = FANOUT;
 /// Most jobs one commit takes.
 const MAX_GROUP: usize = 512;
 
+/// Conflict losers kept per key (the newest): a key written concurrently
+/// forever keeps a bounded history. Detections are all counted.
+pub const MAX_LOSERS_PER_KEY: usize = 16;
+
 /// The engine's cache of pages (reads and the write buffer) per store. The
 /// engine's default (1 GiB) would let every app's store on a node grow to
 /// that; past this, pages come from the operating system's page cache.
@@ -895,6 +899,20 @@ impl Store {
 
     /// The [`FANOUT`] children of each of `parents` (none of them a leaf),
     /// from one snapshot.
+    /// One node of a namespace's tree (one node read).
+    pub fn tree_node(&self, ns: &str, path: &NodePath) -> Result<Node, StoreError> {
+        full_key(ns, b"")?;
+        let key = merkle::node_key(ns.as_bytes(), path.nibbles());
+        self.inner.tree_nodes_read.fetch_add(1, Ordering::Relaxed);
+        if !path.is_leaf() {
+            return Ok(self.inner.upper.read().unwrap().get(&key).copied().unwrap_or_default());
+        }
+        let txn = self.inner.db.begin_read().map_err(engine)?;
+        let t = txn.open_table(TREE).map_err(engine)?;
+        let stored = t.get(key.as_slice()).map_err(engine)?;
+        stored.map(|v| stored_node(v.value())).transpose().map(Option::unwrap_or_default)
+    }
+
     pub fn tree_children(&self, ns: &str, parents: &[NodePath]) -> Result<Vec<[Node; FANOUT]>, StoreError> {
         full_key(ns, b"")?;
         let txn = self.inner.db.begin_read().map_err(engine)?;
@@ -1307,6 +1325,23 @@ impl Writer<'_> {
                     if t.insert(ck.as_slice(), loser.encode().as_slice()).map_err(engine)?.is_none() {
                         self.inner.conflicts.fetch_add(1, Ordering::Relaxed);
                         report.conflicts += 1;
+                        // Keep the newest losers of a key only (the
+                        // entries sort by timestamp: oldest first).
+                        let (mut lo, mut hi) = (k.clone(), k.clone());
+                        lo.push(0);
+                        hi.push(1);
+                        let kept = t.range(lo.as_slice()..hi.as_slice()).map_err(engine)?.count();
+                        if kept > MAX_LOSERS_PER_KEY {
+                            let mut oldest = Vec::new();
+                            for e in
+                                t.range(lo.as_slice()..hi.as_slice()).map_err(engine)?.take(kept - MAX_LOSERS_PER_KEY)
+                            {
+                                oldest.push(e.map_err(engine)?.0.value().to_vec());
+                            }
+                            for o in oldest {
+                                t.remove(o.as_slice()).map_err(engine)?;
+                            }
+                        }
                     }
                 }
                 old.merge(&c.record)
@@ -1600,6 +1635,47 @@ mod tests {
             let gap = us.apply_push("eu-west", 12345, 2, 3, from_eu).await.unwrap();
             assert_eq!(gap, PushOutcome::Gap { have: 0 });
         });
+    }
+
+    /// A key overwritten concurrently again and again keeps only its
+    /// newest losers; every conflict is still counted.
+    #[test]
+    fn conflict_losers_are_kept_per_key_up_to_a_bound() {
+        let rt = rt();
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db"), "eu-west").unwrap();
+        rt.block_on(async {
+            for i in 0..40u64 {
+                // Alternating origins that never saw each other's writes.
+                let origin = if i % 2 == 0 { "us-east" } else { "ap-southeast" };
+                let record = Record {
+                    value: Value::Bytes(vec![i as u8]),
+                    ts: Timestamp { wall_ms: 1_700_000_000_000 + i, logical: 0 },
+                    origin: origin.into(),
+                    seen: Timestamp::default(),
+                };
+                s.merge(vec![Change { ns: "ns".into(), key: b"hot".to_vec(), record }]).await.unwrap();
+                s.merge(vec![Change {
+                    ns: "ns".into(),
+                    key: format!("other-{i}").into_bytes(),
+                    record: Record {
+                        value: Value::Bytes(vec![1]),
+                        ts: Timestamp { wall_ms: 1_700_000_000_000, logical: 0 },
+                        origin: "us-east".into(),
+                        seen: Timestamp::default(),
+                    },
+                }])
+                .await
+                .unwrap();
+            }
+        });
+        assert_eq!(s.conflict_count(), 39);
+        let kept = s.conflicts("ns", usize::MAX).unwrap();
+        assert_eq!(kept.len(), MAX_LOSERS_PER_KEY);
+        assert!(kept.iter().all(|(k, _)| k == b"hot"));
+        // The newest: writes 23..=38 lost to their successors.
+        let values: Vec<u8> = kept.iter().map(|(_, r)| if let Value::Bytes(b) = &r.value { b[0] } else { 0 }).collect();
+        assert_eq!(values, (23..=38).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -407,6 +407,7 @@ async fn bring_up(
             peers: Vec::new(),
             anti_entropy_ms: a.anti_entropy_ms,
             causality_wait_ms: 500,
+            rejoin_bound_ms: 60_000,
         };
         let got = start_role(sup, &r.name, "region", &mut cfg, |c, l| {
             c.public_listen = l.public.unwrap_or(c.public_listen);

@@ -296,6 +296,23 @@ pub fn print_status(all: &[KvStatus]) {
             "  {:<16} writes logged {:>8}  log {:>7}  conflicts {:>5}  tombstones {:>5} ({} collected)  rejected msgs {}",
             s.region, s.last_seq, s.log_len, s.conflicts, s.tombstones, s.tombstones_collected, s.rejected_messages
         );
+        let r = &s.rejoin;
+        if !r.state.is_empty() {
+            let unreachable = if r.unreachable.is_empty() {
+                String::new()
+            } else {
+                format!("; unreachable: {}", r.unreachable.join(", "))
+            };
+            out!(
+                "      rejoin {} after {} ms (bound {} ms), with {}{}; {} records repaired",
+                r.state,
+                r.waited_ms,
+                r.bound_ms,
+                if r.caught_up_with.is_empty() { "-".to_string() } else { r.caught_up_with.join(", ") },
+                unreachable,
+                r.records_repaired
+            );
+        }
         for p in &s.peers {
             out!(
                 "      -> {:<14} acked {:>8}  pending {:>6}  snapshots {}  repaired {}{}",

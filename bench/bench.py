@@ -1159,6 +1159,11 @@ def bench_scale(work, duration=10, sizes=(10_000, 100_000, 1_000_000, 5_000_000)
             if st["peers"] and all(p["pending"] == 0 for p in st["peers"]) and st["log_len"] == 0:
                 break
             time.sleep(0.5)
+        # And the background work the load left (the trees' journals).
+        while time.time() < deadline:
+            if all(kv_status(wdir, w, r["name"]).get("tree_journal_pending", 0) == 0 for r in w["regions"]):
+                break
+            time.sleep(0.5)
         time.sleep(3)
         w = json.load(open(os.path.join(wdir, "world.json")))
         pids = {p["name"]: p["pid"] for p in w["processes"] if p.get("role") == "region" and p.get("pid")}

@@ -195,6 +195,9 @@ pub struct KvStatus {
     /// Catching up after the store was opened (a restart, a wipe).
     #[serde(default)]
     pub rejoin: RejoinStatus,
+    /// Anti-entropy tree changes not yet applied (background work left).
+    #[serde(default)]
+    pub tree_journal_pending: u64,
 }
 
 /// Whether a region's store has caught up with its peers since it was

@@ -601,6 +601,7 @@ impl KvService {
             stable_ms: self.repl.global_stable(self).wall_ms,
             groups: crate::strong::status(self),
             rejoin: self.rejoin.status(),
+            tree_journal_pending: store.tree_journal_pending(),
         }
     }
 

@@ -793,7 +793,7 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
         }
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
-        let mut persisted = std::time::Instant::now();
+        let (mut persisted, mut persisted_seq) = (std::time::Instant::now(), acked0);
         loop {
             while buf.len() >= ANSWER {
                 let kind = buf[0];
@@ -815,9 +815,11 @@ async fn stream_once(svc: &KvService, peer: &Peer) -> Result<(), String> {
                         // The cursor on disk may lag a little: resending
                         // from it after a crash is harmless (merges are
                         // idempotent).
-                        if persisted.elapsed() > Duration::from_millis(100) {
+                        // (Not for an unchanged cursor: an idle stream's
+                        // heartbeats would cost a durable commit each.)
+                        if n > persisted_seq && persisted.elapsed() > Duration::from_millis(100) {
                             store.ack(&peer.name, n).await.map_err(|e| e.to_string())?;
-                            persisted = std::time::Instant::now();
+                            (persisted, persisted_seq) = (std::time::Instant::now(), n);
                         }
                     }
                     1 => {

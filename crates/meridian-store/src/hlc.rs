@@ -21,6 +21,15 @@ pub struct Hlc<C: Fn() -> u64 = fn() -> u64> {
     last: Mutex<Timestamp>,
 }
 
+/// A region's physical clock, in ms since the epoch: the system's, or a
+/// simulation's.
+pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system's clock as a [`Clock`].
+pub fn system_clock() -> Clock {
+    Box::new(system_ms)
+}
+
 pub fn system_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -52,6 +61,22 @@ impl<C: Fn() -> u64> Hlc<C> {
             Timestamp { wall_ms: last.wall_ms.saturating_add(1), logical: 0 }
         };
         *last
+    }
+
+    /// A timestamp every later [`Hlc::now`] exceeds, without issuing one
+    /// (so asking changes nothing: the clock's next timestamps are the
+    /// same whether or not anyone asked).
+    pub fn bound(&self) -> Timestamp {
+        let pt = (self.physical)();
+        let last = *self.last.lock().unwrap();
+        // A later local event is after `last`, and at or after (pt, 0).
+        // (Not the logical maximum itself: peers refuse that.)
+        let below_now = Timestamp { wall_ms: pt.saturating_sub(1), logical: u32::MAX - 1 };
+        if pt > 0 && below_now > last {
+            below_now
+        } else {
+            last
+        }
     }
 
     /// Takes a remote timestamp into account, so later local events order
@@ -96,6 +121,24 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+
+    /// The watermark's bound: below every later timestamp, acceptable to a
+    /// peer, and asking for it changes nothing.
+    #[test]
+    fn a_bound_is_below_every_later_timestamp_and_asking_changes_nothing() {
+        let t = Arc::new(AtomicU64::new(1_000));
+        let t2 = t.clone();
+        let hlc = Hlc::new(move || t2.load(Ordering::SeqCst));
+        let a = hlc.now();
+        let b = hlc.bound();
+        assert!(b >= a);
+        assert!(check_remote(b, 1_000).is_ok(), "{b:?}");
+        assert_eq!(hlc.bound(), b);
+        assert!(hlc.now() > b);
+        t.store(2_000, Ordering::SeqCst);
+        let c = hlc.bound();
+        assert!(c > b && hlc.now() > c);
+    }
 
     #[test]
     fn timestamps_never_go_backwards_even_when_the_clock_does() {

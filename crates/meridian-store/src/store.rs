@@ -64,7 +64,7 @@ const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// Journaled changes that make the writer flush after a commit, even under
 /// load; also about the most one flush takes (a bounded pause: the
 /// writer flushes between commits).
-const JOURNAL_FLUSH_AT: u64 = 1024;
+const JOURNAL_FLUSH_AT: u64 = 256;
 /// How long the writer waits idle before flushing a smaller journal.
 const JOURNAL_IDLE_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -331,7 +331,7 @@ struct Inner {
     db: Database,
     region: String,
     incarnation: u64,
-    hlc: Hlc,
+    hlc: Hlc<crate::hlc::Clock>,
     /// Last sequence number written to the log (replicators wait on it).
     last_seq: tokio::sync::watch::Sender<u64>,
     /// Every local write with a timestamp at or below this is committed
@@ -461,6 +461,12 @@ fn put_max_ts(meta: &mut redb::Table<&str, u64>, ts: Timestamp) -> Result<(), St
 
 impl Store {
     pub fn open(path: &Path, region: &str) -> Result<Store, StoreError> {
+        Store::open_with_clock(path, region, crate::hlc::system_clock())
+    }
+
+    /// [`Store::open`] with the region's physical clock given (a
+    /// simulation drives it).
+    pub fn open_with_clock(path: &Path, region: &str, clock: crate::hlc::Clock) -> Result<Store, StoreError> {
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(engine)?;
         let txn = db.begin_write().map_err(engine)?;
         let (next_seq, incarnation, conflicts) = {
@@ -535,7 +541,7 @@ impl Store {
             db,
             region: region.to_string(),
             incarnation,
-            hlc: Hlc::system(),
+            hlc: Hlc::new(clock),
             last_seq: tokio::sync::watch::channel(next_seq.saturating_sub(1)).0,
             watermark: tokio::sync::watch::channel(Timestamp::default()).0,
             tombstones_collected: AtomicU64::new(0),
@@ -600,6 +606,16 @@ impl Store {
     /// region holds an older version the tombstone must still override, and
     /// none is still in flight.
     pub async fn collect_tombstones(&self, before: Timestamp) -> Result<u64, StoreError> {
+        // Nothing due (the usual case, checked in a read): no commit.
+        {
+            let txn = self.inner.db.begin_read().map_err(engine)?;
+            let index = txn.open_table(TOMBSTONES).map_err(engine)?;
+            let due =
+                index.first().map_err(engine)?.is_some_and(|(k, _)| k.value() < tombstone_key(before, b"").as_slice());
+            if !due {
+                return Ok(0);
+            }
+        }
         let n0 = self.tombstones_collected();
         self.run(Op::Collect { before }).await?;
         Ok(self.tombstones_collected() - n0)
@@ -613,6 +629,12 @@ impl Store {
 
     /// Records inserted, replaced or removed since the store was opened
     /// (what writing, merging and collecting cost in records).
+    /// Tree changes journaled and not yet applied to the tree (the
+    /// writer's background work still to do).
+    pub fn tree_journal_pending(&self) -> u64 {
+        self.inner.journaled.load(Ordering::Relaxed)
+    }
+
     pub fn records_written(&self) -> u64 {
         self.inner.records_written.load(Ordering::Relaxed)
     }
@@ -1056,7 +1078,7 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
         if pending.is_empty() {
             // Idle: everything is committed, and any later write gets a
             // later timestamp than this.
-            inner.watermark.send_replace(inner.hlc.now());
+            inner.watermark.send_replace(inner.hlc.bound());
             let journaled = inner.journaled.load(Ordering::Relaxed) > 0;
             let wait = if journaled { JOURNAL_IDLE_FLUSH } else { std::time::Duration::from_millis(100) };
             match rx.recv_timeout(wait) {
@@ -1082,11 +1104,13 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
         // after it, so they cover every write queued with them.
         let (flushes, jobs): (Vec<Job>, Vec<Job>) =
             std::mem::take(&mut pending).into_iter().partition(|j| matches!(j.op, Op::FlushTree));
+        let journaled_before = inner.journaled.load(Ordering::Relaxed);
         let result = if jobs.is_empty() { Ok(Group::default()) } else { commit_group(&inner, &jobs) };
         match result {
             Ok(Group { outcomes, last_seq, applied_remote }) => {
+                let added = inner.journaled.load(Ordering::Relaxed).saturating_sub(journaled_before);
                 inner.commits.fetch_add(!jobs.is_empty() as u64, Ordering::Relaxed);
-                inner.watermark.send_replace(inner.hlc.now());
+                inner.watermark.send_replace(inner.hlc.bound());
                 if let Some(seq) = last_seq {
                     inner.last_seq.send_replace(seq);
                 }
@@ -1096,9 +1120,12 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Job>) {
                 for (job, out) in jobs.into_iter().zip(outcomes) {
                     let _ = job.reply.send(Ok(out));
                 }
-                // After answering: the writers need not wait for it.
+                // After answering: the writers need not wait for it. Small
+                // steps (a local write waits behind at most one), but at
+                // least what this commit added, so the journal cannot grow
+                // under load (a replicated push adds a thousand at once).
                 if inner.journaled.load(Ordering::Relaxed) >= JOURNAL_FLUSH_AT {
-                    flush_tree(&inner, JOURNAL_FLUSH_AT);
+                    flush_tree(&inner, JOURNAL_FLUSH_AT.max(added));
                 }
             }
             Err((failed, e)) => {

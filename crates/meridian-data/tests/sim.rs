@@ -241,12 +241,16 @@ impl Sim {
         if cursor < last && cursor + 1 < store.log_start().map_err(err)? {
             return self.snapshot(o, p).await;
         }
+        self.push_from(o, p, limit)
+    }
+
+    /// Sends `o`'s next log entries (at most `limit`; none: a heartbeat)
+    /// to `p` on their stream, from what was last sent.
+    fn push_from(&mut self, o: usize, p: usize, limit: usize) -> Res<()> {
+        let store = self.store(o).expect("up");
+        let cursor = store.cursor(REGIONS[p].0).map_err(err)?;
         let sent = self.regions[o].sent[p].max(cursor);
         let entries = store.log_after(sent, limit).map_err(err)?;
-        let note = (cursor == 0 && last > 0)
-            .then(|| store.log_start().map(|start| format!("{o}->{p} from 0, log starts at {start}")))
-            .transpose()
-            .map_err(err)?;
         let upto = entries.last().map(|(s, _)| *s).unwrap_or(sent);
         let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).filter(|c| may_hold(p, &c.ns)).collect();
         let msg = Message::Push {
@@ -257,7 +261,6 @@ impl Sim {
             stable: store.watermark(),
             changes,
         };
-        self.trace.extend(note);
         self.regions[o].sent[p] = upto;
         if !self.cut[o][p] {
             self.send(Msg::Push { from: o, to: p, bytes: msg.encode() });
@@ -529,7 +532,7 @@ impl Sim {
                         {
                             // (Sent but not acknowledged: now and then a
                             // heartbeat, which finds a gap.)
-                            self.replicate_from(o, p).await?;
+                            self.push_from(o, p, 50)?;
                         }
                     }
                 }
@@ -546,27 +549,6 @@ impl Sim {
             }
         }
         Err("replication never drained".into())
-    }
-
-    async fn replicate_from(&mut self, o: usize, p: usize) -> Res<()> {
-        // As `replicate`, for a chosen pair.
-        let store = self.store(o).expect("up");
-        let cursor = store.cursor(REGIONS[p].0).map_err(err)?;
-        let sent = self.regions[o].sent[p].max(cursor);
-        let entries = store.log_after(sent, 50).map_err(err)?;
-        let upto = entries.last().map(|(s, _)| *s).unwrap_or(sent);
-        let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).filter(|c| may_hold(p, &c.ns)).collect();
-        let msg = Message::Push {
-            origin: REGIONS[o].0.into(),
-            incarnation: store.incarnation(),
-            prev_seq: sent,
-            last_seq: upto,
-            stable: store.watermark(),
-            changes,
-        };
-        self.regions[o].sent[p] = upto;
-        self.send(Msg::Push { from: o, to: p, bytes: msg.encode() });
-        Ok(())
     }
 
     /// Every peer has acknowledged every origin's whole log.

@@ -913,10 +913,7 @@ impl Store {
     /// The root of a namespace's anti-entropy tree: equal roots mean equal
     /// content. One lookup, however many records the namespace holds.
     pub fn tree_root(&self, ns: &str) -> Result<Node, StoreError> {
-        full_key(ns, b"")?;
-        self.inner.tree_nodes_read.fetch_add(1, Ordering::Relaxed);
-        let upper = self.inner.upper.read().unwrap();
-        Ok(upper.get(&merkle::node_key(ns.as_bytes(), &[])).copied().unwrap_or_default())
+        self.tree_node(ns, &NodePath::root())
     }
 
     /// The [`FANOUT`] children of each of `parents` (none of them a leaf),

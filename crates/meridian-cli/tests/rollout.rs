@@ -382,7 +382,9 @@ async fn a_region_down_during_a_rollout_gets_the_version_when_it_returns() {
         let r = request(&client(), "GET", &format!("{}/hello", w.region_url("ap-southeast")), &[], "").await;
         // Answered by ap-southeast itself: while it catches up after the
         // restart, a peer (already on the new version) answers for it.
-        if r.as_ref().is_ok_and(|r| r.header("x-meridian-version") == new && r.header("x-meridian-region") == "ap-southeast") {
+        if r.as_ref()
+            .is_ok_and(|r| r.header("x-meridian-version") == new && r.header("x-meridian-region") == "ap-southeast")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "ap-southeast never got the version");

@@ -22,6 +22,15 @@ pub const FAULT: &str = "x-meridian-fault";
 /// touched. Only edges of those jurisdictions store such an answer; edges
 /// remove the header before answering clients.
 pub const RESIDENCY: &str = "x-meridian-residency";
+/// On a request: its writes to strong namespaces apply at most once. The
+/// n-th write the function makes is keyed `<key>#<n>`; the same request
+/// sent again with the same key (to any region) gets the first results
+/// back and changes nothing again. The IETF draft's header name.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// On a region's answer to a request one of whose key-value writes failed:
+/// `not-applied` (nothing was written: safe to retry) or `unknown` (a
+/// write may have been applied: retry only with an `idempotency-key`).
+pub const WRITE_OUTCOME: &str = "x-meridian-write-outcome";
 /// The cookie that keeps a client on one region (`[routing] affinity`).
 pub const AFFINITY_COOKIE: &str = "meridian-region";
 /// An edge's own status (health and RTT of every region, as JSON).

@@ -228,6 +228,22 @@ pub struct GroupStatus {
     pub leader: Option<String>,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
+    /// As leader: time since a quorum last acknowledged it (over the
+    /// lease: cut off, and writes are refused).
+    #[serde(default)]
+    pub quorum_ack_ms: Option<u64>,
+    /// As follower or candidate: time since it last heard from a leader.
+    #[serde(default)]
+    pub leader_silent_ms: Option<u64>,
+    /// How long a member follows a silent leader before campaigning.
+    #[serde(default)]
+    pub lease_ms: u64,
+    /// Pre-vote rounds this member started.
+    #[serde(default)]
+    pub campaigns: u64,
+    /// Idempotency keys the group remembers.
+    #[serde(default)]
+    pub idempotency_keys: u64,
 }
 
 #[cfg(test)]

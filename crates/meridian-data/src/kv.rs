@@ -251,6 +251,15 @@ pub enum Op {
         version_hex: String,
         value_hex: String,
     },
+    /// `write` under an idempotency key: in a strong namespace, the first
+    /// write under a key is applied and its result kept; the same key sent
+    /// again (a retry after an unknown outcome, to any region) returns that
+    /// result without applying anything. Elsewhere the write runs as is
+    /// (last-writer-wins sets and deletes are idempotent by nature).
+    Once {
+        idem: String,
+        write: Box<Op>,
+    },
 }
 
 impl Op {
@@ -265,9 +274,22 @@ impl Op {
             | Op::List { ns, .. }
             | Op::ReadVersioned { ns, .. }
             | Op::Swap { ns, .. } => ns,
+            Op::Once { write, .. } => write.ns(),
+        }
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_read(&self) -> bool {
+        match self {
+            Op::Get { .. } | Op::List { .. } | Op::ReadVersioned { .. } => true,
+            Op::Once { write, .. } => write.is_read(),
+            _ => false,
         }
     }
 }
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 /// Most items in one [`Op::SetMany`].
 pub const MAX_SET_MANY: usize = 10_000;
@@ -306,6 +328,18 @@ pub struct OpResult {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
+}
+
+impl OpResult {
+    /// The answer of an operation that failed with `e` in `region`.
+    pub fn failed(region: &str, e: &KvError) -> OpResult {
+        OpResult {
+            region: region.to_string(),
+            error: Some(e.to_string()),
+            error_kind: Some(e.kind().into()),
+            ..Default::default()
+        }
+    }
 }
 
 pub fn unhex(s: &str) -> KvResult<Vec<u8>> {
@@ -385,6 +419,8 @@ impl KvService {
         let mut r = OpResult { region: self.region.clone(), ..Default::default() };
         let mut token = None;
         match op {
+            // Not deduplicated here (see `Op::Once`).
+            Op::Once { write, .. } => return Box::pin(self.run_local(write)).await,
             Op::Get { ns, key } => {
                 let rec = self.store.get(ns, key.as_bytes()).map_err(other)?;
                 r.value_hex = rec.and_then(|r| visible(r.value)).map(hex::encode);
@@ -473,7 +509,7 @@ impl KvService {
     /// (executing an increment twice would be wrong); a read on any failure.
     async fn forward(&self, peers: &[Peer], op: &Op) -> KvResult<(OpResult, Option<TokenEntry>)> {
         let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(other)?);
-        let read = matches!(op, Op::Get { .. } | Op::List { .. } | Op::ReadVersioned { .. });
+        let read = op.is_read();
         let mut last = String::new();
         for p in peers {
             let target = self.target(p).map_err(other)?;
@@ -490,24 +526,23 @@ impl KvService {
                             if read {
                                 continue;
                             }
-                            return Err(KvError::Other(last));
+                            return Err(KvError::OutcomeUnknown(last));
                         }
                     };
                     if let Some(e) = r.error.clone() {
-                        return Err(match r.error_kind.as_deref() {
-                            Some("no_such_store") => KvError::NoSuchStore,
-                            Some("access_denied") => KvError::AccessDenied,
-                            _ => KvError::Other(format!("{}: {e}", p.name)),
+                        return Err(match KvError::from_kind(r.error_kind.as_deref(), e) {
+                            KvError::Other(e) => KvError::Other(format!("{}: {e}", p.name)),
+                            e => e,
                         });
                     }
                     let token = r.token.as_deref().map(parse_token).and_then(|t| t.into_iter().next());
                     return Ok((r, token));
                 }
                 Err(e) if e.nothing_sent() || read => last = e.to_string(),
-                Err(e) => return Err(KvError::Other(format!("outcome unknown: {e}"))),
+                Err(e) => return Err(KvError::OutcomeUnknown(format!("{}: {e}", p.name))),
             }
         }
-        Err(KvError::Other(format!("no allowed region answered ({last})")))
+        Err(KvError::NotApplied(format!("no allowed region answered ({last})")))
     }
 
     /// Runs an operation wherever its namespace lives.
@@ -519,9 +554,7 @@ impl KvService {
         match self.placement(namespaces, op.ns())? {
             Placement::Local => self.run_local(op).await,
             Placement::Forward(peers) => self.forward(&peers, op).await,
-            Placement::Strong => {
-                crate::strong::execute(self, op.ns(), op, 0).await.map(|r| (r, None)).map_err(KvError::Other)
-            }
+            Placement::Strong => crate::strong::execute(self, op.ns(), op, 0).await.map(|r| (r, None)),
         }
     }
 
@@ -537,22 +570,7 @@ impl KvService {
         let nss = self.namespaces.load_full();
         match self.execute(&nss, &op).await {
             Ok((r, _)) => json(StatusCode::OK, &r),
-            Err(e) => {
-                let kind = match e {
-                    KvError::NoSuchStore => "no_such_store",
-                    KvError::AccessDenied => "access_denied",
-                    KvError::Other(_) => "other",
-                };
-                json(
-                    StatusCode::OK,
-                    &OpResult {
-                        region: self.region.clone(),
-                        error: Some(e.to_string()),
-                        error_kind: Some(kind.into()),
-                        ..Default::default()
-                    },
-                )
-            }
+            Err(e) => json(StatusCode::OK, &OpResult::failed(&self.region, &e)),
         }
     }
 

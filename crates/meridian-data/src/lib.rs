@@ -16,6 +16,7 @@
 //! `meridian-trust` (callers' verified identities).
 
 pub mod antientropy;
+pub mod election;
 pub mod kv;
 pub mod rejoin;
 pub mod repl;

@@ -18,9 +18,11 @@
 // The storage traits dictate openraft's (large) error type.
 #![allow(clippy::result_large_err)]
 
-use crate::kv::{KvService, OpResult};
+use crate::election;
+use crate::kv::{unhex, KvService, OpResult};
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use meridian_core::kv::{KvError, KvResult};
 use meridian_core::wire::Peer;
 use meridian_http::{json, text, Body};
 use meridian_raft::{dec, enc, io, rpc, RedbLog, META};
@@ -34,7 +36,7 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
@@ -63,7 +65,19 @@ pub enum Command {
         expected: u64,
         value: Vec<u8>,
     },
+    /// `command` under an idempotency key: applied only if no command
+    /// under `key` was applied before; otherwise the first one's result is
+    /// returned and nothing changes. Keys are kept up to
+    /// [`MAX_IDEMPOTENCY_KEYS`] per group, oldest forgotten first.
+    Once {
+        key: String,
+        command: Box<Command>,
+    },
 }
+
+/// Idempotency keys a group remembers (the oldest are forgotten first).
+/// At 100 writes/s, more than a quarter of an hour of retries.
+pub const MAX_IDEMPOTENCY_KEYS: u64 = 100_000;
 
 /// What a command returns.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,6 +90,10 @@ pub struct CommandResult {
     /// An increment that would have left the i64 range (nothing changed).
     #[serde(default)]
     pub overflow: bool,
+    /// The result of an earlier command under the same idempotency key:
+    /// nothing was applied this time.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 openraft::declare_raft_types!(
@@ -110,6 +128,28 @@ impl Versioned {
 }
 
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("sm");
+/// Idempotency key -> (log index, result) of the command applied under it.
+const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idem");
+/// Log index -> idempotency key: the order in which keys are forgotten.
+const IDEM_ORDER: TableDefinition<u64, &str> = TableDefinition::new("idem_order");
+
+/// A state machine as a snapshot carries it.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct SnapshotData {
+    sm: BTreeMap<String, Versioned>,
+    /// (log index, key, result), oldest first.
+    idem: Vec<(u64, String, CommandResult)>,
+}
+
+impl SnapshotData {
+    /// Also reads the format before idempotency keys (the map alone).
+    fn decode(b: &[u8]) -> Result<SnapshotData, StorageError<NodeId>> {
+        match serde_json::from_slice::<SnapshotData>(b) {
+            Ok(d) => Ok(d),
+            Err(_) => Ok(SnapshotData { sm: dec(b)?, idem: Vec::new() }),
+        }
+    }
+}
 
 type SnapshotBytes = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
 
@@ -133,6 +173,8 @@ impl GroupStore {
         let log = RedbLog::new(db.clone()).map_err(|e| e.to_string())?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.open_table(SM).map_err(|e| e.to_string())?;
+        txn.open_table(IDEM).map_err(|e| e.to_string())?;
+        txn.open_table(IDEM_ORDER).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         Ok(GroupStore { db, log, snapshot: Default::default() })
     }
@@ -161,16 +203,65 @@ impl GroupStore {
         Ok(out)
     }
 
-    fn sm_dump(&self) -> Result<BTreeMap<String, Versioned>, StorageError<NodeId>> {
+    /// Idempotency keys remembered.
+    pub fn idempotency_keys(&self) -> Result<u64, String> {
+        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+        let t = txn.open_table(IDEM_ORDER).map_err(|e| e.to_string())?;
+        t.len().map_err(|e| e.to_string())
+    }
+
+    fn sm_dump(&self) -> Result<SnapshotData, StorageError<NodeId>> {
         let txn = self.db.begin_read().map_err(io)?;
         let t = txn.open_table(SM).map_err(io)?;
-        let mut out = BTreeMap::new();
+        let mut out = SnapshotData::default();
         for e in t.iter().map_err(io)? {
             let (k, v) = e.map_err(io)?;
-            out.insert(k.value().to_string(), dec(v.value())?);
+            out.sm.insert(k.value().to_string(), dec(v.value())?);
+        }
+        let idem = txn.open_table(IDEM).map_err(io)?;
+        let order = txn.open_table(IDEM_ORDER).map_err(io)?;
+        for e in order.iter().map_err(io)? {
+            let (i, k) = e.map_err(io)?;
+            if let Some(v) = idem.get(k.value()).map_err(io)? {
+                let (_, r): (u64, CommandResult) = dec(v.value())?;
+                out.idem.push((i.value(), k.value().to_string(), r));
+            }
         }
         Ok(out)
     }
+}
+
+/// The tables a command changes.
+struct Tables<'t> {
+    sm: redb::Table<'t, &'static str, &'static [u8]>,
+    idem: redb::Table<'t, &'static str, &'static [u8]>,
+    order: redb::Table<'t, u64, &'static str>,
+}
+
+/// Applies one command of the log at `index`, honouring idempotency keys.
+fn apply_entry(t: &mut Tables, cmd: &Command, index: u64) -> Result<CommandResult, StorageError<NodeId>> {
+    let Command::Once { key, command } = cmd else {
+        return apply_command(&mut t.sm, cmd, index);
+    };
+    if let Some(v) = t.idem.get(key.as_str()).map_err(io)? {
+        let (_, mut r): (u64, CommandResult) = dec(v.value())?;
+        r.replayed = true;
+        return Ok(r);
+    }
+    // Nested keys are not a thing a client can send; applied as the inner
+    // command under the outer key.
+    let mut inner = command.as_ref();
+    while let Command::Once { command, .. } = inner {
+        inner = command;
+    }
+    let r = apply_command(&mut t.sm, inner, index)?;
+    t.idem.insert(key.as_str(), enc(&(index, &r))?.as_slice()).map_err(io)?;
+    t.order.insert(index, key.as_str()).map_err(io)?;
+    while t.order.len().map_err(io)? > MAX_IDEMPOTENCY_KEYS {
+        let Some((_, k)) = t.order.pop_first().map_err(io)? else { break };
+        t.idem.remove(k.value()).map_err(io)?;
+    }
+    Ok(r)
 }
 
 fn apply_command(
@@ -214,6 +305,7 @@ fn apply_command(
             t.insert(key.as_str(), enc(&v)?.as_slice()).map_err(io)?;
             r.total = Some(total);
         }
+        Command::Once { .. } => unreachable!("apply_entry unwraps idempotency keys"),
         Command::Swap { key, expected, value } => {
             let cur = read(t, key)?;
             let cur_version = cur.as_ref().map(|v| v.version).unwrap_or(0);
@@ -250,14 +342,18 @@ impl RaftStateMachine<TypeConfig> for GroupStore {
         let txn = self.db.begin_write().map_err(io)?;
         let mut out = Vec::new();
         {
-            let mut sm = txn.open_table(SM).map_err(io)?;
+            let mut tables = Tables {
+                sm: txn.open_table(SM).map_err(io)?,
+                idem: txn.open_table(IDEM).map_err(io)?,
+                order: txn.open_table(IDEM_ORDER).map_err(io)?,
+            };
             let mut meta = txn.open_table(META).map_err(io)?;
             let mut last = None;
             for e in entries {
                 last = Some(e.log_id);
                 match &e.payload {
                     EntryPayload::Blank => out.push(CommandResult::default()),
-                    EntryPayload::Normal(cmd) => out.push(apply_command(&mut sm, cmd, e.log_id.index)?),
+                    EntryPayload::Normal(cmd) => out.push(apply_entry(&mut tables, cmd, e.log_id.index)?),
                     EntryPayload::Membership(m) => {
                         let sm_ = StoredMembership::new(Some(e.log_id), m.clone());
                         meta.insert("membership", enc(&sm_)?.as_slice()).map_err(io)?;
@@ -287,13 +383,21 @@ impl RaftStateMachine<TypeConfig> for GroupStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let state: BTreeMap<String, Versioned> = dec(&data)?;
+        let state = SnapshotData::decode(&data)?;
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut sm = txn.open_table(SM).map_err(io)?;
             sm.retain(|_, _| false).map_err(io)?;
-            for (k, v) in &state {
+            for (k, v) in &state.sm {
                 sm.insert(k.as_str(), enc(v)?.as_slice()).map_err(io)?;
+            }
+            let mut idem = txn.open_table(IDEM).map_err(io)?;
+            let mut order = txn.open_table(IDEM_ORDER).map_err(io)?;
+            idem.retain(|_, _| false).map_err(io)?;
+            order.retain(|_, _| false).map_err(io)?;
+            for (i, k, r) in &state.idem {
+                idem.insert(k.as_str(), enc(&(i, r))?.as_slice()).map_err(io)?;
+                order.insert(*i, k.as_str()).map_err(io)?;
             }
             let mut m = txn.open_table(META).map_err(io)?;
             m.insert("applied", enc(&meta.last_log_id)?.as_slice()).map_err(io)?;
@@ -352,6 +456,24 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// Sends `body` to the `what` API of this group on `region`'s node.
+async fn call_member(
+    svc: &KvService,
+    ns: &str,
+    region: &str,
+    what: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<meridian_http::cluster::Answer, String> {
+    let peer = svc.peers.load().iter().find(|p| p.name == region).cloned();
+    let Some(peer) = peer else {
+        return Err(format!("no link to {region}"));
+    };
+    let target = svc.target(&peer).map_err(|e| e.to_string())?;
+    let path = svc.api(&format!("raft/{ns}/{what}"));
+    svc.cluster.call(&target, Method::POST, &path, body, timeout).await.map_err(|e| e.to_string())
+}
+
 impl Connection {
     async fn rpc<Req, Resp, E>(&self, what: &str, req: &Req, timeout: Duration) -> Result<Resp, rpc::Error<E>>
     where
@@ -359,19 +481,10 @@ impl Connection {
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let peer = self.svc.peers.load().iter().find(|p| p.name == self.region).cloned();
-        let Some(peer) = peer else {
-            return Err(rpc::unreachable(format!("no link to {}", self.region)));
-        };
         let body = serde_json::to_vec(req).map_err(rpc::encoding)?;
-        let path = self.svc.api(&format!("raft/{}/{what}", self.ns));
-        let target = self.svc.target(&peer).map_err(|e| rpc::unreachable(e.to_string()))?;
-        let a = self
-            .svc
-            .cluster
-            .call(&target, Method::POST, &path, body.into(), timeout)
+        let a = call_member(&self.svc, &self.ns, &self.region, what, body.into(), timeout)
             .await
-            .map_err(|e| rpc::unreachable(e.to_string()))?;
+            .map_err(rpc::unreachable)?;
         rpc::answer(self.target, &self.region, a.status.as_u16(), &a.body)
     }
 }
@@ -402,6 +515,21 @@ impl RaftNetwork<TypeConfig> for Connection {
     }
 }
 
+/// A pre-vote request (see `election`): would the receiver vote for
+/// `candidate`, whose last log entry is `last_log`?
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    pub last_log: Option<LogId<NodeId>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
 /// A running group of a strong namespace.
 pub struct Group {
     pub ns: String,
@@ -411,23 +539,49 @@ pub struct Group {
     /// Member regions by node id.
     pub members: BTreeMap<NodeId, String>,
     pub preferred_leader: Option<String>,
+    /// Campaign order: 0 for the preferred leader, then the manifest's.
+    pub rank: u32,
+    pub timing: election::Timing,
+    pub pacer: Mutex<election::Pacer>,
+    /// The app's key-value service (weak: it holds this group).
+    svc: std::sync::Weak<KvService>,
 }
 
 /// Raft timing for regions a WAN apart. openraft 0.9 also uses the
-/// heartbeat interval as the timeout of each AppendEntries, so it must
-/// exceed the longest round trip between members, including a new
-/// connection's handshake (2 x 213 ms in the default world); the election
-/// timeout is several heartbeats.
+/// heartbeat interval as the timeout of each AppendEntries and vote, so it
+/// must exceed the longest round trip between members (213 ms in the
+/// default world; a new connection's handshake outlives a timed-out call,
+/// see `meridian_http::pool`). The lease (`election_timeout_max`) is how
+/// long a member keeps following a silent leader: three heartbeats. openraft's
+/// own election timer is off: `election` campaigns instead.
 pub fn raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "meridian".into(),
-        heartbeat_interval: 500,
-        election_timeout_min: 2000,
-        election_timeout_max: 3000,
+        heartbeat_interval: HEARTBEAT.as_millis() as u64,
+        election_timeout_min: 800,
+        election_timeout_max: LEASE.as_millis() as u64,
+        enable_elect: false,
         max_payload_entries: 500,
         ..Default::default()
     }
 }
+
+const HEARTBEAT: Duration = Duration::from_millis(400);
+const LEASE: Duration = Duration::from_millis(1200);
+
+/// The election timing every group uses (see [`raft_config`]).
+pub fn timing() -> election::Timing {
+    election::Timing { lease: LEASE, step: Duration::from_millis(100), retry: Duration::from_millis(200) }
+}
+
+/// Connections opened to a new leader ahead of the writes forwarded to it.
+const PRECONNECT: usize = 4;
+
+/// How long a write waits for its commit before its outcome is called
+/// unknown: long enough for a healthy quorum round over the slowest link,
+/// short enough that a caller can retry (with its idempotency key) while a
+/// new leader is elected.
+const COMMIT_WAIT: Duration = Duration::from_secs(3);
 
 impl Group {
     pub async fn start(
@@ -449,6 +603,10 @@ impl Group {
         let network = Network { ns: ns.to_string(), svc: svc.clone() };
         let raft =
             Raft::new(node_id, config, network, store.log.clone(), store.clone()).await.map_err(|e| e.to_string())?;
+        let mut order: Vec<&String> = leader.iter().filter(|l| regions.contains(l)).collect();
+        order.extend(regions.iter().filter(|r| Some(*r) != leader.as_ref()));
+        let rank = order.iter().position(|r| **r == svc.region).unwrap_or(0) as u32;
+        let timing = timing();
         let group = Arc::new(Group {
             ns: ns.to_string(),
             raft,
@@ -456,7 +614,12 @@ impl Group {
             node_id,
             members: members.clone(),
             preferred_leader: leader,
+            rank,
+            timing,
+            pacer: Mutex::new(election::Pacer::new(std::time::Instant::now(), &timing)),
+            svc: Arc::downgrade(&svc),
         });
+        tokio::spawn(pace(Arc::downgrade(&group)));
         // Leader placement: the preferred region (or the first listed)
         // forms the group at once and so becomes its first leader. The
         // others form it only if, after a while, nobody has contacted them
@@ -484,12 +647,132 @@ impl Group {
         let m = self.raft.metrics().borrow().clone();
         m.current_leader.and_then(|id| self.members.get(&id).cloned())
     }
+
+    /// This member leads, and a quorum acknowledged it within the lease.
+    fn leading_with_quorum(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state.is_leader() && m.millis_since_quorum_ack.is_some_and(|ms| ms < self.timing.lease.as_millis() as u64)
+    }
+
+    /// This member leads but no quorum has acknowledged it for longer than
+    /// the lease: it is cut off, and the others elect a new leader.
+    fn leading_without_quorum(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        m.millis_since_quorum_ack.filter(|ms| m.state.is_leader() && *ms >= self.timing.lease.as_millis() as u64)
+    }
+
+    fn svc(&self) -> Option<Arc<KvService>> {
+        self.svc.upgrade()
+    }
+
+    fn heard(&self) {
+        self.pacer.lock().unwrap().heard(std::time::Instant::now());
+    }
+
+    /// Asks the other members for pre-votes; true once a quorum (this
+    /// member included) said yes.
+    async fn pre_vote_round(self: &Arc<Self>, svc: &Arc<KvService>) -> bool {
+        let last_log = self.raft.data_metrics().borrow().last_log;
+        let Ok(body) = serde_json::to_vec(&PreVoteRequest { candidate: self.node_id, last_log }) else {
+            return false;
+        };
+        let body = Bytes::from(body);
+        let needed = self.members.len() / 2; // besides this member
+        let mut asks: futures::stream::FuturesUnordered<_> = self
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.node_id)
+            .map(|(_, region)| {
+                let (svc, body) = (svc.clone(), body.clone());
+                async move {
+                    let a = call_member(&svc, &self.ns, region, "prevote", body, HEARTBEAT).await;
+                    let answer = a.and_then(|a| {
+                        serde_json::from_slice::<PreVoteResponse>(&a.body)
+                            .map_err(|_| format!("HTTP {}: {}", a.status, a.text()))
+                    });
+                    (region, answer)
+                }
+            })
+            .collect();
+        let mut yes = 0;
+        while let Some((region, answer)) = futures::StreamExt::next(&mut asks).await {
+            match answer {
+                Ok(a) if a.granted => {
+                    yes += 1;
+                    if yes >= needed {
+                        return true;
+                    }
+                }
+                Ok(a) => tracing::debug!(ns = %self.ns, %region, refused = ?a.refused, "pre-vote refused"),
+                Err(e) => tracing::debug!(ns = %self.ns, %region, error = %e, "no pre-vote"),
+            }
+        }
+        false
+    }
+}
+
+/// Campaigns for `group` when its leader falls silent (see `election`).
+async fn pace(group: std::sync::Weak<Group>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known_leader = None;
+    let mut jitter: u64 =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+            | 1;
+    loop {
+        tick.tick().await;
+        let Some(g) = group.upgrade() else { return };
+        let now = std::time::Instant::now();
+        let m = g.raft.metrics().borrow().clone();
+        // A new leader elsewhere: this member's writes (and those of
+        // regions outside the group) are forwarded there from now on, and
+        // a cold link would make each of the first ones wait for a
+        // handshake (two round trips) first.
+        if m.current_leader != known_leader {
+            known_leader = m.current_leader;
+            let peer = known_leader
+                .filter(|id| *id != g.node_id)
+                .and_then(|id| g.members.get(&id))
+                .and_then(|r| g.svc().and_then(|svc| svc.peers.load().iter().find(|p| p.name == *r).cloned()));
+            if let (Some(p), Some(svc)) = (peer, g.svc()) {
+                if let Ok(t) = svc.target(&p) {
+                    svc.cluster.preconnect(&t, PRECONNECT);
+                }
+            }
+        }
+        if m.state.is_leader() {
+            g.pacer.lock().unwrap().heard(now);
+            continue;
+        }
+        // Not formed yet (see `Group::start`), or not a voter.
+        if !m.membership_config.membership().voter_ids().any(|id| id == g.node_id) {
+            continue;
+        }
+        if !g.pacer.lock().unwrap().due(now, g.rank, &g.timing) {
+            continue;
+        }
+        jitter ^= jitter << 13;
+        jitter ^= jitter >> 7;
+        jitter ^= jitter << 17;
+        g.pacer.lock().unwrap().attempted(now, &g.timing, jitter);
+        let Some(svc) = g.svc() else { return };
+        let silent = g.pacer.lock().unwrap().silent_for(now);
+        if g.pre_vote_round(&svc).await {
+            tracing::info!(ns = %g.ns, term = m.current_term, silent_ms = silent.as_millis() as u64, "no word from a leader; a quorum would vote for this member: campaigning");
+            if let Err(e) = g.raft.trigger().elect().await {
+                tracing::warn!(ns = %g.ns, error = %e, "cannot start an election");
+            }
+        }
+    }
 }
 
 /// Runs an operation of a strong namespace: here if this region leads the
 /// group, else at the leader's region (or, from a region outside the
-/// group, at the nearest member).
-pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) -> Result<OpResult, String> {
+/// group, at the nearest member). A failed write says whether it was
+/// certainly not applied ([`KvError::NotApplied`]) or may have been
+/// ([`KvError::OutcomeUnknown`]).
+pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) -> KvResult<OpResult> {
+    use crate::kv::Op;
     let group = svc.groups.lock().unwrap().get(ns).cloned();
     let mut r = OpResult { region: svc.region.clone(), ..Default::default() };
     let Some(group) = group else {
@@ -498,17 +781,21 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
         let Some(meridian_manifest::Namespace { mode: meridian_manifest::KvMode::Strong { regions, .. }, .. }) =
             nss.get(ns)
         else {
-            return Err(format!("{ns:?} is not a strong namespace here"));
+            return Err(KvError::Other(format!("{ns:?} is not a strong namespace here")));
         };
         let mut peers: Vec<Peer> = svc.peers.load().iter().filter(|p| regions.contains(&p.name)).cloned().collect();
         peers.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
         return forward_any(svc, &peers, ns, op, hops).await;
     };
-    use crate::kv::Op;
+    let (op, idem) = match op {
+        Op::Once { idem, write } => (write.as_ref(), Some(idem)),
+        op => (op, None),
+    };
+    let bad = |e: String| KvError::Other(e);
     let cmd = match op {
         Op::Get { key, .. } | Op::ReadVersioned { key, .. } => match group.raft.ensure_linearizable().await {
             Ok(_) => {
-                let v = group.store.read(key)?;
+                let v = group.store.read(key).map_err(bad)?;
                 r.value_hex = v.as_ref().map(|v| hex::encode(v.visible()));
                 if matches!(op, Op::ReadVersioned { .. }) {
                     r.version_hex = Some(hex::encode(v.map(|v| v.version).unwrap_or(0).to_le_bytes()));
@@ -520,7 +807,7 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
         Op::List { cursor, limit, .. } => match group.raft.ensure_linearizable().await {
             Ok(_) => {
                 let limit = limit.unwrap_or(meridian_core::kv::LIST_PAGE).clamp(1, 10_000);
-                let keys = group.store.keys(cursor.as_deref(), limit + 1)?;
+                let keys = group.store.keys(cursor.as_deref(), limit + 1).map_err(bad)?;
                 let more = keys.len() > limit;
                 r.keys = keys.into_iter().take(limit).collect();
                 r.cursor = if more { r.keys.last().cloned() } else { None };
@@ -528,34 +815,47 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
             }
             Err(e) => return to_leader(svc, &group, ns, op, hops, e.to_string()).await,
         },
-        Op::Set { key, value_hex, .. } => {
-            Command::Set { key: key.clone(), value: hex::decode(value_hex).map_err(|e| e.to_string())? }
-        }
+        Op::Set { key, value_hex, .. } => Command::Set { key: key.clone(), value: unhex(value_hex)? },
         Op::SetMany { .. } => {
-            return Err(
-                "a strong namespace takes one write at a time (each is a consensus round); set keys one by one".into()
-            )
+            return Err(bad(
+                "a strong namespace takes one write at a time (each is a consensus round); set keys one by one".into(),
+            ))
         }
+        Op::Once { .. } => return Err(bad("an idempotency key inside another".into())),
         Op::Delete { key, .. } => Command::Delete { key: key.clone() },
         Op::Increment { key, delta, .. } => Command::Increment { key: key.clone(), delta: *delta },
         Op::Swap { key, version_hex, value_hex, .. } => {
-            let v = hex::decode(version_hex).map_err(|e| e.to_string())?;
+            let v = unhex(version_hex)?;
             let expected = match v.len() {
                 0 => 0,
                 8 => u64::from_le_bytes(v.try_into().expect("8 bytes")),
-                _ => return Err("not a version of a strong namespace".into()),
+                _ => return Err(bad("not a version of a strong namespace".into())),
             };
-            Command::Swap { key: key.clone(), expected, value: hex::decode(value_hex).map_err(|e| e.to_string())? }
+            Command::Swap { key: key.clone(), expected, value: unhex(value_hex)? }
         }
     };
-    match group.raft.client_write(cmd).await {
-        Ok(resp) => {
+    let cmd = match idem {
+        Some(k) => Command::Once { key: k.clone(), command: Box::new(cmd) },
+        None => cmd,
+    };
+    // A leader cut off from every quorum cannot commit: say so before
+    // proposing anything (the others are electing a new leader).
+    if let Some(ms) = group.leading_without_quorum() {
+        return Err(KvError::NotApplied(format!(
+            "{} leads {ns} but no quorum has answered it for {ms} ms (cut off from the other members); nothing was proposed",
+            svc.region
+        )));
+    }
+    match tokio::time::timeout(COMMIT_WAIT, group.raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => {
             let d = resp.data;
             if d.overflow {
-                return Err("the counter would leave the range of a 64-bit signed integer; nothing was changed".into());
+                return Err(bad(
+                    "the counter would leave the range of a 64-bit signed integer; nothing was changed".into()
+                ));
             }
             if matches!(op, Op::Increment { .. }) && d.total.is_none() {
-                return Err("the key holds a value, not a counter".into());
+                return Err(bad("the key holds a value, not a counter".into()));
             }
             r.total = d.total;
             r.swapped = d.swapped;
@@ -565,10 +865,26 @@ pub async fn execute(svc: &KvService, ns: &str, op: &crate::kv::Op, hops: u8) ->
             }
             Ok(r)
         }
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) | Err(RaftError::Fatal(_)) => {
-            to_leader(svc, &group, ns, op, hops, "not the leader".into()).await
+        // Refused before it reached the log: not applied.
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            let op = match idem {
+                Some(k) => Op::Once { idem: k.clone(), write: Box::new(op.clone()) },
+                None => op.clone(),
+            };
+            to_leader(svc, &group, ns, &op, hops, "not the leader".into()).await
         }
-        Err(e) => Err(e.to_string()),
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(bad(e.to_string())),
+        // Proposed, and then this member stopped (or its log was cut):
+        // it may yet be committed by the next leader.
+        Ok(Err(RaftError::Fatal(e))) => Err(KvError::OutcomeUnknown(format!(
+            "{}'s raft member stopped after the write was proposed: {e}",
+            svc.region
+        ))),
+        Err(_) => Err(KvError::OutcomeUnknown(format!(
+            "proposed at {} (leader of {ns}) but not committed within {} ms",
+            svc.region,
+            COMMIT_WAIT.as_millis()
+        ))),
     }
 }
 
@@ -579,14 +895,12 @@ async fn to_leader(
     op: &crate::kv::Op,
     hops: u8,
     why: String,
-) -> Result<OpResult, String> {
-    // Wait (briefly) for an election if there is no leader yet.
+) -> KvResult<OpResult> {
+    // Wait (briefly: about an election) for a leader elsewhere.
     let mut leader = group.leader_region();
-    for _ in 0..40 {
-        if leader.as_ref().is_some_and(|l| *l != svc.region) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = tokio::time::Instant::now() + group.timing.campaign_after(group.members.len() as u32);
+    while leader.as_ref().is_none_or(|l| *l == svc.region) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
         leader = group.leader_region();
     }
     match leader {
@@ -594,49 +908,47 @@ async fn to_leader(
             let peer = svc.peers.load().iter().find(|p| p.name == l).cloned();
             match peer {
                 Some(p) => forward_any(svc, &[p], ns, op, hops).await,
-                None => Err(format!("no link to the leader {l}")),
+                None => Err(KvError::NotApplied(format!("no link to the leader {l}"))),
             }
         }
-        _ => Err(format!("no leader for {ns} ({why})")),
+        _ => Err(KvError::NotApplied(format!("no leader for {ns} ({why})"))),
     }
 }
 
-async fn forward_any(
-    svc: &KvService,
-    peers: &[Peer],
-    ns: &str,
-    op: &crate::kv::Op,
-    hops: u8,
-) -> Result<OpResult, String> {
+async fn forward_any(svc: &KvService, peers: &[Peer], ns: &str, op: &crate::kv::Op, hops: u8) -> KvResult<OpResult> {
     if hops >= 3 {
-        return Err("too many forwards (no stable leader)".into());
+        return Err(KvError::NotApplied("too many forwards (no stable leader)".into()));
     }
-    let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(|e| e.to_string())?);
+    let body = bytes::Bytes::from(serde_json::to_vec(op).map_err(|e| KvError::Other(e.to_string()))?);
     let mut last = String::from("no member region reachable");
     for p in peers {
         let path = svc.api(&format!("raft/{ns}/op?hops={}", hops + 1));
-        let target = svc.target(p).map_err(|e| e.to_string())?;
-        // Short: a leader cut off from us is replaced within seconds, and
-        // the caller is better told (outcome unknown) than kept waiting.
-        match svc.cluster.call(&target, Method::POST, &path, body.clone(), Duration::from_secs(4)).await {
+        let target = svc.target(p).map_err(|e| KvError::NotApplied(e.to_string()))?;
+        // The leader's own commit wait, plus the way there and back.
+        let wait = COMMIT_WAIT + Duration::from_secs(1);
+        match svc.cluster.call(&target, Method::POST, &path, body.clone(), wait).await {
             Ok(a) if a.status == StatusCode::OK => {
-                let r: OpResult = serde_json::from_slice(&a.body).map_err(|e| e.to_string())?;
+                let r: OpResult = serde_json::from_slice(&a.body).map_err(|e| {
+                    KvError::OutcomeUnknown(format!("{} answered something that is not a result: {e}", p.name))
+                })?;
                 return match r.error {
-                    Some(e) => Err(e),
+                    Some(e) => Err(KvError::from_kind(r.error_kind.as_deref(), e)),
                     None => Ok(r),
                 };
             }
-            Ok(a) => return Err(format!("{}: HTTP {}: {}", p.name, a.status, a.text())),
+            // An older member answers errors as text: nothing says what happened.
+            Ok(a) => return Err(KvError::OutcomeUnknown(format!("{}: HTTP {}: {}", p.name, a.status, a.text()))),
             // Only a failure to connect proves nothing was sent; anything
             // else may have executed, and executing a write twice is wrong.
             Err(e) if e.nothing_sent() => last = format!("{}: {e}", p.name),
-            Err(e) => return Err(format!("{}: {e}", p.name)),
+            Err(e) if op.is_read() => return Err(KvError::NotApplied(format!("{}: {e}", p.name))),
+            Err(e) => return Err(KvError::OutcomeUnknown(format!("{}: {e}", p.name))),
         }
     }
-    Err(last)
+    Err(KvError::NotApplied(last))
 }
 
-/// `/_meridian/raft/{ns}/{append|vote|snapshot|op}`.
+/// `/_meridian/raft/{ns}/{append|vote|snapshot|prevote|op}`.
 pub async fn handle(
     svc: &Arc<KvService>,
     ns: &str,
@@ -653,12 +965,7 @@ pub async fn handle(
         let hops = query.and_then(|q| q.strip_prefix("hops=")).and_then(|h| h.parse().ok()).unwrap_or(1);
         let r = match execute(svc, ns, &op, hops).await {
             Ok(r) => r,
-            Err(e) => OpResult {
-                region: svc.region.clone(),
-                error: Some(e),
-                error_kind: Some("other".into()),
-                ..Default::default()
-            },
+            Err(e) => OpResult::failed(&svc.region, &e),
         };
         return json(StatusCode::OK, &r);
     }
@@ -682,21 +989,67 @@ pub async fn handle(
         "append" => match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(&body) {
             Ok(req) => match impersonation(req.vote.leader_id().node_id) {
                 Some(refused) => refused,
-                None => answer(group.raft.append_entries(req).await),
+                None => {
+                    let resp = group.raft.append_entries(req).await;
+                    // Taken (or a conflict to repair): a leader is alive.
+                    if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                        group.heard();
+                    }
+                    answer(resp)
+                }
             },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad append request: {e}")),
         },
         "vote" => match serde_json::from_slice::<VoteRequest<NodeId>>(&body) {
             Ok(req) => match impersonation(req.vote.leader_id().node_id) {
                 Some(refused) => refused,
-                None => answer(group.raft.vote(req).await),
+                None => {
+                    let resp = group.raft.vote(req).await;
+                    // A vote given: give its candidate time to win, and
+                    // have connections ready for the writes this member
+                    // will forward to it.
+                    if matches!(&resp, Ok(r) if r.vote_granted) {
+                        group.heard();
+                        if let Some(p) = svc.peers.load().iter().find(|p| p.name == caller.name) {
+                            if let Ok(t) = svc.target(p) {
+                                svc.cluster.preconnect(&t, PRECONNECT);
+                            }
+                        }
+                    }
+                    answer(resp)
+                }
             },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad vote request: {e}")),
+        },
+        "prevote" => match serde_json::from_slice::<PreVoteRequest>(&body) {
+            Ok(req) => match impersonation(req.candidate) {
+                Some(refused) => refused,
+                None => {
+                    let mine = group.raft.data_metrics().borrow().last_log;
+                    let pacer = *group.pacer.lock().unwrap();
+                    let verdict = election::pre_vote(
+                        std::time::Instant::now(),
+                        &pacer,
+                        group.leading_with_quorum(),
+                        &req.last_log,
+                        &mine,
+                        &group.timing,
+                    );
+                    answer(PreVoteResponse { granted: verdict.is_ok(), refused: verdict.err().map(|r| r.to_string()) })
+                }
+            },
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("bad pre-vote request: {e}")),
         },
         "snapshot" => match serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(&body) {
             Ok(req) => match impersonation(req.vote.leader_id().node_id) {
                 Some(refused) => refused,
-                None => answer(group.raft.install_snapshot(req).await),
+                None => {
+                    let resp = group.raft.install_snapshot(req).await;
+                    if resp.is_ok() {
+                        group.heard();
+                    }
+                    answer(resp)
+                }
             },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad snapshot request: {e}")),
         },
@@ -711,6 +1064,7 @@ pub fn status(svc: &KvService) -> Vec<meridian_core::wire::GroupStatus> {
         .iter()
         .map(|g| {
             let m = g.raft.metrics().borrow().clone();
+            let pacer = *g.pacer.lock().unwrap();
             meridian_core::wire::GroupStatus {
                 ns: g.ns.clone(),
                 node_id: g.node_id,
@@ -719,6 +1073,12 @@ pub fn status(svc: &KvService) -> Vec<meridian_core::wire::GroupStatus> {
                 leader: g.leader_region(),
                 last_log_index: m.last_log_index,
                 last_applied: m.last_applied.map(|l| l.index),
+                quorum_ack_ms: m.millis_since_quorum_ack.filter(|_| m.state.is_leader()),
+                leader_silent_ms: (!m.state.is_leader())
+                    .then(|| pacer.silent_for(std::time::Instant::now()).as_millis() as u64),
+                lease_ms: g.timing.lease.as_millis() as u64,
+                campaigns: pacer.attempts,
+                idempotency_keys: g.store.idempotency_keys().unwrap_or(0),
             }
         })
         .collect();

@@ -98,6 +98,8 @@ fn to_wit(e: KvError) -> store::Error {
     match e {
         KvError::NoSuchStore => store::Error::NoSuchStore,
         KvError::AccessDenied => store::Error::AccessDenied,
+        // A guest sees text only; the message says which it was.
+        e @ (KvError::NotApplied(_) | KvError::OutcomeUnknown(_)) => store::Error::Other(e.to_string()),
         KvError::Other(s) => store::Error::Other(s),
     }
 }

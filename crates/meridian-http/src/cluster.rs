@@ -102,6 +102,12 @@ impl ClusterClient {
             .clone()
     }
 
+    /// Opens connections to `target` ahead of a burst of calls, up to `n`
+    /// idle ones (see [`Pool::preconnect`]).
+    pub fn preconnect(&self, target: &Target, n: usize) {
+        self.pool(target).preconnect(n);
+    }
+
     /// Sends a request (its URI is a path) and returns the response head as
     /// soon as it arrives; the body streams.
     pub async fn send(&self, target: &Target, mut req: Request<Body>) -> Result<Response<Body>, CallError> {

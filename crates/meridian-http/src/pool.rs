@@ -100,6 +100,27 @@ impl Pool {
         None
     }
 
+    /// Opens connections in the background until `n` are idle (counting
+    /// those already open and idle), like Envoy's preconnect: for a peer
+    /// about to receive a burst of requests (a new Raft leader), whose
+    /// handshakes would otherwise each cost two round trips in front of a
+    /// request.
+    pub fn preconnect(self: &Arc<Self>, n: usize) {
+        let idle = {
+            let mut idle = self.idle.lock().unwrap();
+            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < MAX_IDLE);
+            idle.len()
+        };
+        for _ in idle..n {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = pool.connect().await {
+                    pool.idle.lock().unwrap().push((s, Instant::now()));
+                }
+            });
+        }
+    }
+
     pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, SendError> {
         let mut sender = loop {
             match self.checkout() {
@@ -110,7 +131,21 @@ impl Pool {
                         break s;
                     }
                 }
-                None => break self.connect().await?,
+                // Connected in a task of its own: a caller with a short
+                // timeout (a Raft heartbeat over a long link) may give up
+                // before the handshake ends; the connection is then kept
+                // for the next request instead of being thrown away, so
+                // links slower than such a timeout still get connected.
+                None => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let pool = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(Ok(s)) = tx.send(pool.connect().await) {
+                            pool.idle.lock().unwrap().push((s, Instant::now()));
+                        }
+                    });
+                    break rx.await.map_err(|_| SendError::Connect("the connecting task ended".into()))??;
+                }
             }
         };
         let resp = sender.send_request(req).await?;

@@ -511,7 +511,14 @@ impl Region {
                     return resp;
                 };
                 let token = causality_token(&svc, &req);
-                let kv = Arc::new(request_kv::RequestKv::new(svc, version.namespaces.clone(), token));
+                let idem = match req.headers().get(headers::IDEMPOTENCY_KEY).map(request_kv::idempotency_key) {
+                    Some(Err(e)) => return text(StatusCode::BAD_REQUEST, e),
+                    Some(Ok(k)) => Some(k),
+                    None => None,
+                };
+                let mut kv = request_kv::RequestKv::new(svc, version.namespaces.clone(), token);
+                kv.idem = idem;
+                let kv = Arc::new(kv);
                 let written = kv.token.lock().unwrap().len();
                 let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
                 if resp.extensions().get::<meridian_host::Fault>().is_some() {
@@ -520,6 +527,9 @@ impl Region {
                 statics::cache_headers(route, &mut resp, None);
                 if let Some(j) = kv.residency().and_then(|j| HeaderValue::from_str(&j).ok()) {
                     resp.headers_mut().insert(headers::RESIDENCY, j);
+                }
+                if let Some(o) = kv.write_outcome() {
+                    resp.headers_mut().insert(headers::WRITE_OUTCOME, HeaderValue::from_static(o.header()));
                 }
                 // A failure that came from another region (this one is fine):
                 // edges neither count it against this region nor hide it.

@@ -1,9 +1,10 @@
 //! What one request's `wasi:keyvalue` calls reach: the glue between the
 //! function host's [`KvBackend`] and the data path's [`KvService`].
 
+use meridian_core::headers;
 use meridian_data::kv::{
     merge_token, other, unhex, visible, KeyValue, KvService, Namespaces, Op, OpResult, Placement, TokenEntry,
-    MAX_SET_MANY,
+    MAX_IDEMPOTENCY_KEY, MAX_SET_MANY,
 };
 use meridian_host::{CasVersion, KvBackend, KvError, KvResult};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,41 @@ pub struct RequestKv {
     /// home, a strong namespace's leader) failed: a 5xx of this request is
     /// then not this region's own failure.
     pub dependency_failed: std::sync::atomic::AtomicBool,
+    /// The request's idempotency key (`Idempotency-Key`), if any.
+    pub idem: Option<String>,
+    /// Writes made so far (numbering them under the idempotency key).
+    writes: std::sync::atomic::AtomicU32,
+    /// The worst failure of a write: its outcome unknown, else not applied.
+    outcome: Mutex<Option<WriteOutcome>>,
+}
+
+/// How a failed write of a request ended (see [`headers::WRITE_OUTCOME`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WriteOutcome {
+    NotApplied,
+    Unknown,
+}
+
+impl WriteOutcome {
+    pub fn header(self) -> &'static str {
+        match self {
+            WriteOutcome::NotApplied => "not-applied",
+            WriteOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// Checks an `Idempotency-Key` value: 1 to [`MAX_IDEMPOTENCY_KEY`] visible
+/// ASCII characters.
+pub fn idempotency_key(v: &http::HeaderValue) -> Result<String, String> {
+    let s = v.to_str().unwrap_or("");
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters",
+            headers::IDEMPOTENCY_KEY
+        ));
+    }
+    Ok(s.to_string())
 }
 
 impl RequestKv {
@@ -32,7 +68,15 @@ impl RequestKv {
             token: Mutex::new(token),
             touched: Mutex::default(),
             dependency_failed: Default::default(),
+            idem: None,
+            writes: Default::default(),
+            outcome: Mutex::new(None),
         }
+    }
+
+    /// How the request's failed writes ended, if any failed.
+    pub fn write_outcome(&self) -> Option<WriteOutcome> {
+        *self.outcome.lock().unwrap()
     }
 
     /// The `x-meridian-residency` value of this request's answer, if it
@@ -45,11 +89,28 @@ impl RequestKv {
 
 impl RequestKv {
     async fn exec(&self, op: Op) -> KvResult<OpResult> {
+        let write = !op.is_read();
+        let op = match &self.idem {
+            Some(k) if write => {
+                let n = self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Op::Once { idem: format!("{k}#{n}"), write: Box::new(op) }
+            }
+            _ => op,
+        };
         let (r, token) = match self.svc.execute(&self.namespaces, &op).await {
             Ok(x) => x,
             Err(e) => {
+                let outcome = match &e {
+                    KvError::NotApplied(_) if write => Some(WriteOutcome::NotApplied),
+                    KvError::OutcomeUnknown(_) if write => Some(WriteOutcome::Unknown),
+                    _ => None,
+                };
+                if let Some(o) = outcome {
+                    let mut worst = self.outcome.lock().unwrap();
+                    *worst = (*worst).max(Some(o));
+                }
                 let remote = self.svc.placement(&self.namespaces, op.ns()).is_ok_and(|p| p != Placement::Local);
-                if remote && matches!(e, meridian_host::KvError::Other(_)) {
+                if remote && matches!(e, KvError::Other(_) | KvError::NotApplied(_) | KvError::OutcomeUnknown(_)) {
                     self.dependency_failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 return Err(e);

@@ -325,14 +325,23 @@ pub fn print_status(all: &[KvStatus]) {
             );
         }
         for g in &s.groups {
+            // A leader no quorum has answered for a lease is cut off (it
+            // refuses writes); a follower silent for a lease campaigns.
+            let health = match (g.quorum_ack_ms, g.leader_silent_ms) {
+                (Some(ms), _) if g.lease_ms > 0 && ms >= g.lease_ms => format!("  NO QUORUM for {ms} ms"),
+                (_, Some(ms)) if g.lease_ms > 0 && ms >= g.lease_ms => format!("  leader silent for {ms} ms"),
+                _ => String::new(),
+            };
             out!(
-                "      raft {:<10} {:<9} term {:>4}  leader {:<14} log {:>7}  applied {:>7}",
+                "      raft {:<10} {:<9} term {:>4}  leader {:<14} log {:>7}  applied {:>7}  campaigns {}  idempotency keys {}{health}",
                 g.ns,
                 g.state,
                 g.term,
                 g.leader.as_deref().unwrap_or("-"),
                 g.last_log_index.unwrap_or(0),
-                g.last_applied.unwrap_or(0)
+                g.last_applied.unwrap_or(0),
+                g.campaigns,
+                g.idempotency_keys,
             );
         }
         for o in &s.origins {

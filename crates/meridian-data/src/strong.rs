@@ -1107,3 +1107,52 @@ pub async fn ensure_groups(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
+    }
+
+    fn once(key: &str, delta: i64) -> Command {
+        Command::Once { key: key.into(), command: Box::new(Command::Increment { key: "n".into(), delta }) }
+    }
+
+    #[tokio::test]
+    async fn a_command_under_an_idempotency_key_applies_once_and_its_retry_gets_the_first_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = GroupStore::open(&dir.path().join("g.redb")).unwrap();
+        let r = g.apply(vec![entry(1, once("req-1#1", 5)), entry(2, once("req-1#1", 5))]).await.unwrap();
+        assert_eq!((r[0].total, r[0].replayed), (Some(5), false));
+        assert_eq!((r[1].total, r[1].replayed), (Some(5), true), "the retry changed nothing and saw the first total");
+        // A later retry, after other writes, still gets the first result.
+        let r = g.apply(vec![entry(3, once("req-2#1", 1)), entry(4, once("req-1#1", 5))]).await.unwrap();
+        assert_eq!(r[0].total, Some(6));
+        assert_eq!((r[1].total, r[1].replayed), (Some(5), true));
+        assert_eq!(g.read("n").unwrap().unwrap().value, Stored::Counter(6));
+        assert_eq!(g.idempotency_keys().unwrap(), 2);
+
+        // A member that installs a snapshot remembers the keys too.
+        let snap = g.build_snapshot().await.unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut h = GroupStore::open(&dir2.path().join("h.redb")).unwrap();
+        h.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        let r = h.apply(vec![entry(5, once("req-2#1", 1))]).await.unwrap();
+        assert_eq!((r[0].total, r[0].replayed), (Some(6), true));
+        assert_eq!(h.read("n").unwrap().unwrap().value, Stored::Counter(6));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_the_format_before_idempotency_keys_still_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = GroupStore::open(&dir.path().join("g.redb")).unwrap();
+        let old: BTreeMap<String, Versioned> =
+            [("k".to_string(), Versioned { value: Stored::Counter(3), version: 7 })].into();
+        let meta = SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: "old".into() };
+        g.install_snapshot(&meta, Box::new(Cursor::new(serde_json::to_vec(&old).unwrap()))).await.unwrap();
+        assert_eq!(g.read("k").unwrap().unwrap().value, Stored::Counter(3));
+    }
+}

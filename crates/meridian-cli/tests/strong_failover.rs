@@ -350,6 +350,39 @@ async fn round(w: &Arc<World>, name: &'static str, fault: Fault) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_strong_namespace_fails_over_within_its_election_timeout_and_every_write_says_whether_it_applied() {
     let w = Arc::new(World::start(&[]));
+    common_leader(&w, &REGIONS, None, Duration::from_secs(20)).await;
+
+    // The same request with the same key, to another region: the first
+    // total comes back and nothing is added; another key adds.
+    let c = client();
+    let incr = |region: &str, key: &str| {
+        let url = format!("{}/kv/ledger/once-counter?incr=5", w.region_url(region));
+        let key = key.to_string();
+        let c = c.clone();
+        async move { request(&c, "POST", &url, &[("idempotency-key", &key)], "").await.unwrap() }
+    };
+    assert_eq!(incr("ap-southeast", "order-17").await.body.trim(), "5");
+    assert_eq!(incr("eu-west", "order-17").await.body.trim(), "5");
+    assert_eq!(incr("us-east", "order-18").await.body.trim(), "10");
+    let r = incr("us-east", &"x".repeat(201)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("idempotency-key"), "{}", r.body);
+    // From the CLI too.
+    let cli_incr = |key: Option<&str>| {
+        let mut args = vec!["kv", "incr", "--ns", "ledger", "once-counter", "1"];
+        if let Some(k) = key {
+            args.extend(["--idempotency-key", k]);
+        }
+        let (ok, out) = w.cli(&args);
+        assert!(ok, "{out}");
+        out.trim().to_string()
+    };
+    assert_eq!(cli_incr(Some("cli-1")), "11");
+    assert_eq!(cli_incr(Some("cli-1")), "11");
+    assert_eq!(cli_incr(None), "12");
+    let (ok, status) = w.cli(&["kv", "status"]);
+    assert!(ok && status.contains("idempotency keys 3"), "{status}");
+
     round(&w, "kill", Fault::Kill).await;
     round(&w, "isolate", Fault::Isolate).await;
 }

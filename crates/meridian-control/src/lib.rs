@@ -1668,6 +1668,8 @@ impl Control {
                 let change = (rest == ["op"])
                     .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
                     .flatten()
+                    // A write under an idempotency key is the write inside.
+                    .map(|op| if op["op"] == "once" { op["write"].clone() } else { op })
                     .filter(|op| matches!(op["op"].as_str(), Some("set" | "delete" | "increment" | "swap")))
                     .map(|op| {
                         let key = op["key"].as_str().map(|k| format!("/{k}")).unwrap_or_default();

@@ -37,6 +37,21 @@ pub struct Target {
     /// Region to ask (default: the first that answers).
     #[arg(long)]
     pub region: Option<String>,
+    /// Apply a write to a strong namespace at most once under this key: the
+    /// same command run again with the same key (after an "outcome unknown"
+    /// error) prints the first result and changes nothing.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+impl Target {
+    /// `op`, under the idempotency key if one was given.
+    fn write(&self, op: Op) -> Op {
+        match &self.idempotency_key {
+            Some(k) => Op::Once { idem: k.clone(), write: Box::new(op) },
+            None => op,
+        }
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -168,7 +183,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 value.into_bytes()
             };
-            let r = w.op(t.region.as_deref(), Op::Set { ns: t.ns, key, value_hex: hex::encode(value) }).await?;
+            let op = t.write(Op::Set { ns: t.ns.clone(), key, value_hex: hex::encode(value) });
+            let r = w.op(t.region.as_deref(), op).await?;
             out!("stored in {} (token {})", r.region, r.token.unwrap_or_default());
         }
         KvCommand::Import { t, file } => {
@@ -209,11 +225,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             out!("imported {total} keys into {} in {s:.1} s ({:.0} keys/s)", t.ns, total as f64 / s.max(1e-9));
         }
         KvCommand::Delete { t, key } => {
-            let r = w.op(t.region.as_deref(), Op::Delete { ns: t.ns, key }).await?;
+            let r = w.op(t.region.as_deref(), t.write(Op::Delete { ns: t.ns.clone(), key })).await?;
             out!("deleted in {}", r.region);
         }
         KvCommand::Incr { t, key, delta } => {
-            let r = w.op(t.region.as_deref(), Op::Increment { ns: t.ns, key, delta }).await?;
+            let r = w.op(t.region.as_deref(), t.write(Op::Increment { ns: t.ns.clone(), key, delta })).await?;
             out!("{}", r.total.unwrap_or_default());
         }
         KvCommand::List { t } => {

@@ -179,6 +179,11 @@ impl GroupStore {
         Ok(GroupStore { db, log, snapshot: Default::default() })
     }
 
+    /// The group's log storage, for `Raft::new`.
+    pub fn log(&self) -> RedbLog<TypeConfig> {
+        self.log.clone()
+    }
+
     /// A key's current value (linearizable only after `ensure_linearizable`).
     pub fn read(&self, key: &str) -> Result<Option<Versioned>, String> {
         let txn = self.db.begin_read().map_err(|e| e.to_string())?;
@@ -616,10 +621,14 @@ impl Group {
             preferred_leader: leader,
             rank,
             timing,
-            pacer: Mutex::new(election::Pacer::new(std::time::Instant::now(), &timing)),
+            pacer: Mutex::new(election::Pacer::new(now(), &timing)),
             svc: Arc::downgrade(&svc),
         });
-        tokio::spawn(pace(Arc::downgrade(&group)));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        tokio::spawn(campaign(Arc::downgrade(&group), seed ^ node_id));
         // Leader placement: the preferred region (or the first listed)
         // forms the group at once and so becomes its first leader. The
         // others form it only if, after a while, nobody has contacted them
@@ -648,12 +657,6 @@ impl Group {
         m.current_leader.and_then(|id| self.members.get(&id).cloned())
     }
 
-    /// This member leads, and a quorum acknowledged it within the lease.
-    fn leading_with_quorum(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state.is_leader() && m.millis_since_quorum_ack.is_some_and(|ms| ms < self.timing.lease.as_millis() as u64)
-    }
-
     /// This member leads but no quorum has acknowledged it for longer than
     /// the lease: it is cut off, and the others elect a new leader.
     fn leading_without_quorum(&self) -> Option<u64> {
@@ -664,104 +667,179 @@ impl Group {
     fn svc(&self) -> Option<Arc<KvService>> {
         self.svc.upgrade()
     }
+}
 
-    fn heard(&self) {
-        self.pacer.lock().unwrap().heard(std::time::Instant::now());
-    }
+/// What the campaign loop needs of a member of a group: the region's
+/// [`Group`] (pre-votes over HTTP) or a simulated one (tests/raft_sim.rs).
+pub trait Campaigner: Send + Sync + 'static {
+    fn raft(&self) -> &Raft;
+    fn node_id(&self) -> NodeId;
+    /// Other members' node ids.
+    fn others(&self) -> Vec<NodeId>;
+    fn rank(&self) -> u32;
+    fn timing(&self) -> &election::Timing;
+    fn pacer(&self) -> &Mutex<election::Pacer>;
+    /// Asks member `to` for a pre-vote.
+    fn ask_pre_vote(
+        &self,
+        to: NodeId,
+        req: PreVoteRequest,
+    ) -> impl std::future::Future<Output = Result<PreVoteResponse, String>> + Send;
+    /// Another member now leads (or none): a chance to get ready for it.
+    fn leader_changed(&self, _leader: Option<NodeId>) {}
+}
 
-    /// Asks the other members for pre-votes; true once a quorum (this
-    /// member included) said yes.
-    async fn pre_vote_round(self: &Arc<Self>, svc: &Arc<KvService>) -> bool {
-        let last_log = self.raft.data_metrics().borrow().last_log;
-        let Ok(body) = serde_json::to_vec(&PreVoteRequest { candidate: self.node_id, last_log }) else {
-            return false;
-        };
-        let body = Bytes::from(body);
-        let needed = self.members.len() / 2; // besides this member
-        let mut asks: futures::stream::FuturesUnordered<_> = self
-            .members
-            .iter()
-            .filter(|(id, _)| **id != self.node_id)
-            .map(|(_, region)| {
-                let (svc, body) = (svc.clone(), body.clone());
-                async move {
-                    let a = call_member(&svc, &self.ns, region, "prevote", body, HEARTBEAT).await;
-                    let answer = a.and_then(|a| {
-                        serde_json::from_slice::<PreVoteResponse>(&a.body)
-                            .map_err(|_| format!("HTTP {}: {}", a.status, a.text()))
-                    });
-                    (region, answer)
+/// Now, on tokio's clock (virtual in a simulation with paused time).
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Asks the other members for pre-votes; true once a quorum (this member
+/// included) said yes.
+pub async fn pre_vote_round<C: Campaigner>(c: &C) -> bool {
+    let req = PreVoteRequest { candidate: c.node_id(), last_log: c.raft().data_metrics().borrow().last_log };
+    let others = c.others();
+    // A majority of all members, besides this one.
+    let needed = others.len().div_ceil(2);
+    let mut asks: futures::stream::FuturesUnordered<_> = others
+        .into_iter()
+        .map(|to| {
+            let req = req.clone();
+            async move { (to, c.ask_pre_vote(to, req).await) }
+        })
+        .collect();
+    let mut yes = 0;
+    while let Some((to, answer)) = futures::StreamExt::next(&mut asks).await {
+        match answer {
+            Ok(a) if a.granted => {
+                yes += 1;
+                if yes >= needed {
+                    return true;
                 }
-            })
-            .collect();
-        let mut yes = 0;
-        while let Some((region, answer)) = futures::StreamExt::next(&mut asks).await {
-            match answer {
-                Ok(a) if a.granted => {
-                    yes += 1;
-                    if yes >= needed {
-                        return true;
-                    }
-                }
-                Ok(a) => tracing::debug!(ns = %self.ns, %region, refused = ?a.refused, "pre-vote refused"),
-                Err(e) => tracing::debug!(ns = %self.ns, %region, error = %e, "no pre-vote"),
             }
+            Ok(a) => tracing::debug!(to, refused = ?a.refused, "pre-vote refused"),
+            Err(e) => tracing::debug!(to, error = %e, "no pre-vote"),
         }
-        false
+    }
+    false
+}
+
+/// This member's answer to a pre-vote request.
+pub fn answer_pre_vote<C: Campaigner>(c: &C, req: &PreVoteRequest) -> PreVoteResponse {
+    let m = c.raft().metrics().borrow().clone();
+    let lease_ms = c.timing().lease.as_millis() as u64;
+    let leading = m.state.is_leader() && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms);
+    let mine = c.raft().data_metrics().borrow().last_log;
+    let pacer = *c.pacer().lock().unwrap();
+    let verdict = election::pre_vote(now(), &pacer, leading, &req.last_log, &mine, c.timing());
+    PreVoteResponse { granted: verdict.is_ok(), refused: verdict.err().map(|r| r.to_string()) }
+}
+
+/// What a member's transport does after handing a message to its Raft:
+/// a leader's append taken (or a conflict to repair), a snapshot
+/// installed or a vote granted all mean "someone is leading or about to":
+/// the member does not campaign for another lease.
+pub fn heard_if(c: &impl Campaigner, leader_alive: bool) {
+    if leader_alive {
+        c.pacer().lock().unwrap().heard(now());
     }
 }
 
-/// Campaigns for `group` when its leader falls silent (see `election`).
-async fn pace(group: std::sync::Weak<Group>) {
+/// Whether an append's answer shows a live leader (see [`heard_if`]).
+pub fn append_taken<E>(resp: &Result<AppendEntriesResponse<NodeId>, E>) -> bool {
+    matches!(resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_)))
+}
+
+/// Campaigns for a member when its leader falls silent (see `election`),
+/// every 25 ms, until the member is dropped.
+pub async fn campaign<C: Campaigner>(member: std::sync::Weak<C>, mut jitter: u64) {
     let mut tick = tokio::time::interval(Duration::from_millis(25));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut known_leader = None;
-    let mut jitter: u64 =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-            | 1;
+    jitter |= 1;
     loop {
         tick.tick().await;
-        let Some(g) = group.upgrade() else { return };
-        let now = std::time::Instant::now();
-        let m = g.raft.metrics().borrow().clone();
-        // A new leader elsewhere: this member's writes (and those of
-        // regions outside the group) are forwarded there from now on, and
-        // a cold link would make each of the first ones wait for a
-        // handshake (two round trips) first.
+        let Some(c) = member.upgrade() else { return };
+        let now = now();
+        let m = c.raft().metrics().borrow().clone();
         if m.current_leader != known_leader {
             known_leader = m.current_leader;
-            let peer = known_leader
-                .filter(|id| *id != g.node_id)
-                .and_then(|id| g.members.get(&id))
-                .and_then(|r| g.svc().and_then(|svc| svc.peers.load().iter().find(|p| p.name == *r).cloned()));
-            if let (Some(p), Some(svc)) = (peer, g.svc()) {
-                if let Ok(t) = svc.target(&p) {
-                    svc.cluster.preconnect(&t, PRECONNECT);
-                }
-            }
+            c.leader_changed(known_leader.filter(|id| *id != c.node_id()));
         }
         if m.state.is_leader() {
-            g.pacer.lock().unwrap().heard(now);
+            c.pacer().lock().unwrap().heard(now);
             continue;
         }
         // Not formed yet (see `Group::start`), or not a voter.
-        if !m.membership_config.membership().voter_ids().any(|id| id == g.node_id) {
+        if !m.membership_config.membership().voter_ids().any(|id| id == c.node_id()) {
             continue;
         }
-        if !g.pacer.lock().unwrap().due(now, g.rank, &g.timing) {
+        if !c.pacer().lock().unwrap().due(now, c.rank(), c.timing()) {
             continue;
         }
         jitter ^= jitter << 13;
         jitter ^= jitter >> 7;
         jitter ^= jitter << 17;
-        g.pacer.lock().unwrap().attempted(now, &g.timing, jitter);
-        let Some(svc) = g.svc() else { return };
-        let silent = g.pacer.lock().unwrap().silent_for(now);
-        if g.pre_vote_round(&svc).await {
-            tracing::info!(ns = %g.ns, term = m.current_term, silent_ms = silent.as_millis() as u64, "no word from a leader; a quorum would vote for this member: campaigning");
-            if let Err(e) = g.raft.trigger().elect().await {
-                tracing::warn!(ns = %g.ns, error = %e, "cannot start an election");
+        let silent = {
+            let mut p = c.pacer().lock().unwrap();
+            p.attempted(now, c.timing(), jitter);
+            p.silent_for(now)
+        };
+        if pre_vote_round(c.as_ref()).await {
+            tracing::info!(
+                node = c.node_id(),
+                term = m.current_term,
+                silent_ms = silent.as_millis() as u64,
+                "no word from a leader; a quorum would vote for this member: campaigning"
+            );
+            if let Err(e) = c.raft().trigger().elect().await {
+                tracing::warn!(node = c.node_id(), error = %e, "cannot start an election");
             }
+        }
+    }
+}
+
+impl Campaigner for Group {
+    fn raft(&self) -> &Raft {
+        &self.raft
+    }
+    fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+    fn others(&self) -> Vec<NodeId> {
+        self.members.keys().copied().filter(|id| *id != self.node_id).collect()
+    }
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+    fn timing(&self) -> &election::Timing {
+        &self.timing
+    }
+    fn pacer(&self) -> &Mutex<election::Pacer> {
+        &self.pacer
+    }
+    async fn ask_pre_vote(&self, to: NodeId, req: PreVoteRequest) -> Result<PreVoteResponse, String> {
+        let svc = self.svc().ok_or("the app's key-value service is gone")?;
+        let region = self.members.get(&to).ok_or("not a member")?;
+        let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        let a = call_member(&svc, &self.ns, region, "prevote", body.into(), HEARTBEAT).await?;
+        serde_json::from_slice(&a.body).map_err(|_| format!("HTTP {}: {}", a.status, a.text()))
+    }
+    /// A cold link would make each of the first writes forwarded to the new
+    /// leader wait for a handshake (two round trips) first.
+    fn leader_changed(&self, leader: Option<NodeId>) {
+        let region = leader.and_then(|id| self.members.get(&id));
+        if let (Some(r), Some(svc)) = (region, self.svc()) {
+            preconnect(&svc, r);
+        }
+    }
+}
+
+/// Opens connections to `region` ahead of the writes about to go there.
+fn preconnect(svc: &KvService, region: &str) {
+    if let Some(p) = svc.peers.load().iter().find(|p| p.name == region) {
+        if let Ok(t) = svc.target(p) {
+            svc.cluster.preconnect(&t, PRECONNECT);
         }
     }
 }
@@ -991,10 +1069,7 @@ pub async fn handle(
                 Some(refused) => refused,
                 None => {
                     let resp = group.raft.append_entries(req).await;
-                    // Taken (or a conflict to repair): a leader is alive.
-                    if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-                        group.heard();
-                    }
+                    heard_if(group.as_ref(), append_taken(&resp));
                     answer(resp)
                 }
             },
@@ -1008,13 +1083,10 @@ pub async fn handle(
                     // A vote given: give its candidate time to win, and
                     // have connections ready for the writes this member
                     // will forward to it.
-                    if matches!(&resp, Ok(r) if r.vote_granted) {
-                        group.heard();
-                        if let Some(p) = svc.peers.load().iter().find(|p| p.name == caller.name) {
-                            if let Ok(t) = svc.target(p) {
-                                svc.cluster.preconnect(&t, PRECONNECT);
-                            }
-                        }
+                    let granted = matches!(&resp, Ok(r) if r.vote_granted);
+                    heard_if(group.as_ref(), granted);
+                    if granted {
+                        preconnect(svc, &caller.name);
                     }
                     answer(resp)
                 }
@@ -1024,19 +1096,7 @@ pub async fn handle(
         "prevote" => match serde_json::from_slice::<PreVoteRequest>(&body) {
             Ok(req) => match impersonation(req.candidate) {
                 Some(refused) => refused,
-                None => {
-                    let mine = group.raft.data_metrics().borrow().last_log;
-                    let pacer = *group.pacer.lock().unwrap();
-                    let verdict = election::pre_vote(
-                        std::time::Instant::now(),
-                        &pacer,
-                        group.leading_with_quorum(),
-                        &req.last_log,
-                        &mine,
-                        &group.timing,
-                    );
-                    answer(PreVoteResponse { granted: verdict.is_ok(), refused: verdict.err().map(|r| r.to_string()) })
-                }
+                None => answer(answer_pre_vote(group.as_ref(), &req)),
             },
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad pre-vote request: {e}")),
         },
@@ -1045,9 +1105,7 @@ pub async fn handle(
                 Some(refused) => refused,
                 None => {
                     let resp = group.raft.install_snapshot(req).await;
-                    if resp.is_ok() {
-                        group.heard();
-                    }
+                    heard_if(group.as_ref(), resp.is_ok());
                     answer(resp)
                 }
             },
@@ -1074,8 +1132,7 @@ pub fn status(svc: &KvService) -> Vec<meridian_core::wire::GroupStatus> {
                 last_log_index: m.last_log_index,
                 last_applied: m.last_applied.map(|l| l.index),
                 quorum_ack_ms: m.millis_since_quorum_ack.filter(|_| m.state.is_leader()),
-                leader_silent_ms: (!m.state.is_leader())
-                    .then(|| pacer.silent_for(std::time::Instant::now()).as_millis() as u64),
+                leader_silent_ms: (!m.state.is_leader()).then(|| pacer.silent_for(now()).as_millis() as u64),
                 lease_ms: g.timing.lease.as_millis() as u64,
                 campaigns: pacer.attempts,
                 idempotency_keys: g.store.idempotency_keys().unwrap_or(0),

@@ -1380,9 +1380,95 @@ def bench_strong(work, writes=100):
         print(f"| {region} | {p50:.1f} | {p99:.1f} | {floor:.0f} | {p50 / floor:.2f} | {failed} |")
 
 
+def bench_strong_failover(work, runs=3):
+    """Strong namespace: time from killing or cutting off the leader region to
+    a new leader, and to the first successful write in each other region
+    (fresh writes to every region every 50 ms, each on its own thread)."""
+    import threading
+    wdir, w = dev_world(work)
+    regions = [r["name"] for r in w["regions"]]
+    url = {r["name"]: r["url"] for r in w["regions"]}
+
+    def leaders(among):
+        out = set()
+        for r in among:
+            try:
+                out |= {g["leader"] for g in kv_status(wdir, w, r).get("groups", [])}
+            except Exception:
+                out.add(None)
+        return out
+
+    def common(among, not_=None, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ls = leaders(among)
+            if len(ls) == 1 and None not in ls and not_ not in ls:
+                return ls.pop()
+            time.sleep(0.05)
+        raise RuntimeError(f"no common leader among {among}")
+
+    def put(region, key, out, fault_at):
+        host, port = url[region].rsplit("/", 1)[1].split(":")
+        sent = time.time()
+        try:
+            c = http.client.HTTPConnection(host, int(port), timeout=10)
+            c.request("PUT", f"/kv/ledger/{key}", body=b"1")
+            r = c.getresponse()
+            r.read()
+            if r.status == 200 and sent >= fault_at:
+                out.append((region, time.time() - fault_at))
+        except Exception:
+            pass
+
+    rows = []
+    for run in range(runs):
+        for fault in ("kill", "isolate"):
+            leader = common(regions)
+            time.sleep(1)
+            others = [r for r in regions if r != leader]
+            done, threads = [], []
+            fault_at = time.time()
+            if fault == "kill":
+                subprocess.run([MERIDIAN, "chaos", "kill", leader, "--world", wdir], check=True, capture_output=True)
+            else:
+                for r in others:
+                    subprocess.run([MERIDIAN, "chaos", "cut", leader, r, "--world", wdir], check=True, capture_output=True)
+            new_leader, elected = None, None
+            while time.time() - fault_at < 8:
+                for r in others:
+                    t = threading.Thread(target=put, args=(r, f"fo-{run}-{r}", done, time.time()))
+                    t.start()
+                    threads.append(t)
+                if elected is None and (time.time() - fault_at) > 0.5:
+                    ls = leaders(others)
+                    if len(ls) == 1 and None not in ls and leader not in ls:
+                        new_leader, elected = ls.pop(), time.time() - fault_at
+                time.sleep(0.05)
+            for t in threads:
+                t.join()
+            first = {r: min((d for x, d in done if x == r), default=None) for r in others}
+            rows.append((fault, leader, new_leader, elected, first))
+            if fault == "kill":
+                subprocess.run([MERIDIAN, "chaos", "restart", leader, "--world", wdir], check=True, capture_output=True)
+            else:
+                for r in others:
+                    subprocess.run([MERIDIAN, "chaos", "heal", leader, r, "--world", wdir], check=True, capture_output=True)
+            time.sleep(3)
+    print(f"\n## strong namespace failover ({runs} kills and {runs} isolations of the leader region; default world, "
+          "longest round trip 213 ms; lease 1.2 s + 100 ms per rank)\n")
+    print("| fault | old leader | new leader | leader seen after s (status polled) | first write after s, per region |")
+    print("|---|---|---|---|---|")
+    for fault, old, new, elected, first in rows:
+        writes = ", ".join(f"{r} {d:.2f}" if d is not None else f"{r} none" for r, d in first.items())
+        print(f"| {fault} | {old} | {new} | {elected:.2f} | {writes} |" if elected else f"| {fault} | {old} | - | none in 8 s | {writes} |")
+    worst = [d for *_, first in rows for d in first.values() if d is not None]
+    if worst:
+        print(f"\nfirst successful write in every surviving region: median {statistics.median(worst):.2f} s, max {max(worst):.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "idle", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong",
+    ap.add_argument("which", nargs="?", default="all", choices=["all", "host", "cost", "pooling", "idle", "edge", "cache", "plan", "purge", "failover", "deploy", "replication", "kvget", "strong", "strongfailover",
                                                          "density", "rollout", "large", "control", "scale"])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep each benchmark's work directory (logs, data)")
@@ -1395,7 +1481,7 @@ def main():
         for name, fn in [("host", bench_host), ("cost", bench_cost), ("pooling", bench_pooling), ("idle", bench_idle), ("edge", bench_edge), ("cache", bench_cache),
                          ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),
                          ("deploy", bench_deploy), ("replication", bench_replication), ("kvget", bench_kv_get),
-                         ("strong", bench_strong), ("density", bench_density), ("rollout", bench_rollout),
+                         ("strong", bench_strong), ("strongfailover", bench_strong_failover), ("density", bench_density), ("rollout", bench_rollout),
                          ("large", bench_large), ("control", bench_control), ("scale", bench_scale)]:
             if a.which in ("all", name):
                 work = tempfile.mkdtemp(prefix=f"meridian-bench-{name}-")

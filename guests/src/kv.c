@@ -11,8 +11,9 @@
 //   GET    /kv/BUCKET?many=K1,K2     batch get-many: "key=value" lines
 //   GET    /kv/BUCKET/KEY?bench=N    N gets of KEY, timed inside the guest
 //
-// Store errors come back as 404 (no such bucket), 403 (access denied) or
-// 503 (anything else), with the host's message.
+// Store errors come back as 404 (no such bucket), 403 (access denied), 504
+// (a write whose outcome is unknown) or 503 (anything else, including a
+// write certainly not applied), with the host's message.
 #include "common.h"
 #include <stdio.h>
 #include <time.h>
@@ -33,10 +34,17 @@ static void respond_error(outparam_t out, kv_error_t *e) {
     case WASI_KEYVALUE_STORE_ERROR_ACCESS_DENIED:
       respond_text(out, 403, "access to this bucket is denied\n");
       return;
-    default:
+    default: {
+      // The host says whether a failed write was certainly not applied
+      // (503: retrying is safe) or may have been (504: retry with the same
+      // Idempotency-Key, or read first).
+      static const char unknown[] = "outcome unknown";
+      int maybe_applied = e->val.other.len >= sizeof unknown - 1 &&
+                          memcmp(e->val.other.ptr, unknown, sizeof unknown - 1) == 0;
       snprintf(text, sizeof text, "key-value error: %.*s\n", (int)e->val.other.len, (const char *)e->val.other.ptr);
       proxy_string_free(&e->val.other);
-      respond_text(out, 503, text);
+      respond_text(out, maybe_applied ? 504 : 503, text);
+    }
   }
 }
 

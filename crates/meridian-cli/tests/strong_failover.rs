@@ -88,7 +88,13 @@ async fn write(
                 }
                 // An earlier attempt may still apply: keep going with its key.
             }
-            // 504, another 5xx, or no answer: the outcome is unknown.
+            // The example function answers 504 when its write's outcome is
+            // unknown (the region's header says so whatever it answers).
+            Ok(r) if r.header("x-meridian-write-outcome") == "unknown" => {
+                assert_eq!(r.status, 504, "{}", r.body);
+                assert!(r.body.contains("outcome unknown"), "{}", r.body);
+            }
+            // Another 5xx, or no answer: the outcome is unknown.
             Ok(r) if r.status >= 500 => {}
             Ok(r) => panic!("{method} {url}: unexpected {} {}", r.status, r.body),
             Err(_) => {}

@@ -22,6 +22,11 @@
 //!   better one, asking a step later, wins at once), and a member cut off
 //!   from the rest never raises its term and cannot depose anyone when it
 //!   comes back.
+//! - **One campaign at a time**: a member that starts an election (or
+//!   grants a vote) counts that as a leader's word, and refuses pre-votes
+//!   for a lease: two members asking a step apart would otherwise both get
+//!   a "yes" from the other, and the second, raising the term, would depose
+//!   the leader the first had just become.
 //! - **Retry**: a pre-vote or election that did not lead anywhere is tried
 //!   again after a short random back-off, not after another full timeout.
 //!
@@ -61,7 +66,7 @@ impl Timing {
 #[derive(Clone, Copy, Debug)]
 pub struct Pacer {
     /// Last time a leader was heard from (an append it sent was taken), this
-    /// member granted a vote, or this member led.
+    /// member granted a vote, started a campaign, or led.
     pub contact: Instant,
     /// No attempt before this (back-off after a failed one).
     pub not_before: Instant,

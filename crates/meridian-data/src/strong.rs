@@ -780,12 +780,20 @@ pub async fn campaign<C: Campaigner>(member: std::sync::Weak<C>, mut jitter: u64
         jitter ^= jitter << 13;
         jitter ^= jitter >> 7;
         jitter ^= jitter << 17;
-        let silent = {
+        let (silent, contact) = {
             let mut p = c.pacer().lock().unwrap();
             p.attempted(now, c.timing(), jitter);
-            p.silent_for(now)
+            (p.silent_for(now), p.contact)
         };
-        if pre_vote_round(c.as_ref()).await {
+        // Granted, and nothing was heard meanwhile: a vote this member gave
+        // another candidate during the round (their pre-votes crossed) or a
+        // leader's append means that one goes first.
+        if pre_vote_round(c.as_ref()).await && c.pacer().lock().unwrap().contact == contact {
+            // Campaigning counts as a leader's word: until this election
+            // is decided, this member refuses others' pre-votes (one asking
+            // a step later would otherwise get it, raise its term and
+            // depose the leader this member is about to become).
+            c.pacer().lock().unwrap().heard(self::now());
             tracing::info!(
                 node = c.node_id(),
                 term = m.current_term,

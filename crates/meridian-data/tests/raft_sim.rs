@@ -245,6 +245,15 @@ async fn crash(net: &Arc<Net>, id: NodeId) {
     }
 }
 
+/// A running leader other than `not`, and its term.
+fn leader_and_term(net: &Net, not: Option<NodeId>) -> Option<(NodeId, u64)> {
+    let running = net.running.lock().unwrap();
+    running.values().filter(|m| Some(m.id) != not).find_map(|m| {
+        let x = m.raft.metrics().borrow().clone();
+        x.state.is_leader().then_some((m.id, x.current_term))
+    })
+}
+
 fn leader(net: &Net) -> Option<NodeId> {
     let running = net.running.lock().unwrap();
     running.values().find(|m| m.raft.metrics().borrow().state.is_leader()).map(|m| m.id)
@@ -427,6 +436,27 @@ async fn run_seed(seed: u64, trace: bool) -> Result<String, String> {
     }
 
     let t0 = Instant::now();
+    if trace {
+        // Every change of a member's role or term, as it happens.
+        let net = net.clone();
+        tokio::spawn(async move {
+            let mut seen = BTreeMap::new();
+            while t0.elapsed() < RUN + Duration::from_secs(5) {
+                let now: Vec<_> = {
+                    let running = net.running.lock().unwrap();
+                    running.values().map(|m| (m.id, m.raft.metrics().borrow().clone())).collect()
+                };
+                for (id, m) in now {
+                    let v = (format!("{:?}", m.state), m.current_term, m.current_leader);
+                    if seen.get(&id) != Some(&v) {
+                        eprintln!("  {:?}: member {id}: {} term {} leader {:?}", t0.elapsed(), v.0, v.1, v.2);
+                        seen.insert(id, v);
+                    }
+                }
+                sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
     let h: Arc<Mutex<History>> = Arc::default();
     let clients: Vec<_> = (1..=3).map(|c| tokio::spawn(client(net.clone(), c, seed, t0, h.clone()))).collect();
 
@@ -469,17 +499,12 @@ async fn run_seed(seed: u64, trace: bool) -> Result<String, String> {
         };
         let lasting = Duration::from_millis(rng.random_range(800..4000));
         let began = Instant::now();
+        let mut elected = None;
         if lost {
             let old = current;
             loop {
-                let l = {
-                    let running = net.running.lock().unwrap();
-                    running
-                        .values()
-                        .filter(|m| Some(m.id) != old)
-                        .find(|m| m.raft.metrics().borrow().state.is_leader())
-                        .map(|m| m.id)
-                };
+                let l = leader_and_term(&net, old);
+                elected = l;
                 if l.is_some() || began.elapsed() > lasting {
                     leaderless.push((format!("{fault:?} at {at:?}"), began.elapsed(), l.is_some(), lasting));
                     break;
@@ -488,6 +513,17 @@ async fn run_seed(seed: u64, trace: bool) -> Result<String, String> {
             }
         }
         sleep(lasting.saturating_sub(began.elapsed())).await;
+        // One election per lost leader: the new one still leads, in the
+        // same term (no second candidate deposed it).
+        if let Some((l, term)) = elected {
+            let now = leader_and_term(&net, current);
+            if now != Some((l, term)) {
+                return Err(format!(
+                    "after {fault:?} at {at:?}, {l} was elected in term {term}, but before the fault healed the leader was {now:?}\n{}",
+                    log.join("\n")
+                ));
+            }
+        }
         match fault {
             Fault::Crash(id) => start(&net, dir.path(), id, seed).await,
             Fault::Isolate(_) | Fault::CutLink(..) => net.cut.lock().unwrap().clear(),

@@ -146,6 +146,10 @@ struct Upstream {
     failed: std::sync::atomic::AtomicU64,
     /// Its location as a unit vector, for ranking without trigonometry.
     unit: meridian_core::geo::UnitVector,
+    /// Hosts of the apps whose data this region is still catching up on
+    /// after a restart, and whether the default app is one (its health
+    /// probe says): their requests go elsewhere, every other app's stay.
+    catching_up: arc_swap::ArcSwap<(Vec<String>, bool)>,
 }
 
 pub struct Edge {
@@ -234,6 +238,7 @@ impl Edge {
                     answered: Default::default(),
                     failed: Default::default(),
                     unit: r.location.unit(),
+                    catching_up: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -301,16 +306,35 @@ impl Edge {
                         limits: Vec<meridian_core::wire::AppLimit>,
                         #[serde(default)]
                         routing: Vec<meridian_core::wire::AppRouting>,
+                        #[serde(default)]
+                        catching_up_hosts: Vec<String>,
+                        #[serde(default)]
+                        catching_up_default: bool,
+                        #[serde(default)]
+                        serving: bool,
                     }
                     if let Ok(h) = serde_json::from_slice::<Health>(&body.to_bytes()) {
                         self.limits.update(h.limits);
                         self.routes.update(h.routing, &self.names);
+                        // Serving, but catching up on some apps: healthy
+                        // for every other app.
+                        let catching_up = (h.catching_up_hosts, h.catching_up_default);
+                        let apps_only = !ok && h.serving && (!catching_up.0.is_empty() || catching_up.1);
+                        if **u.catching_up.load() != catching_up {
+                            u.catching_up.store(Arc::new(catching_up));
+                        }
+                        return self.probed(i, ok || apps_only, start);
                     }
                 }
                 ok
             }
             _ => false,
         };
+        self.probed(i, ok, start)
+    }
+
+    fn probed(&self, i: usize, ok: bool, start: Instant) {
+        let u = &self.upstreams[i];
         let mut h = u.health.lock().unwrap();
         let was = h.healthy;
         if ok {
@@ -354,9 +378,22 @@ impl Edge {
     }
 
     /// The regions to try for a request, best first.
-    fn plan(&self, app: Option<&routing::AppRoute>, client: &routing::Client<'_>) -> routing::Plan {
-        let cands: Vec<Candidate> =
-            self.upstreams.iter().map(|u| Candidate::at(u.unit, &u.health.lock().unwrap())).collect();
+    fn plan(&self, app: Option<&routing::AppRoute>, host: Option<&str>, client: &routing::Client<'_>) -> routing::Plan {
+        let cands: Vec<Candidate> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut c = Candidate::at(u.unit, &u.health.lock().unwrap());
+                let behind = u.catching_up.load();
+                let (hosts, default) = behind.as_ref();
+                if *default || !hosts.is_empty() {
+                    // An unknown host may be the default app's.
+                    let listed = host.is_some_and(|h| hosts.iter().any(|x| x == h));
+                    c.healthy &= !(listed || (*default && app.is_none()));
+                }
+                c
+            })
+            .collect();
         let regions = routing::Regions { candidates: &cands, names: &self.names, jurisdictions: &self.jurisdictions };
         let random = if app.is_some() { rand::random::<f64>() } else { 0.0 };
         routing::plan(self.config.policy, app, client, &regions, random)
@@ -436,7 +473,7 @@ impl Edge {
         let affinity = app.as_ref().filter(|a| a.affinity).and_then(|_| affinity_cookie(req.headers()));
         let client =
             routing::Client { point: located.point(), country: country.as_deref(), affinity: affinity.as_deref() };
-        let plan = self.plan(app.as_deref(), &client);
+        let plan = self.plan(app.as_deref(), host.as_deref(), &client);
         let sticky = app.as_ref().is_some_and(|a| a.affinity).then_some(affinity);
         if plan.order.is_empty() {
             let j = plan.pinned.as_deref().unwrap_or("?");

@@ -862,6 +862,17 @@ impl Region {
             .filter(|a| a.active().is_some() && a.kv().is_some_and(|kv| kv.rejoin.catching_up()))
             .map(|a| a.name.as_str())
             .collect();
+        // ...for those apps only: edges that read `catching_up_hosts` send
+        // only their requests elsewhere (and a request that comes anyway
+        // is handed to a peer, see `handle_app`).
+        let (mut catching_up_hosts, mut catching_up_default) = (Vec::new(), false);
+        for name in &catching_up {
+            if let Some(a) = apps.by_name.get(*name) {
+                let r = a.record.load();
+                catching_up_hosts.extend(r.hosts.iter().cloned());
+                catching_up_default |= r.default;
+            }
+        }
         let status = if serving && catching_up.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         // Edges enforce each app's rate too, before the WAN.
         let limits: Vec<meridian_core::wire::AppLimit> = apps
@@ -899,7 +910,8 @@ impl Region {
         let mut r = json(
             status,
             &serde_json::json!({"region": self.config.name, "apps": versions, "limits": limits, "routing": routing,
-                "catching_up": catching_up}),
+                "catching_up": catching_up, "catching_up_hosts": catching_up_hosts,
+                "catching_up_default": catching_up_default, "serving": serving}),
         );
         r.headers_mut().insert(headers::REGION, self.region_header.clone());
         r

@@ -56,6 +56,10 @@ pub struct Args {
     /// How often regions compare key-value digests with each peer.
     #[arg(long, default_value_t = 3000)]
     pub anti_entropy_ms: u64,
+    /// The longest a restarted region keeps an app's users away while it
+    /// catches up with its peers (then it serves what it has, and says so).
+    #[arg(long, default_value_t = 60_000)]
+    pub rejoin_bound_ms: u64,
     /// Control nodes (their state replicated by Raft): 3 survive losing
     /// one; 1 is a control plane without failover.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=7))]
@@ -407,7 +411,7 @@ async fn bring_up(
             peers: Vec::new(),
             anti_entropy_ms: a.anti_entropy_ms,
             causality_wait_ms: 500,
-            rejoin_bound_ms: 60_000,
+            rejoin_bound_ms: a.rejoin_bound_ms,
         };
         let got = start_role(sup, &r.name, "region", &mut cfg, |c, l| {
             c.public_listen = l.public.unwrap_or(c.public_listen);

@@ -187,9 +187,10 @@ async fn roles_come_from_certificates_an_edge_cannot_replicate_or_vote() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    // An edge still reaches the app and the health probe.
-    let (status, _) = w.region_call_as("edge-eu-west", "eu-west", "GET", "/_meridian/health", vec![]).await.unwrap();
-    assert_eq!(status, 200);
+    // An edge still reaches the app and the health probe (answered: 200,
+    // or 503 while an app there is still catching up after the start).
+    let (status, body) = w.region_call_as("edge-eu-west", "eu-west", "GET", "/_meridian/health", vec![]).await.unwrap();
+    assert!(status == 200 || (status == 503 && body.contains("\"catching_up\"")), "{status} {body}");
     let (status, body) = w.region_call_as("edge-eu-west", "eu-west", "GET", "/hello", vec![]).await.unwrap();
     assert_eq!(status, 200, "{body}");
 }

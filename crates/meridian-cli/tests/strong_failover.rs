@@ -22,12 +22,17 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-southeast"];
 /// pre-vote and a vote round trip (at most 2 x 213 ms in the default world,
 /// the longest link), and the first write its own way to the new leader
 /// and a quorum round (at most 2 x 213 ms), over a connection that may be
-/// new (a handshake: 2 x 213 ms more); 400 ms more for the probes' spacing
-/// and a debug build sharing two cores.
+/// new (a handshake: 2 x 213 ms more); then 1 s for the probes' spacing and
+/// for a debug build of three regions, three edges and this test sharing
+/// two cores: each write is several JSON encodings and fsyncs on each side,
+/// and with one core busy elsewhere a quorum round was seen to take 360-780
+/// ms instead of 171 (a CI run measured 3,233 ms against the earlier
+/// 400 ms allowance). The release build's failover is measured by
+/// `bench.py strongfailover` (BENCHMARKS.md: median 2.05 s, max 2.70 s).
 const ELECTION_TIMEOUT: Duration = Duration::from_millis(1400);
 const MAX_RTT: Duration = Duration::from_millis(213);
 fn bound() -> Duration {
-    ELECTION_TIMEOUT + 2 * MAX_RTT + 2 * MAX_RTT + 2 * MAX_RTT + Duration::from_millis(400)
+    ELECTION_TIMEOUT + 2 * MAX_RTT + 2 * MAX_RTT + 2 * MAX_RTT + Duration::from_millis(1000)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,11 +176,22 @@ async fn client_loop(
     }
 }
 
+/// One probe write: region index, when it was sent and answered, and what
+/// the answer was (status, or 0 for none, and the start of its body).
+#[derive(Clone)]
+struct Probe {
+    region: usize,
+    sent: Instant,
+    done: Instant,
+    status: u16,
+    said: String,
+}
+
 /// Fresh writes to every region every 100 ms, each on its own (a write
 /// stuck on the old leader does not hold back the next): when did each
 /// region answer a write started after `fault` with success again?
-async fn probe(w: Arc<World>, round: &'static str, stop: Arc<AtomicBool>) -> Vec<(usize, Instant, Instant)> {
-    let done: Arc<Mutex<Vec<(usize, Instant, Instant)>>> = Arc::default();
+async fn probe(w: Arc<World>, round: &'static str, stop: Arc<AtomicBool>) -> Vec<Probe> {
+    let done: Arc<Mutex<Vec<Probe>>> = Arc::default();
     let mut tasks = Vec::new();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -188,9 +204,12 @@ async fn probe(w: Arc<World>, round: &'static str, stop: Arc<AtomicBool>) -> Vec
                 let r =
                     tokio::time::timeout(Duration::from_secs(8), request(&client(), "PUT", &url, &[], &n.to_string()))
                         .await;
-                if matches!(r, Ok(Ok(r)) if r.status == 200) {
-                    done.lock().unwrap().push((i, sent, Instant::now()));
-                }
+                let (status, said) = match r {
+                    Ok(Ok(r)) => (r.status, r.body.chars().take(160).collect()),
+                    Ok(Err(e)) => (0, e),
+                    Err(_) => (0, "no answer in 8 s".into()),
+                };
+                done.lock().unwrap().push(Probe { region: i, sent, done: Instant::now(), status, said });
             }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -286,24 +305,44 @@ async fn round(w: &Arc<World>, name: &'static str, fault: Fault) {
         let i = REGIONS.iter().position(|x| x == r).unwrap();
         let first = probes
             .iter()
-            .filter(|(j, sent, _)| *j == i && *sent >= fault_at)
-            .map(|(_, _, done)| done.duration_since(fault_at))
+            .filter(|p| p.region == i && p.sent >= fault_at && p.status == 200)
+            .map(|p| p.done.duration_since(fault_at))
             .min()
             .unwrap_or_else(|| panic!("{name}: no write succeeded in {r} after the fault\n{}", w.log()));
-        regained.push((*r, first));
+        regained.push((*r, i, first));
     }
+    // What each region answered from the fault until it wrote again.
+    let timeline = |i: usize, until: Duration| -> String {
+        let mut ps: Vec<&Probe> = probes.iter().filter(|p| p.region == i && p.sent >= fault_at).collect();
+        ps.sort_by_key(|p| p.sent);
+        ps.iter()
+            .take_while(|p| p.sent.duration_since(fault_at) <= until)
+            .map(|p| {
+                format!(
+                    "  sent {:>5} ms, answered {:>5} ms: {} {}\n",
+                    p.sent.duration_since(fault_at).as_millis(),
+                    p.done.duration_since(fault_at).as_millis(),
+                    p.status,
+                    p.said
+                )
+            })
+            .collect()
+    };
     eprintln!(
         "{name}: leader {leader} -> {new_leader} (seen {} ms after the fault); writes succeeded again after {:?} (bound {} ms)",
         elected_after.as_millis(),
-        regained.iter().map(|(r, d)| format!("{r} {} ms", d.as_millis())).collect::<Vec<_>>(),
+        regained.iter().map(|(r, _, d)| format!("{r} {} ms", d.as_millis())).collect::<Vec<_>>(),
         bound().as_millis()
     );
-    for (r, d) in &regained {
+    for (r, i, d) in &regained {
+        eprintln!("{name}: {r}'s probes until it wrote again:\n{}", timeline(*i, *d));
         assert!(
             *d <= bound(),
-            "{name}: {r} wrote again only {} ms after the fault (bound {} ms)",
+            "{name}: {r} wrote again only {} ms after the fault (bound {} ms); its probes:\n{}{}",
             d.as_millis(),
-            bound().as_millis()
+            bound().as_millis(),
+            timeline(*i, *d),
+            w.log()
         );
     }
 

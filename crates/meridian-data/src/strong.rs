@@ -982,14 +982,20 @@ async fn to_leader(
     hops: u8,
     why: String,
 ) -> KvResult<OpResult> {
-    // Wait (briefly: about an election) for a leader elsewhere.
+    // Wait (briefly: about an election) for a leader: elsewhere, or this
+    // member itself once it has won (it may be the candidate of the
+    // election under way).
+    let leads_here = || group.raft.metrics().borrow().state.is_leader();
     let mut leader = group.leader_region();
     let deadline = tokio::time::Instant::now() + group.timing.campaign_after(group.members.len() as u32);
-    while leader.as_ref().is_none_or(|l| *l == svc.region) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while leader.as_ref().is_none_or(|l| *l == svc.region && !leads_here()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         leader = group.leader_region();
     }
     match leader {
+        // Elected here while waiting: run it here after all (counted as a
+        // hop, so a member that keeps losing its leadership gives up).
+        Some(l) if l == svc.region && leads_here() && hops < 3 => Box::pin(execute(svc, ns, op, hops + 1)).await,
         Some(l) if l != svc.region => {
             let peer = svc.peers.load().iter().find(|p| p.name == l).cloned();
             match peer {

@@ -117,6 +117,11 @@ pub enum Command {
         app: String,
         command: Option<Steering>,
         approve: bool,
+        /// Set when the rollout pauses itself at a halt: an abort an
+        /// operator gave meanwhile stands (a plain overwrite lost it, and
+        /// the rollout then waited for a decision already made).
+        #[serde(default)]
+        unless_aborted: bool,
     },
     /// Ends a rollout; if it succeeded, its version becomes the desired one
     /// in the same step.
@@ -187,10 +192,12 @@ impl Machine {
                 self.rollouts.insert(record.app.clone(), next);
                 (done(true), None)
             }
-            Command::Steer { app, command, approve } => match self.rollouts.get_mut(app) {
+            Command::Steer { app, command, approve, unless_aborted } => match self.rollouts.get_mut(app) {
                 Some(r) if !r.finished() => {
                     if let Some(c) = command {
-                        r.command = *c;
+                        if !(*unless_aborted && r.command == Steering::Abort) {
+                            r.command = *c;
+                        }
                     }
                     if *approve {
                         r.approvals += 1;
@@ -733,6 +740,49 @@ mod tests {
             assert_eq!(m.state.deleting.len() as u32, total, "seed {seed}: a change applied twice or unacknowledged");
             assert_eq!(m.revision, total as u64, "seed {seed}");
         }
+    }
+
+    /// A rollout halting (rollback = "region") pauses itself after rolling
+    /// the failed region back; an operator who aborted in the meantime
+    /// must not see the abort replaced by that pause (the rollout then
+    /// waited for a decision already given, and `meridian deploy` hung).
+    #[test]
+    fn a_halting_rollout_pausing_itself_keeps_an_abort_given_meanwhile() {
+        let version: VersionId = "b".repeat(64).parse().unwrap();
+        let record = RolloutRecord {
+            app: "a".into(),
+            version,
+            old: None,
+            state: "halted: eu 50%: errors".into(),
+            command: Steering::Run,
+            approvals: 0,
+            steps: vec![],
+            waves: vec![],
+            rollout: Default::default(),
+            smoke: vec![],
+            installs: vec![],
+            started_ms: 0,
+            stopped: None,
+            by: "admin".into(),
+        };
+        let steer = |command, unless_aborted| Command::Steer {
+            app: "a".into(),
+            command: Some(command),
+            approve: false,
+            unless_aborted,
+        };
+        let mut m = Machine::default();
+        m.apply(&Command::Rollout { record: Box::new(record) }, 0);
+        // Nobody decided yet: the halt pauses.
+        assert!(m.apply(&steer(Steering::Pause, true), 0).0.applied);
+        assert_eq!(m.rollouts["a"].command, Steering::Pause);
+        // An operator aborts, then a (late) halt pauses again: the abort stands.
+        m.apply(&steer(Steering::Abort, false), 0);
+        m.apply(&steer(Steering::Pause, true), 0);
+        assert_eq!(m.rollouts["a"].command, Steering::Abort);
+        // An operator's own word always applies.
+        m.apply(&steer(Steering::Run, false), 0);
+        assert_eq!(m.rollouts["a"].command, Steering::Run);
     }
 
     #[test]

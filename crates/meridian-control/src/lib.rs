@@ -1566,7 +1566,7 @@ impl Control {
                         )
                     }
                 };
-                let steer = Command::Steer { app: app.to_string(), command, approve };
+                let steer = Command::Steer { app: app.to_string(), command, approve, unless_aborted: false };
                 match self.consensus.propose(steer).await {
                     Ok(r) if r.applied => {}
                     Ok(_) => {

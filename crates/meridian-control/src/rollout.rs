@@ -209,9 +209,15 @@ impl RolloutCtl {
         self.record.lock().await.rolled_back(region)
     }
 
-    /// Pauses the rollout as an operator would (they resume or abort it).
+    /// Pauses the rollout as an operator would (they resume or abort it),
+    /// unless an operator already aborted it.
     async fn pause(&self) -> Result<(), Halt> {
-        let steer = consensus::Command::Steer { app: self.app.clone(), command: Some(Command::Pause), approve: false };
+        let steer = consensus::Command::Steer {
+            app: self.app.clone(),
+            command: Some(Command::Pause),
+            approve: false,
+            unless_aborted: true,
+        };
         self.consensus.propose(steer).await.map(|_| ()).map_err(|e| Halt::Deposed(e.to_string()))
     }
 

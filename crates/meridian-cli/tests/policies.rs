@@ -216,6 +216,17 @@ regions = "eu"
         }
     }
 
+    // --- a write forgets the stored answer for its URL (RFC 9111 4.4), ---
+    // --- the copies kept apart for pinned clients included ------------------
+    let eu = [("host", host), ("x-meridian-client-country", "FR")];
+    let url = format!("{}/kv/profiles/alice", w.edge("edge-eu-west"));
+    let r = get(&c, &url, &eu).await;
+    assert!(r.body.contains(SECRET) && r.header("x-meridian-cache") == "HIT", "{:?} {}", r.headers, r.body);
+    let r = request(&c, "PUT", &url, &eu, "eu-only-rotated").await.unwrap();
+    assert!(r.status < 300, "{}", r.body);
+    let r = get(&c, &url, &eu).await;
+    assert!(r.body.contains("eu-only-rotated"), "an EU client read the answer stored before its write: {}", r.body);
+
     // --- the only EU region down: a clear error, never a move abroad ------
     w.chaos(&["kill", "eu-west"]);
     for e in &w.desc.edges {

@@ -555,7 +555,12 @@ impl Edge {
         let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         if let Some(host) = host.filter(|_| unsafe_method && self.cache.enabled()) {
             if resp.status().is_success() || resp.status().is_redirection() {
+                // A client pinned to a jurisdiction reads copies kept
+                // apart under its jurisdiction's key: those go too.
                 self.cache.invalidate(&cache::key(&host, pq_of(&parts.uri)));
+                if let Some(j) = &plan.pinned {
+                    self.cache.invalidate(&cache::pinned_key(&host, j, pq_of(&parts.uri)));
+                }
             }
         }
         if !self.cache.enabled() {

@@ -555,11 +555,13 @@ impl Edge {
         let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
         if let Some(host) = host.filter(|_| unsafe_method && self.cache.enabled()) {
             if resp.status().is_success() || resp.status().is_redirection() {
-                // A client pinned to a jurisdiction reads copies kept
-                // apart under its jurisdiction's key: those go too.
-                self.cache.invalidate(&cache::key(&host, pq_of(&parts.uri)));
-                if let Some(j) = &plan.pinned {
-                    self.cache.invalidate(&cache::pinned_key(&host, j, pq_of(&parts.uri)));
+                let pq = pq_of(&parts.uri);
+                self.cache.invalidate(&cache::key(&host, pq));
+                // Pinned clients' copies are kept apart, and only at an
+                // edge of their jurisdiction (`cache_here`): this edge's
+                // one such key goes too, whoever wrote.
+                if let Some(j) = &self.config.jurisdiction {
+                    self.cache.invalidate(&cache::pinned_key(&host, j, pq));
                 }
             }
         }

@@ -236,7 +236,16 @@ async fn a_good_version_rolls_out_wave_by_wave_with_sticky_clients_and_no_failed
         for pair in during.windows(2) {
             if pair[0].version != pair[1].version {
                 assert!(!switched, "a client switched versions twice");
-                assert_eq!((pair[0].version.as_str(), pair[1].version.as_str()), (old.as_str(), new.as_str()));
+                assert_eq!(
+                    (pair[0].version.as_str(), pair[1].version.as_str()),
+                    (old.as_str(), new.as_str()),
+                    "a client moved back: {} from {} then {} from {}, {:?} apart",
+                    pair[0].version,
+                    pair[0].region,
+                    pair[1].version,
+                    pair[1].region,
+                    pair[1].at - pair[0].at
+                );
                 switched = true;
             }
         }

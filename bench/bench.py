@@ -241,9 +241,30 @@ def bench_edge(work, duration):
     env = dict(os.environ)
     if os.environ.get("EDGE_THREADS"):
         env["MERIDIAN_WORKER_THREADS"] = os.environ["EDGE_THREADS"]
-    start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"), env=env)
+    # EDGE_WORKERS=n: the edge's `workers` (threads serving user ports).
+    workers = f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else ""
+    with open(edge_cfg, "r+") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(workers + text)
+    edge_proc = start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"), env=env)
     wait_http(edge_port, "/", ok=lambda s: s == 200)
-    start_nginx(work, "nginx", f"""
+    # MERIDIAN_BEFORE=path: an older build's edge beside it, same config on
+    # other ports (a `workers` line only if that build knows it).
+    before_port = None
+    if os.environ.get("MERIDIAN_BEFORE"):
+        before_port, before_cluster, before_tls = free_port(), free_port(), free_port()
+        before_cfg = os.path.join(work, "edge-before.toml")
+        text = open(edge_cfg).read().replace(workers, "", 1) if workers else open(edge_cfg).read()
+        text = (text.replace(f"127.0.0.1:{edge_port}", f"127.0.0.1:{before_port}")
+                .replace(f"127.0.0.1:{edge_cluster}", f"127.0.0.1:{before_cluster}")
+                .replace(f"127.0.0.1:{edge_tls_port}", f"127.0.0.1:{before_tls}"))
+        with open(before_cfg, "w") as f:
+            f.write(text)
+        start([os.environ["MERIDIAN_BEFORE"], "edge", "--config", before_cfg], os.path.join(work, "edge-before.log"),
+              env=env)
+        wait_http(before_port, "/", ok=lambda s: s == 200)
+    _, nginx_proc = start_nginx(work, "nginx", f"""
   upstream region {{ server 127.0.0.1:{stack.cluster_port}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{nginx_port};
@@ -276,25 +297,31 @@ def bench_edge(work, duration):
     print(f"\n## Edge router vs nginx reverse proxy (same region behind both, both over mutual TLS to its cluster port; "
           f"direct = its public port; wrk -t1, {duration}s each)\n")
     print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
-          "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [(path, conns, f"http://127.0.0.1:{edge_port}", f"http://127.0.0.1:{nginx_port}", path)
+          "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput "
+          "| edge CPU µs/req | nginx CPU µs/req |" + (" before req/s | edge/before |" if before_port else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if before_port else ""))
+    rows = [(path, conns, f"http://127.0.0.1:{edge_port}", f"http://127.0.0.1:{nginx_port}", path,
+             f"http://127.0.0.1:{before_port}")
             for path in ("/index.html", "/hello") for conns in (1, 16)]
     # HTTPS to both (same certificate, TLS 1.3, AES-256-GCM; wrk keeps its
     # connections, so this is the record layer, not handshakes).
-    rows += [(path, conns, f"https://localhost:{edge_tls_port}", f"https://localhost:{nginx_tls_port}", f"{path} (TLS)")
+    rows += [(path, conns, f"https://localhost:{edge_tls_port}", f"https://localhost:{nginx_tls_port}", f"{path} (TLS)",
+              f"https://localhost:{before_tls}" if before_port else None)
              for path in ("/index.html", "/hello") for conns in (1, 16)]
-    for path, conns, edge_url, nginx_url, label in rows:
+    for path, conns, edge_url, nginx_url, label, before_url in rows:
         d = wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns)
-        e = wrk(f"{edge_url}{path}", duration, conns)
-        n = wrk(f"{nginx_url}{path}", duration, conns)
+        e = wrk_cpu(f"{edge_url}{path}", duration, conns, edge_proc.pid)
+        n = wrk_cpu(f"{nginx_url}{path}", duration, conns, nginx_proc.pid)
+        b = wrk(f"{before_url}{path}", duration, conns) if before_port else None
         for name, r in (("edge", e), ("nginx", n)):
             if r["errors"] or r["socket_errors"]:
                 print(f"<!-- {name} {label} c{conns}: {r['errors']} non-2xx, {r['socket_errors']} -->")
         print(f"| {label} | {conns} | {d['p50_ms']:.3f} | {e['p50_ms']:.3f} | {n['p50_ms']:.3f} | "
               f"{(e['p50_ms'] - d['p50_ms']) * 1000:.0f} | {(n['p50_ms'] - d['p50_ms']) * 1000:.0f} | "
               f"{(e['p99_ms'] - d['p99_ms']) * 1000:.0f} | {(n['p99_ms'] - d['p99_ms']) * 1000:.0f} | "
-              f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} |")
+              f"{d['rps']:.0f} | {e['rps']:.0f} | {n['rps']:.0f} | {ratio(e['rps'], n['rps'])} | "
+              f"{e['cpu_us']:.1f} | {n['cpu_us']:.1f} |"
+              + (f" {b['rps']:.0f} | {ratio(e['rps'], b['rps'])} |" if b else ""))
 
 
 def bench_cache(work, duration):

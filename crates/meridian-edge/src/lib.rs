@@ -106,6 +106,18 @@ pub struct EdgeConfig {
     /// Largest request body buffered for replay on another region.
     #[serde(default = "default_max_body_kb")]
     pub max_body_kb: usize,
+    /// Threads serving the user ports, each with its own runtime, listener
+    /// (`SO_REUSEPORT`) and connections to the regions (default: one per
+    /// core).
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+impl EdgeConfig {
+    /// How many worker threads serve the user ports.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(meridian_http::workers::default_count).max(1)
+    }
 }
 
 fn default_max_retries() -> u32 {
@@ -138,7 +150,10 @@ struct Upstream {
     /// `Host` of every request to this region (its cluster address), made
     /// once rather than per request.
     host: HeaderValue,
-    pool: Arc<pool::Pool>,
+    /// Connections to the region: one pool per worker thread (a connection
+    /// is driven by a task of the runtime that opened it, so a worker uses
+    /// only its own), and the last for every other thread (health probes).
+    pools: Vec<Arc<pool::Pool>>,
     health: Mutex<RegionHealth>,
     /// Answers of this region passed on to clients.
     answered: std::sync::atomic::AtomicU64,
@@ -150,6 +165,14 @@ struct Upstream {
     /// after a restart, and whether the default app is one (its health
     /// probe says): their requests go elsewhere, every other app's stay.
     catching_up: arc_swap::ArcSwap<(Vec<String>, bool)>,
+}
+
+impl Upstream {
+    /// This thread's pool of connections to the region.
+    fn pool(&self) -> &Arc<pool::Pool> {
+        let last = self.pools.len() - 1;
+        &self.pools[meridian_http::workers::current().map_or(last, |i| i.min(last))]
+    }
 }
 
 pub struct Edge {
@@ -222,18 +245,22 @@ impl Edge {
                     (Some("https"), Some(a)) => a.clone(),
                     _ => return Err(EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() }),
                 };
-                let pool = pool::Pool::with_tls(
-                    authority.to_string(),
-                    Duration::from_millis(config.health.timeout_ms.max(100)),
-                    tls.clone(),
-                    Expect::new(&r.name, Role::Region),
-                );
+                let pools = (0..=config.workers())
+                    .map(|_| {
+                        pool::Pool::with_tls(
+                            authority.to_string(),
+                            Duration::from_millis(config.health.timeout_ms.max(100)),
+                            tls.clone(),
+                            Expect::new(&r.name, Role::Region),
+                        )
+                    })
+                    .collect();
                 let host = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| EdgeError::BadUrl { name: r.name.clone(), url: r.url.clone() })?;
                 Ok(Upstream {
                     target: r.clone(),
                     host,
-                    pool,
+                    pools,
                     health: Mutex::new(RegionHealth::new()),
                     answered: Default::default(),
                     failed: Default::default(),
@@ -294,7 +321,7 @@ impl Edge {
         let req = Request::get(uri).body(meridian_http::empty()).expect("valid probe request");
         let start = Instant::now();
         let timeout = Duration::from_millis(self.config.health.timeout_ms);
-        let ok = match tokio::time::timeout(timeout, u.pool.send(req)).await {
+        let ok = match tokio::time::timeout(timeout, u.pool().send(req)).await {
             Ok(Ok(resp)) => {
                 let ok = resp.status() == StatusCode::OK;
                 // Read to the end (so the connection returns to the pool):
@@ -809,7 +836,7 @@ impl Edge {
             } else {
                 self.config.upstream_timeout_ms
             });
-            match tokio::time::timeout(timeout, u.pool.send(req)).await {
+            match tokio::time::timeout(timeout, u.pool().send(req)).await {
                 Ok(Ok(resp)) => {
                     // A fault header says the region is fine (the app
                     // failed, or a region it needed): passed on as is.

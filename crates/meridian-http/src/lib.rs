@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod pool;
+pub mod workers;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};

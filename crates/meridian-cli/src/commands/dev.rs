@@ -576,6 +576,7 @@ async fn bring_up(
             upstream_timeout_ms: 30_000,
             first_byte_timeout_ms: 5_000,
             max_body_kb: 8 * 1024,
+            workers: None,
         };
         drop(plan.edge_cluster_holds[i].take());
         start_role(sup, &name, "edge", &mut cfg, |c, l| {

@@ -1,6 +1,7 @@
 //! `meridian region|edge|control --config FILE`: run one role.
 
 use anyhow::Context;
+use meridian_http::workers::{serve_per_core, Port};
 use meridian_http::{ClientAuth, Handler, Transport};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,11 @@ pub async fn shutdown_signal() {
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// A user port that the worker threads share (`SO_REUSEPORT`).
+async fn bind_shared(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    meridian_http::workers::bind_shared(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// Serves every listener until `shutdown`, then drains them all.
@@ -118,12 +124,13 @@ pub async fn region(a: Args) -> anyhow::Result<()> {
 
 pub async fn edge(a: Args) -> anyhow::Result<()> {
     let cfg: meridian_edge::EdgeConfig = load(&a.config)?;
-    let public = bind(cfg.listen).await?;
+    // User ports are shared by the worker threads (SO_REUSEPORT).
+    let public = bind_shared(cfg.listen).await?;
     let cluster = bind(cfg.cluster_listen).await?;
     let port = public.local_addr()?.port();
     let mut also = Vec::new();
     for ip in &cfg.also_listen_ips {
-        also.push(bind(std::net::SocketAddr::new(*ip, port)).await?);
+        also.push(bind_shared(std::net::SocketAddr::new(*ip, port)).await?);
     }
     let https = match &cfg.https {
         None => None,
@@ -131,9 +138,10 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
             let sites = meridian_edge::https::Sites::load(&h.certs_dir)?;
             sites.spawn_reloader(Duration::from_millis(h.reload_interval_ms));
             let config = sites.server_config().context("the HTTPS port's TLS configuration")?;
-            Some((bind(h.listen).await?, config))
+            Some((bind_shared(h.listen).await?, config))
         }
     };
+    let workers = cfg.workers();
     let what = cfg.name.clone();
     let edge = meridian_edge::Edge::new(cfg)?;
     edge.tls.spawn_reloader();
@@ -149,15 +157,48 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
         Box::pin(async move { e.handle_cluster(req).await })
     });
     let tls = Transport::Tls(edge.tls.clone(), ClientAuth::Required);
-    let mut listeners =
-        vec![("public", public, public_handler.clone(), Transport::Plain), ("cluster", cluster, cluster_handler, tls)];
+    let mut user = vec![("public", public, Transport::Plain)];
     for l in also {
-        listeners.push(("also", l, public_handler.clone(), Transport::Plain));
+        user.push(("also", l, Transport::Plain));
     }
     if let Some((l, config)) = https {
-        listeners.push(("https", l, public_handler, Transport::Public(config)));
+        user.push(("https", l, Transport::Public(config)));
     }
-    serve_all(&a, &what, listeners, shutdown_signal()).await
+    let mut named: Vec<(&str, &tokio::net::TcpListener)> = user.iter().map(|(k, l, _)| (*k, l)).collect();
+    named.push(("cluster", &cluster));
+    announce(&a.ready_file, &named)?;
+    for (kind, l) in &named {
+        tracing::info!(addr = %l.local_addr()?, workers, "{what} serving ({kind})");
+    }
+    let ports = user
+        .into_iter()
+        .map(|(_, listener, transport)| Port { listener, handler: public_handler.clone(), transport })
+        .collect();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(10);
+    let mut rx = stop_rx.clone();
+    let cluster = tokio::spawn(meridian_http::serve(
+        cluster,
+        cluster_handler,
+        tls,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+        grace,
+    ));
+    let mut user = tokio::spawn(serve_per_core(workers, ports, stop_rx, grace));
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        // The workers stop only when told to, unless they could not start.
+        r = &mut user => {
+            r.context("the worker threads")?.context("serving the user ports")?;
+            anyhow::bail!("the worker threads stopped on their own");
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = cluster.await;
+    user.await.context("the worker threads")?.context("serving the user ports")?;
+    Ok(())
 }
 
 pub async fn dns(a: Args) -> anyhow::Result<()> {

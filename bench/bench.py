@@ -338,7 +338,9 @@ def bench_cache(work, duration):
     edge_cfg = os.path.join(work, "edge.toml")
     with open(edge_cfg, "w") as f:
         f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
-                f'location = {{ lat = 50.0, lon = 8.0 }}\n'
+                # EDGE_WORKERS=n: the edge's `workers` (threads serving user ports).
+                + (f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else "")
+                + f'location = {{ lat = 50.0, lon = 8.0 }}\n'
                 f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))
     start([MERIDIAN, "edge", "--config", edge_cfg], os.path.join(work, "edge.log"))

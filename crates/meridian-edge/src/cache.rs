@@ -177,6 +177,9 @@ pub struct Object {
     /// The values of the request headers `Vary` names, to tell variants of
     /// one URL apart.
     pub(crate) vary_key: Box<str>,
+    /// The `Host` of the request it answered (the policy's URL match, kept
+    /// where a lookup can compare it without asking the policy).
+    pub(crate) req_host: Option<HeaderValue>,
     /// When it stops being fresh.
     pub(crate) fresh_until: SystemTime,
     pub(crate) stale_while_revalidate: Duration,
@@ -224,6 +227,7 @@ impl Object {
         Some(Object {
             tags: tags_of(headers),
             vary_key: vary_key(headers, req.headers),
+            req_host: req.headers.get(header::HOST).cloned(),
             policy,
             status,
             headers: stored,
@@ -282,6 +286,20 @@ impl Object {
 
     pub fn is_fresh(&self, now: SystemTime) -> bool {
         now < self.fresh_until
+    }
+
+    /// The common hit, decided without building the policy's answer: fresh
+    /// by our clock and the policy's, the same `Host` and `Vary` values, and
+    /// a request with no directives of its own. When this says yes, so
+    /// would [`CachePolicy::before_request`]; when it says no, the policy
+    /// decides.
+    fn plainly_fresh_for(&self, req: &Lookup<'_>, now: SystemTime) -> bool {
+        self.is_fresh(now)
+            && !req.headers.contains_key(header::CACHE_CONTROL)
+            && !req.headers.contains_key(header::PRAGMA)
+            && req.headers.get(header::HOST) == self.req_host.as_ref()
+            && *vary_key(&self.headers, req.headers) == *self.vary_key
+            && !self.policy.is_stale(now)
     }
 
     /// How long past freshness it is (zero when fresh).
@@ -642,6 +660,9 @@ impl Cache {
         let get = Lookup { method: &Method::GET, ..*req };
         // Newest variant first: a re-stored variant replaces its old self.
         for o in variants.iter().rev() {
+            if o.plainly_fresh_for(&get, now) {
+                return Found::Fresh(o.clone());
+            }
             match o.policy.before_request(&get, now) {
                 BeforeRequest::Fresh(_) if o.is_fresh(now) => return Found::Fresh(o.clone()),
                 BeforeRequest::Stale { matches: false, .. } => continue,
@@ -1050,6 +1071,37 @@ mod tests {
                 assert_eq!(got, want, "{name}: after {secs} s");
             }
         }
+    }
+
+    #[test]
+    fn the_quick_freshness_check_never_says_fresh_where_the_policy_would_not() {
+        let t0 = SystemTime::now();
+        let rh = headers(&[("accept-language", "fr")]);
+        let resp = headers(&[("cache-control", "max-age=60"), ("vary", "Accept-Language")]);
+        let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &resp, Bytes::from_static(b"b"), t0).unwrap();
+        let policy_fresh = |req: &HeaderMap, now| {
+            matches!(o.policy.before_request(&lookup("/x", req), now), BeforeRequest::Fresh(_)) && o.is_fresh(now)
+        };
+        let cases: [(&str, HeaderMap, SystemTime, bool); 7] = [
+            ("the same request, fresh", rh.clone(), t0 + Duration::from_secs(1), true),
+            ("the same request, expired", rh.clone(), t0 + Duration::from_secs(61), false),
+            ("another Vary value", headers(&[("accept-language", "de")]), t0, false),
+            ("no Vary value", headers(&[]), t0, false),
+            ("another Host", headers(&[("accept-language", "fr"), ("host", "other.example")]), t0, false),
+            ("the client's own max-age=0", headers(&[("accept-language", "fr"), ("cache-control", "max-age=0")]), t0 + Duration::from_secs(2), false),
+            ("the client's Pragma", headers(&[("accept-language", "fr"), ("pragma", "no-cache")]), t0, false),
+        ];
+        for (name, req, now, want) in cases {
+            let quick = o.plainly_fresh_for(&lookup("/x", &req), now);
+            assert_eq!(quick, want, "{name}");
+            // Whenever the quick check says fresh, the policy agrees.
+            assert!(!quick || policy_fresh(&req, now), "{name}: quick says fresh, the policy does not");
+        }
+        // A stale object by the policy's whole seconds is not fresh here
+        // either, whatever our own clock says.
+        let no_cache = headers(&[("cache-control", "no-cache"), ("etag", "\"v\"")]);
+        let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &no_cache, Bytes::from_static(b"b"), t0).unwrap();
+        assert!(!o.plainly_fresh_for(&lookup("/x", &rh), t0));
     }
 
     #[test]

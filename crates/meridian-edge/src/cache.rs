@@ -1088,7 +1088,12 @@ mod tests {
             ("another Vary value", headers(&[("accept-language", "de")]), t0, false),
             ("no Vary value", headers(&[]), t0, false),
             ("another Host", headers(&[("accept-language", "fr"), ("host", "other.example")]), t0, false),
-            ("the client's own max-age=0", headers(&[("accept-language", "fr"), ("cache-control", "max-age=0")]), t0 + Duration::from_secs(2), false),
+            (
+                "the client's own max-age=0",
+                headers(&[("accept-language", "fr"), ("cache-control", "max-age=0")]),
+                t0 + Duration::from_secs(2),
+                false,
+            ),
             ("the client's Pragma", headers(&[("accept-language", "fr"), ("pragma", "no-cache")]), t0, false),
         ];
         for (name, req, now, want) in cases {

@@ -295,7 +295,7 @@ def bench_edge(work, duration):
 """)
     wait_http(nginx_port, "/", ok=lambda s: s == 200)
     print(f"\n## Edge router vs nginx reverse proxy (same region behind both, both over mutual TLS to its cluster port; "
-          f"direct = its public port; wrk -t1, {duration}s each)\n")
+          f"direct = its public port; wrk -t1, {duration}s each, two rounds alternated, mean)\n")
     print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
           "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput "
           "| edge CPU µs/req | nginx CPU µs/req |" + (" before req/s | edge/before |" if before_port else ""))
@@ -309,10 +309,18 @@ def bench_edge(work, duration):
               f"https://localhost:{before_tls}" if before_port else None)
              for path in ("/index.html", "/hello") for conns in (1, 16)]
     for path, conns, edge_url, nginx_url, label, before_url in rows:
-        d = wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns)
-        e = wrk_cpu(f"{edge_url}{path}", duration, conns, edge_proc.pid)
-        n = wrk_cpu(f"{nginx_url}{path}", duration, conns, nginx_proc.pid)
-        b = wrk(f"{before_url}{path}", duration, conns) if before_port else None
+        # Two rounds, alternated, averaged: one 8 s window on this shared
+        # machine swings ±20 %, and a fixed order would favour whoever runs
+        # in the quieter slot.
+        rounds = {"d": [], "e": [], "n": [], "b": []}
+        for _ in range(2):
+            rounds["d"].append(wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns))
+            rounds["e"].append(wrk_cpu(f"{edge_url}{path}", duration, conns, edge_proc.pid))
+            rounds["n"].append(wrk_cpu(f"{nginx_url}{path}", duration, conns, nginx_proc.pid))
+            if before_port:
+                rounds["b"].append(wrk(f"{before_url}{path}", duration, conns))
+        d, e, n = mean_runs(rounds["d"]), mean_runs(rounds["e"]), mean_runs(rounds["n"])
+        b = mean_runs(rounds["b"]) if before_port else None
         for name, r in (("edge", e), ("nginx", n)):
             if r["errors"] or r["socket_errors"]:
                 print(f"<!-- {name} {label} c{conns}: {r['errors']} non-2xx, {r['socket_errors']} -->")
@@ -832,6 +840,20 @@ def cpu_ns(pid):
         except OSError:
             pass
     return total
+
+
+def mean_runs(runs):
+    """The mean of several wrk results: rates, percentiles and CPU averaged,
+    requests and errors added up."""
+    out = {}
+    for k, v in runs[0].items():
+        if k in ("requests", "errors"):
+            out[k] = sum(r[k] for r in runs)
+        elif isinstance(v, (int, float)):
+            out[k] = sum(r[k] for r in runs) / len(runs)
+        else:
+            out[k] = "; ".join(r[k] for r in runs if r[k])
+    return out
 
 
 def wrk_cpu(url, duration, conns, pid, extra=()):
@@ -1502,6 +1524,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep each benchmark's work directory (logs, data)")
     a = ap.parse_args()
+    # A SIGTERM unwinds like an error, so `finally` stops what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not os.path.exists(MERIDIAN):
         sys.exit("build first: cargo build --release")
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")

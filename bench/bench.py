@@ -92,6 +92,12 @@ def wrk(url, duration, conns=16, threads=1, extra=()):
             "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
 
 
+def edge_workers_line():
+    """EDGE_WORKERS=n: an edge config's `workers` line (threads serving
+    user ports); empty when unset, so the edge's default holds."""
+    return f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else ""
+
+
 def tls_section(certs, name):
     return f'[tls]\nca = "{certs}/ca.pem"\ncert = "{certs}/{name}.pem"\nkey = "{certs}/{name}.key"\n'
 
@@ -241,8 +247,7 @@ def bench_edge(work, duration):
     env = dict(os.environ)
     if os.environ.get("EDGE_THREADS"):
         env["MERIDIAN_WORKER_THREADS"] = os.environ["EDGE_THREADS"]
-    # EDGE_WORKERS=n: the edge's `workers` (threads serving user ports).
-    workers = f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else ""
+    workers = edge_workers_line()
     with open(edge_cfg, "r+") as f:
         text = f.read()
         f.seek(0)
@@ -309,16 +314,18 @@ def bench_edge(work, duration):
               f"https://localhost:{before_tls}" if before_port else None)
              for path in ("/index.html", "/hello") for conns in (1, 16)]
     for path, conns, edge_url, nginx_url, label, before_url in rows:
-        # Two rounds, alternated, averaged: one 8 s window on this shared
-        # machine swings ±20 %, and a fixed order would favour whoever runs
-        # in the quieter slot.
+        # Two rounds, averaged, the proxies in the opposite order in the
+        # second: one 8 s window on this shared machine swings ±20 %, and a
+        # fixed order would favour whoever runs in the quieter slot.
         rounds = {"d": [], "e": [], "n": [], "b": []}
-        for _ in range(2):
+        for r in range(2):
             rounds["d"].append(wrk(f"http://127.0.0.1:{stack.region_port}{path}", duration, conns))
-            rounds["e"].append(wrk_cpu(f"{edge_url}{path}", duration, conns, edge_proc.pid))
-            rounds["n"].append(wrk_cpu(f"{nginx_url}{path}", duration, conns, nginx_proc.pid))
+            proxies = [("e", lambda: wrk_cpu(f"{edge_url}{path}", duration, conns, edge_proc.pid)),
+                       ("n", lambda: wrk_cpu(f"{nginx_url}{path}", duration, conns, nginx_proc.pid))]
             if before_port:
-                rounds["b"].append(wrk(f"{before_url}{path}", duration, conns))
+                proxies.append(("b", lambda: wrk(f"{before_url}{path}", duration, conns)))
+            for name, run in proxies if r == 0 else reversed(proxies):
+                rounds[name].append(run())
         d, e, n = mean_runs(rounds["d"]), mean_runs(rounds["e"]), mean_runs(rounds["n"])
         b = mean_runs(rounds["b"]) if before_port else None
         for name, r in (("edge", e), ("nginx", n)):
@@ -346,8 +353,7 @@ def bench_cache(work, duration):
     edge_cfg = os.path.join(work, "edge.toml")
     with open(edge_cfg, "w") as f:
         f.write(f'name = "edge-bench"\nlisten = "127.0.0.1:{edge_port}"\ncluster_listen = "127.0.0.1:{edge_cluster}"\n'
-                # EDGE_WORKERS=n: the edge's `workers` (threads serving user ports).
-                + (f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else "")
+                + edge_workers_line()
                 + f'location = {{ lat = 50.0, lon = 8.0 }}\n'
                 f'[[regions]]\nname = "bench"\nurl = "https://127.0.0.1:{stack.cluster_port}"\n'
                 f'location = {{ lat = 50.0, lon = 8.0 }}\n' + tls_section(stack.certs, "edge-bench"))

@@ -1102,8 +1102,8 @@ mod tests {
             // Whenever the quick check says fresh, the policy agrees.
             assert!(!quick || policy_fresh(&req, now), "{name}: quick says fresh, the policy does not");
         }
-        // A stale object by the policy's whole seconds is not fresh here
-        // either, whatever our own clock says.
+        // An answer that must always be revalidated (no-cache) is never
+        // plainly fresh, not even at the instant it was stored.
         let no_cache = headers(&[("cache-control", "no-cache"), ("etag", "\"v\"")]);
         let o = Object::new(&lookup("/x", &rh), StatusCode::OK, &no_cache, Bytes::from_static(b"b"), t0).unwrap();
         assert!(!o.plainly_fresh_for(&lookup("/x", &rh), t0));

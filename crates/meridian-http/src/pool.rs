@@ -149,6 +149,16 @@ impl Pool {
             }
         };
         let resp = sender.send_request(req).await?;
+        // No body to read (a 304, an answer to HEAD): hyper will not poll
+        // it, so the connection goes back now.
+        if hyper::body::Body::is_end_stream(resp.body()) {
+            self.idle.lock().unwrap().push((sender, Instant::now()));
+            return Ok(resp.map(|b| {
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
+                    Box::new(e) as crate::BoxError
+                }))
+            }));
+        }
         let pool = self.clone();
         Ok(resp.map(|inner| {
             let body = PooledBody { inner, sender: Some(sender), pool };
@@ -252,6 +262,17 @@ mod tests {
         let b = pool.send(get()).await.unwrap();
         assert_eq!(conns.load(Ordering::SeqCst), 2);
         drop((a, b));
+    }
+
+    #[tokio::test]
+    async fn a_response_without_a_body_gives_its_connection_back() {
+        let (addr, conns) = server().await;
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        for _ in 0..3 {
+            let r = pool.send(Request::head("/").body(crate::empty()).unwrap()).await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "HEAD answers are not read, yet their connection is reused");
     }
 
     #[tokio::test]

@@ -94,8 +94,18 @@ def wrk(url, duration, conns=16, threads=1, extra=()):
 
 def edge_workers_line():
     """EDGE_WORKERS=n: an edge config's `workers` line (threads serving
-    user ports); empty when unset, so the edge's default holds."""
+    user ports); empty when unset, so the edge's default holds. nginx is
+    given the same number of worker processes (`start_nginx`), so the two
+    always run with equal workers."""
     return f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else ""
+
+
+def workers_note():
+    """How many workers the edge and nginx ran with, for a section header."""
+    n = os.environ.get("EDGE_WORKERS")
+    if n:
+        return f"edge workers = {int(n)}, nginx worker_processes {int(n)}"
+    return f"edge workers = one per core, nginx worker_processes auto ({os.cpu_count()} here)"
 
 
 def tls_section(certs, name):
@@ -171,7 +181,7 @@ def start_nginx(work, name, http_block, user_root=False):
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(("user root;\n" if user_root else "")
-                + f"worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
+                + f"worker_processes {int(os.environ['EDGE_WORKERS']) if os.environ.get('EDGE_WORKERS') else 'auto'};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
                 + "events { worker_connections 4096; }\nhttp {\n  access_log off;\n" + http_block + "}\n")
     return d, start(["nginx", "-c", conf, "-p", d], os.path.join(work, f"{name}.log"))
 
@@ -300,7 +310,7 @@ def bench_edge(work, duration):
 """)
     wait_http(nginx_port, "/", ok=lambda s: s == 200)
     print(f"\n## Edge router vs nginx reverse proxy (same region behind both, both over mutual TLS to its cluster port; "
-          f"direct = its public port; wrk -t1, {duration}s each, two rounds alternated, mean)\n")
+          f"direct = its public port; wrk -t1, {duration}s each, two rounds alternated, mean; {workers_note()})\n")
     print("| path | connections | direct p50 ms | edge p50 ms | nginx p50 ms | edge added p50 µs | nginx added p50 µs "
           "| edge added p99 µs | nginx added p99 µs | direct req/s | edge req/s | nginx req/s | edge/nginx throughput "
           "| edge CPU µs/req | nginx CPU µs/req |" + (" before req/s | edge/before |" if before_port else ""))
@@ -388,15 +398,21 @@ def bench_cache(work, duration):
         for path in ("/index.html", "/asset.bin"):
             for _ in range(3):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}{path}").read()
-    print(f"\n## Cache hits: edge vs Varnish vs nginx proxy_cache (same objects, warmed; wrk -t1, {duration}s each)\n")
+    print(f"\n## Cache hits: edge vs Varnish vs nginx proxy_cache (same objects, warmed; wrk -t1, {duration}s each, "
+          f"two rounds alternated, mean; {workers_note()})\n")
     print("| object | connections | edge req/s | Varnish req/s | nginx req/s | edge p50 / p99 ms | Varnish p50 / p99 ms "
           "| nginx p50 / p99 ms | edge/Varnish | edge/nginx |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in ("/index.html", "/asset.bin"):
         for conns in (1, 16):
-            e = wrk(f"http://127.0.0.1:{edge_port}{path}", duration, conns)
-            v = wrk(f"http://127.0.0.1:{varnish_port}{path}", duration, conns)
-            n = wrk(f"http://127.0.0.1:{nginx_port}{path}", duration, conns)
+            # Two rounds, the second in reverse order, so no server always
+            # runs in the same slot of a noisy machine; the mean is shown.
+            ports = {"edge": edge_port, "varnish": varnish_port, "nginx": nginx_port}
+            runs = {name: [] for name in ports}
+            for order in (list(ports), list(reversed(ports))):
+                for name in order:
+                    runs[name].append(wrk(f"http://127.0.0.1:{ports[name]}{path}", duration, conns))
+            e, v, n = (mean_runs(runs[name]) for name in ports)
             for name, r in (("edge", e), ("varnish", v), ("nginx", n)):
                 if r["errors"] or r["socket_errors"]:
                     print(f"<!-- {name} {path} c{conns}: {r['errors']} errors, {r['socket_errors']} -->")

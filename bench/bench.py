@@ -1551,7 +1551,11 @@ def main():
     if not os.path.exists(MERIDIAN):
         sys.exit("build first: cargo build --release")
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
-    print(f"\nCommand: `python3 bench/bench.py {' '.join(sys.argv[1:])}`")
+    # The environment knobs that change what runs, so a result says how to
+    # get it again.
+    knobs = "".join(f"{k}={os.environ[k]} " for k in ("EDGE_WORKERS", "EDGE_THREADS", "MERIDIAN_BEFORE")
+                    if os.environ.get(k))
+    print(f"\nCommand: `{knobs}python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:
         for name, fn in [("host", bench_host), ("cost", bench_cost), ("pooling", bench_pooling), ("idle", bench_idle), ("edge", bench_edge), ("cache", bench_cache),
                          ("plan", lambda work: bench_plan()), ("purge", bench_purge), ("failover", bench_failover),

@@ -2,9 +2,16 @@
 //!
 //! A deliberately small pool over hyper's HTTP/1 connection API, used instead
 //! of hyper-util's general-purpose client: one lock-protected stack of idle
-//! senders per node, no background tasks beyond each connection's own
-//! driver. A connection goes back on the stack when its response body has
-//! been read to the end; a connection whose body was abandoned is dropped.
+//! connections per node. A connection goes back on the stack when its
+//! response body has been read to the end; a connection whose body was
+//! abandoned is dropped.
+//!
+//! No task of its own drives a connection: the caller's task does, while it
+//! waits for the response head and while it reads the body (a proxy's
+//! request costs no hop to a connection task and back). An idle connection
+//! is driven by nobody, so a close by the node is seen when the connection is
+//! next checked out, or by the pool's sweeper, which every few seconds drops
+//! idle connections that the node closed or that idled too long.
 //!
 //! With TLS, every new connection is a mutual-TLS handshake with this node's
 //! certificate, and the server's certificate must be the one the pool
@@ -18,7 +25,9 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use meridian_trust::{Expect, Tls};
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,7 +41,65 @@ pub struct Pool {
     addr: String,
     connect_timeout: Duration,
     tls: Option<(Arc<Tls>, Expect)>,
-    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
+    sweeping: AtomicBool,
+}
+
+/// How often idle connections are looked at for a close by the node.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// hyper's connection state machine, over TCP or TLS.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// One HTTP/1 connection: the handle requests are sent on and the state
+/// machine that moves them, driven by whoever is using the connection.
+struct Conn {
+    sender: SendRequest<Body>,
+    driver: Driver,
+    /// The driver has finished: the connection is closed.
+    closed: bool,
+}
+
+impl Conn {
+    /// Moves the connection along; true once it is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.closed && self.driver.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+        self.closed
+    }
+
+    /// Whether the connection can take a request now, driving it until it
+    /// knows (the end of the last response may not have been seen yet).
+    async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            if self.drive(cx) {
+                return Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection.
+    async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
+        let mut response = std::pin::pin!(self.sender.send_request(req));
+        let (driver, closed) = (&mut self.driver, &mut self.closed);
+        std::future::poll_fn(|cx| {
+            if !*closed && driver.as_mut().poll(cx).is_ready() {
+                *closed = true;
+            }
+            // A closed connection fails the pending response at once.
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Polls an idle connection once without waiting: false if the node
+    /// closed it.
+    fn still_open(&mut self) -> bool {
+        !self.drive(&mut Context::from_waker(std::task::Waker::noop())) && !self.sender.is_closed()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,16 +123,29 @@ impl SendError {
 impl Pool {
     /// A pool of plain TCP connections to `addr` (`host:port`).
     pub fn new(addr: String, connect_timeout: Duration) -> Arc<Pool> {
-        Arc::new(Pool { addr, connect_timeout, tls: None, idle: Mutex::new(Vec::new()) })
+        Arc::new(Pool {
+            addr,
+            connect_timeout,
+            tls: None,
+            idle: Mutex::new(Vec::new()),
+            sweeping: AtomicBool::new(false),
+        })
     }
 
     /// A pool of mutual-TLS connections to `addr`, which must present the
     /// certificate of `expect`.
     pub fn with_tls(addr: String, connect_timeout: Duration, tls: Arc<Tls>, expect: Expect) -> Arc<Pool> {
-        Arc::new(Pool { addr, connect_timeout, tls: Some((tls, expect)), idle: Mutex::new(Vec::new()) })
+        Arc::new(Pool {
+            addr,
+            connect_timeout,
+            tls: Some((tls, expect)),
+            idle: Mutex::new(Vec::new()),
+            sweeping: AtomicBool::new(false),
+        })
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<Conn, SendError> {
+        self.start_sweeping();
         let connect = async {
             let stream =
                 tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| SendError::Connect(e.to_string()))?;
@@ -90,14 +170,46 @@ impl Pool {
         })?
     }
 
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap();
-        while let Some((s, since)) = idle.pop() {
-            if !s.is_closed() && since.elapsed() < MAX_IDLE {
-                return Some(s);
+        while let Some((c, since)) = idle.pop() {
+            if !c.closed && since.elapsed() < MAX_IDLE {
+                return Some(c);
             }
         }
         None
+    }
+
+    fn release(&self, conn: Conn) {
+        if !conn.closed {
+            self.idle.lock().unwrap().push((conn, Instant::now()));
+        }
+    }
+
+    /// Drops idle connections that the node closed or that idled too long.
+    fn sweep(&self) {
+        self.idle.lock().unwrap().retain_mut(|(c, since)| since.elapsed() < MAX_IDLE && c.still_open());
+    }
+
+    /// Starts the sweeper, once, on the runtime of the first connect. It
+    /// holds the pool weakly and ends with it.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                match pool.upgrade() {
+                    Some(pool) => pool.sweep(),
+                    None => break,
+                }
+            }
+        });
     }
 
     /// Opens connections in the background until `n` are idle (counting
@@ -108,27 +220,27 @@ impl Pool {
     pub fn preconnect(self: &Arc<Self>, n: usize) {
         let idle = {
             let mut idle = self.idle.lock().unwrap();
-            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < MAX_IDLE);
+            idle.retain(|(c, since)| !c.closed && since.elapsed() < MAX_IDLE);
             idle.len()
         };
         for _ in idle..n {
             let pool = self.clone();
             tokio::spawn(async move {
-                if let Ok(s) = pool.connect().await {
-                    pool.idle.lock().unwrap().push((s, Instant::now()));
+                if let Ok(c) = pool.connect().await {
+                    pool.release(c);
                 }
             });
         }
     }
 
     pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let mut sender = loop {
+        let mut conn = loop {
             match self.checkout() {
                 // Released after its body ended, so ready at once or as soon
-                // as the connection task has seen the end of the message.
-                Some(mut s) => {
-                    if s.ready().await.is_ok() {
-                        break s;
+                // as the connection has seen the end of the message.
+                Some(mut c) => {
+                    if c.ready().await {
+                        break c;
                     }
                 }
                 // Connected in a task of its own: a caller with a short
@@ -140,19 +252,19 @@ impl Pool {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let pool = self.clone();
                     tokio::spawn(async move {
-                        if let Err(Ok(s)) = tx.send(pool.connect().await) {
-                            pool.idle.lock().unwrap().push((s, Instant::now()));
+                        if let Err(Ok(c)) = tx.send(pool.connect().await) {
+                            pool.release(c);
                         }
                     });
                     break rx.await.map_err(|_| SendError::Connect("the connecting task ended".into()))??;
                 }
             }
         };
-        let resp = sender.send_request(req).await?;
+        let resp = conn.send(req).await?;
         // No body to read (a 304, an answer to HEAD): hyper will not poll
         // it, so the connection goes back now.
         if hyper::body::Body::is_end_stream(resp.body()) {
-            self.idle.lock().unwrap().push((sender, Instant::now()));
+            self.release(conn);
             return Ok(resp.map(|b| {
                 http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
                     Box::new(e) as crate::BoxError
@@ -161,34 +273,33 @@ impl Pool {
         }
         let pool = self.clone();
         Ok(resp.map(|inner| {
-            let body = PooledBody { inner, sender: Some(sender), pool };
+            let body = PooledBody { inner, conn: Some(conn), pool };
             http_body_util::BodyExt::boxed_unsync(body)
         }))
     }
 }
 
-async fn handshake<I>(io: I) -> Result<SendRequest<Body>, SendError>
+async fn handshake<I>(io: I) -> Result<Conn, SendError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, conn) =
+    let (sender, driver) =
         hyper::client::conn::http1::handshake(io).await.map_err(|e| SendError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+    Ok(Conn { sender, driver: Box::pin(driver), closed: false })
 }
 
+/// A response body that drives its connection while it is read and gives
+/// the connection back at its end.
 struct PooledBody {
     inner: Incoming,
-    sender: Option<SendRequest<Body>>,
+    conn: Option<Conn>,
     pool: Arc<Pool>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(s) = self.sender.take() {
-            self.pool.idle.lock().unwrap().push((s, Instant::now()));
+        if let Some(c) = self.conn.take() {
+            self.pool.release(c);
         }
     }
 }
@@ -198,11 +309,20 @@ impl hyper::body::Body for PooledBody {
     type Error = crate::BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        // The body is asked first: hyper reads body bytes off the connection
+        // only once the body has been polled for them, so driving first
+        // would cost a second turn of this task for every response.
+        let mut r = Pin::new(&mut self.inner).poll_frame(cx);
+        if r.is_pending() {
+            if let Some(c) = &mut self.conn {
+                c.drive(cx);
+                r = Pin::new(&mut self.inner).poll_frame(cx);
+            }
+        }
         match &r {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Err(_))) => self.conn = None,
             _ => {}
         }
         r.map(|o| o.map(|res| res.map_err(|e| Box::new(e) as crate::BoxError)))
@@ -273,6 +393,71 @@ mod tests {
             assert_eq!(r.status(), 200);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1, "HEAD answers are not read, yet their connection is reused");
+    }
+
+    /// A server that answers one request per connection and closes it
+    /// after answering, without `Connection: close`.
+    async fn closing_server() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_node_closed_while_idle_is_not_used_again() {
+        let (addr, conns) = closing_server().await;
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        for i in 1..=3 {
+            let r = pool.send(get()).await.unwrap();
+            assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "ok");
+            assert_eq!(pool.idle.lock().unwrap().len(), 1, "the connection went back after its body");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // The sweeper's pass, without waiting seconds for it.
+            pool.sweep();
+            assert!(pool.idle.lock().unwrap().is_empty(), "a closed idle connection is swept");
+            assert_eq!(conns.load(Ordering::SeqCst), i);
+        }
+    }
+
+    /// The end of a chunked body that came in the same read as its data is
+    /// known as soon as the data has been taken, without another turn of
+    /// the task: a proxy then writes the whole answer to its client in one
+    /// write, not the data first and the final chunk in a second.
+    #[tokio::test]
+    async fn the_end_of_a_chunked_body_already_received_is_seen_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        let mut body = pool.send(get()).await.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "hello");
+        let next =
+            hyper::body::Body::poll_frame(Pin::new(&mut body), &mut Context::from_waker(std::task::Waker::noop()));
+        assert!(matches!(next, Poll::Ready(None)), "the end is already known");
+        assert_eq!(pool.idle.lock().unwrap().len(), 1, "and the connection is back in the pool");
     }
 
     #[tokio::test]

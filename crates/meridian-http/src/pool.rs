@@ -90,7 +90,18 @@ impl Conn {
                 *closed = true;
             }
             // A closed connection fails the pending response at once.
-            response.as_mut().poll(cx)
+            let head = response.as_mut().poll(cx);
+            if head.is_ready() && !*closed {
+                // hyper now waits for the body to be asked for data, with
+                // this task's waker; the body's first poll would wake this
+                // very task for nothing. Whoever reads the body drives the
+                // connection with its own waker then, so the connection's
+                // wakers are set to none in between.
+                if driver.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())).is_ready() {
+                    *closed = true;
+                }
+            }
+            head
         })
         .await
     }

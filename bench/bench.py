@@ -92,19 +92,25 @@ def wrk(url, duration, conns=16, threads=1, extra=()):
             "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock.group(1) if sock else ""}
 
 
+def edge_workers():
+    """EDGE_WORKERS=n: how many workers the edge and nginx both run with
+    (threads serving the edge's user ports; nginx worker processes), or
+    None for each one's default."""
+    return int(os.environ["EDGE_WORKERS"]) if os.environ.get("EDGE_WORKERS") else None
+
+
 def edge_workers_line():
-    """EDGE_WORKERS=n: an edge config's `workers` line (threads serving
-    user ports); empty when unset, so the edge's default holds. nginx is
-    given the same number of worker processes (`start_nginx`), so the two
-    always run with equal workers."""
-    return f'workers = {int(os.environ["EDGE_WORKERS"])}\n' if os.environ.get("EDGE_WORKERS") else ""
+    """An edge config's `workers` line; empty when EDGE_WORKERS is unset, so
+    the edge's default holds."""
+    n = edge_workers()
+    return f"workers = {n}\n" if n else ""
 
 
 def workers_note():
     """How many workers the edge and nginx ran with, for a section header."""
-    n = os.environ.get("EDGE_WORKERS")
+    n = edge_workers()
     if n:
-        return f"edge workers = {int(n)}, nginx worker_processes {int(n)}"
+        return f"edge workers = {n}, nginx worker_processes {n}"
     return f"edge workers = one per core, nginx worker_processes auto ({os.cpu_count()} here)"
 
 
@@ -181,7 +187,7 @@ def start_nginx(work, name, http_block, user_root=False):
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(("user root;\n" if user_root else "")
-                + f"worker_processes {int(os.environ['EDGE_WORKERS']) if os.environ.get('EDGE_WORKERS') else 'auto'};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
+                + f"worker_processes {edge_workers() or 'auto'};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
                 + "events { worker_connections 4096; }\nhttp {\n  access_log off;\n" + http_block + "}\n")
     return d, start(["nginx", "-c", conf, "-p", d], os.path.join(work, f"{name}.log"))
 

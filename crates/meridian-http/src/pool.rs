@@ -48,25 +48,37 @@ pub struct Pool {
 /// How often idle connections are looked at for a close by the node.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// hyper's connection state machine, over TCP or TLS.
-type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+/// hyper's connection state machine, over TCP or TLS, and whether it has
+/// finished (the connection is closed).
+struct Driver {
+    machine: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
+    closed: bool,
+}
+
+impl Driver {
+    /// Moves the connection along; true once it is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.closed && self.machine.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
 
 /// One HTTP/1 connection: the handle requests are sent on and the state
 /// machine that moves them, driven by whoever is using the connection.
 struct Conn {
     sender: SendRequest<Body>,
     driver: Driver,
-    /// The driver has finished: the connection is closed.
-    closed: bool,
 }
 
 impl Conn {
-    /// Moves the connection along; true once it is closed.
+    fn closed(&self) -> bool {
+        self.driver.closed
+    }
+
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.closed && self.driver.as_mut().poll(cx).is_ready() {
-            self.closed = true;
-        }
-        self.closed
+        self.driver.drive(cx)
     }
 
     /// Whether the connection can take a request now, driving it until it
@@ -84,22 +96,18 @@ impl Conn {
     /// Sends `req` and waits for the response head, driving the connection.
     async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
         let mut response = std::pin::pin!(self.sender.send_request(req));
-        let (driver, closed) = (&mut self.driver, &mut self.closed);
+        let driver = &mut self.driver;
         std::future::poll_fn(|cx| {
-            if !*closed && driver.as_mut().poll(cx).is_ready() {
-                *closed = true;
-            }
+            driver.drive(cx);
             // A closed connection fails the pending response at once.
             let head = response.as_mut().poll(cx);
-            if head.is_ready() && !*closed {
+            if head.is_ready() {
                 // hyper now waits for the body to be asked for data, with
                 // this task's waker; the body's first poll would wake this
                 // very task for nothing. Whoever reads the body drives the
                 // connection with its own waker then, so the connection's
                 // wakers are set to none in between.
-                if driver.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())).is_ready() {
-                    *closed = true;
-                }
+                driver.drive(&mut Context::from_waker(std::task::Waker::noop()));
             }
             head
         })
@@ -184,7 +192,7 @@ impl Pool {
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap();
         while let Some((c, since)) = idle.pop() {
-            if !c.closed && since.elapsed() < MAX_IDLE {
+            if !c.closed() && since.elapsed() < MAX_IDLE {
                 return Some(c);
             }
         }
@@ -192,7 +200,7 @@ impl Pool {
     }
 
     fn release(&self, conn: Conn) {
-        if !conn.closed {
+        if !conn.closed() {
             self.idle.lock().unwrap().push((conn, Instant::now()));
         }
     }
@@ -231,7 +239,7 @@ impl Pool {
     pub fn preconnect(self: &Arc<Self>, n: usize) {
         let idle = {
             let mut idle = self.idle.lock().unwrap();
-            idle.retain(|(c, since)| !c.closed && since.elapsed() < MAX_IDLE);
+            idle.retain(|(c, since)| !c.closed() && since.elapsed() < MAX_IDLE);
             idle.len()
         };
         for _ in idle..n {
@@ -274,17 +282,15 @@ impl Pool {
         let resp = conn.send(req).await?;
         // No body to read (a 304, an answer to HEAD): hyper will not poll
         // it, so the connection goes back now.
-        if hyper::body::Body::is_end_stream(resp.body()) {
+        let conn = if hyper::body::Body::is_end_stream(resp.body()) {
             self.release(conn);
-            return Ok(resp.map(|b| {
-                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
-                    Box::new(e) as crate::BoxError
-                }))
-            }));
-        }
+            None
+        } else {
+            Some(conn)
+        };
         let pool = self.clone();
         Ok(resp.map(|inner| {
-            let body = PooledBody { inner, conn: Some(conn), pool };
+            let body = PooledBody { inner, conn, pool };
             http_body_util::BodyExt::boxed_unsync(body)
         }))
     }
@@ -296,7 +302,7 @@ where
 {
     let (sender, driver) =
         hyper::client::conn::http1::handshake(io).await.map_err(|e| SendError::Connect(e.to_string()))?;
-    Ok(Conn { sender, driver: Box::pin(driver), closed: false })
+    Ok(Conn { sender, driver: Driver { machine: Box::pin(driver), closed: false } })
 }
 
 /// A response body that drives its connection while it is read and gives
@@ -406,9 +412,10 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 1, "HEAD answers are not read, yet their connection is reused");
     }
 
-    /// A server that answers one request per connection and closes it
-    /// after answering, without `Connection: close`.
-    async fn closing_server() -> (String, Arc<AtomicUsize>) {
+    /// A server that answers one request per connection with `answer`, in
+    /// one write, and closes the connection `linger` later, without
+    /// `Connection: close`. It counts the connections it accepts.
+    async fn canned_server(answer: &'static [u8], linger: Duration) -> (String, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -421,8 +428,8 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s.write_all(answer).await;
+                    tokio::time::sleep(linger).await;
                 });
             }
         });
@@ -431,7 +438,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_node_closed_while_idle_is_not_used_again() {
-        let (addr, conns) = closing_server().await;
+        let (addr, conns) =
+            canned_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", Duration::from_millis(50)).await;
         let pool = Pool::new(addr, Duration::from_secs(1));
         for i in 1..=3 {
             let r = pool.send(get()).await.unwrap();
@@ -451,16 +459,11 @@ mod tests {
     /// write, not the data first and the final chunk in a second.
     #[tokio::test]
     async fn the_end_of_a_chunked_body_already_received_is_seen_at_once() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        });
+        let (addr, _) = canned_server(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
         let pool = Pool::new(addr, Duration::from_secs(1));
         let mut body = pool.send(get()).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();

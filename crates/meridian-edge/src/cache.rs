@@ -26,6 +26,7 @@
 //! variants of one key (`Vary`) live side by side, at most
 //! [`MAX_VARIANTS`] of them.
 
+use crate::names::is_hop_by_hop;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike, ResponseLike};
@@ -46,7 +47,7 @@ const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(24 * 3600);
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(30);
 
 /// The response header that says what the cache did.
-pub const CACHE_STATUS: &str = "x-meridian-cache";
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-meridian-cache");
 
 /// Response headers that carry purge tags: `Surrogate-Key` (space
 /// separated, Fastly) and `Cache-Tag` (comma separated, Cloudflare). They
@@ -441,21 +442,6 @@ fn vary_key(resp: &HeaderMap, req: &HeaderMap) -> Box<str> {
         }
     }
     key.into()
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
 }
 
 /// `variants` with every `x-meridian-version: from` changed to `to`

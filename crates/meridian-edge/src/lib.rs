@@ -32,6 +32,7 @@ pub mod disk;
 pub mod health;
 pub mod https;
 pub mod limits;
+mod names;
 pub mod routing;
 pub mod select;
 
@@ -840,8 +841,7 @@ impl Edge {
                 Ok(Ok(resp)) => {
                     // A fault header says the region is fine (the app
                     // failed, or a region it needed): passed on as is.
-                    let platform_error =
-                        resp.status().is_server_error() && !resp.headers().contains_key(headers::FAULT);
+                    let platform_error = resp.status().is_server_error() && !resp.headers().contains_key(names::FAULT);
                     if platform_error {
                         u.health.lock().unwrap().server_error(&self.config.health);
                         u.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -906,13 +906,18 @@ impl Edge {
         host: &HeaderValue,
         peer: IpAddr,
     ) -> Request<Body> {
-        let upstream_uri = Uri::builder().path_and_query(pq_of(uri)).build();
+        // The client's path and query as they came (already parsed: a
+        // clone shares the bytes).
+        let mut target = http::uri::Parts::default();
+        target.path_and_query =
+            Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
         let mut req = Request::new(full(body));
         *req.method_mut() = method.clone();
-        *req.uri_mut() = upstream_uri.unwrap_or_else(|_| Uri::from_static("/"));
+        *req.uri_mut() = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
         let h = req.headers_mut();
+        h.reserve(headers.len() + 4);
         for (k, v) in headers {
-            if !is_hop_by_hop(k) && k != header::HOST {
+            if !names::is_hop_by_hop(k) && k != header::HOST {
                 h.append(k.clone(), v.clone());
             }
         }
@@ -921,27 +926,29 @@ impl Edge {
             .cloned()
             .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(host) = original_host {
-            h.insert(HeaderName::from_static("x-forwarded-host"), host);
+            h.insert(names::X_FORWARDED_HOST, host);
         }
         h.insert(header::HOST, host.clone());
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {peer}"),
-            None => peer.to_string(),
+        let xff = match headers.get(names::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {peer}")).ok(),
+            None => Some(peer_value(peer)),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert(HeaderName::from_static("x-forwarded-for"), v);
+        if let Some(v) = xff {
+            h.insert(names::X_FORWARDED_FOR, v);
         }
-        h.insert(headers::EDGE, self.edge_header.clone());
+        h.insert(names::EDGE, self.edge_header.clone());
         req
     }
 
     fn finish(&self, mut resp: Response<Body>, attempts: usize) -> Response<Body> {
         let h = resp.headers_mut();
-        for k in HOP_BY_HOP.iter().chain(&["surrogate-key", "cache-tag", headers::RESIDENCY]) {
-            h.remove(*k);
+        // One pass to look; a region's answer rarely has any of them.
+        let internal: Vec<HeaderName> = h.keys().filter(|k| names::is_internal_to_the_edge(k)).cloned().collect();
+        for k in internal {
+            h.remove(k);
         }
-        h.insert(headers::EDGE, self.edge_header.clone());
-        h.insert(headers::ATTEMPTS, HeaderValue::from(attempts));
+        h.insert(names::EDGE, self.edge_header.clone());
+        h.insert(names::ATTEMPTS, names::attempts_value(attempts));
         resp
     }
 
@@ -1200,9 +1207,23 @@ fn cacheable_request(parts: &http::request::Parts, body: &Incoming) -> bool {
         && !parts.headers.contains_key(headers::VERSION_OVERRIDE)
 }
 
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+/// The client's address as an `x-forwarded-for` value. A client sends
+/// many requests from one address (over one connection, mostly), so each
+/// worker thread keeps the last one formatted.
+fn peer_value(peer: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((ip, v)) if *ip == peer => v.clone(),
+            _ => {
+                // An address's text is always a valid header value.
+                let v = HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+                *last = Some((peer, v.clone()));
+                v
+            }
+        }
+    })
 }

@@ -40,8 +40,21 @@ def free_port():
     return p
 
 
+def pinned():
+    """BENCH_PIN=1: every server the benches start runs on CPU 0 and wrk on
+    CPU 1 (taskset), so the load generator never takes a server's core, as
+    a separate load machine would not. Servers then share one core: the
+    edge and nginx run one worker each unless EDGE_WORKERS says otherwise."""
+    return os.environ.get("BENCH_PIN") == "1"
+
+
+SERVERS_CPU = ["taskset", "-c", "0"] if pinned() else []
+LOAD_CPU = ["taskset", "-c", "1"] if pinned() else []
+
+
 def start(cmd, log, **kw):
-    p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+    # taskset execs the command: the pid stays the server's.
+    p = subprocess.Popen([*SERVERS_CPU, *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
     PROCS.append(p)
     return p
 
@@ -76,7 +89,7 @@ def wait_http(port, path="/", timeout=60, ok=lambda s: True):
 
 def wrk(url, duration, conns=16, threads=1, extra=()):
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
+        [*LOAD_CPU, "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", *extra, url],
         capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -96,7 +109,9 @@ def edge_workers():
     """EDGE_WORKERS=n: how many workers the edge and nginx both run with
     (threads serving the edge's user ports; nginx worker processes), or
     None for each one's default."""
-    return int(os.environ["EDGE_WORKERS"]) if os.environ.get("EDGE_WORKERS") else None
+    if os.environ.get("EDGE_WORKERS"):
+        return int(os.environ["EDGE_WORKERS"])
+    return 1 if pinned() else None
 
 
 def edge_workers_line():
@@ -109,8 +124,9 @@ def edge_workers_line():
 def workers_note():
     """How many workers the edge and nginx ran with, for a section header."""
     n = edge_workers()
+    pin = "; servers pinned to CPU 0, wrk to CPU 1" if pinned() else ""
     if n:
-        return f"edge workers = {n}, nginx worker_processes {n}"
+        return f"edge workers = {n}, nginx worker_processes {n}{pin}"
     return f"edge workers = one per core, nginx worker_processes auto ({os.cpu_count()} here)"
 
 
@@ -824,7 +840,7 @@ def bench_large(work, duration):
     wait_port(wt_port)
 
     def wrk_s(url, extra):
-        out = subprocess.run(["wrk", "-t1", "-c8", f"-d{duration}s", "--latency", *extra, url],
+        out = subprocess.run([*LOAD_CPU, "wrk", "-t1", "-c8", f"-d{duration}s", "--latency", *extra, url],
                              capture_output=True, text=True, check=True).stdout
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         m = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
@@ -906,7 +922,7 @@ def tlb_share(pid, url, duration, conns, extra, work):
     rec = subprocess.Popen(["perf", "record", "-F", "2000", "-g", "-o", data, "-p", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", *extra, url], capture_output=True, check=True)
+    subprocess.run([*LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s", *extra, url], capture_output=True, check=True)
     rec.send_signal(signal.SIGINT)
     rec.wait(timeout=60)
 
@@ -1117,7 +1133,7 @@ def bench_replication(work, duration, delay_ms=40):
         script = os.path.join(sub, "put.lua")
         open(script, "w").write(PUT_LUA.replace("DELAY", str(lua_delay)))
         before = kv_status(wdir, w, "us-east")
-        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script, eu + "/"],
+        out = subprocess.run([*LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script, eu + "/"],
                              capture_output=True, text=True, check=True).stdout
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -1160,7 +1176,7 @@ def bench_idle(work, sizes=(20000, 130000), watch=20):
         script = os.path.join(sub, "put.lua")
         open(script, "w").write(PUT_LUA.replace("DELAY", "0"))
         t0 = time.time()
-        load = subprocess.Popen(["wrk", "-t1", "-c32", "-d900s", "-s", script, eu + "/"],
+        load = subprocess.Popen([*LOAD_CPU, "wrk", "-t1", "-c32", "-d900s", "-s", script, eu + "/"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while kv_status(wdir, w, "eu-west")["last_seq"] < n:
@@ -1312,7 +1328,7 @@ def paced_wrk(work, name, url, hosts, conns, delay_ms, duration):
     script = os.path.join(work, f"{name}.lua")
     open(script, "w").write(PACED_LUA.replace("HOSTS", ", ".join(f'"{h}"' for h in hosts))
                             .replace("DELAY", str(delay_ms)))
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", script, url],
+    out = subprocess.run([*LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", script, url],
                          capture_output=True, text=True, check=True).stdout
 
     def pct(p):
@@ -1559,7 +1575,7 @@ def main():
     print(f"# Meridian benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores")
     # The environment knobs that change what runs, so a result says how to
     # get it again.
-    knobs = "".join(f"{k}={os.environ[k]} " for k in ("EDGE_WORKERS", "EDGE_THREADS", "MERIDIAN_BEFORE")
+    knobs = "".join(f"{k}={os.environ[k]} " for k in ("BENCH_PIN", "EDGE_WORKERS", "EDGE_THREADS", "MERIDIAN_BEFORE")
                     if os.environ.get(k))
     print(f"\nCommand: `{knobs}python3 bench/bench.py {' '.join(sys.argv[1:])}`")
     try:

@@ -147,10 +147,9 @@ pub async fn edge(a: Args) -> anyhow::Result<()> {
     edge.tls.spawn_reloader();
     tokio::spawn(edge.clone().run_health_checks());
     let e = edge.clone();
-    let public_handler: Handler = Arc::new(move |req, peer| {
-        let e = e.clone();
-        Box::pin(async move { e.handle(req, peer).await })
-    });
+    // The handler's future boxed as it is, not inside another async
+    // block: one copy of it per request instead of two.
+    let public_handler: Handler = Arc::new(move |req, peer| Box::pin(e.clone().handle(req, peer)));
     let e = edge.clone();
     let cluster_handler: Handler = Arc::new(move |req, _peer| {
         let e = e.clone();

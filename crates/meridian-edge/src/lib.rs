@@ -837,7 +837,10 @@ impl Edge {
             } else {
                 self.config.upstream_timeout_ms
             });
-            match tokio::time::timeout(timeout, u.pool().send(req)).await {
+            // Boxed: a future is copied each time it moves into the one
+            // awaiting it, and this one is the largest of the request's
+            // (over a kilobyte); boxed, only its pointer moves.
+            match tokio::time::timeout(timeout, Box::pin(u.pool().send(req))).await {
                 Ok(Ok(resp)) => {
                     // A fault header says the region is fine (the app
                     // failed, or a region it needed): passed on as is.
@@ -848,7 +851,8 @@ impl Edge {
                         if idempotent && !last {
                             last_error = format!("{} answered {}", u.target.name, resp.status());
                             tracing::debug!(region = %u.target.name, status = %resp.status(), "retrying on next region");
-                            kept = keep(resp).await.map(|r| (r, i));
+                            // Boxed: a rare path, kept out of every request's future.
+                            kept = Box::pin(keep(resp)).await.map(|r| (r, i));
                             continue;
                         }
                     } else {

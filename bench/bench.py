@@ -115,8 +115,8 @@ def edge_workers():
 
 
 def edge_workers_line():
-    """An edge config's `workers` line; empty when EDGE_WORKERS is unset, so
-    the edge's default holds."""
+    """An edge config's `workers` line for `edge_workers()`; empty when that
+    is None, so the edge's default holds."""
     n = edge_workers()
     return f"workers = {n}\n" if n else ""
 

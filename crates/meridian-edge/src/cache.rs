@@ -26,7 +26,7 @@
 //! variants of one key (`Vary`) live side by side, at most
 //! [`MAX_VARIANTS`] of them.
 
-use crate::names::is_hop_by_hop;
+use crate::names::{self, is_hop_by_hop};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike, ResponseLike};
@@ -52,7 +52,7 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-meridian-cache")
 /// Response headers that carry purge tags: `Surrogate-Key` (space
 /// separated, Fastly) and `Cache-Tag` (comma separated, Cloudflare). They
 /// are for the edge only and never reach clients.
-const TAG_HEADERS: [&str; 2] = ["surrogate-key", "cache-tag"];
+const TAG_HEADERS: [HeaderName; 2] = [names::SURROGATE_KEY, names::CACHE_TAG];
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -221,7 +221,7 @@ impl Object {
         let (swr, sie) = stale_windows(&cc);
         let mut stored = HeaderMap::with_capacity(headers.len());
         for (k, v) in headers {
-            if !is_hop_by_hop(k) && !TAG_HEADERS.contains(&k.as_str()) && k != header::AGE {
+            if !is_hop_by_hop(k) && !TAG_HEADERS.contains(k) && k != header::AGE {
                 stored.append(k.clone(), v.clone());
             }
         }
@@ -253,8 +253,8 @@ impl Object {
         // Tags come from the new answer when it carries any.
         let mut with_tags = headers.clone();
         for t in TAG_HEADERS {
-            for v in not_modified.get_all(t) {
-                with_tags.append(HeaderName::from_static(t), v.clone());
+            for v in not_modified.get_all(&t) {
+                with_tags.append(t.clone(), v.clone());
             }
         }
         let mut o = Object::new(req, self.status, &with_tags, self.body.clone(), now)?;
@@ -417,10 +417,10 @@ fn stale_windows(cc: &str) -> (Duration, Duration) {
 
 fn tags_of(headers: &HeaderMap) -> Box<[Box<str>]> {
     let mut tags: Vec<Box<str>> = Vec::new();
-    for v in headers.get_all("surrogate-key").iter().filter_map(|v| v.to_str().ok()) {
+    for v in headers.get_all(names::SURROGATE_KEY).iter().filter_map(|v| v.to_str().ok()) {
         tags.extend(v.split_ascii_whitespace().map(Into::into));
     }
-    for v in headers.get_all("cache-tag").iter().filter_map(|v| v.to_str().ok()) {
+    for v in headers.get_all(names::CACHE_TAG).iter().filter_map(|v| v.to_str().ok()) {
         tags.extend(v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(Into::into));
     }
     tags.sort();

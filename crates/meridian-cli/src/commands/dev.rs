@@ -684,6 +684,34 @@ async fn bring_up(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // An edge counts a region healthy while it catches up on some apps
+    // (healthy for the others), so ask each region too: ready means every
+    // app is active and caught up everywhere. Otherwise a link cut right
+    // after start finds a region still pulling from its peers, and its
+    // requests handed to a peer behind the cut.
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(a.rejoin_bound_ms);
+    for r in &world.regions {
+        let path = format!("{}health", meridian_core::headers::RESERVED_PREFIX);
+        loop {
+            let answer = operator
+                .node_ok(
+                    &r.cluster_url,
+                    Expect::new(&r.name, Role::Region),
+                    Method::GET,
+                    &path,
+                    Bytes::new(),
+                    Duration::from_secs(2),
+                )
+                .await;
+            match answer {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => {
+                    anyhow::bail!("{} is not serving every app (caught up) in time: {e:#}", r.name)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
     Ok(())
 }
 

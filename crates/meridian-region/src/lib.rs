@@ -45,6 +45,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The longest a request handed to a peer (while this region catches up,
+/// or to follow a causality token) may wait for the peer's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// For an idempotent request with another peer left to try: the wait for
+/// the answer's head before that peer is tried instead.
+const FORWARD_FIRST_BYTE: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
@@ -797,8 +804,17 @@ impl Region {
             Err(e) => return e.into_response(),
         };
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        // A peer behind a black-holed link takes the request and never
+        // answers: an idempotent request waits for a head only so long
+        // before the next peer is tried (as an edge does); others wait the
+        // full timeout, since they must not run twice.
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        );
         let mut last = String::from("no region to forward to");
-        for peer in peers {
+        for (n, peer) in peers.iter().enumerate() {
+            let wait = if idempotent && n + 1 < peers.len() { FORWARD_FIRST_BYTE } else { FORWARD_TIMEOUT };
             let target = match kv.target(peer) {
                 Ok(t) => t,
                 Err(e) => {
@@ -817,10 +833,15 @@ impl Region {
                 return text(StatusCode::BAD_REQUEST, "cannot forward this request");
             };
             tracing::debug!(to = %peer.name, why, "forwarding a request");
-            let mut resp = match tokio::time::timeout(Duration::from_secs(30), kv.cluster.send(&target, out)).await {
+            let mut resp = match tokio::time::timeout(wait, kv.cluster.send(&target, out)).await {
                 Ok(Ok(resp)) => return resp,
                 Ok(Err(e)) if e.nothing_sent() => {
                     last = format!("{}: {e}", peer.name);
+                    continue;
+                }
+                Err(_) if wait < FORWARD_TIMEOUT => {
+                    tracing::info!(to = %peer.name, ?wait, "no answer to a forwarded idempotent request; trying the next peer");
+                    last = format!("{}: no answer within {wait:?}", peer.name);
                     continue;
                 }
                 Ok(Err(e)) => {

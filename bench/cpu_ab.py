@@ -2,6 +2,7 @@
 stack held by `MERIDIAN_BEFORE=<old build> python3 bench/hold.py edge`.
 
     python3 bench/cpu_ab.py /hello 16 4 2   # path, connections, seconds, rounds
+    TLS=1 python3 bench/cpu_ab.py /index.html 1 4 4   # the HTTPS listeners
 
 Each round runs wrk against each proxy in turn (reversed every other round)
 and reads the proxy's user and system CPU from /proc before and after; the
@@ -38,12 +39,16 @@ def cpu_ticks(ps):
 
 path, conns, secs = sys.argv[1], sys.argv[2], sys.argv[3]
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+# TLS=1 measures the HTTPS listeners instead (SNI localhost, as bench.py does).
+tls = os.environ.get("TLS") == "1"
+edge_listen = r'^listen = "127.0.0.1:(\d+)"\ncerts_dir' if tls else r'^listen = "127.0.0.1:(\d+)"'
+nginx_listen = r"listen 127.0.0.1:(\d+) ssl;" if tls else r"listen 127.0.0.1:(\d+);"
 proxies = {
-    "edge": (port_of(f"{work}/edge.toml", r'^listen = "127.0.0.1:(\d+)"'), pids(f"edge --config {work}/edge.toml")),
-    "nginx": (port_of(f"{work}/nginx/nginx.conf", r"listen 127.0.0.1:(\d+);"), pids("nginx: worker")),
+    "edge": (port_of(f"{work}/edge.toml", edge_listen), pids(f"edge --config {work}/edge.toml")),
+    "nginx": (port_of(f"{work}/nginx/nginx.conf", nginx_listen), pids("nginx: worker")),
 }
 if os.path.exists(f"{work}/edge-before.toml"):
-    proxies["before"] = (port_of(f"{work}/edge-before.toml", r'^listen = "127.0.0.1:(\d+)"'),
+    proxies["before"] = (port_of(f"{work}/edge-before.toml", edge_listen),
                          pids(f"edge --config {work}/edge-before.toml"))
 tick = 1e6 / os.sysconf("SC_CLK_TCK")  # µs per tick
 totals = {name: [0, 0, 0, 0.0] for name in proxies}
@@ -52,7 +57,7 @@ for r in range(rounds):
     for name in order:
         port, ps = proxies[name]
         before = cpu_ticks(ps)
-        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", f"http://127.0.0.1:{port}{path}"],
+        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", f"https://localhost:{port}{path}" if tls else f"http://127.0.0.1:{port}{path}"],
                              capture_output=True, text=True).stdout
         after = cpu_ticks(ps)
         t = totals[name]
@@ -61,5 +66,5 @@ for r in range(rounds):
         t[2] += after[1] - before[1]
         t[3] += float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 for name, (n, user, system, rps) in totals.items():
-    print(f"{path} c{conns} {name:7} {rps / rounds:8.0f} req/s  user {user * tick / n:5.1f} µs  "
+    print(f"{path}{' (TLS)' if tls else ''} c{conns} {name:7} {rps / rounds:8.0f} req/s  user {user * tick / n:5.1f} µs  "
           f"sys {system * tick / n:5.1f} µs  total {(user + system) * tick / n:5.1f}")

@@ -1,6 +1,7 @@
 //! Each app's `[routing]` at the edges: weighted splits, session affinity,
 //! residency rules that never send a jurisdiction's clients abroad, and a
-//! black-holed region that costs a request one first-byte timeout at most.
+//! black-holed region that costs a request one first-byte timeout at most,
+//! while a slow function is waited for as long as its deadline allows.
 
 mod support;
 use std::collections::BTreeMap;
@@ -289,6 +290,89 @@ async fn a_black_holed_region_costs_a_request_at_most_one_first_byte_timeout_and
     assert!(worst < Duration::from_millis(6000), "a request waited {worst:?}");
     let moved = samples.iter().rev().take(20).all(|s| !s.2.starts_with("eu-west"));
     assert!(moved, "traffic left eu-west");
+}
+
+/// A loopback server whose every answer takes `delay`; counts requests.
+async fn slow_upstream(delay: Duration) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"worth the wait"));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_function_within_its_deadline_is_waited_for_not_run_twice_or_held_against_its_region() {
+    let w = World::start(&[]);
+    // The function answers after 6.5 s: past the dev edges' 5 s first-byte
+    // timeout, within its own 9 s deadline.
+    let (port, seen) = slow_upstream(Duration::from_millis(6500)).await;
+    let app = single_component_app(
+        "fetch.wasm",
+        &format!(
+            r#"[app]
+name = "slowpoke"
+[components.f]
+source = "c/fetch.wasm"
+deadline_ms = 9000
+allowed_outbound_hosts = ["http://127.0.0.1:{port}"]
+[[routes]]
+path = "/fetch"
+component = "f"
+"#
+        ),
+    );
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "deploy failed: {out}");
+    // The edge learns how long the app may take from the regions' health
+    // answers: the deadline and a 1 s margin.
+    let t = Instant::now();
+    loop {
+        let s = w.edge_status("edge-eu-west").await;
+        let apps = s["apps"].as_array().cloned().unwrap_or_default();
+        if apps.iter().any(|a| a["app"] == "slowpoke" && a["answer_within_ms"] == 10_000) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the edge never learned slowpoke's deadline: {apps:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let c = client();
+    let url = format!("{}/fetch?url=http://127.0.0.1:{port}/", w.edge("edge-eu-west"));
+    let t = Instant::now();
+    let r = get(&c, &url, &[("host", "slowpoke.localhost"), ("x-meridian-client-geo", "48.86,2.35")]).await;
+    let took = t.elapsed();
+    assert_eq!((r.status, r.body.as_str()), (200, "upstream 200\nworth the wait"), "{:?}", r.headers);
+    // One region, once: not given up on at 5 s and tried again elsewhere.
+    assert_eq!((r.region().as_str(), r.header("x-meridian-attempts").as_str()), ("eu-west", "1"));
+    assert_eq!(seen.load(Ordering::SeqCst), 1, "the function ran more than once");
+    assert!(took >= Duration::from_millis(6500) && took < Duration::from_secs(9), "took {took:?}");
+    // And eu-west is not held responsible for its app's pace.
+    let s = w.edge_status("edge-eu-west").await;
+    let eu = s["regions"].as_array().unwrap().iter().find(|r| r[0] == "eu-west").unwrap().clone();
+    assert!(eu[1]["ejected_for"].is_null(), "eu-west was ejected: {eu}");
+    let traffic =
+        s["traffic"]["regions"].as_array().unwrap().iter().find(|r| r["region"] == "eu-west").unwrap().clone();
+    assert_eq!(traffic["failed"], 0, "{traffic}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,7 +395,19 @@ pub struct AppRouting {
     #[serde(default)]
     pub default: bool,
     pub routing: Routing,
+    /// The longest a healthy region may take to start answering one of the
+    /// app's requests: its functions' longest `deadline_ms` plus
+    /// [`ANSWER_MARGIN_MS`] (none for an app of static files only). An edge
+    /// waits at least this long for a head before it takes the region for
+    /// a dead one, so a slow function is neither run twice nor counted
+    /// against its region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_within_ms: Option<u64>,
 }
+
+/// What a region may add to a function's deadline before its answer's head
+/// is out: reading the request, taking an instance, writing the head.
+pub const ANSWER_MARGIN_MS: u64 = 1_000;
 
 /// The member states of the European Union.
 const EU: [&str; 27] = [

@@ -32,6 +32,7 @@ fn main() {
         hosts: vec![format!("{name}.example")],
         default: false,
         routing,
+        answer_within_ms: None,
     };
     routes.update(
         vec![

@@ -121,6 +121,12 @@ impl EdgeConfig {
     }
 }
 
+/// See [`Edge::first_byte_timeout`].
+fn first_byte_timeout(first_byte_ms: u64, upstream_ms: u64, answer_within: Option<Duration>) -> Duration {
+    let configured = Duration::from_millis(first_byte_ms);
+    answer_within.map_or(configured, |a| a.max(configured)).min(Duration::from_millis(upstream_ms))
+}
+
 fn default_max_retries() -> u32 {
     2
 }
@@ -417,13 +423,13 @@ impl Edge {
                 if *default || !hosts.is_empty() {
                     // An unknown host may be the default app's.
                     let listed = host.is_some_and(|h| hosts.iter().any(|x| x == h));
-                    c.healthy &= !(listed || (*default && app.is_none()));
+                    c.healthy &= !(listed || (*default && app.is_none_or(|a| a.default)));
                 }
                 c
             })
             .collect();
         let regions = routing::Regions { candidates: &cands, names: &self.names, jurisdictions: &self.jurisdictions };
-        let random = if app.is_some() { rand::random::<f64>() } else { 0.0 };
+        let random = if app.is_some_and(|a| a.weighted()) { rand::random::<f64>() } else { 0.0 };
         routing::plan(self.config.policy, app, client, &regions, random)
     }
 
@@ -664,7 +670,7 @@ impl Edge {
             Turn::Wait(mut done) => {
                 // No longer than a region may take to start answering: a
                 // slow fill does not hold everyone else up.
-                let timeout = Duration::from_millis(self.config.first_byte_timeout_ms);
+                let timeout = self.first_byte_timeout(&req.plan);
                 let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
                 let now = SystemTime::now();
                 match self.cache.lookup(&key, &req.lookup(), now) {
@@ -832,11 +838,11 @@ impl Edge {
             let req = self.upstream_request(method, uri, headers, body.clone(), &u.host, peer);
             // An idempotent request waits for a head only so long before
             // the next region is tried; others wait the full timeout.
-            let timeout = Duration::from_millis(if idempotent && !last {
-                self.config.first_byte_timeout_ms.min(self.config.upstream_timeout_ms)
+            let timeout = if idempotent && !last {
+                self.first_byte_timeout(plan)
             } else {
-                self.config.upstream_timeout_ms
-            });
+                Duration::from_millis(self.config.upstream_timeout_ms)
+            };
             // Boxed: a future is copied each time it moves into the one
             // awaiting it, and this one is the largest of the request's
             // (over a kilobyte); boxed, only its pointer moves.
@@ -899,6 +905,14 @@ impl Edge {
         }
         let msg = format!("no region could serve the request (last error: {last_error})");
         (text(StatusCode::BAD_GATEWAY, msg), attempts)
+    }
+
+    /// How long a region has to start answering before it is given up on
+    /// (and, for an idempotent request, the next one tried): the edge's
+    /// `first_byte_timeout_ms`, or the app's own bound when its functions
+    /// may take longer, never past `upstream_timeout_ms`.
+    fn first_byte_timeout(&self, plan: &routing::Plan) -> Duration {
+        first_byte_timeout(self.config.first_byte_timeout_ms, self.config.upstream_timeout_ms, plan.answer_within)
     }
 
     fn upstream_request(
@@ -964,6 +978,7 @@ impl Edge {
             policy: self.config.policy,
             regions: self.upstreams.iter().map(|u| (u.target.name.clone(), u.health.lock().unwrap().clone())).collect(),
             cache: self.cache.stats(),
+            apps: self.routes.learned(),
             traffic: Traffic {
                 requests: self.requests.load(Relaxed),
                 retries: self.budget.retries.load(Relaxed),
@@ -1091,6 +1106,8 @@ pub struct EdgeStatus {
     pub regions: Vec<(String, RegionHealth)>,
     pub cache: cache::CacheStats,
     pub traffic: Traffic,
+    /// The apps whose routing the regions have reported.
+    pub apps: Vec<routing::LearnedApp>,
 }
 
 /// Where the edge's requests went.
@@ -1235,6 +1252,18 @@ fn peer_value(peer: IpAddr) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_is_given_up_on_no_sooner_than_the_apps_functions_may_take() {
+        let ms = Duration::from_millis;
+        // Files only, or quick functions: the edge's own first-byte timeout.
+        assert_eq!(first_byte_timeout(5_000, 30_000, None), ms(5_000));
+        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(3_000))), ms(5_000));
+        // A function allowed 9 s (10 s with the margin) is waited for...
+        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(10_000))), ms(10_000));
+        // ...but never past the upstream timeout.
+        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(60_000))), ms(30_000));
+    }
 
     /// The size of the future `f` returns, without calling it.
     fn future_size<A, B, C, Fut, F: Fn(A, B, C) -> Fut>(_: F) -> usize {

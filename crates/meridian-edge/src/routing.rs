@@ -25,6 +25,11 @@ pub struct AppRoute {
     countries: HashMap<String, usize>,
     /// Client jurisdiction -> the only jurisdiction whose regions serve it.
     residency: Vec<(String, String)>,
+    /// The app is the world's default (served at bare addresses).
+    pub default: bool,
+    /// How long a healthy region may take to start answering (the app's
+    /// slowest function's deadline and a margin).
+    pub answer_within: Option<std::time::Duration>,
 }
 
 #[derive(Default)]
@@ -67,6 +72,8 @@ impl Routes {
                     .flat_map(|c| c.countries.iter().filter_map(|k| Some((k.clone(), index(&c.region)?))))
                     .collect(),
                 residency: r.residency.iter().map(|x| (x.clients.clone(), x.regions.clone())).collect(),
+                default: a.default,
+                answer_within: a.answer_within_ms.map(std::time::Duration::from_millis),
             });
             for h in &a.hosts {
                 t.by_host.insert(h.clone(), route.clone());
@@ -77,6 +84,15 @@ impl Routes {
         }
         t.reported = reported;
         self.table.store(Arc::new(t));
+    }
+
+    /// What the edge has learned of each app, for its status.
+    pub fn learned(&self) -> Vec<LearnedApp> {
+        let t = self.table.load();
+        t.reported
+            .iter()
+            .map(|a| LearnedApp { app: a.app.clone(), policy: a.routing.policy, answer_within_ms: a.answer_within_ms })
+            .collect()
     }
 
     /// The routing of the app at `host` (normalised), if it has one.
@@ -91,6 +107,23 @@ impl Routes {
             None => t.default.clone(),
         }
     }
+}
+
+impl AppRoute {
+    /// Whether planning draws a random number for this app.
+    pub fn weighted(&self) -> bool {
+        self.policy == RoutingPolicy::Weighted
+    }
+}
+
+/// One app as an edge knows it (its status).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LearnedApp {
+    pub app: String,
+    pub policy: RoutingPolicy,
+    /// How long a region may take to start answering it, when its
+    /// functions set that.
+    pub answer_within_ms: Option<u64>,
 }
 
 /// Who asks, as far as routing cares.
@@ -110,6 +143,9 @@ pub struct Plan {
     /// Set when a residency rule applies: only regions of this
     /// jurisdiction may answer (and only edges of it may cache).
     pub pinned: Option<String>,
+    /// The app's [`AppRoute::answer_within`]: a region is not given up on
+    /// sooner.
+    pub answer_within: Option<std::time::Duration>,
 }
 
 /// What planning needs to know of the edge's regions.
@@ -137,7 +173,7 @@ pub fn plan(
     let cands = regions.candidates;
     let mut order = rank(base, client.point, cands);
     let Some(app) = app else {
-        return Plan { order, pinned: None };
+        return Plan { order, pinned: None, answer_within: None };
     };
     let healthy = |i: usize| cands[i].healthy;
 
@@ -192,7 +228,7 @@ pub fn plan(
             }
         }
     }
-    Plan { order, pinned }
+    Plan { order, pinned, answer_within: app.answer_within }
 }
 
 fn move_to_front(order: &mut Vec<usize>, i: usize) {
@@ -246,7 +282,13 @@ mod tests {
             let routes = Routes::default();
             if let Some(r) = routing {
                 routes.update(
-                    vec![AppRouting { app: "a".into(), hosts: vec!["a.example".into()], default: false, routing: r }],
+                    vec![AppRouting {
+                        app: "a".into(),
+                        hosts: vec!["a.example".into()],
+                        default: false,
+                        routing: r,
+                        answer_within_ms: None,
+                    }],
                     &self.names,
                 );
             }

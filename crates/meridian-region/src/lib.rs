@@ -49,8 +49,19 @@ use std::time::{Duration, Instant};
 /// or to follow a causality token) may wait for the peer's answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// For an idempotent request with another peer left to try: the wait for
-/// the answer's head before that peer is tried instead.
+/// the answer's head before that peer is tried instead (at least; longer
+/// for an app whose functions may take longer, see [`answer_within`]).
 const FORWARD_FIRST_BYTE: Duration = Duration::from_secs(5);
+
+/// The longest a healthy region may take to start answering a request of
+/// an app with this manifest: its slowest function's deadline plus a
+/// margin; `None` when it has no functions (its files answer at once).
+/// Waiting less for a region's answer would take a slow function for a
+/// dead region.
+pub fn answer_within(manifest: &meridian_manifest::Manifest) -> Option<Duration> {
+    let slowest = manifest.components.values().map(|c| c.limits.deadline_ms).max()?;
+    Some(Duration::from_millis(slowest.saturating_add(meridian_core::wire::ANSWER_MARGIN_MS)))
+}
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -435,7 +446,10 @@ impl Region {
                 let mut peers: Vec<Peer> = kv.peers.load().iter().cloned().collect();
                 peers.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
                 if !peers.is_empty() {
-                    return self.forward_request(&app.name, kv, &peers, "this region is catching up", req).await;
+                    let why = "this region is catching up";
+                    return self
+                        .forward_request(&app.name, kv, &peers, why, answer_within(&version.manifest), req)
+                        .await;
                 }
             }
         }
@@ -449,7 +463,9 @@ impl Region {
                 let peer = origin.and_then(|o| kv.peers.load().iter().find(|p| p.name == o).cloned());
                 if let Some(peer) = peer {
                     let why = "its causality token is not applied here yet";
-                    return self.forward_request(&app.name, kv, &[peer], why, req).await;
+                    return self
+                        .forward_request(&app.name, kv, &[peer], why, answer_within(&version.manifest), req)
+                        .await;
                 }
             }
         }
@@ -796,8 +812,10 @@ impl Region {
         kv: &kv::KvService,
         peers: &[Peer],
         why: &str,
+        answer_within: Option<Duration>,
         req: Request<Incoming>,
     ) -> Response<Body> {
+        let first_byte = answer_within.map_or(FORWARD_FIRST_BYTE, |d| d.max(FORWARD_FIRST_BYTE)).min(FORWARD_TIMEOUT);
         let (parts, body) = req.into_parts();
         let body = match meridian_http::read_body(body, 8 << 20).await {
             Ok(b) => b,
@@ -814,7 +832,7 @@ impl Region {
         );
         let mut last = String::from("no region to forward to");
         for (n, peer) in peers.iter().enumerate() {
-            let wait = if idempotent && n + 1 < peers.len() { FORWARD_FIRST_BYTE } else { FORWARD_TIMEOUT };
+            let wait = if idempotent && n + 1 < peers.len() { first_byte } else { FORWARD_TIMEOUT };
             let target = match kv.target(peer) {
                 Ok(t) => t,
                 Err(e) => {
@@ -910,21 +928,20 @@ impl Region {
                 })
             })
             .collect();
-        // ...and route each app as its manifest says.
+        // ...and route each app as its manifest says, waiting for its
+        // slowest function as long as its deadline allows.
         let routing: Vec<meridian_core::wire::AppRouting> = apps
             .by_name
             .values()
             .filter_map(|a| {
-                let routing = a.active()?.manifest.routing.clone();
-                if routing == Default::default() {
-                    return None;
-                }
+                let manifest = &a.active()?.manifest;
                 let r = a.record.load();
                 Some(meridian_core::wire::AppRouting {
                     app: a.name.clone(),
                     hosts: r.hosts.clone(),
                     default: r.default,
-                    routing,
+                    routing: manifest.routing.clone(),
+                    answer_within_ms: answer_within(manifest).map(|d| d.as_millis() as u64),
                 })
             })
             .collect();

@@ -94,6 +94,25 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     s["traffic"]["retries"].as_u64().unwrap_or(0),
                     s["traffic"]["retries_denied"].as_u64().unwrap_or(0),
                 );
+                // What the edge has learned of each app from the regions:
+                // its policy, and how long a region may take to answer it.
+                let apps: Vec<String> = s["apps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        let wait = a["answer_within_ms"].as_u64().map(|ms| format!(", answer within {ms} ms"));
+                        format!(
+                            "{} ({}{})",
+                            a["app"].as_str().unwrap_or("?"),
+                            a["policy"].as_str().unwrap_or("?"),
+                            wait.unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                if !apps.is_empty() {
+                    out!("      apps: {}", apps.join(", "));
+                }
             }
         }
     }

@@ -183,8 +183,6 @@ impl Peer {
 /// says nothing (or half a ClientHello) cannot hold a task for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections until `shutdown` resolves, then stops accepting and
-/// waits up to `grace` for requests in flight to finish.
 /// The server side of a TLS handshake, within `HANDSHAKE_TIMEOUT`; `None`
 /// (logged) if it failed.
 async fn accept_tls(
@@ -205,6 +203,8 @@ async fn accept_tls(
     }
 }
 
+/// Accepts connections until `shutdown` resolves, then stops accepting and
+/// waits up to `grace` for requests in flight to finish.
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,

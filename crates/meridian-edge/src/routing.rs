@@ -114,6 +114,16 @@ impl AppRoute {
     pub fn weighted(&self) -> bool {
         self.policy == RoutingPolicy::Weighted
     }
+
+    /// Whether the app's routing is a ranking and nothing else (no
+    /// weights, order, rules or affinity): most apps, planned without
+    /// further work.
+    fn ranks_only(&self) -> bool {
+        matches!(self.policy, RoutingPolicy::Edge | RoutingPolicy::Geo | RoutingPolicy::Latency)
+            && self.countries.is_empty()
+            && self.residency.is_empty()
+            && !self.affinity
+    }
 }
 
 /// One app as an edge knows it (its status).
@@ -175,6 +185,9 @@ pub fn plan(
     let Some(app) = app else {
         return Plan { order, pinned: None, answer_within: None };
     };
+    if app.ranks_only() {
+        return Plan { order, pinned: None, answer_within: app.answer_within };
+    }
     let healthy = |i: usize| cands[i].healthy;
 
     // Residency first: it decides which regions exist at all for this
@@ -308,6 +321,31 @@ mod tests {
     fn without_app_routing_the_edge_policy_ranks() {
         let w = World::new();
         assert_eq!(w.plan(None, &paris(), 0.5).order[0], 2, "Frankfurt is nearest Paris");
+    }
+
+    #[test]
+    fn an_app_without_routing_rules_is_ranked_as_the_edge_ranks_and_keeps_its_answer_bound() {
+        let w = World::new();
+        let routes = Routes::default();
+        let app = |answer_within_ms| AppRouting {
+            app: "a".into(),
+            hosts: vec!["a.example".into()],
+            default: false,
+            routing: Routing::default(),
+            answer_within_ms,
+        };
+        routes.update(vec![app(Some(10_000))], &w.names);
+        let cands: Vec<Candidate> = w.points.iter().zip(&w.health).map(|(p, h)| Candidate::new(*p, h)).collect();
+        let regions = Regions { candidates: &cands, names: &w.names, jurisdictions: &w.jurisdictions };
+        let with_app = plan(Policy::Geo, routes.for_host(Some("a.example")).as_deref(), &paris(), &regions, 0.5);
+        let without = plan(Policy::Geo, None, &paris(), &regions, 0.5);
+        assert_eq!(with_app.order, without.order);
+        assert_eq!(with_app.answer_within, Some(Duration::from_secs(10)));
+        assert_eq!(without.answer_within, None);
+        // A new report replaces the bound.
+        routes.update(vec![app(None)], &w.names);
+        let again = plan(Policy::Geo, routes.for_host(Some("a.example")).as_deref(), &paris(), &regions, 0.5);
+        assert_eq!(again.answer_within, None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The edges cache like a CDN: one fetch for a thousand concurrent misses,
 //! purges that reach every edge, a deploy that purges what it changed, and
-//! cached content served while every region is down.
+//! cached content served while every region is down; byte ranges cut from
+//! the cached object.
 
 mod support;
 use std::time::{Duration, Instant};
@@ -41,6 +42,7 @@ fn app() -> tempfile::TempDir {
         ("site/about.html", "about"),
         ("site/uncached.txt", "never asked for before the regions died"),
         ("news/today.txt", "news of the day"),
+        ("site/range.txt", "0123456789abcdefghij"),
     ] {
         let p = app.path().join(path);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -169,4 +171,58 @@ async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() 
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("no region could serve the request"), "{}", r.body);
     assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_ranges_are_cut_from_the_cached_object_at_the_edge() {
+    let w = World::start(&[]);
+    let app = app();
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "deploy failed: {out}");
+    let c = client();
+    let eu = w.edge("edge-eu-west");
+    let before = region_requests(&w).await;
+
+    // A range asked for first: the edge fetches the whole object once and
+    // answers the range from it.
+    let r = get_cdn(&c, &eu, "/range.txt", &[("range", "bytes=2-5")]).await;
+    assert_eq!((r.status, r.body.as_str(), r.header("x-meridian-cache").as_str()), (206, "2345", "MISS"));
+    assert_eq!((r.header("content-range").as_str(), r.header("content-length").as_str()), ("bytes 2-5/20", "4"));
+    // Every other form, from the cache (RFC 9110 §14).
+    for (range, status, body, content_range) in [
+        ("bytes=-3", 206, "hij", "bytes 17-19/20"),
+        ("bytes=15-", 206, "fghij", "bytes 15-19/20"),
+        ("bytes=18-100", 206, "ij", "bytes 18-19/20"),
+        ("bytes=0-0", 206, "0", "bytes 0-0/20"),
+        // Past the end: 416, saying how long the object is.
+        ("bytes=20-", 416, "", "bytes */20"),
+        // Several ranges, another unit, nonsense: the whole object.
+        ("bytes=0-1,5-6", 200, "0123456789abcdefghij", ""),
+        ("lines=1-2", 200, "0123456789abcdefghij", ""),
+        ("bytes=9-3", 200, "0123456789abcdefghij", ""),
+    ] {
+        let r = get_cdn(&c, &eu, "/range.txt", &[("range", range)]).await;
+        assert_eq!(r.status, status, "{range}: {}", r.body);
+        if status != 416 {
+            assert_eq!(r.body, body, "{range}");
+        }
+        assert_eq!(r.header("content-range"), content_range, "{range}");
+        assert_eq!(r.header("x-meridian-cache"), "HIT", "{range}");
+    }
+    // A whole answer says ranges are welcome, and carries the validator...
+    let r = get_cdn(&c, &eu, "/range.txt", &[]).await;
+    assert_eq!((r.status, r.header("accept-ranges").as_str()), (200, "bytes"));
+    let etag = r.header("etag");
+    assert!(etag.starts_with('"'), "a strong ETag: {etag:?}");
+    // ...that If-Range compares: the range only of the representation the
+    // client holds part of, else all of it.
+    let r = get_cdn(&c, &eu, "/range.txt", &[("range", "bytes=10-"), ("if-range", &etag)]).await;
+    assert_eq!((r.status, r.body.as_str()), (206, "abcdefghij"));
+    let r = get_cdn(&c, &eu, "/range.txt", &[("range", "bytes=10-"), ("if-range", "\"another\"")]).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "0123456789abcdefghij"));
+    // A conditional that holds wins over the range.
+    let r = get_cdn(&c, &eu, "/range.txt", &[("range", "bytes=10-"), ("if-none-match", &etag)]).await;
+    assert_eq!(r.status, 304);
+    // All of it from one fetch.
+    assert_eq!(region_requests(&w).await - before, 1, "the regions were asked more than once");
 }

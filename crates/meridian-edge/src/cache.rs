@@ -187,6 +187,8 @@ pub struct Object {
     pub(crate) stale_if_error: Duration,
 }
 
+pub use meridian_http::range::RangeAnswer;
+
 /// What a lookup found.
 pub enum Found {
     Fresh(Arc<Object>),
@@ -207,6 +209,11 @@ impl Object {
         now: SystemTime,
     ) -> Option<Object> {
         if headers.contains_key(header::SET_COOKIE) || *req.method != Method::GET {
+            return None;
+        }
+        // Part of a body is not the object (the edge asks for whole ones
+        // and cuts ranges from them itself).
+        if status == StatusCode::PARTIAL_CONTENT || headers.contains_key(header::CONTENT_RANGE) {
             return None;
         }
         let (policy, cc) = policy_for(req, status, headers, now);
@@ -361,6 +368,27 @@ impl Object {
             }
         }
         false
+    }
+
+    /// What a `Range` request (with its `If-Range`, if any) gets from this
+    /// object (RFC 9110 §14): part of a stored 200, or all of it.
+    pub fn range(&self, range: Option<&HeaderValue>, if_range: Option<&HeaderValue>) -> RangeAnswer {
+        let Some(range) = range.and_then(|v| v.to_str().ok()) else {
+            return RangeAnswer::Full;
+        };
+        if self.status != StatusCode::OK {
+            return RangeAnswer::Full;
+        }
+        // If-Range: the range only of the representation the client holds
+        // part of (an entity tag compared strongly, or the exact
+        // Last-Modified date); otherwise all of it.
+        if let Some(v) = if_range {
+            let v = v.to_str().unwrap_or("");
+            if !meridian_http::range::if_range_holds(v, self.header("etag"), self.header("last-modified")) {
+                return RangeAnswer::Full;
+            }
+        }
+        meridian_http::range::byte_range(range, self.body.len())
     }
 
     fn weight(&self) -> u32 {
@@ -861,6 +889,41 @@ mod tests {
             h.insert(header::HOST, HeaderValue::from_static(HOST));
         }
         h
+    }
+
+    #[test]
+    fn if_range_applies_a_range_only_to_the_representation_the_client_holds() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let lm = httpdate::fmt_http_date(t0);
+        let rh = headers(&[]);
+        let object = |status: u16, etag: &str| {
+            let resp = headers(&[("cache-control", "max-age=60"), ("etag", etag), ("last-modified", &lm)]);
+            Object::new(
+                &lookup("/x", &rh),
+                StatusCode::from_u16(status).unwrap(),
+                &resp,
+                Bytes::from_static(b"body"),
+                t0,
+            )
+            .unwrap()
+        };
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        let range = v("bytes=1-2");
+        let strong = object(200, "\"v1\"");
+        assert_eq!(strong.range(Some(&range), None), RangeAnswer::Partial(1..3));
+        assert_eq!(strong.range(None, None), RangeAnswer::Full);
+        assert_eq!(strong.range(Some(&range), Some(&v("\"v1\""))), RangeAnswer::Partial(1..3));
+        assert_eq!(strong.range(Some(&range), Some(&v("\"v0\""))), RangeAnswer::Full);
+        assert_eq!(strong.range(Some(&range), Some(&v("W/\"v1\""))), RangeAnswer::Full, "weak never matches");
+        assert_eq!(strong.range(Some(&range), Some(&v(&lm))), RangeAnswer::Partial(1..3));
+        let earlier = httpdate::fmt_http_date(t0 - Duration::from_secs(1));
+        assert_eq!(strong.range(Some(&range), Some(&v(&earlier))), RangeAnswer::Full);
+        // A weak validator cannot vouch for bytes.
+        let weak = object(200, "W/\"v1\"");
+        assert_eq!(weak.range(Some(&range), Some(&v("W/\"v1\""))), RangeAnswer::Full);
+        // Only a 200 is split.
+        let moved = object(301, "\"v1\"");
+        assert_eq!(moved.range(Some(&range), None), RangeAnswer::Full);
     }
 
     fn lookup<'a>(path: &'a str, h: &'a HeaderMap) -> Lookup<'a> {

@@ -540,6 +540,8 @@ impl Edge {
                 conditional.insert(name, v);
             }
         }
+        let range = parts.headers.remove(header::RANGE);
+        let if_range = parts.headers.remove(header::IF_RANGE);
         parts.headers.remove(header::CACHE_CONTROL);
         parts.headers.remove(header::PRAGMA);
         if !parts.headers.contains_key(header::HOST) {
@@ -553,6 +555,8 @@ impl Edge {
             head: parts.method == Method::HEAD,
             headers: parts.headers,
             conditional,
+            range,
+            if_range,
             peer: peer.ip(),
             version,
             key: match &plan.pinned {
@@ -566,7 +570,7 @@ impl Edge {
     }
 
     /// A request the cache has nothing to do with (a method other than GET
-    /// and HEAD, a body, `Range`, ...): forwarded as it is. A successful
+    /// and HEAD, a body, `If-Match`, ...): forwarded as it is. A successful
     /// unsafe method forgets what is stored for its URL (RFC 9111 §4.4).
     async fn pass(
         &self,
@@ -620,8 +624,9 @@ impl Edge {
             // A client a rollout pinned to one version gets only that
             // version's answers.
             Found::Fresh(o) | Found::Stale(o) if !req.version_matches(&o) => {
+                let headers = req.passed_headers();
                 let (resp, attempts) =
-                    self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
+                    self.forward(&req.method(), &req.uri(), &headers, Bytes::new(), &req.plan, req.peer).await;
                 return self.bypassed(resp, attempts);
             }
             found => found,
@@ -646,8 +651,9 @@ impl Edge {
         // does a request whose last answer could not be stored (it would
         // only queue behind others' fetches).
         if stale.is_none() && (req.head || self.cache.is_uncacheable(&key)) {
+            let headers = req.passed_headers();
             let (resp, attempts) =
-                self.forward(&req.method(), &req.uri(), &req.headers, Bytes::new(), &req.plan, req.peer).await;
+                self.forward(&req.method(), &req.uri(), &headers, Bytes::new(), &req.plan, req.peer).await;
             return self.bypassed(resp, attempts);
         }
         let filled = match self.cache.join(&key) {
@@ -788,18 +794,53 @@ impl Edge {
         attempts: usize,
     ) -> Response<Body> {
         let not_modified = o.status == StatusCode::OK && o.satisfies_conditional(&req.conditional);
-        let mut resp = if not_modified || req.head {
-            Response::new(meridian_http::empty())
+        // A conditional that holds wins over a range (RFC 9110 §13.2.2);
+        // HEAD ignores ranges.
+        let range = if not_modified || req.head {
+            cache::RangeAnswer::Full
         } else {
-            Response::new(full(o.body.clone()))
+            o.range(req.range.as_ref(), req.if_range.as_ref())
         };
-        *resp.status_mut() = if not_modified { StatusCode::NOT_MODIFIED } else { o.status };
+        let len = o.body.len();
+        let (status, body, sent) = match &range {
+            _ if not_modified => (StatusCode::NOT_MODIFIED, meridian_http::empty(), 0),
+            _ if req.head => (o.status, meridian_http::empty(), 0),
+            cache::RangeAnswer::Full => (o.status, full(o.body.clone()), len),
+            cache::RangeAnswer::Partial(r) => (StatusCode::PARTIAL_CONTENT, full(o.body.slice(r.clone())), r.len()),
+            cache::RangeAnswer::Unsatisfiable => {
+                let msg = format!("the range asked for is outside the {len} bytes of {}\n", req.path_and_query);
+                (StatusCode::RANGE_NOT_SATISFIABLE, full(Bytes::from(msg)), 0)
+            }
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
         *resp.headers_mut() = o.response_headers(now);
-        if not_modified {
-            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        let h = resp.headers_mut();
+        if o.status == StatusCode::OK {
+            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
-        resp.headers_mut().insert(cache::CACHE_STATUS, outcome.header());
-        self.cache.record(outcome, if not_modified || req.head { 0 } else { o.body.len() });
+        match &range {
+            _ if not_modified => {
+                h.remove(header::CONTENT_LENGTH);
+            }
+            cache::RangeAnswer::Full => {}
+            cache::RangeAnswer::Partial(r) => {
+                let value = format!("bytes {}-{}/{len}", r.start, r.end - 1);
+                h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits and ascii"));
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.len()));
+            }
+            cache::RangeAnswer::Unsatisfiable => {
+                // The object's own headers describe a body not sent.
+                for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING, header::ETAG, header::LAST_MODIFIED] {
+                    h.remove(name);
+                }
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
+                h.remove(header::CONTENT_LENGTH);
+            }
+        }
+        h.insert(cache::CACHE_STATUS, outcome.header());
+        self.cache.record(outcome, sent);
         self.finish(resp, attempts)
     }
 
@@ -1149,6 +1190,10 @@ struct CacheRequest {
     /// The client's `If-None-Match` / `If-Modified-Since`, answered by the
     /// edge.
     conditional: HeaderMap,
+    /// The client's `Range` and `If-Range`, also answered by the edge, from
+    /// the whole object (fetched without them).
+    range: Option<HeaderValue>,
+    if_range: Option<HeaderValue>,
     peer: IpAddr,
     /// The version a rollout pinned the client to (its cookie).
     version: Option<String>,
@@ -1172,6 +1217,23 @@ impl CacheRequest {
         } else {
             Method::GET
         }
+    }
+
+    /// The headers for a request the cache passes on rather than fills:
+    /// the client's, its `Range` and `If-Range` put back (the region
+    /// answers those itself then).
+    fn passed_headers(&self) -> std::borrow::Cow<'_, HeaderMap> {
+        if self.range.is_none() && self.if_range.is_none() {
+            return std::borrow::Cow::Borrowed(&self.headers);
+        }
+        let mut h = self.headers.clone();
+        if let Some(v) = &self.range {
+            h.insert(header::RANGE, v.clone());
+        }
+        if let Some(v) = &self.if_range {
+            h.insert(header::IF_RANGE, v.clone());
+        }
+        std::borrow::Cow::Owned(h)
     }
 
     /// Is `o` of the version the client is pinned to (if it is)?
@@ -1216,14 +1278,13 @@ fn with_affinity(mut resp: Response<Body>, sticky: Option<Option<String>>) -> Re
 }
 
 /// May this request go through the cache? GET and HEAD without a body,
-/// without `Range` or preconditions the cache does not evaluate.
+/// without preconditions the cache does not evaluate (it answers `Range`,
+/// `If-Range`, `If-None-Match` and `If-Modified-Since` itself).
 fn cacheable_request(parts: &http::request::Parts, body: &Incoming) -> bool {
     matches!(parts.method, Method::GET | Method::HEAD)
         && http_body::Body::is_end_stream(body)
-        && !parts.headers.contains_key(header::RANGE)
         && !parts.headers.contains_key(header::IF_MATCH)
         && !parts.headers.contains_key(header::IF_UNMODIFIED_SINCE)
-        && !parts.headers.contains_key(header::IF_RANGE)
         && !parts.headers.contains_key(header::UPGRADE)
         && !parts.headers.contains_key(headers::VERSION_OVERRIDE)
 }

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod pool;
+pub mod range;
 pub mod workers;
 
 use bytes::Bytes;

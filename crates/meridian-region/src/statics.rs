@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use meridian_http::range::{self, RangeAnswer};
 use meridian_http::{empty, full, text, Body};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -83,6 +84,21 @@ impl StaticSite {
             req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
                 v.split(',').any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == file.etag)
             });
+        // A byte range of a GET, unless a conditional already answered it
+        // (RFC 9110 §13.2.2); If-Range against the file's strong ETag.
+        let range = match req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            Some(range) if !not_modified && req.method() == Method::GET => {
+                let if_range = req.headers().get(header::IF_RANGE).map(|v| v.to_str().unwrap_or(""));
+                let etag = file.etag.to_str().ok();
+                if if_range.is_none_or(|v| range::if_range_holds(v, etag, None)) {
+                    range::byte_range(range, file.body.len())
+                } else {
+                    RangeAnswer::Full
+                }
+            }
+            _ => RangeAnswer::Full,
+        };
+        let len = file.body.len();
         let mut resp = if not_modified {
             let mut r = Response::new(empty());
             *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -90,13 +106,38 @@ impl StaticSite {
         } else if req.method() == Method::HEAD {
             Response::new(empty())
         } else {
-            Response::new(full(file.body.clone()))
+            match &range {
+                RangeAnswer::Full => Response::new(full(file.body.clone())),
+                RangeAnswer::Partial(r) => {
+                    let mut resp = Response::new(full(file.body.slice(r.clone())));
+                    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    let value = format!("bytes {}-{}/{len}", r.start, r.end - 1);
+                    resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+                    resp
+                }
+                RangeAnswer::Unsatisfiable => {
+                    let mut resp = text(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        format!("the range asked for is outside the {len} bytes of {rel}"),
+                    );
+                    let value = format!("bytes */{len}");
+                    resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+                    return resp;
+                }
+            }
         };
         let h = resp.headers_mut();
         h.insert(header::ETAG, file.etag.clone());
         h.insert(header::CONTENT_TYPE, file.content_type.clone());
-        if !not_modified {
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(file.body.len()));
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        match &range {
+            _ if not_modified => {}
+            RangeAnswer::Partial(r) => {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.len()));
+            }
+            _ => {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
         }
         resp
     }
@@ -245,6 +286,33 @@ mod tests {
         let etag = s.serve(&get("/"), "").headers()[header::ETAG].clone();
         let req = Request::get("/").header(header::IF_NONE_MATCH, etag).body(()).unwrap();
         assert_eq!(s.serve(&req, "").status(), StatusCode::NOT_MODIFIED);
+    }
+
+    #[tokio::test]
+    async fn byte_ranges_of_a_file_answer_206_or_416() {
+        let s = site();
+        let with = |pairs: &[(&http::HeaderName, &str)]| {
+            let mut b = Request::get("/");
+            for (k, v) in pairs {
+                b = b.header(*k, *v);
+            }
+            s.serve(&b.body(()).unwrap(), "")
+        };
+        let r = with(&[(&header::RANGE, "bytes=4-5")]);
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 4-5/11");
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
+        assert_eq!(body(r).await, "hi");
+        let r = with(&[(&header::RANGE, "bytes=11-")]);
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes */11");
+        let etag = with(&[]).headers()[header::ETAG].to_str().unwrap().to_string();
+        let r = with(&[(&header::RANGE, "bytes=-5"), (&header::IF_RANGE, &etag)]);
+        assert_eq!(body(r).await, "</h1>");
+        let r = with(&[(&header::RANGE, "bytes=-5"), (&header::IF_RANGE, "\"stale\"")]);
+        assert_eq!((r.status(), r.headers()[header::ACCEPT_RANGES].to_str().unwrap()), (StatusCode::OK, "bytes"));
+        let r = with(&[(&header::RANGE, "bytes=0-1"), (&header::IF_NONE_MATCH, &etag)]);
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     }
 
     #[test]

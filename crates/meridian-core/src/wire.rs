@@ -251,6 +251,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_region_is_given_up_on_no_sooner_than_the_apps_functions_may_take() {
+        let ms = std::time::Duration::from_millis;
+        // Files only, or quick functions: the edge's own first-byte timeout.
+        assert_eq!(first_byte_wait(ms(5_000), None, ms(30_000)), ms(5_000));
+        assert_eq!(first_byte_wait(ms(5_000), Some(ms(3_000)), ms(30_000)), ms(5_000));
+        // A function allowed 9 s (10 s with the margin) is waited for...
+        assert_eq!(first_byte_wait(ms(5_000), Some(ms(10_000)), ms(30_000)), ms(10_000));
+        // ...but never past the upstream timeout.
+        assert_eq!(first_byte_wait(ms(5_000), Some(ms(60_000)), ms(30_000)), ms(30_000));
+    }
+
+    #[test]
     fn hosts_are_normalised_and_checked() {
         assert_eq!(host_of("Notes.LocalHost:8080").as_deref(), Some("notes.localhost"));
         assert_eq!(host_of("example.com.").as_deref(), Some("example.com"));
@@ -408,6 +420,20 @@ pub struct AppRouting {
 /// What a region may add to a function's deadline before its answer's head
 /// is out: reading the request, taking an instance, writing the head.
 pub const ANSWER_MARGIN_MS: u64 = 1_000;
+
+/// How long to wait for the head of a region's answer before taking the
+/// region for a dead one and trying another: the caller's own first-byte
+/// timeout, or the app's `answer_within` when its functions may take
+/// longer, and never past the caller's whole-request `cap`. Edges and
+/// regions (forwarding) both wait by this rule, so neither gives up on a
+/// slow function sooner than its deadline allows.
+pub fn first_byte_wait(
+    configured: std::time::Duration,
+    answer_within: Option<std::time::Duration>,
+    cap: std::time::Duration,
+) -> std::time::Duration {
+    answer_within.map_or(configured, |a| a.max(configured)).min(cap)
+}
 
 /// The member states of the European Union.
 const EU: [&str; 27] = [

@@ -121,12 +121,6 @@ impl EdgeConfig {
     }
 }
 
-/// See [`Edge::first_byte_timeout`].
-fn first_byte_timeout(first_byte_ms: u64, upstream_ms: u64, answer_within: Option<Duration>) -> Duration {
-    let configured = Duration::from_millis(first_byte_ms);
-    answer_within.map_or(configured, |a| a.max(configured)).min(Duration::from_millis(upstream_ms))
-}
-
 fn default_max_retries() -> u32 {
     2
 }
@@ -953,7 +947,11 @@ impl Edge {
     /// `first_byte_timeout_ms`, or the app's own bound when its functions
     /// may take longer, never past `upstream_timeout_ms`.
     fn first_byte_timeout(&self, plan: &routing::Plan) -> Duration {
-        first_byte_timeout(self.config.first_byte_timeout_ms, self.config.upstream_timeout_ms, plan.answer_within)
+        meridian_core::wire::first_byte_wait(
+            Duration::from_millis(self.config.first_byte_timeout_ms),
+            plan.answer_within,
+            Duration::from_millis(self.config.upstream_timeout_ms),
+        )
     }
 
     fn upstream_request(
@@ -1313,18 +1311,6 @@ fn peer_value(peer: IpAddr) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_region_is_given_up_on_no_sooner_than_the_apps_functions_may_take() {
-        let ms = Duration::from_millis;
-        // Files only, or quick functions: the edge's own first-byte timeout.
-        assert_eq!(first_byte_timeout(5_000, 30_000, None), ms(5_000));
-        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(3_000))), ms(5_000));
-        // A function allowed 9 s (10 s with the margin) is waited for...
-        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(10_000))), ms(10_000));
-        // ...but never past the upstream timeout.
-        assert_eq!(first_byte_timeout(5_000, 30_000, Some(ms(60_000))), ms(30_000));
-    }
 
     /// The size of the future `f` returns, without calling it.
     fn future_size<A, B, C, Fut, F: Fn(A, B, C) -> Fut>(_: F) -> usize {

@@ -815,7 +815,7 @@ impl Region {
         answer_within: Option<Duration>,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let first_byte = answer_within.map_or(FORWARD_FIRST_BYTE, |d| d.max(FORWARD_FIRST_BYTE)).min(FORWARD_TIMEOUT);
+        let first_byte = meridian_core::wire::first_byte_wait(FORWARD_FIRST_BYTE, answer_within, FORWARD_TIMEOUT);
         let (parts, body) = req.into_parts();
         let body = match meridian_http::read_body(body, 8 << 20).await {
             Ok(b) => b,

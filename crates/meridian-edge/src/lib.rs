@@ -796,32 +796,24 @@ impl Edge {
             o.range(req.range.as_ref(), req.if_range.as_ref())
         };
         let len = o.body.len();
-        let (status, body, sent) = match &range {
-            _ if not_modified => (StatusCode::NOT_MODIFIED, meridian_http::empty(), 0),
-            _ if req.head => (o.status, meridian_http::empty(), 0),
-            cache::RangeAnswer::Full => (o.status, full(o.body.clone()), len),
-            cache::RangeAnswer::Partial(r) => (StatusCode::PARTIAL_CONTENT, full(o.body.slice(r.clone())), r.len()),
-            cache::RangeAnswer::Unsatisfiable => {
-                let msg = format!("the range asked for is outside the {len} bytes of {}\n", req.path_and_query);
-                (StatusCode::RANGE_NOT_SATISFIABLE, full(Bytes::from(msg)), 0)
-            }
-        };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        *resp.headers_mut() = o.response_headers(now);
-        let h = resp.headers_mut();
+        let mut h = o.response_headers(now);
         if o.status == StatusCode::OK {
             h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
-        match &range {
+        if let Some(value) = range.content_range(len) {
+            h.insert(header::CONTENT_RANGE, value);
+        }
+        let (status, body, sent) = match range {
             _ if not_modified => {
                 h.remove(header::CONTENT_LENGTH);
+                (StatusCode::NOT_MODIFIED, meridian_http::empty(), 0)
             }
-            cache::RangeAnswer::Full => {}
+            _ if req.head => (o.status, meridian_http::empty(), 0),
+            cache::RangeAnswer::Full => (o.status, full(o.body.clone()), len),
             cache::RangeAnswer::Partial(r) => {
-                let value = format!("bytes {}-{}/{len}", r.start, r.end - 1);
-                h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits and ascii"));
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.len()));
+                let sent = r.len();
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent));
+                (StatusCode::PARTIAL_CONTENT, full(o.body.slice(r)), sent)
             }
             cache::RangeAnswer::Unsatisfiable => {
                 // The object's own headers describe a body not sent.
@@ -829,11 +821,15 @@ impl Edge {
                     h.remove(name);
                 }
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-                h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
                 h.remove(header::CONTENT_LENGTH);
+                let msg = format!("the range asked for is outside the {len} bytes of {}\n", req.path_and_query);
+                (StatusCode::RANGE_NOT_SATISFIABLE, full(Bytes::from(msg)), 0)
             }
-        }
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
         h.insert(cache::CACHE_STATUS, outcome.header());
+        *resp.headers_mut() = h;
         self.cache.record(outcome, sent);
         self.finish(resp, attempts)
     }

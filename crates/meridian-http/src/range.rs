@@ -16,6 +16,21 @@ pub enum RangeAnswer {
     Unsatisfiable,
 }
 
+impl RangeAnswer {
+    /// The `Content-Range` this answer carries for a body of `len` bytes:
+    /// `bytes a-b/len` for a part, `bytes */len` for a 416, none for the
+    /// whole body.
+    pub fn content_range(&self, len: usize) -> Option<http::HeaderValue> {
+        let value = match self {
+            RangeAnswer::Full => return None,
+            RangeAnswer::Partial(r) => format!("bytes {}-{}/{len}", r.start, r.end.saturating_sub(1)),
+            RangeAnswer::Unsatisfiable => format!("bytes */{len}"),
+        };
+        // Digits, spaces and ASCII punctuation only.
+        http::HeaderValue::from_str(&value).ok()
+    }
+}
+
 /// `Range: bytes=…` with a single range, against a body of `len` bytes.
 pub fn byte_range(range: &str, len: usize) -> RangeAnswer {
     let Some((unit, spec)) = range.trim().split_once('=') else {
@@ -103,6 +118,14 @@ mod tests {
         for (range, len, want) in cases {
             assert_eq!(&byte_range(range, *len), want, "{range} of {len} bytes");
         }
+    }
+
+    #[test]
+    fn content_range_names_the_part_sent_and_the_whole_length() {
+        assert_eq!(RangeAnswer::Partial(4..6).content_range(11).unwrap(), "bytes 4-5/11");
+        assert_eq!(RangeAnswer::Partial(0..11).content_range(11).unwrap(), "bytes 0-10/11");
+        assert_eq!(RangeAnswer::Unsatisfiable.content_range(11).unwrap(), "bytes */11");
+        assert_eq!(RangeAnswer::Full.content_range(11), None);
     }
 
     #[test]

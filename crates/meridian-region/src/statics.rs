@@ -111,8 +111,7 @@ impl StaticSite {
                 RangeAnswer::Partial(r) => {
                     let mut resp = Response::new(full(file.body.slice(r.clone())));
                     *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-                    let value = format!("bytes {}-{}/{len}", r.start, r.end - 1);
-                    resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+                    resp.headers_mut().extend(range.content_range(len).map(|v| (header::CONTENT_RANGE, v)));
                     resp
                 }
                 RangeAnswer::Unsatisfiable => {
@@ -120,8 +119,7 @@ impl StaticSite {
                         StatusCode::RANGE_NOT_SATISFIABLE,
                         format!("the range asked for is outside the {len} bytes of {rel}"),
                     );
-                    let value = format!("bytes */{len}");
-                    resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+                    resp.headers_mut().extend(range.content_range(len).map(|v| (header::CONTENT_RANGE, v)));
                     return resp;
                 }
             }

@@ -51,6 +51,17 @@ fn app() -> tempfile::TempDir {
     app
 }
 
+/// A world with app `cdn` deployed: the world, the app's directory (kept
+/// while the test runs), a client, and edge eu-west's URL.
+fn start_cdn() -> (World, tempfile::TempDir, Client, String) {
+    let w = World::start(&[]);
+    let app = app();
+    let (ok, out) = w.create_and_deploy(app.path(), false);
+    assert!(ok, "deploy failed: {out}");
+    let eu = w.edge("edge-eu-west");
+    (w, app, client(), eu)
+}
+
 /// Requests for app `cdn` the regions answered, all regions together.
 async fn region_requests(w: &World) -> u64 {
     let mut total = 0;
@@ -74,12 +85,7 @@ async fn get_cdn(c: &Client, edge: &str, path: &str, extra: &[(&str, &str)]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() {
-    let w = World::start(&[]);
-    let app = app();
-    let (ok, out) = w.create_and_deploy(app.path(), false);
-    assert!(ok, "deploy failed: {out}");
-    let c = client();
-    let eu = w.edge("edge-eu-west");
+    let (w, app, c, eu) = start_cdn();
 
     // --- 1,000 concurrent requests for one uncached object: one fetch ------
     let before = region_requests(&w).await;
@@ -175,12 +181,7 @@ async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_ranges_are_cut_from_the_cached_object_at_the_edge() {
-    let w = World::start(&[]);
-    let app = app();
-    let (ok, out) = w.create_and_deploy(app.path(), false);
-    assert!(ok, "deploy failed: {out}");
-    let c = client();
-    let eu = w.edge("edge-eu-west");
+    let (w, _app, c, eu) = start_cdn();
     let before = region_requests(&w).await;
 
     // A range asked for first: the edge fetches the whole object once and

@@ -51,11 +51,14 @@ fn app() -> tempfile::TempDir {
     app
 }
 
-/// A world with app `cdn` deployed: the world, the app's directory (kept
+/// A world with app `cdn` (and `extra_files`) deployed: the world, the app's directory (kept
 /// while the test runs), a client, and edge eu-west's URL.
-fn start_cdn() -> (World, tempfile::TempDir, Client, String) {
+fn start_cdn(extra_files: &[(&str, &[u8])]) -> (World, tempfile::TempDir, Client, String) {
     let w = World::start(&[]);
     let app = app();
+    for (path, body) in extra_files {
+        std::fs::write(app.path().join(path), body).unwrap();
+    }
     let (ok, out) = w.create_and_deploy(app.path(), false);
     assert!(ok, "deploy failed: {out}");
     let eu = w.edge("edge-eu-west");
@@ -85,7 +88,7 @@ async fn get_cdn(c: &Client, edge: &str, path: &str, extra: &[(&str, &str)]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() {
-    let (w, app, c, eu) = start_cdn();
+    let (w, app, c, eu) = start_cdn(&[]);
 
     // --- 1,000 concurrent requests for one uncached object: one fetch ------
     let before = region_requests(&w).await;
@@ -181,7 +184,9 @@ async fn edges_cache_coalesce_purge_and_serve_stale_when_every_region_is_down() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_ranges_are_cut_from_the_cached_object_at_the_edge() {
-    let (w, _app, c, eu) = start_cdn();
+    // Larger than the edges keep (`max_object_kb`, 8 MiB by default).
+    let big: Vec<u8> = b"0123456789".iter().copied().cycle().take(9 << 20).collect();
+    let (w, _app, c, eu) = start_cdn(&[("site/big.txt", &big)]);
     let before = region_requests(&w).await;
 
     // A range asked for first: the edge fetches the whole object once and
@@ -226,4 +231,17 @@ async fn byte_ranges_are_cut_from_the_cached_object_at_the_edge() {
     assert_eq!(r.status, 304);
     // All of it from one fetch.
     assert_eq!(region_requests(&w).await - before, 1, "the regions were asked more than once");
+
+    // An object too large to keep: the range is the region's to cut, the
+    // first time too (not the whole 9 MiB for a hundred bytes).
+    let len = big.len();
+    for (i, outcome) in ["MISS", "BYPASS"].into_iter().enumerate() {
+        let r = get_cdn(&c, &eu, "/big.txt", &[("range", "bytes=100-199")]).await;
+        assert_eq!((r.status, r.body.len()), (206, 100), "request {i}");
+        assert_eq!(r.body.as_bytes(), &big[100..200], "request {i}");
+        assert_eq!(r.header("content-range"), format!("bytes 100-199/{len}"), "request {i}");
+        assert_eq!(r.header("x-meridian-cache"), outcome, "request {i}");
+    }
+    let r = get_cdn(&c, &eu, "/big.txt", &[]).await;
+    assert_eq!((r.status, r.body.len()), (200, len));
 }

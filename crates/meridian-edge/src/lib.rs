@@ -686,7 +686,24 @@ impl Edge {
             Filled::Object { object, outcome, attempts } => {
                 self.answer_from_cache(&object, outcome, &req, SystemTime::now(), attempts)
             }
-            Filled::Passed { mut resp, attempts } => {
+            // A range of an object too large to keep: the region cuts it
+            // (the whole body the fill asked for is dropped unread, once;
+            // later requests for the object go to the region directly).
+            Filled::TooLarge { resp, attempts }
+                if req.range.is_some() && !req.head && resp.status() == StatusCode::OK =>
+            {
+                drop(resp);
+                if req.version.is_none() {
+                    self.cache.mark_uncacheable(&req.key);
+                }
+                let headers = req.passed_headers();
+                let (mut resp, more) =
+                    self.forward(&Method::GET, &req.uri(), &headers, Bytes::new(), &req.plan, req.peer).await;
+                self.cache.record(Outcome::Miss, 0);
+                resp.headers_mut().insert(cache::CACHE_STATUS, Outcome::Miss.header());
+                self.finish(resp, attempts + more)
+            }
+            Filled::Passed { mut resp, attempts } | Filled::TooLarge { mut resp, attempts } => {
                 // (Not for a version-pinned client: its answers are never
                 // stored, others' may be.)
                 if !resp.status().is_server_error() && req.version.is_none() {
@@ -746,7 +763,7 @@ impl Edge {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > max) {
-            return Filled::Passed { resp, attempts };
+            return Filled::TooLarge { resp, attempts };
         }
         // A client pinned to a version by a rollout fills nobody's cache:
         // everyone else would get its version.
@@ -771,7 +788,9 @@ impl Edge {
                 }
                 None => Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
             },
-            Err(body::Overflow::TooLarge(rest)) => Filled::Passed { resp: Response::from_parts(parts, rest), attempts },
+            Err(body::Overflow::TooLarge(rest)) => {
+                Filled::TooLarge { resp: Response::from_parts(parts, rest), attempts }
+            }
             Err(body::Overflow::Failed(e)) => Filled::Passed {
                 resp: text(StatusCode::BAD_GATEWAY, format!("the region's answer broke off: {e}")),
                 attempts,
@@ -1171,6 +1190,9 @@ enum Filled {
     Object { object: Arc<cache::Object>, outcome: Outcome, attempts: usize },
     /// An answer that is not stored, passed on as it came.
     Passed { resp: Response<Body>, attempts: usize },
+    /// An answer larger than the cache keeps (`max_object_kb`): passed on
+    /// as it came, unless the client asked for a range of it.
+    TooLarge { resp: Response<Body>, attempts: usize },
 }
 
 /// A GET or HEAD on its way through the cache, owned so a fill can run on

@@ -245,3 +245,56 @@ async fn byte_ranges_are_cut_from_the_cached_object_at_the_edge() {
     let r = get_cdn(&c, &eu, "/big.txt", &[]).await;
     assert_eq!((r.status, r.body.len()), (200, len));
 }
+
+/// Text the edges store is sent gzipped to clients that take it, as a CDN
+/// does: one compression when stored, the same bytes as the region's once
+/// unzipped; everyone else, and every byte range, gets the object as the
+/// region sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_text_is_sent_gzipped_to_clients_that_take_it() {
+    use std::io::Read;
+    let script: String = (0..400).map(|i| format!("export const line{i} = \"the same line, again\";\n")).collect();
+    let (w, _app, c, eu) = start_cdn(&[("site/app.js", script.as_bytes())]);
+    let gzip = [("accept-encoding", "gzip, deflate, br")];
+
+    let r = get_cdn(&c, &eu, "/app.js", &gzip).await;
+    assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "MISS"));
+    assert_eq!(r.header("content-encoding"), "gzip");
+    assert!(r.header("vary").to_ascii_lowercase().contains("accept-encoding"), "{:?}", r.headers);
+    let gzipped_len = r.raw.len();
+    assert_eq!(r.header("content-length"), gzipped_len.to_string());
+    assert!(r.raw.len() * 5 < script.len(), "{} bytes gzipped of {}", r.raw.len(), script.len());
+    let mut unzipped = String::new();
+    flate2::read::GzDecoder::new(&r.raw[..]).read_to_string(&mut unzipped).unwrap();
+    assert_eq!(unzipped, script);
+    // Two representations, two tags: the gzipped one's is weak.
+    let weak = r.header("etag");
+    assert!(weak.starts_with("W/\""), "{weak}");
+    assert!(r.header("accept-ranges").is_empty(), "ranges are of the unzipped body");
+
+    // A client that does not take gzip, from the same object.
+    for ae in [None, Some("gzip;q=0"), Some("br")] {
+        let extra: Vec<(&str, &str)> = ae.iter().map(|v| ("accept-encoding", *v)).collect();
+        let r = get_cdn(&c, &eu, "/app.js", &extra).await;
+        assert_eq!((r.status, r.header("x-meridian-cache").as_str()), (200, "HIT"), "{ae:?}");
+        assert_eq!((r.header("content-encoding").as_str(), r.body.as_str()), ("", script.as_str()), "{ae:?}");
+        assert!(r.header("vary").to_ascii_lowercase().contains("accept-encoding"), "{ae:?}");
+        assert_eq!(r.header("etag"), weak.trim_start_matches("W/"), "{ae:?}");
+    }
+    // A range is cut from the body as the region sent it.
+    let r = get_cdn(&c, &eu, "/app.js", &[("accept-encoding", "gzip"), ("range", "bytes=0-5")]).await;
+    assert_eq!((r.status, r.body.as_str(), r.header("content-encoding").as_str()), (206, "export", ""));
+    // Revalidating the gzipped form with its tag: 304.
+    let r = get_cdn(&c, &eu, "/app.js", &[("accept-encoding", "gzip"), ("if-none-match", &weak)]).await;
+    assert_eq!(r.status, 304);
+    // A body too small to be worth it is sent as it is.
+    let r = get_cdn(&c, &eu, "/index.html", &gzip).await;
+    assert_eq!((r.status, r.body.as_str(), r.header("content-encoding").as_str()), (200, "<h1>home</h1>", ""));
+    assert!(!r.header("vary").to_ascii_lowercase().contains("accept-encoding"));
+
+    // The edge counts what it sent gzipped and what that saved.
+    let st = w.edge_status("edge-eu-west").await;
+    assert_eq!(st["cache"]["compressed"], 1, "{}", st["cache"]);
+    let saved = st["cache"]["compression_saved_bytes"].as_u64().unwrap();
+    assert_eq!(saved as usize, script.len() - gzipped_len, "{}", st["cache"]);
+}

@@ -62,6 +62,10 @@ pub struct CacheConfig {
     /// Bound of the memory tier (bodies and headers).
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
+    /// Keep stored objects of text-like types gzipped too, for clients that
+    /// accept it ([`crate::compress`]).
+    #[serde(default = "yes")]
+    pub compress: bool,
     /// Largest body stored; larger ones pass through.
     #[serde(default = "default_max_object_kb")]
     pub max_object_kb: usize,
@@ -94,6 +98,7 @@ impl Default for CacheConfig {
             enabled: true,
             memory_mb: default_memory_mb(),
             max_object_kb: default_max_object_kb(),
+            compress: true,
             disk_dir: None,
             disk_mb: default_disk_mb(),
         }
@@ -174,6 +179,9 @@ pub struct Object {
     /// As sent to clients: no hop-by-hop or tag headers, no `Age`.
     pub(crate) headers: HeaderMap,
     pub body: Bytes,
+    /// The body gzipped, when it is of a type worth it and that saved
+    /// something ([`crate::compress`]).
+    pub(crate) gzip: Option<Bytes>,
     pub(crate) tags: Box<[Box<str>]>,
     /// The values of the request headers `Vary` names, to tell variants of
     /// one URL apart.
@@ -240,6 +248,7 @@ impl Object {
             status,
             headers: stored,
             body,
+            gzip: None,
             fresh_until: now + ttl,
             stale_while_revalidate: swr,
             stale_if_error: sie,
@@ -267,6 +276,11 @@ impl Object {
         let mut o = Object::new(req, self.status, &with_tags, self.body.clone(), now)?;
         if o.tags.is_empty() {
             o.tags = self.tags.clone();
+        }
+        // The same body: the same compressed form, unless the new headers
+        // forbid it (`no-transform`, an encoding).
+        if crate::compress::worth_compressing(o.status, &o.headers, o.body.len()) {
+            o.gzip = self.gzip.clone();
         }
         Some(o)
     }
@@ -393,7 +407,8 @@ impl Object {
 
     fn weight(&self) -> u32 {
         let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
-        (self.body.len() + headers + 512).min(u32::MAX as usize) as u32
+        let gzip = self.gzip.as_ref().map_or(0, Bytes::len);
+        (self.body.len() + gzip + headers + 512).min(u32::MAX as usize) as u32
     }
 }
 
@@ -534,6 +549,11 @@ pub struct CacheStats {
     pub purged: u64,
     /// Body bytes served from the cache (hits, stale, revalidated).
     pub bytes_from_cache: u64,
+    /// Answers sent gzipped, and the body bytes that saved.
+    #[serde(default)]
+    pub compressed: u64,
+    #[serde(default)]
+    pub compression_saved_bytes: u64,
     pub objects: u64,
     pub bytes_stored: u64,
     /// URLs (all their variants) in the disk tier, and its bytes.
@@ -564,6 +584,8 @@ struct Counters {
     coalesced: AtomicU64,
     purged: AtomicU64,
     bytes_from_cache: AtomicU64,
+    compressed: AtomicU64,
+    compression_saved: AtomicU64,
 }
 
 pub struct Cache {
@@ -650,6 +672,11 @@ impl Cache {
 
     pub fn enabled(&self) -> bool {
         self.config.enabled
+    }
+
+    /// Whether stored objects of text-like types are kept gzipped too.
+    pub fn compresses(&self) -> bool {
+        self.config.compress
     }
 
     pub fn max_object_bytes(&self) -> usize {
@@ -853,6 +880,12 @@ impl Cache {
         }
     }
 
+    /// An answer sent gzipped: `saved` bytes fewer than the body.
+    pub fn record_compressed(&self, saved: usize) {
+        self.counters.compressed.fetch_add(1, Relaxed);
+        self.counters.compression_saved.fetch_add(saved as u64, Relaxed);
+    }
+
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
         let (disk_entries, disk_bytes) = self.disk.as_ref().map_or((0, 0), |d| d.usage());
@@ -866,6 +899,8 @@ impl Cache {
             coalesced: c.coalesced.load(Relaxed),
             purged: c.purged.load(Relaxed),
             bytes_from_cache: c.bytes_from_cache.load(Relaxed),
+            compressed: c.compressed.load(Relaxed),
+            compression_saved_bytes: c.compression_saved.load(Relaxed),
             objects: self.objects.iter().map(|(_, v)| v.len() as u64).sum(),
             bytes_stored: self.objects.weighted_size(),
             disk_entries,
@@ -1340,6 +1375,37 @@ mod tests {
         cache.pause(&p);
         std::thread::sleep(Duration::from_millis(5));
         assert!(!cache.paused(HOST), "expired");
+    }
+
+    #[test]
+    fn the_gzipped_form_is_kept_through_the_disk_tier_and_revalidation() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CacheConfig { disk_dir: Some(dir.path().join("disk")), ..Default::default() };
+        let cache = Cache::new(config).unwrap();
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let resp = headers(&[("cache-control", "max-age=10"), ("etag", "\"v1\""), ("content-type", "text/css")]);
+        let body = Bytes::from("body { margin: 0 }\n".repeat(100));
+        let mut o = Object::new(&lookup("/x.css", &rh), StatusCode::OK, &resp, body.clone(), t0).unwrap();
+        o.gzip = crate::compress::gzip(&body);
+        let gz = o.gzip.clone().expect("css compresses");
+        let weight = o.weight();
+        cache.store(key(HOST, "/x.css"), Arc::new(o));
+        // Out of memory, back from disk with both forms.
+        cache.objects.invalidate_all();
+        cache.objects.run_pending_tasks();
+        let Found::Fresh(o) = cache.lookup(&key(HOST, "/x.css"), &lookup("/x.css", &rh), t0) else {
+            panic!("lost on disk")
+        };
+        assert_eq!((&o.body, o.gzip.as_ref()), (&body, Some(&gz)));
+        assert!(weight as usize > body.len() + gz.len(), "both forms are weighed");
+        // A 304 keeps the body, so the gzipped form too...
+        let later = t0 + Duration::from_secs(30);
+        let nm = headers(&[("cache-control", "max-age=100"), ("etag", "\"v1\"")]);
+        assert_eq!(o.revalidated(&lookup("/x.css", &rh), &nm, later).unwrap().gzip, Some(gz));
+        // ...unless the region now says not to transform it.
+        let nm = headers(&[("cache-control", "max-age=100, no-transform"), ("etag", "\"v1\"")]);
+        assert_eq!(o.revalidated(&lookup("/x.css", &rh), &nm, later).unwrap().gzip, None);
     }
 
     #[test]

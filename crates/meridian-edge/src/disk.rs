@@ -10,7 +10,8 @@
 //! memory tier: nothing is written here that memory would not store.
 //!
 //! File format, per variant: `u32` length of a JSON head (policy, status,
-//! headers, tags, freshness), the head, `u32` body length, the body.
+//! headers, tags, freshness, the gzipped body's length if kept), the head,
+//! `u32` body length, the body, then the gzipped body if kept.
 
 use crate::cache::Object;
 use bytes::Bytes;
@@ -43,6 +44,9 @@ struct Head {
     fresh_until_ms: u64,
     stale_while_revalidate_s: u64,
     stale_if_error_s: u64,
+    /// Length of the gzipped body that follows the body, if kept.
+    #[serde(default)]
+    gzip_len: Option<u32>,
 }
 
 impl Disk {
@@ -91,12 +95,16 @@ impl Disk {
                 fresh_until_ms: millis(o.fresh_until),
                 stale_while_revalidate_s: o.stale_while_revalidate.as_secs(),
                 stale_if_error_s: o.stale_if_error.as_secs(),
+                gzip_len: o.gzip.as_ref().map(|g| g.len() as u32),
             };
             let Ok(head) = serde_json::to_vec(&head) else { return };
             out.extend_from_slice(&(head.len() as u32).to_le_bytes());
             out.extend_from_slice(&head);
             out.extend_from_slice(&(o.body.len() as u32).to_le_bytes());
             out.extend_from_slice(&o.body);
+            if let Some(g) = &o.gzip {
+                out.extend_from_slice(g);
+            }
             tags.extend(o.tags.iter().cloned());
         }
         let path = self.path(key);
@@ -130,6 +138,10 @@ impl Disk {
             let head: Head = serde_json::from_slice(take(len)?).ok()?;
             let blen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
             let body = Bytes::copy_from_slice(take(blen)?);
+            let gzip = match head.gzip_len {
+                Some(n) => Some(Bytes::copy_from_slice(take(n as usize)?)),
+                None => None,
+            };
             let mut headers = http::HeaderMap::new();
             for (k, v) in head.headers {
                 headers
@@ -140,6 +152,7 @@ impl Disk {
                 status: http::StatusCode::from_u16(head.status).ok()?,
                 headers,
                 body,
+                gzip,
                 tags: head.tags.into_iter().map(Into::into).collect(),
                 vary_key: head.vary_key.into(),
                 req_host: match head.req_host {

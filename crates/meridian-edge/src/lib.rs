@@ -28,6 +28,7 @@
 pub mod body;
 pub mod budget;
 pub mod cache;
+pub mod compress;
 pub mod disk;
 pub mod health;
 pub mod https;
@@ -544,11 +545,13 @@ impl Edge {
             }
         }
         let version = meridian_http::cookie(&parts.headers, headers::VERSION_COOKIE).map(String::from);
+        let accepts_gzip = self.cache.compresses() && compress::accepts_gzip(&parts.headers);
         let req = CacheRequest {
             path_and_query: pq_of(&parts.uri).into(),
             head: parts.method == Method::HEAD,
             headers: parts.headers,
             conditional,
+            accepts_gzip,
             range,
             if_range,
             peer: peer.ip(),
@@ -780,14 +783,35 @@ impl Edge {
         }
         let (parts, body) = resp.into_parts();
         match body::buffer_upto(body, max).await {
-            Ok(bytes) => match cache::Object::new(&req.lookup(), parts.status, &parts.headers, bytes.clone(), now) {
-                Some(object) => {
-                    let object = Arc::new(object);
-                    self.cache.store(key, object.clone());
-                    Filled::Object { object, outcome: Outcome::Miss, attempts }
-                }
-                None => Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
-            },
+            Ok(bytes) => {
+                let compress =
+                    self.cache.compresses() && compress::worth_compressing(parts.status, &parts.headers, bytes.len());
+                let object = match cache::Object::new(&req.lookup(), parts.status, &parts.headers, bytes.clone(), now) {
+                    // Compressed off the event loop (a few MiB take tens of
+                    // ms), the object moved there and back: it is large, and
+                    // held across this wait it would weigh on every
+                    // request's future.
+                    Some(object) if compress => {
+                        let with_gzip = tokio::task::spawn_blocking(move || {
+                            let mut object = object;
+                            object.gzip = compress::gzip(&object.body);
+                            object
+                        });
+                        match with_gzip.await {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "compressing a cache object failed; not stored");
+                                return Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts };
+                            }
+                        }
+                    }
+                    Some(object) => object,
+                    None => return Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
+                };
+                let object = Arc::new(object);
+                self.cache.store(key, object.clone());
+                Filled::Object { object, outcome: Outcome::Miss, attempts }
+            }
             Err(body::Overflow::TooLarge(rest)) => {
                 Filled::TooLarge { resp: Response::from_parts(parts, rest), attempts }
             }
@@ -816,7 +840,21 @@ impl Edge {
         };
         let len = o.body.len();
         let mut h = o.response_headers(now);
-        if o.status == StatusCode::OK {
+        // The gzipped form for a client that takes it, unless it asked for
+        // a range: ranges are of the body as the region sent it.
+        let gzip = o.gzip.as_ref().filter(|_| req.accepts_gzip && req.range.is_none());
+        if o.gzip.is_some() {
+            compress::vary_on_accept_encoding(&mut h);
+        }
+        if let Some(g) = gzip {
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            // Ranges are served of the body as the region sent it only.
+            h.remove(header::ACCEPT_RANGES);
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(g.len()));
+            if let Some(etag) = h.get(header::ETAG).map(compress::weak_etag) {
+                h.insert(header::ETAG, etag);
+            }
+        } else if o.status == StatusCode::OK {
             h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
         if let Some(value) = range.content_range(len) {
@@ -828,7 +866,13 @@ impl Edge {
                 (StatusCode::NOT_MODIFIED, meridian_http::empty(), 0)
             }
             _ if req.head => (o.status, meridian_http::empty(), 0),
-            cache::RangeAnswer::Full => (o.status, full(o.body.clone()), len),
+            cache::RangeAnswer::Full => match gzip {
+                Some(g) => {
+                    self.cache.record_compressed(len.saturating_sub(g.len()));
+                    (o.status, full(g.clone()), g.len())
+                }
+                None => (o.status, full(o.body.clone()), len),
+            },
             cache::RangeAnswer::Partial(r) => {
                 let sent = r.len();
                 h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent));
@@ -1094,6 +1138,18 @@ impl Edge {
             "Body bytes served from the cache.",
             vec![(String::new(), c.bytes_from_cache as f64)],
         );
+        family(
+            "meridian_edge_cache_compressed_total",
+            "counter",
+            "Answers from the cache sent gzipped.",
+            vec![(String::new(), c.compressed as f64)],
+        );
+        family(
+            "meridian_edge_cache_compression_saved_bytes_total",
+            "counter",
+            "Body bytes that sending gzipped answers saved.",
+            vec![(String::new(), c.compression_saved_bytes as f64)],
+        );
         family("meridian_edge_cache_objects", "gauge", "Objects stored.", vec![(String::new(), c.objects as f64)]);
         family(
             "meridian_edge_cache_stored_bytes",
@@ -1210,6 +1266,8 @@ struct CacheRequest {
     /// the whole object (fetched without them).
     range: Option<HeaderValue>,
     if_range: Option<HeaderValue>,
+    /// The client's `Accept-Encoding` takes gzip.
+    accepts_gzip: bool,
     peer: IpAddr,
     /// The version a rollout pinned the client to (its cookie).
     version: Option<String>,

@@ -86,9 +86,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     (n("hits") + n("stale") + n("revalidated")) as f64 * 100.0 / cacheable as f64
                 };
                 out!(
-                    "      cache: {ratio:.0} % hits of {cacheable} cacheable, {} KiB served from it, {} objects ({} KiB); \
-                     {} retries ({} refused by the budget)",
+                    "      cache: {ratio:.0} % hits of {cacheable} cacheable, {} KiB served from it ({} answers gzipped, \
+                     {} KiB saved), {} objects ({} KiB); {} retries ({} refused by the budget)",
                     n("bytes_from_cache") / 1024,
+                    n("compressed"),
+                    n("compression_saved_bytes") / 1024,
                     n("objects"),
                     n("bytes_stored") / 1024,
                     s["traffic"]["retries"].as_u64().unwrap_or(0),

@@ -233,6 +233,8 @@ pub struct Resp {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub body: String,
+    /// The body's bytes, as they came (`body` is them read as UTF-8).
+    pub raw: Bytes,
 }
 
 impl Resp {
@@ -273,6 +275,7 @@ pub async fn request(
         status: parts.status.as_u16(),
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body,
     })
 }
 

@@ -373,13 +373,21 @@ def bench_edge(work, duration):
 
 def bench_cache(work, duration):
     """Cache hits: the edge vs Varnish vs nginx proxy_cache, the same objects
-    (a small page and a 64 KiB asset, `Cache-Control: public, max-age=300`)
-    from the same region, all three warmed first. Varnish (open source) has
+    (a small page, a 64 KiB asset and ~50 KiB of script asked for gzipped;
+    `Cache-Control: public, max-age=300`) from the same region, all three
+    warmed first. Varnish (open source) has
     no TLS to backends, so the caches fill from the region's public port;
     the edge fills over mutual TLS as always. Hits never reach the region."""
     d = make_app(work, cache_control="public, max-age=300")
     with open(os.path.join(d, "static", "asset.bin"), "wb") as f:
         f.write(os.urandom(64 << 10))
+    # Text a CDN sends gzipped: ~50 KiB of script, asked for with
+    # `Accept-Encoding: gzip`. Each server compresses it its usual way: the
+    # edge and Varnish (`do_gzip`) once, when they store it; nginx on every
+    # answer (`gzip on`; its proxy_cache keeps the body as it came).
+    with open(os.path.join(d, "static", "app.js"), "w") as f:
+        f.write("".join(f"export function f{i}(a, b) {{ return a * {i} + b - {i * 7 % 13}; }}\n"
+                        for i in range(1000)))
     stack = Stack(work, d)
     edge_port, edge_cluster, varnish_port, nginx_port = free_port(), free_port(), free_port(), free_port()
     edge_cfg = os.path.join(work, "edge.toml")
@@ -394,7 +402,8 @@ def bench_cache(work, duration):
     os.makedirs(vdir)
     vcl = os.path.join(vdir, "default.vcl")
     with open(vcl, "w") as f:
-        f.write(f'vcl 4.1;\nbackend region {{ .host = "127.0.0.1"; .port = "{stack.region_port}"; }}\n')
+        f.write(f'vcl 4.1;\nbackend region {{ .host = "127.0.0.1"; .port = "{stack.region_port}"; }}\n'
+                'sub vcl_backend_response {\n  if (bereq.url == "/app.js") { set beresp.do_gzip = true; }\n}\n')
     start(["varnishd", "-F", "-j", "none", "-f", vcl, "-a", f"127.0.0.1:{varnish_port}", "-n", vdir, "-s", "malloc,256m"],
           os.path.join(work, "varnish.log"))
     ndir = os.path.join(work, "nginx")
@@ -412,6 +421,9 @@ def bench_cache(work, duration):
       proxy_cache bench;
       proxy_cache_lock on;
       add_header X-Cache-Status $upstream_cache_status;
+      gzip on;
+      gzip_types application/javascript text/javascript;
+      gzip_proxied any;
     }}
   }}
 """, user_root=True)
@@ -420,12 +432,21 @@ def bench_cache(work, duration):
         for path in ("/index.html", "/asset.bin"):
             for _ in range(3):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}{path}").read()
+        for _ in range(3):
+            r = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/app.js",
+                                                              headers={"Accept-Encoding": "gzip"}))
+            body = r.read()
+        if r.headers.get("Content-Encoding") != "gzip":
+            print(f"<!-- port {port} did not answer /app.js gzipped -->")
+        else:
+            print(f"<!-- port {port}: /app.js {len(body)} bytes gzipped -->")
     print(f"\n## Cache hits: edge vs Varnish vs nginx proxy_cache (same objects, warmed; wrk -t1, {duration}s each, "
           f"two rounds alternated, mean; {workers_note()})\n")
     print("| object | connections | edge req/s | Varnish req/s | nginx req/s | edge p50 / p99 ms | Varnish p50 / p99 ms "
           "| nginx p50 / p99 ms | edge/Varnish | edge/nginx |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for path in ("/index.html", "/asset.bin"):
+    gzip = ("-H", "Accept-Encoding: gzip")
+    for path, extra in (("/index.html", ()), ("/asset.bin", ()), ("/app.js", gzip)):
         for conns in (1, 16):
             # Two rounds, the second in reverse order, so no server always
             # runs in the same slot of a noisy machine; the mean is shown.
@@ -433,12 +454,13 @@ def bench_cache(work, duration):
             runs = {name: [] for name in ports}
             for order in (list(ports), list(reversed(ports))):
                 for name in order:
-                    runs[name].append(wrk(f"http://127.0.0.1:{ports[name]}{path}", duration, conns))
+                    runs[name].append(wrk(f"http://127.0.0.1:{ports[name]}{path}", duration, conns, extra=extra))
             e, v, n = (mean_runs(runs[name]) for name in ports)
             for name, r in (("edge", e), ("varnish", v), ("nginx", n)):
                 if r["errors"] or r["socket_errors"]:
                     print(f"<!-- {name} {path} c{conns}: {r['errors']} errors, {r['socket_errors']} -->")
-            print(f"| {path} | {conns} | {e['rps']:.0f} | {v['rps']:.0f} | {n['rps']:.0f} | "
+            label = f"{path} (gzip)" if extra else path
+            print(f"| {label} | {conns} | {e['rps']:.0f} | {v['rps']:.0f} | {n['rps']:.0f} | "
                   f"{e['p50_ms']:.3f} / {e['p99_ms']:.3f} | {v['p50_ms']:.3f} / {v['p99_ms']:.3f} | "
                   f"{n['p50_ms']:.3f} / {n['p99_ms']:.3f} | {ratio(e['rps'], v['rps'])} | {ratio(e['rps'], n['rps'])} |")
 

@@ -847,13 +847,16 @@ impl Edge {
             compress::vary_on_accept_encoding(&mut h);
         }
         if let Some(g) = gzip {
-            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-            // Ranges are served of the body as the region sent it only.
-            h.remove(header::ACCEPT_RANGES);
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(g.len()));
+            // The tag of the form the client holds, for a 304 too.
             if let Some(etag) = h.get(header::ETAG).map(compress::weak_etag) {
                 h.insert(header::ETAG, etag);
             }
+            if !not_modified {
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(g.len()));
+            }
+            // Ranges are served of the body as the region sent it only.
+            h.remove(header::ACCEPT_RANGES);
         } else if o.status == StatusCode::OK {
             h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }

@@ -784,31 +784,25 @@ impl Edge {
         let (parts, body) = resp.into_parts();
         match body::buffer_upto(body, max).await {
             Ok(bytes) => {
-                let compress =
-                    self.cache.compresses() && compress::worth_compressing(parts.status, &parts.headers, bytes.len());
-                let object = match cache::Object::new(&req.lookup(), parts.status, &parts.headers, bytes.clone(), now) {
-                    // Compressed off the event loop (a few MiB take tens of
-                    // ms), the object moved there and back: it is large, and
-                    // held across this wait it would weigh on every
-                    // request's future.
-                    Some(object) if compress => {
-                        let with_gzip = tokio::task::spawn_blocking(move || {
-                            let mut object = object;
-                            object.gzip = compress::gzip(&object.body);
-                            object
-                        });
-                        match with_gzip.await {
-                            Ok(o) => o,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "compressing a cache object failed; not stored");
-                                return Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts };
-                            }
-                        }
+                // The answer's parts end in this block and the object is
+                // boxed: held in this future across the wait below, either
+                // would weigh on every request's.
+                let (mut object, compress) = {
+                    let (parts, bytes) = (parts, bytes);
+                    let compress = self.cache.compresses()
+                        && compress::worth_compressing(parts.status, &parts.headers, bytes.len());
+                    match cache::Object::new(&req.lookup(), parts.status, &parts.headers, bytes.clone(), now) {
+                        Some(object) => (Box::new(object), compress),
+                        None => return Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
                     }
-                    Some(object) => object,
-                    None => return Filled::Passed { resp: Response::from_parts(parts, full(bytes)), attempts },
                 };
-                let object = Arc::new(object);
+                if compress {
+                    // Off the event loop: a few MiB take tens of ms. (A
+                    // failed task stores the object uncompressed.)
+                    let body = object.body.clone();
+                    object.gzip = tokio::task::spawn_blocking(move || compress::gzip(&body)).await.ok().flatten();
+                }
+                let object = Arc::<cache::Object>::from(object);
                 self.cache.store(key, object.clone());
                 Filled::Object { object, outcome: Outcome::Miss, attempts }
             }

@@ -598,6 +598,12 @@ pub struct Cache {
     /// requests go straight to a region instead of queueing behind one
     /// another's fills (Varnish's hit-for-miss).
     uncacheable: moka::sync::Cache<Box<str>, ()>,
+    /// Counts purges and relabels; each is counted, under the lock, before
+    /// it touches an object. A fill notes the count when it starts and
+    /// stores its answer only if it is unchanged ([`Cache::store_unless_purged`]):
+    /// an answer fetched before a purge (a deploy's, say) must not be stored
+    /// after it, where it would outlive the purge until it expires.
+    purges: Mutex<u64>,
     /// Hosts not cached for now (rollouts under way), until when.
     paused: std::sync::RwLock<Vec<(Purge, std::time::Instant)>>,
     any_paused: std::sync::atomic::AtomicBool,
@@ -664,6 +670,7 @@ impl Cache {
             disk,
             inflight: Mutex::new(HashMap::new()),
             uncacheable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNCACHEABLE_FOR).build(),
+            purges: Mutex::new(0),
             paused: Default::default(),
             any_paused: Default::default(),
             counters: Counters::default(),
@@ -728,6 +735,29 @@ impl Cache {
         }
         self.write_disk(&key, &list);
         self.objects.insert(key, list.into());
+    }
+
+    /// The purge count a fill starts from.
+    pub fn purges(&self) -> u64 {
+        *self.purges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_purge(&self) {
+        *self.purges.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    /// Stores `object` unless a purge or relabel began since the count
+    /// `since` (then its answer may be what the purge was for); says
+    /// whether it did. Under the count's lock: a store either ends before a
+    /// purge is counted (and the purge then finds the object) or sees it.
+    pub fn store_unless_purged(&self, key: Box<str>, object: Arc<Object>, since: u64) -> bool {
+        let purges = self.purges.lock().unwrap_or_else(|e| e.into_inner());
+        if *purges != since {
+            return false;
+        }
+        self.store(key, object);
+        drop(purges);
+        true
     }
 
     /// Writes `key`'s variants to the disk tier, off the request's thread
@@ -797,6 +827,7 @@ impl Cache {
     /// rest is the same in both versions). Returns how many.
     pub fn relabel(&self, p: &Purge) -> u64 {
         let Some(r) = &p.relabel else { return 0 };
+        self.count_purge();
         let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
         let covered = |k: &str| split_key(k).is_some_and(|(host, _)| p.covers_host(host));
         let mut n = 0;
@@ -824,6 +855,7 @@ impl Cache {
     /// Removes what `p` names; returns how many objects went (a URL only
     /// the disk tier holds counts once).
     pub fn purge(&self, p: &Purge) -> u64 {
+        self.count_purge();
         let doomed: HashMap<Arc<Box<str>>, usize> = self
             .objects
             .iter()
@@ -1375,6 +1407,42 @@ mod tests {
         cache.pause(&p);
         std::thread::sleep(Duration::from_millis(5));
         assert!(!cache.paused(HOST), "expired");
+    }
+
+    #[test]
+    fn an_answer_fetched_before_a_purge_is_not_stored_after_it() {
+        let cache = Cache::new(CacheConfig::default()).unwrap();
+        let t0 = SystemTime::now();
+        let rh = headers(&[]);
+        let resp = headers(&[("cache-control", "max-age=300"), ("cache-tag", "page")]);
+        let object =
+            || Arc::new(Object::new(&lookup("/p", &rh), StatusCode::OK, &resp, Bytes::from("old"), t0).unwrap());
+        let fresh = |cache: &Cache| matches!(cache.lookup(&key(HOST, "/p"), &lookup("/p", &rh), t0), Found::Fresh(_));
+        // A fill begins, a purge (or a rollout's relabel) arrives while it
+        // fetches, the fill ends: its answer is not stored.
+        let purge = Purge { hosts: vec![HOST.into()], tags: vec!["page".into()], ..Default::default() };
+        let relabel = Purge {
+            hosts: vec![HOST.into()],
+            relabel: Some(meridian_core::wire::Relabel { from: "v1".into(), to: "v2".into() }),
+            ..Default::default()
+        };
+        for during in [&purge, &relabel] {
+            let since = cache.purges();
+            if during.relabel.is_some() {
+                cache.relabel(during);
+            } else {
+                cache.purge(during);
+            }
+            assert!(!cache.store_unless_purged(key(HOST, "/p"), object(), since));
+            assert!(!fresh(&cache));
+        }
+        // A fill that began after them stores its answer...
+        let since = cache.purges();
+        assert!(cache.store_unless_purged(key(HOST, "/p"), object(), since));
+        assert!(fresh(&cache));
+        // ...and one stored before a purge is what the purge removes.
+        cache.purge(&purge);
+        assert!(!fresh(&cache));
     }
 
     #[test]

@@ -603,7 +603,7 @@ pub struct Cache {
     /// stores its answer only if it is unchanged ([`Cache::store_unless_purged`]):
     /// an answer fetched before a purge (a deploy's, say) must not be stored
     /// after it, where it would outlive the purge until it expires.
-    purges: Mutex<u64>,
+    purges: Arc<Mutex<u64>>,
     /// Hosts not cached for now (rollouts under way), until when.
     paused: std::sync::RwLock<Vec<(Purge, std::time::Instant)>>,
     any_paused: std::sync::atomic::AtomicBool,
@@ -670,7 +670,7 @@ impl Cache {
             disk,
             inflight: Mutex::new(HashMap::new()),
             uncacheable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNCACHEABLE_FOR).build(),
-            purges: Mutex::new(0),
+            purges: Default::default(),
             paused: Default::default(),
             any_paused: Default::default(),
             counters: Counters::default(),
@@ -725,6 +725,12 @@ impl Cache {
     /// Stores `object` for `key`, replacing the variant with the same
     /// `Vary` values.
     pub fn store(&self, key: Box<str>, object: Arc<Object>) {
+        let since = self.purges();
+        self.store_at(key, object, since);
+    }
+
+    /// Stores `object`, its disk copy only if no purge began since `since`.
+    fn store_at(&self, key: Box<str>, object: Arc<Object>, since: u64) {
         self.uncacheable.invalidate(&key);
         let old = self.objects.get(&key);
         let mut list: Vec<Arc<Object>> =
@@ -733,7 +739,7 @@ impl Cache {
         if list.len() > MAX_VARIANTS {
             list.drain(..list.len() - MAX_VARIANTS);
         }
-        self.write_disk(&key, &list);
+        self.write_disk(&key, &list, since);
         self.objects.insert(key, list.into());
     }
 
@@ -755,20 +761,30 @@ impl Cache {
         if *purges != since {
             return false;
         }
-        self.store(key, object);
+        self.store_at(key, object, since);
         drop(purges);
         true
     }
 
     /// Writes `key`'s variants to the disk tier, off the request's thread
     /// when there is a runtime.
-    fn write_disk(&self, key: &str, list: &[Arc<Object>]) {
+    /// A write that lands after a purge began since `since` is dropped:
+    /// the purge may have looked for the key before the file was there.
+    fn write_disk(&self, key: &str, list: &[Arc<Object>], since: u64) {
         let Some(disk) = self.disk.clone() else { return };
         let (key, list): (Box<str>, Vec<Arc<Object>>) = (key.into(), list.to_vec());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn_blocking(move || disk.write(&key, &list));
+                let purges = self.purges.clone();
+                rt.spawn_blocking(move || {
+                    disk.write_if(&key, &list, || {
+                        let count = purges.lock().unwrap_or_else(|e| e.into_inner());
+                        (*count == since).then_some(count)
+                    })
+                });
             }
+            // In line, in its caller's order (which may hold the count's
+            // lock already).
             Err(_) => disk.write(&key, &list),
         }
     }
@@ -828,13 +844,14 @@ impl Cache {
     pub fn relabel(&self, p: &Purge) -> u64 {
         let Some(r) = &p.relabel else { return 0 };
         self.count_purge();
+        let since = self.purges();
         let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
         let covered = |k: &str| split_key(k).is_some_and(|(host, _)| p.covers_host(host));
         let mut n = 0;
         for (k, variants) in self.objects.iter() {
             if covered(&k) {
                 if let Some(list) = relabeled(&variants, &from, &to, &mut n) {
-                    self.write_disk(&k, &list);
+                    self.write_disk(&k, &list, since);
                     self.objects.insert((*k).clone(), list.into());
                 }
             }
@@ -1443,6 +1460,23 @@ mod tests {
         // ...and one stored before a purge is what the purge removes.
         cache.purge(&purge);
         assert!(!fresh(&cache));
+    }
+
+    #[test]
+    fn a_disk_write_that_a_purge_overtook_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = crate::disk::Disk::open(&dir.path().join("disk"), 1 << 20).unwrap();
+        let rh = headers(&[]);
+        let resp = headers(&[("cache-control", "max-age=300")]);
+        let o = Object::new(&lookup("/p", &rh), StatusCode::OK, &resp, Bytes::from("old"), SystemTime::now()).unwrap();
+        let o = Arc::new(o);
+        // The purge count moved while the file was written: nothing lands,
+        // not even the temporary file.
+        disk.write_if("k", std::slice::from_ref(&o), || None::<()>);
+        assert!(disk.read("k").is_none());
+        assert_eq!(std::fs::read_dir(dir.path().join("disk")).unwrap().count(), 0);
+        disk.write_if("k", &[o], || Some(()));
+        assert_eq!(disk.read("k").expect("written")[0].body, "old");
     }
 
     #[test]

@@ -82,6 +82,13 @@ impl Disk {
 
     /// Writes every variant of `key` (replacing what was there).
     pub fn write(&self, key: &str, variants: &[Arc<Object>]) {
+        self.write_if(key, variants, || Some(()));
+    }
+
+    /// Writes every variant of `key`, if `still` (asked once the file is
+    /// written, before it is put in place) gives a guard; the file is put
+    /// in place and indexed while the guard is held.
+    pub fn write_if<G>(&self, key: &str, variants: &[Arc<Object>], still: impl FnOnce() -> Option<G>) {
         let mut out = Vec::new();
         let mut tags: Vec<Box<str>> = Vec::new();
         for o in variants {
@@ -113,8 +120,16 @@ impl Disk {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = path.with_extension(format!("{n}.tmp"));
-        let written = std::fs::write(&tmp, &out).and_then(|_| std::fs::rename(&tmp, &path));
-        match written {
+        if let Err(e) = std::fs::write(&tmp, &out) {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(error = %e, path = %path.display(), "cache object not written to disk");
+            return;
+        }
+        let Some(_guard) = still() else {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        };
+        match std::fs::rename(&tmp, &path) {
             Ok(()) => self
                 .index
                 .insert(key.into(), Entry { bytes: out.len().min(u32::MAX as usize) as u32, tags: tags.into() }),

@@ -535,6 +535,22 @@ pub use meridian_core::wire::Purge;
 
 type Variants = Arc<[Arc<Object>]>;
 
+/// How long a write through the edge is remembered against fills that
+/// began before it: longer than any fill may take (`upstream_timeout_ms`).
+const WRITTEN_FOR: Duration = Duration::from_secs(300);
+
+/// The counts of changes a fill began after ([`Cache::since`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Since {
+    purges: u64,
+    writes: u64,
+}
+
+/// Has nothing that covers `key` changed between `since` and `now`?
+fn unchanged(now: &Since, written: &moka::sync::Cache<Box<str>, u64>, key: &str, since: Since) -> bool {
+    now.purges == since.purges && (now.writes == since.writes || written.get(key).is_none_or(|w| w <= since.writes))
+}
+
 /// The cache's counters, as reported in the edge's status.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
@@ -598,12 +614,17 @@ pub struct Cache {
     /// requests go straight to a region instead of queueing behind one
     /// another's fills (Varnish's hit-for-miss).
     uncacheable: moka::sync::Cache<Box<str>, ()>,
-    /// Counts purges and relabels; each is counted, under the lock, before
-    /// it touches an object. A fill notes the count when it starts and
-    /// stores its answer only if it is unchanged ([`Cache::store_unless_purged`]):
-    /// an answer fetched before a purge (a deploy's, say) must not be stored
-    /// after it, where it would outlive the purge until it expires.
-    purges: Arc<Mutex<u64>>,
+    /// Counts purges and relabels (of any URL) and writes through this
+    /// edge (per URL, in `written`); each is counted, under the lock, before
+    /// it touches an object. A fill notes the counts when it starts and
+    /// stores its answer only if nothing it covers changed since
+    /// ([`Cache::store_unless_changed`]): an answer fetched before a purge
+    /// (a deploy's, say) or a write must not be stored after it, where it
+    /// would outlive it until it expires.
+    changes: Arc<Mutex<Since>>,
+    /// The write count at each URL's last write through this edge (kept
+    /// longer than a fill can take).
+    written: moka::sync::Cache<Box<str>, u64>,
     /// Hosts not cached for now (rollouts under way), until when.
     paused: std::sync::RwLock<Vec<(Purge, std::time::Instant)>>,
     any_paused: std::sync::atomic::AtomicBool,
@@ -670,7 +691,8 @@ impl Cache {
             disk,
             inflight: Mutex::new(HashMap::new()),
             uncacheable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNCACHEABLE_FOR).build(),
-            purges: Default::default(),
+            changes: Default::default(),
+            written: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(WRITTEN_FOR).build(),
             paused: Default::default(),
             any_paused: Default::default(),
             counters: Counters::default(),
@@ -725,12 +747,12 @@ impl Cache {
     /// Stores `object` for `key`, replacing the variant with the same
     /// `Vary` values.
     pub fn store(&self, key: Box<str>, object: Arc<Object>) {
-        let since = self.purges();
+        let since = self.since();
         self.store_at(key, object, since);
     }
 
-    /// Stores `object`, its disk copy only if no purge began since `since`.
-    fn store_at(&self, key: Box<str>, object: Arc<Object>, since: u64) {
+    /// Stores `object`, its disk copy only if nothing changed since `since`.
+    fn store_at(&self, key: Box<str>, object: Arc<Object>, since: Since) {
         self.uncacheable.invalidate(&key);
         let old = self.objects.get(&key);
         let mut list: Vec<Arc<Object>> =
@@ -743,26 +765,27 @@ impl Cache {
         self.objects.insert(key, list.into());
     }
 
-    /// The purge count a fill starts from.
-    pub fn purges(&self) -> u64 {
-        *self.purges.lock().unwrap_or_else(|e| e.into_inner())
+    /// The counts a fill starts from.
+    pub fn since(&self) -> Since {
+        *self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn count_purge(&self) {
-        *self.purges.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changes.lock().unwrap_or_else(|e| e.into_inner()).purges += 1;
     }
 
-    /// Stores `object` unless a purge or relabel began since the count
-    /// `since` (then its answer may be what the purge was for); says
-    /// whether it did. Under the count's lock: a store either ends before a
-    /// purge is counted (and the purge then finds the object) or sees it.
-    pub fn store_unless_purged(&self, key: Box<str>, object: Arc<Object>, since: u64) -> bool {
-        let purges = self.purges.lock().unwrap_or_else(|e| e.into_inner());
-        if *purges != since {
+    /// Stores `object` unless a purge, relabel or write of `key` began
+    /// since `since` (then its answer may be what that was for); says
+    /// whether it did. Under the counts' lock: a store either ends before
+    /// a change is counted (and the change then finds the object) or sees
+    /// it.
+    pub fn store_unless_changed(&self, key: Box<str>, object: Arc<Object>, since: Since) -> bool {
+        let now = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if !unchanged(&now, &self.written, &key, since) {
             return false;
         }
         self.store_at(key, object, since);
-        drop(purges);
+        drop(now);
         true
     }
 
@@ -770,16 +793,16 @@ impl Cache {
     /// when there is a runtime.
     /// A write that lands after a purge began since `since` is dropped:
     /// the purge may have looked for the key before the file was there.
-    fn write_disk(&self, key: &str, list: &[Arc<Object>], since: u64) {
+    fn write_disk(&self, key: &str, list: &[Arc<Object>], since: Since) {
         let Some(disk) = self.disk.clone() else { return };
         let (key, list): (Box<str>, Vec<Arc<Object>>) = (key.into(), list.to_vec());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                let purges = self.purges.clone();
+                let (changes, written) = (self.changes.clone(), self.written.clone());
                 rt.spawn_blocking(move || {
                     disk.write_if(&key, &list, || {
-                        let count = purges.lock().unwrap_or_else(|e| e.into_inner());
-                        (*count == since).then_some(count)
+                        let now = changes.lock().unwrap_or_else(|e| e.into_inner());
+                        unchanged(&now, &written, &key, since).then_some(now)
                     })
                 });
             }
@@ -802,6 +825,11 @@ impl Cache {
     /// Forgets everything stored under `key` (a successful unsafe request
     /// to it: RFC 9111 §4.4).
     pub fn invalidate(&self, key: &str) {
+        {
+            let mut now = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+            now.writes += 1;
+            self.written.insert(key.into(), now.writes);
+        }
         self.objects.invalidate(key);
         if let Some(d) = &self.disk {
             d.remove(key);
@@ -844,7 +872,7 @@ impl Cache {
     pub fn relabel(&self, p: &Purge) -> u64 {
         let Some(r) = &p.relabel else { return 0 };
         self.count_purge();
-        let since = self.purges();
+        let since = self.since();
         let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
         let covered = |k: &str| split_key(k).is_some_and(|(host, _)| p.covers_host(host));
         let mut n = 0;
@@ -1427,7 +1455,7 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_fetched_before_a_purge_is_not_stored_after_it() {
+    fn an_answer_fetched_before_a_purge_or_a_write_is_not_stored_after_it() {
         let cache = Cache::new(CacheConfig::default()).unwrap();
         let t0 = SystemTime::now();
         let rh = headers(&[]);
@@ -1444,18 +1472,25 @@ mod tests {
             ..Default::default()
         };
         for during in [&purge, &relabel] {
-            let since = cache.purges();
+            let since = cache.since();
             if during.relabel.is_some() {
                 cache.relabel(during);
             } else {
                 cache.purge(during);
             }
-            assert!(!cache.store_unless_purged(key(HOST, "/p"), object(), since));
+            assert!(!cache.store_unless_changed(key(HOST, "/p"), object(), since));
             assert!(!fresh(&cache));
         }
+        // So is one of a URL written (PUT, POST …) through this edge while
+        // it was fetched; a fill of another URL is not held back by that.
+        let since = cache.since();
+        cache.invalidate(&key(HOST, "/p"));
+        assert!(!cache.store_unless_changed(key(HOST, "/p"), object(), since));
+        assert!(!fresh(&cache));
+        assert!(cache.store_unless_changed(key(HOST, "/q"), object(), since));
         // A fill that began after them stores its answer...
-        let since = cache.purges();
-        assert!(cache.store_unless_purged(key(HOST, "/p"), object(), since));
+        let since = cache.since();
+        assert!(cache.store_unless_changed(key(HOST, "/p"), object(), since));
         assert!(fresh(&cache));
         // ...and one stored before a purge is what the purge removes.
         cache.purge(&purge);

@@ -726,7 +726,7 @@ impl Edge {
     /// stores the answer when it may be stored and no purge began while it
     /// was fetched (the answer is still this request's).
     async fn fill(&self, key: Box<str>, req: &CacheRequest, stale: Option<Arc<cache::Object>>) -> Filled {
-        let purges = self.cache.purges();
+        let since = self.cache.since();
         let mut headers = req.headers.clone();
         for (k, v) in stale.iter().flat_map(|o| o.validators()) {
             headers.insert(k, v);
@@ -740,7 +740,7 @@ impl Edge {
                 let object = match old.revalidated(&req.lookup(), resp.headers(), now) {
                     Some(new) => {
                         let new = Arc::new(new);
-                        self.cache.store_unless_purged(key, new.clone(), purges);
+                        self.cache.store_unless_changed(key, new.clone(), since);
                         new
                     }
                     None => {
@@ -805,8 +805,8 @@ impl Edge {
                     object.gzip = tokio::task::spawn_blocking(move || compress::gzip(&body)).await.ok().flatten();
                 }
                 let object = Arc::<cache::Object>::from(object);
-                if !self.cache.store_unless_purged(key, object.clone(), purges) {
-                    tracing::debug!(path = %req.path_and_query, "a purge began during the fill: its answer is not stored");
+                if !self.cache.store_unless_changed(key, object.clone(), since) {
+                    tracing::debug!(path = %req.path_and_query, "a purge or write began during the fill: its answer is not stored");
                 }
                 Filled::Object { object, outcome: Outcome::Miss, attempts }
             }

@@ -387,22 +387,16 @@ impl Object {
     /// What a `Range` request (with its `If-Range`, if any) gets from this
     /// object (RFC 9110 §14): part of a stored 200, or all of it.
     pub fn range(&self, range: Option<&HeaderValue>, if_range: Option<&HeaderValue>) -> RangeAnswer {
-        let Some(range) = range.and_then(|v| v.to_str().ok()) else {
-            return RangeAnswer::Full;
-        };
         if self.status != StatusCode::OK {
             return RangeAnswer::Full;
         }
-        // If-Range: the range only of the representation the client holds
-        // part of (an entity tag compared strongly, or the exact
-        // Last-Modified date); otherwise all of it.
-        if let Some(v) = if_range {
-            let v = v.to_str().unwrap_or("");
-            if !meridian_http::range::if_range_holds(v, self.header("etag"), self.header("last-modified")) {
-                return RangeAnswer::Full;
-            }
-        }
-        meridian_http::range::byte_range(range, self.body.len())
+        meridian_http::range::answer(
+            range.and_then(|v| v.to_str().ok()),
+            if_range.map(|v| v.to_str().unwrap_or("")),
+            self.header("etag"),
+            self.header("last-modified"),
+            self.body.len(),
+        )
     }
 
     fn weight(&self) -> u32 {

@@ -70,6 +70,23 @@ pub fn byte_range(range: &str, len: usize) -> RangeAnswer {
     }
 }
 
+/// What a GET with these `Range` and `If-Range` values gets from a whole
+/// body of `len` bytes with these validators: a range only of the
+/// representation the client holds part of (else all of it).
+pub fn answer(
+    range: Option<&str>,
+    if_range: Option<&str>,
+    etag: Option<&str>,
+    last_modified: Option<&str>,
+    len: usize,
+) -> RangeAnswer {
+    let Some(range) = range else { return RangeAnswer::Full };
+    if if_range.is_some_and(|v| !if_range_holds(v, etag, last_modified)) {
+        return RangeAnswer::Full;
+    }
+    byte_range(range, len)
+}
+
 /// Does `If-Range: if_range` name the representation with these
 /// validators? Only a strong entity tag that is equal, or a date equal to
 /// `Last-Modified`, does (RFC 9110 section 13.1.5): a weak tag cannot vouch

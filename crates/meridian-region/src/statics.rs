@@ -86,17 +86,16 @@ impl StaticSite {
             });
         // A byte range of a GET, unless a conditional already answered it
         // (RFC 9110 §13.2.2); If-Range against the file's strong ETag.
-        let range = match req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
-            Some(range) if !not_modified && req.method() == Method::GET => {
-                let if_range = req.headers().get(header::IF_RANGE).map(|v| v.to_str().unwrap_or(""));
-                let etag = file.etag.to_str().ok();
-                if if_range.is_none_or(|v| range::if_range_holds(v, etag, None)) {
-                    range::byte_range(range, file.body.len())
-                } else {
-                    RangeAnswer::Full
-                }
-            }
-            _ => RangeAnswer::Full,
+        let range = if !not_modified && req.method() == Method::GET {
+            range::answer(
+                req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()),
+                req.headers().get(header::IF_RANGE).map(|v| v.to_str().unwrap_or("")),
+                file.etag.to_str().ok(),
+                None,
+                file.body.len(),
+            )
+        } else {
+            RangeAnswer::Full
         };
         let len = file.body.len();
         let mut resp = if not_modified {

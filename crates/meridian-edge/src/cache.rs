@@ -764,8 +764,11 @@ impl Cache {
         *self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn count_purge(&self) {
-        self.changes.lock().unwrap_or_else(|e| e.into_inner()).purges += 1;
+    /// Counts a purge or relabel; returns the counts with it.
+    fn count_purge(&self) -> Since {
+        let mut now = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        now.purges += 1;
+        *now
     }
 
     /// Stores `object` unless a purge, relabel or write of `key` began
@@ -785,8 +788,9 @@ impl Cache {
 
     /// Writes `key`'s variants to the disk tier, off the request's thread
     /// when there is a runtime.
-    /// A write that lands after a purge began since `since` is dropped:
-    /// the purge may have looked for the key before the file was there.
+    /// A write that lands after a purge, relabel or write of `key` began
+    /// since `since` is dropped: it may have looked for the key before the
+    /// file was there.
     fn write_disk(&self, key: &str, list: &[Arc<Object>], since: Since) {
         let Some(disk) = self.disk.clone() else { return };
         let (key, list): (Box<str>, Vec<Arc<Object>>) = (key.into(), list.to_vec());
@@ -865,8 +869,7 @@ impl Cache {
     /// rest is the same in both versions). Returns how many.
     pub fn relabel(&self, p: &Purge) -> u64 {
         let Some(r) = &p.relabel else { return 0 };
-        self.count_purge();
-        let since = self.since();
+        let since = self.count_purge();
         let (Ok(from), Ok(to)) = (HeaderValue::from_str(&r.from), HeaderValue::from_str(&r.to)) else { return 0 };
         let covered = |k: &str| split_key(k).is_some_and(|(host, _)| p.covers_host(host));
         let mut n = 0;

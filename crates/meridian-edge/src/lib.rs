@@ -723,8 +723,9 @@ impl Edge {
     }
 
     /// Fetches `key` from the regions (revalidating `stale` if given) and
-    /// stores the answer when it may be stored and no purge began while it
-    /// was fetched (the answer is still this request's).
+    /// stores the answer when it may be stored and no purge, relabel or
+    /// write of its URL began while it was fetched (the answer is still
+    /// this request's).
     async fn fill(&self, key: Box<str>, req: &CacheRequest, stale: Option<Arc<cache::Object>>) -> Filled {
         let since = self.cache.since();
         let mut headers = req.headers.clone();

@@ -50,21 +50,27 @@ proxies = {
 if os.path.exists(f"{work}/edge-before.toml"):
     proxies["before"] = (port_of(f"{work}/edge-before.toml", edge_listen),
                          pids(f"edge --config {work}/edge-before.toml"))
+# The region behind them: what each proxy's requests cost it (the headers
+# a proxy adds are parsed there too, on the same request's path).
+region = pids(f"region --config {work}/")
 tick = 1e6 / os.sysconf("SC_CLK_TCK")  # µs per tick
-totals = {name: [0, 0, 0, 0.0] for name in proxies}
+totals = {name: [0, 0, 0, 0.0, 0] for name in proxies}
 for r in range(rounds):
     order = list(proxies) if r % 2 == 0 else list(reversed(proxies))
     for name in order:
         port, ps = proxies[name]
         before = cpu_ticks(ps)
+        region_before = sum(cpu_ticks(region))
         out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", f"https://localhost:{port}{path}" if tls else f"http://127.0.0.1:{port}{path}"],
                              capture_output=True, text=True).stdout
         after = cpu_ticks(ps)
+        t_region = sum(cpu_ticks(region)) - region_before
         t = totals[name]
         t[0] += int(re.search(r"(\d+) requests in", out).group(1))
         t[1] += after[0] - before[0]
         t[2] += after[1] - before[1]
         t[3] += float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-for name, (n, user, system, rps) in totals.items():
+        t[4] += t_region
+for name, (n, user, system, rps, reg) in totals.items():
     print(f"{path}{' (TLS)' if tls else ''} c{conns} {name:7} {rps / rounds:8.0f} req/s  user {user * tick / n:5.1f} µs  "
-          f"sys {system * tick / n:5.1f} µs  total {(user + system) * tick / n:5.1f}")
+          f"sys {system * tick / n:5.1f} µs  total {(user + system) * tick / n:5.1f}  region {reg * tick / n:5.1f} µs")

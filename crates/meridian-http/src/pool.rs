@@ -63,6 +63,35 @@ impl Driver {
         }
         self.closed
     }
+
+    /// Waits for `look` (a response head, body bytes, room for a request),
+    /// moving the connection along in between.
+    ///
+    /// Everything `look` waits for is handed over by the connection inside
+    /// `drive`, in this very task, and each side of such a hand-over wakes
+    /// the waker the other side left: had that been this task's, the task
+    /// would wake itself, one more turn of the whole request for nothing.
+    /// So `look` gets no waker, and the connection gets this task's waker
+    /// only when this returns Pending, after a drive without one found
+    /// nothing: then it is the connection (the node's bytes, its close)
+    /// that wakes the task, which is all `look` waits for.
+    fn drive_for<T>(&mut self, cx: &mut Context<'_>, mut look: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(v) = look(&mut quiet) {
+            return Poll::Ready(v);
+        }
+        self.drive(&mut quiet);
+        if let Poll::Ready(v) = look(&mut quiet) {
+            return Poll::Ready(v);
+        }
+        self.drive(cx);
+        let r = look(&mut quiet);
+        if r.is_ready() {
+            // Not waiting after all: take this task's waker back.
+            self.drive(&mut quiet);
+        }
+        r
+    }
 }
 
 /// One HTTP/1 connection: the handle requests are sent on and the state
@@ -84,34 +113,20 @@ impl Conn {
     /// Whether the connection can take a request now, driving it until it
     /// knows (the end of the last response may not have been seen yet).
     async fn ready(&mut self) -> bool {
-        std::future::poll_fn(|cx| {
-            if self.drive(cx) {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
+        let Conn { sender, driver } = self;
+        std::future::poll_fn(|cx| match driver.drive_for(cx, |q| sender.poll_ready(q).map(|r| r.is_ok())) {
+            Poll::Pending if driver.closed => Poll::Ready(false),
+            r => r,
         })
         .await
     }
 
-    /// Sends `req` and waits for the response head, driving the connection.
+    /// Sends `req` and waits for the response head, driving the connection
+    /// (a closed connection fails the pending response at once).
     async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
         let mut response = std::pin::pin!(self.sender.send_request(req));
         let driver = &mut self.driver;
-        std::future::poll_fn(|cx| {
-            driver.drive(cx);
-            // A closed connection fails the pending response at once.
-            let head = response.as_mut().poll(cx);
-            if head.is_ready() {
-                // hyper now waits for the body to be asked for data, with
-                // this task's waker; the body's first poll would wake this
-                // very task for nothing. Whoever reads the body drives the
-                // connection with its own waker then, so the connection's
-                // wakers are set to none in between.
-                driver.drive(&mut Context::from_waker(std::task::Waker::noop()));
-            }
-            head
-        })
-        .await
+        std::future::poll_fn(|cx| driver.drive_for(cx, |q| response.as_mut().poll(q))).await
     }
 
     /// Polls an idle connection once without waiting: false if the node
@@ -329,13 +344,12 @@ impl hyper::body::Body for PooledBody {
         // The body is asked first: hyper reads body bytes off the connection
         // only once the body has been polled for them, so driving first
         // would cost a second turn of this task for every response.
-        let mut r = Pin::new(&mut self.inner).poll_frame(cx);
-        if r.is_pending() {
-            if let Some(c) = &mut self.conn {
-                c.drive(cx);
-                r = Pin::new(&mut self.inner).poll_frame(cx);
-            }
-        }
+        let this = &mut *self;
+        let inner = &mut this.inner;
+        let r = match &mut this.conn {
+            Some(c) => c.driver.drive_for(cx, |q| Pin::new(&mut *inner).poll_frame(q)),
+            None => Pin::new(inner).poll_frame(cx),
+        };
         match &r {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
@@ -383,6 +397,70 @@ mod tests {
 
     fn get() -> Request<Body> {
         Request::get("/").body(crate::empty()).unwrap()
+    }
+
+    /// Counts the wakes of the task that happen while the task is being
+    /// polled: each one is a turn of the whole task for nothing.
+    struct SelfWakes {
+        inner: std::task::Waker,
+        polling: std::sync::atomic::AtomicBool,
+        count: AtomicUsize,
+    }
+
+    impl std::task::Wake for SelfWakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref()
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            if self.polling.load(Ordering::SeqCst) {
+                self.count.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.wake_by_ref();
+        }
+    }
+
+    /// Runs `fut` and says how often it woke itself while it ran.
+    async fn self_wakes<F: Future>(fut: F) -> (F::Output, usize) {
+        let mut fut = std::pin::pin!(fut);
+        let mut total = 0;
+        let out = std::future::poll_fn(|cx| {
+            let w = Arc::new(SelfWakes { inner: cx.waker().clone(), polling: true.into(), count: AtomicUsize::new(0) });
+            let r = fut.as_mut().poll(&mut Context::from_waker(&std::task::Waker::from(w.clone())));
+            w.polling.store(false, Ordering::SeqCst);
+            total += w.count.load(Ordering::SeqCst);
+            r
+        })
+        .await;
+        (out, total)
+    }
+
+    #[tokio::test]
+    async fn a_request_and_its_body_do_not_wake_their_own_task() {
+        // Bodies of one read and of many (driven more than once), on one
+        // connection taken from the pool again and again.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let len = req.uri().path()[1..].parse::<usize>().unwrap_or(0);
+                        Ok::<_, std::convert::Infallible>(Response::new(crate::full(vec![7u8; len])))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        for len in [1 << 20, 5, 1 << 20, 5, 5, 300_000] {
+            let ((), woken) = self_wakes(async {
+                let r = pool.send(Request::get(format!("/{len}")).body(crate::empty()).unwrap()).await.unwrap();
+                assert_eq!(r.into_body().collect().await.unwrap().to_bytes().len(), len);
+            })
+            .await;
+            assert_eq!(woken, 0, "a body of {len} bytes: the task woke itself {woken} times");
+        }
     }
 
     #[tokio::test]

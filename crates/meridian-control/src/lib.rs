@@ -51,6 +51,9 @@ use tokens::{Caller, Scope, Tokens};
 
 /// Largest bundle accepted by a deploy.
 const MAX_DEPLOY_BYTES: usize = 512 << 20;
+/// Calls a follower passes to the leader at once; more wait no longer than
+/// a moment and are told to retry.
+const MAX_FORWARDS: usize = 8;
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +138,9 @@ pub struct Control {
     pub consensus: Arc<Consensus>,
     /// Serialises deploys' first phase, app changes and reconcile rounds.
     deploy_lock: tokio::sync::Mutex<()>,
+    /// Bodies a follower holds while it passes calls to the leader: at
+    /// most [`MAX_FORWARDS`] at once (each up to a bundle's size).
+    forwards: tokio::sync::Semaphore,
     /// Apps whose rollout runs on this node (registered under
     /// `deploy_lock`), so a rollout is never run twice here.
     running: Mutex<BTreeSet<String>>,
@@ -254,6 +260,7 @@ impl Control {
             tls,
             consensus,
             deploy_lock: tokio::sync::Mutex::new(()),
+            forwards: tokio::sync::Semaphore::new(MAX_FORWARDS),
             running: Default::default(),
             caught_up_term: std::sync::atomic::AtomicU64::new(0),
             compiler,
@@ -668,9 +675,20 @@ impl Control {
 
     /// Stores a version of an existing app and makes it run everywhere
     /// (see the module docs).
-    pub async fn deploy(self: &Arc<Self>, tar: Bytes, caller: &Caller) -> Result<DeployReport, ApiError> {
+    pub async fn deploy(
+        self: &Arc<Self>,
+        tar: Bytes,
+        caller: &Caller,
+        named: Option<&str>,
+    ) -> Result<DeployReport, ApiError> {
         let bundle = Bundle::from_tar(&tar).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
         let app = bundle.manifest.name.clone();
+        if let Some(named) = named.filter(|n| *n != app) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("the bundle is app {app:?}, but the deploy was sent for app {named:?}"),
+            ));
+        }
         if !caller.may(Scope::Deploy, &app) {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -1362,10 +1380,67 @@ impl Control {
         }
     }
 
+    /// A deploy's bundle is read only from a caller that may deploy the
+    /// app it is for: an app's token needs the deploy scope on its own app
+    /// (the bundle's name must then be that app), and `?app=` — which the
+    /// CLI sends — must name an app the caller may deploy. A refusal is
+    /// audited (on the leader; a follower's refusal is the caller's to
+    /// repeat there).
+    async fn may_send_a_bundle(
+        &self,
+        req: &Request<Incoming>,
+        parts: &[&str],
+        caller: &Caller,
+    ) -> Result<(), Response<Body>> {
+        if !(req.method() == Method::POST && parts == ["v1", "deploy"]) {
+            return Ok(());
+        }
+        let named = deploy_target(req.uri().query());
+        let app = match (caller, &named) {
+            (_, Some(a)) => a.clone(),
+            (Caller::App { app, .. }, None) => app.clone(),
+            (_, None) => return Ok(()),
+        };
+        if caller.may(Scope::Deploy, &app) {
+            return Ok(());
+        }
+        if !self.consensus.is_leader() {
+            // The leader refuses it too, and audits it: it is sent there
+            // without the body.
+            let (parts, _) = req_parts(req);
+            return Err(self.pass_to_leader(parts, Bytes::new()).await);
+        }
+        let why = format!("this token may not deploy app {app:?} (it needs the deploy scope on it)");
+        self.note(caller, "deploy", Some(&app), "a bundle (not read)", &format!("403: {why}")).await;
+        Err(text(StatusCode::FORBIDDEN, why))
+    }
+
     /// Passes an API call to the leader (as is: its token is checked
     /// there) and its answer back.
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
         if req.headers().contains_key(FORWARDED) {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control plane is changing leaders; retry in a few seconds",
+            );
+        }
+        let Ok(_permit) = tokio::time::timeout(Duration::from_secs(1), self.forwards.acquire()).await else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this control node is passing {MAX_FORWARDS} calls to the leader already; retry"),
+            );
+        };
+        let (parts, body) = req.into_parts();
+        let body = match meridian_http::read_body(body, MAX_DEPLOY_BYTES).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        self.pass_to_leader(parts, body).await
+    }
+
+    /// One call, its body already read, passed to the leader as it came.
+    async fn pass_to_leader(&self, parts: http::request::Parts, body: Bytes) -> Response<Body> {
+        if parts.headers.contains_key(FORWARDED) {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the control plane is changing leaders; retry in a few seconds",
@@ -1383,11 +1458,6 @@ impl Control {
         let target = match leader.target() {
             Ok(t) => t,
             Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
-        };
-        let (parts, body) = req.into_parts();
-        let body = match meridian_http::read_body(body, MAX_DEPLOY_BYTES).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
         };
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let header = |name: http::header::HeaderName| {
@@ -1421,6 +1491,17 @@ impl Control {
         if let ["v1", "internal", rest @ ..] = parts.as_slice() {
             return self.internal(req, rest).await;
         }
+        // Who calls is settled before any body is read, on every node: a
+        // follower holds the same tokens (as of its last applied entry; the
+        // leader checks again), so an unauthenticated caller cannot make
+        // it read or forward anything.
+        let token = meridian_http::bearer(&req).unwrap_or("");
+        let Some(caller) = self.consensus.read(|m| self.tokens.caller(token, &m.tokens)) else {
+            return unauthorized();
+        };
+        if let Err(resp) = self.may_send_a_bundle(&req, &parts, &caller).await {
+            return resp;
+        }
         if !self.consensus.is_leader() {
             return self.forward(req).await;
         }
@@ -1438,10 +1519,6 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let token = meridian_http::bearer(&req).unwrap_or("");
-        let Some(caller) = self.consensus.read(|m| self.tokens.caller(token, &m.tokens)) else {
-            return unauthorized();
-        };
         let forbidden = |what: &str| text(StatusCode::FORBIDDEN, format!("this token may not {what}"));
         match (req.method().clone(), parts.as_slice()) {
             (Method::GET, ["v1", "whoami"]) => json(
@@ -1683,17 +1760,25 @@ impl Control {
                 resp
             }
             (Method::POST, ["v1", "deploy"]) => {
+                let req_query = req.uri().query().map(str::to_string);
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
                 let peek = body.clone();
-                let result = self.deploy(body, &caller).await;
+                let result = self.deploy(body, &caller, deploy_target(req_query.as_deref()).as_deref()).await;
                 let (app, version) = match &result {
                     Ok(r) => (Some(r.app.clone()), r.version.short().to_string()),
                     Err(_) => match Bundle::from_tar(&peek) {
                         Ok(b) => (Some(b.manifest.name), b.id.short().to_string()),
-                        Err(_) => (None, "an unreadable bundle".into()),
+                        // Refused unread: the app it was sent for.
+                        Err(_) => {
+                            let named = deploy_target(req_query.as_deref()).or_else(|| match &caller {
+                                Caller::App { app, .. } => Some(app.clone()),
+                                _ => None,
+                            });
+                            (named, "an unreadable bundle".into())
+                        }
                     },
                 };
                 match result {
@@ -1834,4 +1919,20 @@ pub(crate) mod tests {
         c.import_legacy().await.unwrap();
         assert_eq!(c.consensus.store.audit(|_| true).unwrap().len(), 2);
     }
+}
+
+/// The app a deploy names in its query (`?app=<name>`), if any.
+fn deploy_target(query: Option<&str>) -> Option<String> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("app=")).map(str::to_string)
+}
+
+/// A request's head, without its body (which is left unread).
+fn req_parts(req: &Request<Incoming>) -> (http::request::Parts, ()) {
+    let mut b = Request::builder().method(req.method().clone()).uri(req.uri().clone()).version(req.version());
+    for (k, v) in req.headers() {
+        b = b.header(k, v);
+    }
+    // Built from an already valid request: cannot fail.
+    let (parts, ()) = b.body(()).map(|r| r.into_parts()).unwrap_or_else(|_| Request::new(()).into_parts());
+    (parts, ())
 }

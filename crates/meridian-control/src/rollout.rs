@@ -554,10 +554,19 @@ impl Control {
         let target = r.target().map_err(|e| e.to_string())?;
         let new = plan.record.version.to_string();
         for t in &plan.record.smoke {
+            let what = format!("{} {}", t.method, t.path);
+            // The manifest parser refuses these; a version stored before it
+            // did is held to the same rule here (and the region refuses a
+            // reserved path on app traffic whatever sends it).
+            if headers::is_reserved_path(&t.path) {
+                return Err(format!("{what}: the path is reserved for the platform; smoke tests ask the app's routes"));
+            }
+            if let Some((k, _)) = t.headers.iter().find(|(k, _)| headers::is_platform_header(k)) {
+                return Err(format!("{what}: header {k} is the platform's to set, not a smoke test's"));
+            }
             let method = Method::from_bytes(t.method.as_bytes()).map_err(|e| e.to_string())?;
             let mut hs: Vec<(&str, &str)> = vec![(headers::APP, plan.app()), (headers::VERSION_OVERRIDE, &new)];
             hs.extend(t.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            let what = format!("{} {}", t.method, t.path);
             let a = self
                 .client
                 .call_with(&target, method, &t.path, &hs, Bytes::from(t.body.clone()), Duration::from_secs(30))

@@ -93,8 +93,18 @@ impl Bundle {
             if !is_safe_relative_path(&path) {
                 return Err(bad(format!("unsafe path {path:?}")));
             }
-            let mut data = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut data).map_err(|e| bad(e.to_string()))?;
+            // The header's size is a claim: reserve no more than the bytes
+            // the archive has left, and read no more than the claim.
+            let size = entry.size();
+            let left = bytes.len() as u64 - entry.raw_file_position().min(bytes.len() as u64);
+            if size > left {
+                return Err(bad(format!("{path:?} claims {size} bytes but the archive has {left} left")));
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            (&mut entry).take(size).read_to_end(&mut data).map_err(|e| bad(e.to_string()))?;
+            if data.len() as u64 != size {
+                return Err(bad(format!("{path:?} is truncated: {} of {size} bytes", data.len())));
+            }
             if files.insert(path.clone(), data).is_some() {
                 return Err(bad(format!("{path:?} appears twice")));
             }
@@ -231,6 +241,34 @@ mod tests {
         let err = Bundle::from_tar(&b.into_inner().unwrap()).unwrap_err();
         assert!(err.to_string().contains("unsafe path"), "{err}");
         assert!(Bundle::from_tar(b"not a tar at all").is_err());
+    }
+
+    /// Issue 27, item 3: an entry's header may claim any size; what is
+    /// reserved and read is bounded by the bytes that actually came.
+    #[test]
+    fn an_entry_claiming_more_bytes_than_the_archive_holds_is_refused_without_reserving_them() {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("meridian.toml").unwrap();
+        // 16 TiB: reserving it would abort the process.
+        h.set_size(1 << 44);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[b'x'; 1024]);
+        let err = Bundle::from_tar(&bytes).unwrap_err();
+        assert!(err.to_string().contains("claims"), "{err}");
+
+        // A real bundle cut anywhere is an error, never a shorter version.
+        let d = tempfile::tempdir().unwrap();
+        app(d.path(), "hello");
+        let whole = Bundle::from_dir(d.path()).unwrap();
+        let tar = whole.to_tar();
+        for cut in (1..tar.len()).step_by(97) {
+            // Only the end-of-archive blocks may go: the same version.
+            if let Ok(b) = Bundle::from_tar(&tar[..cut]) {
+                assert_eq!(b.id, whole.id, "cut at {cut} of {} parsed as another version", tar.len());
+            }
+        }
     }
 
     #[test]

@@ -680,6 +680,17 @@ impl Checker<'_> {
             };
             if !path.starts_with('/') {
                 self.error(item_span(st, "path"), &format!("{prefix}.path"), format!("{path:?} must start with '/'"));
+            } else if meridian_core::headers::is_reserved_path(&path) {
+                self.error(
+                    item_span(st, "path"),
+                    &format!("{prefix}.path"),
+                    format!(
+                        "{path:?} is reserved for the platform: a smoke test asks the app's own routes, as a user \
+                         would"
+                    ),
+                );
+            } else if http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+                self.error(item_span(st, "path"), &format!("{prefix}.path"), format!("{path:?} is not a valid URL path"));
             }
             let mut headers = Vec::new();
             if let Some(item) = st.get("headers") {
@@ -687,6 +698,12 @@ impl Checker<'_> {
                     Some(h) => {
                         for (k, v) in h.iter() {
                             match v.as_str() {
+                                Some(_) if meridian_core::headers::is_platform_header(k) => self.error(
+                                    item_span(h, k),
+                                    &format!("{prefix}.headers.{k}"),
+                                    "set by the platform, not by a smoke test (Host, Forwarded, X-Forwarded-*, \
+                                     X-Meridian-*)",
+                                ),
                                 Some(v)
                                     if http::HeaderName::from_bytes(k.as_bytes()).is_ok()
                                         && http::HeaderValue::from_str(v).is_ok() =>
@@ -938,7 +955,7 @@ impl Manifest {
                                 &format!("{prefix}.path"),
                                 format!("{path:?} must start with '/'"),
                             );
-                        } else if path.starts_with(meridian_core::headers::RESERVED_PREFIX.trim_end_matches('/')) {
+                        } else if meridian_core::headers::is_reserved_path(path.as_str()) {
                             c.error(
                                 item_span(rt, "path"),
                                 &format!("{prefix}.path"),
@@ -1235,6 +1252,43 @@ jurisdiction = "eu"
         assert_eq!(
             keys,
             vec!["rollout.speed", "rollout.waves", "rollout.steps", "rollout.rollback", "smoke[0].path"],
+            "{errs:#?}"
+        );
+    }
+
+    /// Issue 27, reproduction 1: a smoke test is a user's request to the
+    /// app's own routes, so a manifest cannot aim one at the platform's
+    /// API (another app's data, its deletion) or dress it as the platform.
+    #[test]
+    fn smoke_tests_cannot_name_reserved_paths_or_platform_headers() {
+        let base = "[app]\nname = \"evil\"\n[[routes]]\npath = \"/\"\nstatic = \"s\"\n";
+        for path in [
+            "/_meridian/apps/notes/kv/op",
+            "/_meridian",
+            "/_MERIDIAN/apps/notes",
+            "/%5Fmeridian/apps/notes",
+            "//_meridian/apps/notes",
+        ] {
+            let text = format!("{base}[[smoke]]\nmethod = \"POST\"\npath = \"{path}\"\nstatus = 599\n");
+            let errs = Manifest::parse("m", &text).unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{path}: {errs:#?}");
+            assert_eq!(errs[0].key, "smoke[0].path");
+            assert!(errs[0].message.contains("reserved"), "{}", errs[0].message);
+        }
+        let text = format!(
+            "{base}[[smoke]]\npath = \"/kv/notes/first\"\nheaders = {{ x-meridian-app = \"notes\", Host = \"notes.localhost\", \
+             X-Forwarded-Host = \"notes.localhost\", x-meridian-version-override = \"abc\", x-user = \"ok\" }}\n"
+        );
+        let errs = Manifest::parse("m", &text).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "smoke[0].headers.x-meridian-app",
+                "smoke[0].headers.Host",
+                "smoke[0].headers.X-Forwarded-Host",
+                "smoke[0].headers.x-meridian-version-override"
+            ],
             "{errs:#?}"
         );
     }

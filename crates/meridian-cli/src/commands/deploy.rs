@@ -139,8 +139,10 @@ pub async fn deploy_dir(operator: &Operator, url: &str, dir: &Path, live: bool) 
         anyhow::bail!("the control plane refused the request ({status}): {}", String::from_utf8_lossy(&body).trim());
     }
     let url = url.trim_end_matches('/');
-    let deploy =
-        operator.control(url, Method::POST, "/v1/deploy", Bytes::from(bundle.to_tar()), Duration::from_secs(3600));
+    // The app named up front: a token that may not deploy it is refused
+    // before the control plane reads the bundle.
+    let path = format!("/v1/deploy?app={}", bundle.manifest.name);
+    let deploy = operator.control(url, Method::POST, &path, Bytes::from(bundle.to_tar()), Duration::from_secs(3600));
     // While it runs, show each rollout step as it happens.
     let printed = std::sync::atomic::AtomicUsize::new(0);
     let bars = std::sync::Mutex::new(crate::progress::Progress::new(&bundle.manifest));

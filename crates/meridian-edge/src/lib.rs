@@ -10,10 +10,12 @@
 //! * could not connect, or the connection broke before a response head:
 //!   the region is ejected at once; retried if the request is idempotent or
 //!   the failure happened while connecting;
-//! * a 5xx from the platform (not marked `x-meridian-fault: app`): counted
-//!   towards ejection; retried if idempotent;
-//! * a fault of the app itself (deadline, memory limit, trap): returned as is,
-//!   not retried and not counted, since it would repeat in every region.
+//! * a 5xx the region marked as its own failure (`x-meridian-fault:
+//!   platform`): counted towards ejection; retried if idempotent;
+//! * anything else the app answered — its own 5xx, or a fault of the app
+//!   (deadline, memory limit, trap), or of a region it needed — is returned
+//!   as is, sent to one region only and not counted against it: it would
+//!   repeat in every region, and one app must not eject a region for all.
 //!
 //! Two doors: the public port carries user traffic only (nothing under
 //! `/_meridian/` is forwarded or answered there: 404); the cluster port
@@ -513,6 +515,22 @@ impl Edge {
             return self.finish(text(StatusCode::SERVICE_UNAVAILABLE, msg), 0);
         }
         let (mut parts, body) = req.into_parts();
+        // The host this edge chose the app by (its limits, plan and cache
+        // key) is the one the region is told: a client's own
+        // X-Forwarded-Host never passes, and a Host this edge could not
+        // read goes no further than it did here (the default app's).
+        parts.headers.remove(names::X_FORWARDED_HOST);
+        match &host {
+            Some(h) if !parts.headers.contains_key(header::HOST) => {
+                if let Ok(v) = HeaderValue::from_str(h) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            Some(_) => {}
+            None => {
+                parts.headers.remove(header::HOST);
+            }
+        }
         // A pinned request is cached only at an edge of its jurisdiction,
         // and apart from everyone else's (only its regions' answers).
         let cache_here = plan.pinned.is_none() || plan.pinned == self.config.jurisdiction;
@@ -539,11 +557,6 @@ impl Edge {
         let if_range = parts.headers.remove(header::IF_RANGE);
         parts.headers.remove(header::CACHE_CONTROL);
         parts.headers.remove(header::PRAGMA);
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&host) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
         let version = meridian_http::cookie(&parts.headers, headers::VERSION_COOKIE).map(String::from);
         let accepts_gzip = self.cache.compresses() && compress::accepts_gzip(&parts.headers);
         let req = CacheRequest {
@@ -944,9 +957,12 @@ impl Edge {
             // (over a kilobyte); boxed, only its pointer moves.
             match tokio::time::timeout(timeout, Box::pin(u.pool().send(req))).await {
                 Ok(Ok(resp)) => {
-                    // A fault header says the region is fine (the app
-                    // failed, or a region it needed): passed on as is.
-                    let platform_error = resp.status().is_server_error() && !resp.headers().contains_key(names::FAULT);
+                    // Only the region's own failure is a reason to try
+                    // another: whatever the app answered (a 5xx too) is its
+                    // answer, sent once and passed on as is, and says
+                    // nothing of the region's health.
+                    let platform_error = resp.status().is_server_error()
+                        && resp.headers().get(names::FAULT).is_some_and(|f| f == headers::FAULT_PLATFORM);
                     if platform_error {
                         u.health.lock().unwrap().server_error(&self.config.health);
                         u.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1039,12 +1055,10 @@ impl Edge {
                 h.append(k.clone(), v.clone());
             }
         }
-        let original_host = headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-        if let Some(host) = original_host {
-            h.insert(names::X_FORWARDED_HOST, host);
+        // `handle` left exactly the Host it chose the app by (or none).
+        h.remove(names::X_FORWARDED_HOST);
+        if let Some(host) = headers.get(header::HOST) {
+            h.insert(names::X_FORWARDED_HOST, host.clone());
         }
         h.insert(header::HOST, host.clone());
         let xff = match headers.get(names::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {

@@ -384,6 +384,18 @@ impl Region {
             tracing::warn!(caller = %peer, path, "refused: {why}");
             return text(StatusCode::FORBIDDEN, format!("{peer} may not call {path}: {why}"));
         }
+        // A request that names an app or a version is that app's traffic
+        // (a region forwarding it, a smoke test): never the platform's API,
+        // whoever sends it. Otherwise a manifest's smoke test, sent with the
+        // control plane's certificate, could call any app's API.
+        let names_app = req.headers().contains_key(headers::APP) || req.headers().contains_key(headers::VERSION_OVERRIDE);
+        if names_app && headers::is_reserved_path(path) {
+            tracing::warn!(caller = %peer, path, "refused: app traffic at a reserved path");
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("{path} is reserved for the platform; a request naming an app or a version is that app's traffic"),
+            );
+        }
         if path.starts_with(headers::RESERVED_PREFIX) {
             return self.admin(req, &peer).await;
         }
@@ -405,6 +417,9 @@ impl Region {
         let apps = self.apps.load();
         let app = match named {
             Some(name) => apps.by_name.get(&name).ok_or_else(|| format!("no app named {name:?} here")),
+            // An edge says which host it chose the app by, or names none
+            // (the default app's): the Host it sends is this node's own.
+            None if peer.role == Role::Edge => apps.for_host(request_host(&req, "x-forwarded-host").as_deref()),
             None => {
                 let host = request_host(&req, "x-forwarded-host").or_else(|| request_host(&req, "host"));
                 apps.for_host(host.as_deref())
@@ -471,7 +486,7 @@ impl Region {
         }
         let started = Instant::now();
         let mut resp = self.serve_app(&version, kv, req).await;
-        app.counters.count(resp.status(), resp.headers().contains_key(headers::FAULT));
+        app.counters.count(resp.status(), resp.extensions().get::<meridian_host::Fault>().is_some());
         version.stats.record(started.elapsed(), resp.status().is_server_error());
         let h = resp.headers_mut();
         h.insert(headers::REGION, self.region_header.clone());
@@ -510,7 +525,7 @@ impl Region {
             }
             RouteTarget::Component(name) => {
                 let Some(component) = version.components.get(name) else {
-                    return text(StatusCode::INTERNAL_SERVER_ERROR, format!("component {name} missing"));
+                    return platform_fault(StatusCode::INTERNAL_SERVER_ERROR, format!("component {name} missing"));
                 };
                 // Held while the function runs: an app at its concurrency
                 // cannot take more of the region's instances.
@@ -527,9 +542,7 @@ impl Region {
                 // with an error value.
                 let Some(svc) = kv else {
                     let mut resp = component.handle(req, None).await;
-                    if resp.extensions().get::<meridian_host::Fault>().is_some() {
-                        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
-                    }
+                    guest_answer(&mut resp, false);
                     statics::cache_headers(route, &mut resp, None);
                     return resp;
                 };
@@ -544,23 +557,13 @@ impl Region {
                 let kv = Arc::new(kv);
                 let written = kv.token.lock().unwrap().len();
                 let mut resp = component.handle(req, Some(kv.clone() as Arc<dyn meridian_host::KvBackend>)).await;
-                if resp.extensions().get::<meridian_host::Fault>().is_some() {
-                    resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("app"));
-                }
+                guest_answer(&mut resp, kv.dependency_failed.load(std::sync::atomic::Ordering::Relaxed));
                 statics::cache_headers(route, &mut resp, None);
                 if let Some(j) = kv.residency().and_then(|j| HeaderValue::from_str(&j).ok()) {
                     resp.headers_mut().insert(headers::RESIDENCY, j);
                 }
                 if let Some(o) = kv.write_outcome() {
                     resp.headers_mut().insert(headers::WRITE_OUTCOME, HeaderValue::from_static(o.header()));
-                }
-                // A failure that came from another region (this one is fine):
-                // edges neither count it against this region nor hide it.
-                if resp.status().is_server_error()
-                    && !resp.headers().contains_key(headers::FAULT)
-                    && kv.dependency_failed.load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
                 }
                 // A response that followed writes carries their token (merged
                 // with the one the request brought), as a header and a cookie.
@@ -870,11 +873,11 @@ impl Region {
                 }
             };
             // Another region's failure, not this one's.
-            resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
+            resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static(headers::FAULT_DEPENDENCY));
             return resp;
         }
         let mut resp = text(StatusCode::BAD_GATEWAY, format!("cannot forward a request ({why}): {last}"));
-        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static("dependency"));
+        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static(headers::FAULT_DEPENDENCY));
         resp
     }
 
@@ -1084,7 +1087,45 @@ impl NoVersion {
             NoVersion::NoneDeployed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             NoVersion::NotInstalled { .. } => StatusCode::NOT_FOUND,
         };
-        text(status, self.to_string())
+        platform_fault(status, self.to_string())
+    }
+}
+
+/// A failure of this region itself, not of the app: the one kind of
+/// answer an edge may take to another region (and count against this
+/// one's health).
+fn platform_fault(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = text(status, msg);
+    if status.is_server_error() {
+        r.headers_mut().insert(headers::FAULT, HeaderValue::from_static(headers::FAULT_PLATFORM));
+    }
+    r
+}
+
+/// What a function answered, made the app's: the platform's own headers
+/// (`x-meridian-…`: fault, residency, causality, …) are the region's to set,
+/// never a guest's — a guest claiming a platform fault would have every
+/// region retried and ejected —, and every 5xx it produced is marked as
+/// the app's (or, when a region it needed failed, as that dependency's),
+/// so no edge retries it or holds it against this region.
+fn guest_answer(resp: &mut Response<Body>, dependency_failed: bool) {
+    let h = resp.headers_mut();
+    if h.keys().any(|k| k.as_str().starts_with("x-meridian-")) {
+        let theirs: Vec<http::HeaderName> =
+            h.keys().filter(|k| k.as_str().starts_with("x-meridian-")).cloned().collect();
+        for k in theirs {
+            h.remove(k);
+        }
+    }
+    let fault = if resp.extensions().get::<meridian_host::Fault>().is_some() {
+        Some(headers::FAULT_APP)
+    } else if resp.status().is_server_error() {
+        Some(if dependency_failed { headers::FAULT_DEPENDENCY } else { headers::FAULT_APP })
+    } else {
+        None
+    };
+    if let Some(f) = fault {
+        resp.headers_mut().insert(headers::FAULT, HeaderValue::from_static(f));
     }
 }
 

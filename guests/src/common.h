@@ -61,14 +61,23 @@ static char *request_header(request_t req, const char *name) {
   return out;
 }
 
-// Sends a complete response with one content-type header and `body`.
-static void respond(outparam_t out, uint16_t status, const char *content_type, const uint8_t *body,
-                    size_t len) {
-  wasi_http_types_tuple2_field_name_field_value_t entry = {
-      {(uint8_t *)"content-type", 12},
-      {(uint8_t *)content_type, strlen(content_type)},
-  };
-  wasi_http_types_list_tuple2_field_name_field_value_t entries = {&entry, 1};
+// A header of a response: name and value, both NUL-terminated.
+typedef struct {
+  const char *name, *value;
+} header_t;
+
+// Sends a complete response with the `n` headers `hs` and `body`.
+static void respond_with(outparam_t out, uint16_t status, const header_t *hs, size_t n, const uint8_t *body,
+                         size_t len) {
+  wasi_http_types_tuple2_field_name_field_value_t entry[8];
+  if (n > 8) abort();
+  for (size_t i = 0; i < n; i++) {
+    entry[i].f0.ptr = (uint8_t *)hs[i].name;
+    entry[i].f0.len = strlen(hs[i].name);
+    entry[i].f1.ptr = (uint8_t *)hs[i].value;
+    entry[i].f1.len = strlen(hs[i].value);
+  }
+  wasi_http_types_list_tuple2_field_name_field_value_t entries = {entry, n};
   wasi_http_types_own_fields_t headers;
   wasi_http_types_header_error_t herr;
   if (!wasi_http_types_static_fields_from_list(&entries, &headers, &herr)) abort();
@@ -98,6 +107,13 @@ static void respond(outparam_t out, uint16_t status, const char *content_type, c
   wasi_io_streams_output_stream_drop_own(stream);
   wasi_http_types_error_code_t ferr;
   wasi_http_types_static_outgoing_body_finish(body_res, NULL, &ferr);
+}
+
+// Sends a complete response with one content-type header and `body`.
+static void respond(outparam_t out, uint16_t status, const char *content_type, const uint8_t *body,
+                    size_t len) {
+  header_t h = {"content-type", content_type};
+  respond_with(out, status, &h, 1, body, len);
 }
 
 static void respond_text(outparam_t out, uint16_t status, const char *text) {

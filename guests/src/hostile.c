@@ -2,6 +2,8 @@
 //   /spin   loops forever
 //   /hog    allocates memory until stopped
 //   /trap   executes `unreachable`
+//   /status/NNN answers status NNN as the app's own choice, claiming in
+//           the platform's own headers that it is a platform fault
 //   /secret looks everywhere it can for what an earlier request left, then
 //           leaves a secret in every place: see leave_secrets()
 //   other   answers "ok"
@@ -91,6 +93,22 @@ void exports_wasi_http_incoming_handler_handle(request_t req, outparam_t out) {
     }
   } else if (strcmp(path, "/trap") == 0) {
     __builtin_trap();
+  } else if (strncmp(path, "/status/", 8) == 0) {
+    int code = atoi(path + 8);
+    if (code < 100 || code > 599) code = 500;
+    char text[64];
+    snprintf(text, sizeof text, "the app chose %d\n", code);
+    const header_t hs[] = {
+        {"content-type", "text/plain; charset=utf-8"},
+        {"cache-control", "no-store"},
+        {"x-meridian-fault", "platform"},
+        {"x-meridian-residency", "eu"},
+        {"x-meridian-region", "forged"},
+    };
+    respond_with(out, (uint16_t)code, hs, sizeof hs / sizeof hs[0], (const uint8_t *)text, strlen(text));
+    free(path);
+    wasi_http_types_incoming_request_drop_own(req);
+    return;
   } else if (strcmp(path, "/secret") == 0) {
     // What an earlier request left, if anything, then what this one leaves
     // (which proves the search finds a secret where there is one).

@@ -413,10 +413,24 @@ fn policy_for(req: &Lookup<'_>, status: StatusCode, headers: &HeaderMap, now: Sy
     let targeted: Vec<&str> = headers.get_all("cdn-cache-control").iter().filter_map(|v| v.to_str().ok()).collect();
     if targeted.is_empty() {
         let cc = headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+        let cc = cc.join(",");
+        // http-cache-semantics compares directive names as written; RFC
+        // 9111 §5.2 makes them case-insensitive, so it is given them
+        // folded (only when they need it: the common answer is not copied).
+        if cc.bytes().any(|b| b.is_ascii_uppercase()) {
+            let folded = fold_directive_names(&cc);
+            let mut h = headers.clone();
+            h.remove(header::CACHE_CONTROL);
+            if let Ok(v) = HeaderValue::from_str(&folded) {
+                h.insert(header::CACHE_CONTROL, v);
+            }
+            let policy = CachePolicy::new_options(req, &PolicyResponse { status, headers: &h }, now, opts);
+            return (policy, folded);
+        }
         let policy = CachePolicy::new_options(req, &PolicyResponse { status, headers }, now, opts);
-        (policy, cc.join(","))
+        (policy, cc)
     } else {
-        let cc = targeted.join(",");
+        let cc = fold_directive_names(&targeted.join(","));
         let mut h = headers.clone();
         h.remove("cdn-cache-control");
         if let Ok(v) = HeaderValue::from_str(&cc) {
@@ -428,6 +442,26 @@ fn policy_for(req: &Lookup<'_>, status: StatusCode, headers: &HeaderMap, now: Sy
         let policy = CachePolicy::new_options(req, &PolicyResponse { status, headers: &h }, now, opts);
         (policy, cc)
     }
+}
+
+/// Cache directives with their names in lower case (RFC 9111 §5.2:
+/// directive names are case-insensitive); values are kept as written.
+fn fold_directive_names(cc: &str) -> String {
+    let mut out = String::with_capacity(cc.len());
+    for (i, d) in cc.split(',').map(str::trim).filter(|d| !d.is_empty()).enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        match d.split_once('=') {
+            Some((k, v)) => {
+                out.push_str(&k.trim().to_ascii_lowercase());
+                out.push('=');
+                out.push_str(v.trim());
+            }
+            None => out.push_str(&d.to_ascii_lowercase()),
+        }
+    }
+    out
 }
 
 /// `stale-while-revalidate` and `stale-if-error` (RFC 5861), both zero when
@@ -1051,6 +1085,35 @@ mod tests {
             }
             None => false,
         }
+    }
+
+    /// RFC 9111 §5.2: directive names are case-insensitive (issue 28), in
+    /// `Cache-Control` and in the field that replaces it here.
+    #[test]
+    fn cache_directive_names_are_case_insensitive_rfc_9111_5_2() {
+        let t0 = SystemTime::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let rows: &[(&str, &[(&str, &str)], bool, &[(u64, bool)])] = &[
+            ("MaX-AgE", &[("cache-control", "MaX-AgE=10")], true, &[(5, true), (11, false)]),
+            ("S-MAXAGE wins", &[("cache-control", "max-age=100, S-MAXAGE=5")], true, &[(4, true), (6, false)]),
+            ("No-StOrE", &[("cache-control", "max-age=100, No-StOrE")], false, &[]),
+            ("PRIVATE", &[("cache-control", "PRIVATE, max-age=100")], false, &[]),
+            (
+                "No-CaChE revalidates",
+                &[("cache-control", "No-CaChE, max-age=100"), ("etag", "\"a\"")],
+                true,
+                &[(1, false)],
+            ),
+            ("CDN-Cache-Control MAX-AGE", &[("cdn-cache-control", "MAX-AGE=20")], true, &[(10, true), (21, false)]),
+        ];
+        for (name, resp, stored, seen_at) in rows {
+            let cache = Cache::new(CacheConfig::default()).unwrap();
+            assert_eq!(put(&cache, &[], 200, resp, t0), *stored, "{name}: stored");
+            for (t, fresh) in *seen_at {
+                assert_eq!(seen(&cache, &[], at(*t)) == Seen::Fresh, *fresh, "{name} at {t} s: fresh");
+            }
+        }
+        assert_eq!(fold_directive_names("MaX-AgE=10 , Public,,x=\"AbC\""), "max-age=10, public, x=\"AbC\"");
     }
 
     #[derive(Debug, PartialEq, Clone, Copy)]

@@ -1384,8 +1384,7 @@ impl Control {
     /// app it is for: an app's token needs the deploy scope on its own app
     /// (the bundle's name must then be that app), and `?app=` — which the
     /// CLI sends — must name an app the caller may deploy. A refusal is
-    /// audited (on the leader; a follower's refusal is the caller's to
-    /// repeat there).
+    /// audited by the leader (a follower passes it there without the body).
     async fn may_send_a_bundle(
         &self,
         req: &Request<Incoming>,
@@ -1395,20 +1394,14 @@ impl Control {
         if !(req.method() == Method::POST && parts == ["v1", "deploy"]) {
             return Ok(());
         }
-        let named = deploy_target(req.uri().query());
-        let app = match (caller, &named) {
-            (_, Some(a)) => a.clone(),
-            (Caller::App { app, .. }, None) => app.clone(),
-            (_, None) => return Ok(()),
+        let Some(app) = deploy_app(req.uri().query(), caller) else {
+            return Ok(());
         };
         if caller.may(Scope::Deploy, &app) {
             return Ok(());
         }
         if !self.consensus.is_leader() {
-            // The leader refuses it too, and audits it: it is sent there
-            // without the body.
-            let (parts, _) = req_parts(req);
-            return Err(self.pass_to_leader(parts, Bytes::new()).await);
+            return Err(self.pass_to_leader(req.method(), req.uri(), req.headers(), Bytes::new()).await);
         }
         let why = format!("this token may not deploy app {app:?} (it needs the deploy scope on it)");
         self.note(caller, "deploy", Some(&app), "a bundle (not read)", &format!("403: {why}")).await;
@@ -1418,12 +1411,6 @@ impl Control {
     /// Passes an API call to the leader (as is: its token is checked
     /// there) and its answer back.
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
-        if req.headers().contains_key(FORWARDED) {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the control plane is changing leaders; retry in a few seconds",
-            );
-        }
         let Ok(_permit) = tokio::time::timeout(Duration::from_secs(1), self.forwards.acquire()).await else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1435,17 +1422,17 @@ impl Control {
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
-        self.pass_to_leader(parts, body).await
+        self.pass_to_leader(&parts.method, &parts.uri, &parts.headers, body).await
     }
 
     /// One call, its body already read, passed to the leader as it came.
-    async fn pass_to_leader(&self, parts: http::request::Parts, body: Bytes) -> Response<Body> {
-        if parts.headers.contains_key(FORWARDED) {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the control plane is changing leaders; retry in a few seconds",
-            );
-        }
+    async fn pass_to_leader(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Response<Body> {
         let leader = match self.consensus.await_leader(Duration::from_secs(5)).await {
             Some(l) => l,
             None => {
@@ -1459,16 +1446,16 @@ impl Control {
             Ok(t) => t,
             Err(e) => return text(StatusCode::BAD_GATEWAY, e.to_string()),
         };
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let header = |name: http::header::HeaderName| {
-            parts.headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name.as_str().to_string(), v.to_string()))
+            headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name.as_str().to_string(), v.to_string()))
         };
         let mut hs: Vec<(String, String)> =
             [http::header::AUTHORIZATION, http::header::CONTENT_TYPE].into_iter().filter_map(header).collect();
         hs.push((FORWARDED.into(), self.consensus.me().name.clone()));
         let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         // Deploys wait for their rollout: as long as the leader takes.
-        match self.client.call_with(&target, parts.method, path, &hs, body, Duration::from_secs(3600)).await {
+        match self.client.call_with(&target, method.clone(), path, &hs, body, Duration::from_secs(3600)).await {
             Ok(a) => {
                 let mut resp = Response::new(meridian_http::full(a.body));
                 *resp.status_mut() = a.status;
@@ -1499,6 +1486,14 @@ impl Control {
         let Some(caller) = self.consensus.read(|m| self.tokens.caller(token, &m.tokens)) else {
             return unauthorized();
         };
+        // A call another node passed here thinking this one leads is not
+        // passed on again (no loop while leaders change).
+        if !self.consensus.is_leader() && req.headers().contains_key(FORWARDED) {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control plane is changing leaders; retry in a few seconds",
+            );
+        }
         if let Err(resp) = self.may_send_a_bundle(&req, &parts, &caller).await {
             return resp;
         }
@@ -1760,25 +1755,20 @@ impl Control {
                 resp
             }
             (Method::POST, ["v1", "deploy"]) => {
-                let req_query = req.uri().query().map(str::to_string);
+                let named = deploy_target(req.uri().query());
+                let sent_for = deploy_app(req.uri().query(), &caller);
                 let body = match meridian_http::read_body(req.into_body(), MAX_DEPLOY_BYTES).await {
                     Ok(b) => b,
                     Err(e) => return e.into_response(),
                 };
                 let peek = body.clone();
-                let result = self.deploy(body, &caller, deploy_target(req_query.as_deref()).as_deref()).await;
+                let result = self.deploy(body, &caller, named.as_deref()).await;
                 let (app, version) = match &result {
                     Ok(r) => (Some(r.app.clone()), r.version.short().to_string()),
                     Err(_) => match Bundle::from_tar(&peek) {
                         Ok(b) => (Some(b.manifest.name), b.id.short().to_string()),
                         // Refused unread: the app it was sent for.
-                        Err(_) => {
-                            let named = deploy_target(req_query.as_deref()).or_else(|| match &caller {
-                                Caller::App { app, .. } => Some(app.clone()),
-                                _ => None,
-                            });
-                            (named, "an unreadable bundle".into())
-                        }
+                        Err(_) => (sent_for, "an unreadable bundle".into()),
                     },
                 };
                 match result {
@@ -1926,13 +1916,11 @@ fn deploy_target(query: Option<&str>) -> Option<String> {
     query?.split('&').find_map(|kv| kv.strip_prefix("app=")).map(str::to_string)
 }
 
-/// A request's head, without its body (which is left unread).
-fn req_parts(req: &Request<Incoming>) -> (http::request::Parts, ()) {
-    let mut b = Request::builder().method(req.method().clone()).uri(req.uri().clone()).version(req.version());
-    for (k, v) in req.headers() {
-        b = b.header(k, v);
-    }
-    // Built from an already valid request: cannot fail.
-    let (parts, ()) = b.body(()).map(|r| r.into_parts()).unwrap_or_else(|_| Request::new(()).into_parts());
-    (parts, ())
+/// The app a deploy is for before its bundle is read: the one its query
+/// names, else an app token's own.
+fn deploy_app(query: Option<&str>, caller: &Caller) -> Option<String> {
+    deploy_target(query).or_else(|| match caller {
+        Caller::App { app, .. } => Some(app.clone()),
+        _ => None,
+    })
 }

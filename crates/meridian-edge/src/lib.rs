@@ -1055,8 +1055,8 @@ impl Edge {
                 h.append(k.clone(), v.clone());
             }
         }
-        // `handle` left exactly the Host it chose the app by (or none).
-        h.remove(names::X_FORWARDED_HOST);
+        // `handle` left exactly the Host it chose the app by (or none),
+        // and no X-Forwarded-Host of the client's.
         if let Some(host) = headers.get(header::HOST) {
             h.insert(names::X_FORWARDED_HOST, host.clone());
         }

@@ -16,10 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const NOTES: (&str, &str) = ("host", "notes.localhost");
 const EVIL: (&str, &str) = ("host", "evil.localhost");
 
-fn addr_of(url: &str) -> String {
-    url.split("://").nth(1).unwrap().trim_end_matches('/').to_string()
-}
-
 /// One request written by hand (so it can lack a `Host`, or repeat one);
 /// the whole answer as text.
 async fn raw(addr: &str, request: &str) -> String {
@@ -53,16 +49,6 @@ fn evil_app(smoke: &str) -> tempfile::TempDir {
     )
 }
 
-fn token(w: &World, app: &str, scopes: &[&str]) -> String {
-    let mut args = vec!["tokens", "create", "--app", app];
-    for s in scopes {
-        args.extend(["--scope", s]);
-    }
-    let (ok, out) = w.cli(&args);
-    assert!(ok, "{out}");
-    out.lines().find(|l| l.starts_with("mrd_")).unwrap().to_string()
-}
-
 /// What a user of `notes` can see of it: a value, its hostnames and its
 /// version in every region.
 async fn notes_state(w: &World, c: &Client) -> (String, String, Vec<String>) {
@@ -88,7 +74,7 @@ async fn a_hostile_tenant_reaches_nothing_of_another() {
     assert_eq!(put.status, 200, "{}", put.body);
     let (ok, out) = w.cli(&["apps", "create", "evil", "--host", "evil.example"]);
     assert!(ok, "{out}");
-    let deploy = token(&w, "evil", &["deploy", "read", "data-admin"]);
+    let deploy = w.token("evil", &["deploy", "read", "data-admin"]);
     let evil_token = tmp.path().join("evil.token");
     std::fs::write(&evil_token, &deploy).unwrap();
     let evil_token = evil_token.to_str().unwrap();

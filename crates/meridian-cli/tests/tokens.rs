@@ -16,15 +16,7 @@ async fn scoped_tokens_deploy_only_their_app_and_die_when_revoked() {
     let tmp = tempfile::tempdir().unwrap();
     let app = example_app_copy();
     let app_dir = app.path().to_str().unwrap().to_string();
-    let create = |app: &str, scopes: &[&str]| {
-        let mut args = vec!["tokens", "create", "--app", app];
-        for s in scopes {
-            args.extend(["--scope", s]);
-        }
-        let (ok, out) = w.cli(&args);
-        assert!(ok, "{out}");
-        out.lines().find(|l| l.starts_with("mrd_")).unwrap().to_string()
-    };
+    let create = |app: &str, scopes: &[&str]| w.token(app, scopes);
     let deploy_hello = create("hello", &["deploy"]);
     let read_hello = create("hello", &["read"]);
     let deploy_other = create("shop", &["deploy", "read"]);

@@ -29,10 +29,6 @@ const INTERNAL: &[&str] = &[
     "/_meridian/apps/hello/raft/ledger/vote",
 ];
 
-fn addr_of(url: &str) -> String {
-    url.split("://").nth(1).unwrap().trim_end_matches('/').to_string()
-}
-
 /// Sends one HTTP/1.1 request over TLS with `cfg`; the response's first
 /// line, or why there was none.
 async fn raw_tls_request(addr: &str, cfg: Arc<rustls::ClientConfig>, name: &str) -> Result<String, String> {

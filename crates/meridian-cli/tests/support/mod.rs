@@ -168,6 +168,18 @@ impl World {
         self.cli(&["deploy", dir.to_str().unwrap()])
     }
 
+    /// A new operator token for `app` with `scopes` (`deploy`, `read`,
+    /// `data-admin`), made with the administrator's; its secret.
+    pub fn token(&self, app: &str, scopes: &[&str]) -> String {
+        let mut args = vec!["tokens", "create", "--app", app];
+        for s in scopes {
+            args.extend(["--scope", s]);
+        }
+        let (ok, out) = self.cli(&args);
+        assert!(ok, "{out}");
+        out.lines().find(|l| l.starts_with("mrd_")).unwrap().to_string()
+    }
+
     pub fn chaos(&self, args: &[&str]) {
         let mut a = vec!["chaos"];
         a.extend_from_slice(args);
@@ -244,6 +256,11 @@ impl Resp {
     pub fn region(&self) -> String {
         self.header("x-meridian-region")
     }
+}
+
+/// `host:port` of a URL.
+pub fn addr_of(url: &str) -> String {
+    url.split("://").nth(1).unwrap().trim_end_matches('/').to_string()
 }
 
 pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
